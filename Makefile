@@ -1,0 +1,61 @@
+# The habits: `make test`, `make demo`, `make lint`, `make bench`.
+# Each target sets up what it needs on a fresh machine: Debian packages (unixODBC, as root),
+# the virtualenv with the project and its tools, and the Go build of the sandbox control plane.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint format bench sandbox-build system-deps venv up down clean
+
+test: system-deps $(STAMP) sandbox-build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: system-deps $(STAMP) sandbox-build
+	$(PY) -m sandbox.demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: system-deps $(STAMP) sandbox-build
+	$(PY) bench/controlplane.py
+
+sandbox-build: $(STAMP)
+	$(PY) -m sandbox build
+
+up: system-deps $(STAMP) sandbox-build
+	$(PY) -m sandbox up
+
+down: $(STAMP)
+	$(PY) -m sandbox down
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python 3.11+ is required (found %s); set PYTHON=python3.11" % sys.version.split()[0])'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# unixODBC is what pyodbc loads the Microsoft ODBC Driver 18 through.
+system-deps:
+	@if ! ldconfig -p | grep -q 'libodbc.so.2'; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing unixODBC (Debian packages unixodbc libodbc2 odbcinst)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unixodbc libodbc2 odbcinst >/dev/null; \
+	  else \
+	    echo "error: unixODBC is missing: run 'sudo apt-get install unixodbc' (Debian/Ubuntu) and retry" >&2; exit 2; \
+	  fi; \
+	fi
+
+clean:
+	-$(PY) -m sandbox down
+	rm -rf .sandbox .mypy_cache .ruff_cache .pytest_cache

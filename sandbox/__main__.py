@@ -1,0 +1,118 @@
+"""``python -m sandbox up|down|status|env|build``: the sandbox from a shell.
+
+Typical use::
+
+    python -m sandbox up             # start everything, return when ready
+    eval "$(python -m sandbox env)"  # KUBECONFIG, SANDBOX_CA, Azure endpoints, PATH with kubectl
+    kubectl get ns
+    python -m sandbox down
+
+Every failure prints one line starting with ``error:`` that says what to do, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sandbox import launcher
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sandbox",
+        description="The local stand-in for AKS, Entra ID and Azure SQL.",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"where the sandbox keeps its CA, logs and data (default: ${launcher.STATE_DIR_ENV} "
+        f"or {launcher.DEFAULT_STATE_DIR})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the sandbox in the background; return when ready")
+    up.add_argument(
+        "--only",
+        action="append",
+        choices=[c.name for c in launcher.ALL_COMPONENTS],
+        help="start only this component (repeatable)",
+    )
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=launcher.READY_TIMEOUT_S,
+        help="seconds to wait for each component to be ready",
+    )
+    sub.add_parser("down", help="stop everything the sandbox started")
+    sub.add_parser("status", help="show each component, its pid and address")
+    sub.add_parser("env", help="print `export NAME=value` lines for a shell (eval them)")
+    sub.add_parser("build", help="build (or find cached) the control plane and kubectl")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    state_dir = (args.state_dir or launcher.default_state_dir()).resolve()
+    try:
+        return _run(args, state_dir)
+    except launcher.SandboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace, state_dir: Path) -> int:
+    if args.command == "build":
+        print(launcher.build_controlplane())
+        return 0
+    if args.command == "up":
+        comps = [c for c in launcher.available_components() if not args.only or c.name in args.only]
+        for running in launcher.up(state_dir, comps, timeout=args.timeout):
+            print(f"{running.component.name}: ready (pid {running.pid}) {_address(running)}")
+        print(f'sandbox is up; state in {state_dir}. Use it with: eval "$(python -m sandbox env)"')
+        return 0
+    if args.command == "down":
+        stopped = launcher.down(state_dir)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    if args.command == "status":
+        rows = launcher.status(state_dir)
+        for running in rows:
+            if running.alive:
+                state = f"running (pid {running.pid}) {_address(running)}"
+            elif running.pid is not None:
+                state = f"dead (pid {running.pid} is gone); `python -m sandbox up` restarts it"
+            else:
+                state = "stopped"
+            print(f"{running.component.name}: {state}")
+        return 0 if all(r.alive for r in rows) else 1
+    if args.command == "env":
+        if not any(r.alive for r in launcher.status(state_dir)):
+            raise launcher.SandboxError(
+                f"the sandbox in {state_dir} is not running: start it with `python -m sandbox up`"
+            )
+        sys.stdout.write(launcher.export_lines(launcher.environment(state_dir)))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _address(running: launcher.Running) -> str:
+    info = running.info
+    for key in ("server", "url"):
+        if key in info:
+            return str(info[key])
+    servers = info.get("servers")
+    if isinstance(servers, dict):
+        return " ".join(
+            f"{name}={spec.get('server')}"
+            for name, spec in servers.items()
+            if isinstance(spec, dict)
+        )
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

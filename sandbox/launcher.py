@@ -1,0 +1,370 @@
+"""Start, stop and describe the sandbox: the stand-in for AKS, Entra ID and Azure SQL.
+
+The sandbox is a handful of processes on loopback, each started from its own command and each
+announcing readiness with one ``READY ...`` line on stdout:
+
+* ``controlplane``: the Go binary built from ``sandbox/controlplane`` (etcd, kube-apiserver,
+  kube-controller-manager in one process);
+* ``entra``: the Entra ID emulator (token service, Graph, ARM), ``python -m sandbox.entra serve``;
+* ``azuresql``: the Azure SQL endpoint emulator, ``python -m sandbox.azuresql serve``.
+
+Everything lives in one *state directory*: the sandbox CA, each component's log and pid file, and
+the JSON file each component writes once it listens (``<name>.json``, with an ``env`` mapping of
+the variables a client needs). ``up`` starts what is not running and returns once every component
+is ready, leaving them in the background; ``down`` stops them; ``env`` turns the JSON files into
+``export`` lines. A component that died (crash, ``kill -9``) is noticed by its pid file and simply
+started again by the next ``up``: no manual clean-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox.pki import ensure_ca
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONTROLPLANE_SRC = Path(__file__).resolve().parent / "controlplane"
+WORLD_FILE = Path(__file__).resolve().parent / "world.yaml"
+
+STATE_DIR_ENV = "SWI_SANDBOX_DIR"
+DEFAULT_STATE_DIR = REPO_ROOT / ".sandbox"
+
+READY_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 20.0
+
+
+class SandboxError(Exception):
+    """A problem the user can act on; ``str()`` is the one-line message the CLI prints."""
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).resolve()
+
+
+# --- building the control plane ------------------------------------------------------------
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "swi-sandbox"
+
+
+def controlplane_source_hash() -> str:
+    """Hash of everything the control-plane binary is built from (go.sum first of all)."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in CONTROLPLANE_SRC.iterdir()
+        if p.is_file() and (p.suffix == ".go" or p.name in {"go.mod", "go.sum", "build.sh"})
+    )
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def controlplane_bin_dir() -> Path:
+    """Where the cached ``swi-controlplane`` and ``kubectl`` for the current sources live."""
+    return _cache_root() / f"controlplane-{controlplane_source_hash()}"
+
+
+def build_controlplane(*, quiet: bool = False) -> Path:
+    """Build the control plane and kubectl unless a build of the same sources is cached."""
+    out = controlplane_bin_dir()
+    if (out / "swi-controlplane").exists() and (out / "kubectl").exists():
+        return out
+    if shutil.which("go") is None:
+        raise SandboxError(
+            "Go toolchain not found: install Go 1.26+ (https://go.dev/doc/install) and make sure "
+            "`go` is on PATH, then run `make sandbox-build`"
+        )
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.monotonic()
+    if not quiet:
+        print(
+            f"building the sandbox control plane into {out} (cold: 10-20 min on 2 cores)",
+            file=sys.stderr,
+        )
+    proc = subprocess.run(
+        ["bash", str(CONTROLPLANE_SRC / "build.sh"), str(tmp)],
+        cwd=CONTROLPLANE_SRC,
+        stdout=None if not quiet else subprocess.DEVNULL,
+        stderr=None if not quiet else subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        detail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
+        raise SandboxError(
+            "building the control plane failed"
+            + (f" ({detail[0]})" if detail else "")
+            + f": run `bash {CONTROLPLANE_SRC / 'build.sh'} /tmp/cp` to see the Go error"
+        )
+    tmp.rename(out)
+    if not quiet:
+        print(f"built in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    return out
+
+
+# --- components ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process of the sandbox and how to start it."""
+
+    name: str
+    # Lines matching this are the process we started (guards against a recycled pid).
+    cmdline_marker: str
+
+    def argv(self, state_dir: Path) -> list[str]:
+        ca = state_dir / "ca.crt"
+        if self.name == "controlplane":
+            bin_dir = build_controlplane()
+            return [
+                str(bin_dir / "swi-controlplane"),
+                "--state-dir",
+                str(state_dir / "controlplane"),
+                "--ca-cert",
+                str(ca),
+                "--ca-key",
+                str(state_dir / "ca.key"),
+            ]
+        module = f"sandbox.{self.name}"
+        argv = [sys.executable, "-m", module, "serve", "--state-dir", str(state_dir)]
+        if self.name in {"entra", "azuresql"}:
+            argv += ["--world", str(WORLD_FILE)]
+        return argv
+
+
+CONTROLPLANE = Component("controlplane", "swi-controlplane")
+ENTRA = Component("entra", "sandbox.entra")
+AZURESQL = Component("azuresql", "sandbox.azuresql")
+
+# Start order matters: the SQL emulator reads the Entra emulator's address from its JSON file.
+ALL_COMPONENTS: tuple[Component, ...] = (CONTROLPLANE, ENTRA, AZURESQL)
+
+
+def available_components() -> list[Component]:
+    """The components whose code exists in this checkout (the sandbox grows issue by issue)."""
+    here = Path(__file__).resolve().parent
+    present = []
+    for comp in ALL_COMPONENTS:
+        if comp is CONTROLPLANE:
+            if (CONTROLPLANE_SRC / "go.mod").exists():
+                present.append(comp)
+        elif (here / comp.name / "__main__.py").exists():
+            present.append(comp)
+    return present
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # A zombie is dead for our purposes; it only waits for its parent to reap it.
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state != "Z" and marker in cmdline
+
+
+@dataclass
+class Running:
+    component: Component
+    pid: int | None
+    alive: bool
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def _pid_file(state_dir: Path, comp: Component) -> Path:
+    return state_dir / "run" / f"{comp.name}.pid"
+
+
+def _info_file(state_dir: Path, comp: Component) -> Path:
+    if comp is CONTROLPLANE:
+        return state_dir / "controlplane" / "apiserver.json"
+    return state_dir / f"{comp.name}.json"
+
+
+def inspect(state_dir: Path, comp: Component) -> Running:
+    pid_file = _pid_file(state_dir, comp)
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return Running(comp, None, False)
+    alive = _pid_alive(pid, comp.cmdline_marker)
+    info: dict[str, object] = {}
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads(_info_file(state_dir, comp).read_text())
+    return Running(comp, pid, alive, info)
+
+
+def _forget(state_dir: Path, comp: Component) -> None:
+    """Remove what a dead component left behind, so a restart starts clean."""
+    _pid_file(state_dir, comp).unlink(missing_ok=True)
+    _info_file(state_dir, comp).unlink(missing_ok=True)
+
+
+def _log_paths(state_dir: Path, comp: Component) -> tuple[Path, Path]:
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / f"{comp.name}.out", logs / f"{comp.name}.log"
+
+
+def _start(state_dir: Path, comp: Component, timeout: float) -> Running:
+    argv = comp.argv(state_dir)
+    out_path, err_path = _log_paths(state_dir, comp)
+    env = dict(os.environ)
+    env.update(_trust_env(state_dir))
+    # Components started later find the earlier ones through their JSON files, not the proxy.
+    env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1"
+    with out_path.open("wb") as out, err_path.open("ab") as err:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            env=env,
+            start_new_session=True,  # survives the launcher; `down` signals it by pid
+        )
+    _pid_file(state_dir, comp).parent.mkdir(parents=True, exist_ok=True)
+    _pid_file(state_dir, comp).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while True:
+        text = out_path.read_text(errors="replace")
+        if any(line.startswith("READY") for line in text.splitlines()):
+            return inspect(state_dir, comp)
+        code = proc.poll()
+        if code is not None:
+            _forget(state_dir, comp)
+            raise SandboxError(
+                f"{comp.name} exited with code {code} before it was ready: "
+                f"{_last_error(err_path) or 'no message'} (full log: {err_path})"
+            )
+        if time.monotonic() > deadline:
+            _terminate(proc.pid)
+            _forget(state_dir, comp)
+            raise SandboxError(f"{comp.name} was not ready after {timeout:.0f}s; see {err_path}")
+        time.sleep(0.1)
+
+
+def _last_error(err_path: Path) -> str:
+    """The component's own one-line ``error:`` message, or its last log line."""
+    try:
+        lines = [
+            ln.strip() for ln in err_path.read_text(errors="replace").splitlines() if ln.strip()
+        ]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line.removeprefix("error:").strip()
+    return lines[-1] if lines else ""
+
+
+def _terminate(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)
+            if waited == pid:
+                return
+        except ChildProcessError:
+            pass  # not our child (started by an earlier `up`): poll /proc instead
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+# --- the public operations -------------------------------------------------------------------
+
+
+def _trust_env(state_dir: Path) -> dict[str, str]:
+    ca = str(state_dir / "ca.crt")
+    return {"SANDBOX_CA": ca, "REQUESTS_CA_BUNDLE": ca, "SSL_CERT_FILE": ca}
+
+
+def up(
+    state_dir: Path,
+    components: Iterable[Component] | None = None,
+    *,
+    timeout: float = READY_TIMEOUT_S,
+) -> list[Running]:
+    """Start every component that is not running; return once all are ready."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ca(state_dir)
+    started: list[Running] = []
+    for comp in components if components is not None else available_components():
+        current = inspect(state_dir, comp)
+        if current.alive:
+            started.append(current)
+            continue
+        if current.pid is not None:
+            _forget(state_dir, comp)  # it crashed or was killed: recover silently
+        started.append(_start(state_dir, comp, timeout))
+    return started
+
+
+def down(state_dir: Path) -> list[str]:
+    """Stop every component (last started first); return the names that were running."""
+    stopped = []
+    for comp in reversed(ALL_COMPONENTS):
+        current = inspect(state_dir, comp)
+        if current.alive and current.pid is not None:
+            _terminate(current.pid)
+            stopped.append(comp.name)
+        _forget(state_dir, comp)
+    return stopped
+
+
+def status(state_dir: Path) -> list[Running]:
+    return [inspect(state_dir, comp) for comp in available_components()]
+
+
+def environment(state_dir: Path) -> dict[str, str]:
+    """The variables a shell or an unmodified client needs to use the running sandbox."""
+    env: dict[str, str] = {STATE_DIR_ENV: str(state_dir)}
+    env.update(_trust_env(state_dir))
+    for comp in available_components():
+        running = inspect(state_dir, comp)
+        if not running.alive:
+            continue
+        if comp is CONTROLPLANE:
+            env["KUBECONFIG"] = str(running.info.get("kubeconfig", ""))
+            env["SANDBOX_ISSUER"] = str(running.info.get("issuer", ""))
+            env["PATH"] = f"{controlplane_bin_dir()}:{os.environ.get('PATH', '')}"
+        extra = running.info.get("env")
+        if isinstance(extra, dict):
+            env.update({str(k): str(v) for k, v in extra.items()})
+    return env
+
+
+def export_lines(env: dict[str, str]) -> str:
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())

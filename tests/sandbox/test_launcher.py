@@ -1,0 +1,152 @@
+"""`python -m sandbox`: crash recovery, clean stops, and one-line errors that say what to do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+
+from sandbox import launcher
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        check=False,
+        timeout=300,
+    )
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """Ports a process (and its threads) listens on, read from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _port_listening(port: int) -> bool:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def test_second_control_plane_survives_kill_9_and_stops_cleanly(sandbox, tmp_path):
+    """A second sandbox beside the session's one: no collision, crash recovery, clean stop."""
+    state = tmp_path / "second"
+    first = launcher.up(state, [launcher.CONTROLPLANE])[0]
+    assert first.alive and first.pid
+    assert first.info["server"] != sandbox.component("controlplane").info["server"]
+    ports = _listening_ports(first.pid)
+    assert ports, "the control plane should listen on loopback ports"
+
+    api = config.new_client_from_config(config_file=str(first.info["kubeconfig"]))
+    client.CoreV1Api(api).create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name="kept-across-crash"))
+    )
+    api.close()
+
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while launcher.inspect(state, launcher.CONTROLPLANE).alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status = _cli("--state-dir", str(state), "status")
+    assert "controlplane: dead" in status.stdout
+    assert "python -m sandbox up" in status.stdout
+
+    # `up` after a crash recovers with no manual clean-up, and keeps what etcd stored.
+    again = _cli("--state-dir", str(state), "up", "--only", "controlplane")
+    assert again.returncode == 0, again.stderr
+    second = launcher.inspect(state, launcher.CONTROLPLANE)
+    assert second.alive and second.pid != first.pid
+    api = config.new_client_from_config(config_file=str(second.info["kubeconfig"]))
+    try:
+        assert client.CoreV1Api(api).read_namespace("kept-across-crash").metadata.name
+    finally:
+        api.close()
+
+    ports = _listening_ports(second.pid)
+    down = _cli("--state-dir", str(state), "down")
+    assert down.returncode == 0 and "controlplane" in down.stdout
+    assert not Path(f"/proc/{second.pid}").exists() or launcher._is_zombie(second.pid)
+    assert not [p for p in ports if _port_listening(p)], "ports left listening after down"
+    assert not (state / "run" / "controlplane.pid").exists()
+
+
+def test_missing_go_toolchain_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # nothing cached
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(launcher.SandboxError) as err:
+        launcher.build_controlplane(quiet=True)
+    assert "Go toolchain not found" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_env_on_a_stopped_sandbox_says_what_to_do(tmp_path):
+    result = _cli("--state-dir", str(tmp_path / "never-started"), "env")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:")
+    assert "python -m sandbox up" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_env_exports_what_clients_need(sandbox):
+    result = _cli("--state-dir", str(sandbox.state_dir), "env")
+    assert result.returncode == 0, result.stderr
+    exported = dict(
+        line.removeprefix("export ").split("=", 1) for line in result.stdout.splitlines()
+    )
+    assert exported["KUBECONFIG"] == sandbox.kubeconfig
+    assert exported["SANDBOX_CA"] == str(sandbox.ca)
+    assert exported["PATH"].startswith(str(launcher.controlplane_bin_dir()))
+    # The shell that evals it can use kubectl against the sandbox straight away.
+    shell = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'eval "$({sys.executable} -m sandbox env)" && kubectl get ns default -o name',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        env={**os.environ, launcher.STATE_DIR_ENV: str(sandbox.state_dir)},
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.strip() == "namespace/default"
+
+
+def test_stale_pid_file_is_recovered(tmp_path):
+    """A pid file naming a process that is gone (or is someone else's) is not 'running'."""
+    state = tmp_path / "stale"
+    (state / "run").mkdir(parents=True)
+    (state / "run" / "controlplane.pid").write_text(f"{os.getpid()}\n")  # alive, but not ours
+    assert not launcher.inspect(state, launcher.CONTROLPLANE).alive
+    status = _cli("--state-dir", str(state), "status")
+    assert "controlplane: dead" in status.stdout
