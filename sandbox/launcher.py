@@ -6,6 +6,8 @@ announcing readiness with one ``READY ...`` line on stdout:
 * ``controlplane``: the Go binary built from ``sandbox/controlplane`` (etcd, kube-apiserver,
   kube-controller-manager in one process);
 * ``entra``: the Entra ID emulator (token service, Graph, ARM), ``python -m sandbox.entra serve``;
+* ``proxy``: an HTTPS CONNECT proxy that sends Azure's public hosts to the Entra emulator, so
+  unmodified clients reach it through ``HTTPS_PROXY``, ``python -m sandbox.proxy serve``;
 * ``azuresql``: the Azure SQL endpoint emulator, ``python -m sandbox.azuresql serve``.
 
 Everything lives in one *state directory*: the sandbox CA, each component's log and pid file, and
@@ -153,10 +155,12 @@ class Component:
 
 CONTROLPLANE = Component("controlplane", "swi-controlplane")
 ENTRA = Component("entra", "sandbox.entra")
+PROXY = Component("proxy", "sandbox.proxy")
 AZURESQL = Component("azuresql", "sandbox.azuresql")
 
-# Start order matters: the SQL emulator reads the Entra emulator's address from its JSON file.
-ALL_COMPONENTS: tuple[Component, ...] = (CONTROLPLANE, ENTRA, AZURESQL)
+# Start order matters: the proxy and the SQL emulator read the Entra emulator's address from its
+# JSON file.
+ALL_COMPONENTS: tuple[Component, ...] = (CONTROLPLANE, ENTRA, PROXY, AZURESQL)
 
 
 def available_components() -> list[Component]:
@@ -167,7 +171,9 @@ def available_components() -> list[Component]:
         if comp is CONTROLPLANE:
             if (CONTROLPLANE_SRC / "go.mod").exists():
                 present.append(comp)
-        elif (here / comp.name / "__main__.py").exists():
+        elif (here / comp.name / "__main__.py").exists() or (here / f"{comp.name}.py").exists():
+            if comp is PROXY and ENTRA not in present:
+                continue  # the proxy only ever forwards to the Entra emulator
             present.append(comp)
     return present
 
