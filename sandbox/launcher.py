@@ -150,6 +150,10 @@ class Component:
         argv = [sys.executable, "-m", module, "serve", "--state-dir", str(state_dir)]
         if self.name in {"entra", "azuresql"}:
             argv += ["--world", str(WORLD_FILE)]
+        # A fixed port when asked for (SWI_SANDBOX_ENTRA_PORT=8443 ...); by default a free one.
+        port = os.environ.get(f"SWI_SANDBOX_{self.name.upper()}_PORT")
+        if port and self.name in {"entra", "proxy"}:
+            argv += ["--port", port]
         return argv
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +151,23 @@ def test_stale_pid_file_is_recovered(tmp_path):
     assert not launcher.inspect(state, launcher.CONTROLPLANE).alive
     status = _cli("--state-dir", str(state), "status")
     assert "controlplane: dead" in status.stdout
+
+
+def test_busy_port_is_one_line_saying_what_to_do(sandbox, tmp_path, monkeypatch):
+    sandbox.component("entra")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        monkeypatch.setenv("SWI_SANDBOX_PROXY_PORT", str(busy))
+        state = tmp_path / "busy"
+        state.mkdir()
+        # The proxy forwards to the session's Entra emulator; only its own port is the problem.
+        (state / "entra.json").write_text((sandbox.state_dir / "entra.json").read_text())
+        with pytest.raises(launcher.SandboxError) as err:
+            launcher.up(state, [launcher.PROXY])
+    message = str(err.value)
+    assert f"127.0.0.1:{busy}" in message
+    assert "choose another --port" in message
+    assert "\n" not in message
+    assert not launcher.inspect(state, launcher.PROXY).alive
