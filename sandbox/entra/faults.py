@@ -1,0 +1,123 @@
+"""Test controls: injected latency and failures, propagation delay, clock skew, request log.
+
+Every request the router matches has a route name such as ``login.token``, ``graph.fic.create`` or
+``arm.fic.put`` (docs/entra-emulator.md lists them). Before the handler runs, the router asks
+``Controls.before`` for an injected delay and failure for that name; patterns in the controls are
+shell-style (``graph.*``), so one rule can cover a whole surface. After the handler, ``record``
+appends the outcome to a bounded request log and to per-route counts, which tests and benchmarks
+read through the admin API.
+
+``Clock`` is the emulator's notion of "now": wall time plus an injected skew. Issued tokens and
+the validation of client assertions both use it, so skew tests look exactly like a client whose
+clock is off.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_LOG_SIZE = 5000
+
+
+class Clock:
+    """Wall-clock time shifted by ``skew`` seconds."""
+
+    def __init__(self) -> None:
+        self.skew = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.skew
+
+
+@dataclass
+class InjectedFailure:
+    """The next ``remaining`` matching calls are answered with ``status`` instead of running."""
+
+    route: str
+    status: int
+    remaining: int
+    retry_after: float | None = None
+
+
+@dataclass
+class RequestRecord:
+    at: float
+    route: str
+    method: str
+    path: str
+    status: int
+    ms: float
+    injected: bool = False
+
+
+@dataclass
+class Settings:
+    """Knobs that are not per route."""
+
+    propagation_seconds: float = 0.0  # before a new or changed credential is accepted
+    arm_write_seconds: float = 0.0  # how long an ARM credential write takes (overlaps -> 409)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "propagationSeconds": self.propagation_seconds,
+            "armWriteSeconds": self.arm_write_seconds,
+        }
+
+
+@dataclass
+class Controls:
+    clock: Clock = field(default_factory=Clock)
+    settings: Settings = field(default_factory=Settings)
+    latency: dict[str, float] = field(default_factory=dict)  # route pattern -> seconds
+    failures: list[InjectedFailure] = field(default_factory=list)
+    log: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=_LOG_SIZE))
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def reset(self) -> None:
+        self.clock.skew = 0.0
+        self.settings = Settings()
+        self.latency.clear()
+        self.failures.clear()
+        self.clear_log()
+
+    def clear_log(self) -> None:
+        self.log.clear()
+        self.counts.clear()
+
+    def set_latency(self, route: str, seconds: float) -> None:
+        if seconds <= 0:
+            self.latency.pop(route, None)
+        else:
+            self.latency[route] = seconds
+
+    def fail_next(
+        self, route: str, status: int, count: int, retry_after: float | None = None
+    ) -> None:
+        self.failures.append(InjectedFailure(route, status, count, retry_after))
+
+    def before(self, route: str) -> tuple[float, InjectedFailure | None]:
+        """The delay to apply and the failure to inject (consuming one of its calls), if any."""
+        delay = sum(s for pattern, s in self.latency.items() if fnmatch.fnmatchcase(route, pattern))
+        for failure in self.failures:
+            if failure.remaining > 0 and fnmatch.fnmatchcase(route, failure.route):
+                failure.remaining -= 1
+                if failure.remaining == 0:
+                    self.failures.remove(failure)
+                return delay, failure
+        return delay, None
+
+    def record(self, record: RequestRecord) -> None:
+        self.log.append(record)
+        self.counts[record.route] += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clockSkewSeconds": self.clock.skew,
+            **self.settings.to_json(),
+            "latency": dict(self.latency),
+            "failures": [asdict(f) for f in self.failures],
+        }

@@ -1,0 +1,470 @@
+"""Microsoft Graph v1.0: applications, service principals and federated identity credentials.
+
+Every route needs a Graph access token from this emulator (tokens.authenticate); the caller's
+``roles`` claim decides, as in Graph:
+- reading an application or its credentials: ``Application.Read.All``,
+  ``Application.ReadWrite.All``, ``Directory.Read.All`` or ``Directory.ReadWrite.All``, or
+  ``Application.ReadWrite.OwnedBy`` when the caller owns the app;
+- writing credentials: ``Application.ReadWrite.All``, or ``Application.ReadWrite.OwnedBy`` and
+  ownership; anything else is 403 ``Authorization_RequestDenied``;
+- service principals: the read roles above (``OwnedBy`` sees those of apps it owns).
+Objects of another tenant do not exist for the caller (404 ``Request_ResourceNotFound``).
+
+Applications are addressed by object id or by the ``appId`` alternate key, credentials by id or
+by ``(name='...')``; ``PATCH`` by name with ``Prefer: create-if-missing`` is the upsert. Validation
+is shared with ARM (state.check_credential); errors are OData bodies so msgraph-sdk raises
+``ODataError`` whose ``error.code`` is the Graph code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from sandbox.entra.faults import Controls
+from sandbox.entra.routing import PathParams, Router, Surface, base_url
+from sandbox.entra.state import (
+    MAX_CREDENTIALS,
+    MAX_FIELD_LENGTH,
+    CredentialProblem,
+    Directory,
+    FederatedCredential,
+    Principal,
+    check_credential,
+)
+from sandbox.entra.tokens import GRAPH_AUDIENCES, AuthError, Caller, SigningKey, authenticate
+
+READ_ROLES = frozenset(
+    {
+        "Application.Read.All",
+        "Application.ReadWrite.All",
+        "Directory.Read.All",
+        "Directory.ReadWrite.All",
+    }
+)
+WRITE_ALL_ROLE = "Application.ReadWrite.All"
+OWNED_BY_ROLE = "Application.ReadWrite.OwnedBy"
+
+_APP = r"/v1\.0/applications(?:/(?P<oid>[^/()]+)|\(appId='(?P<appid>[^']*)'\))"
+_SP = r"/v1\.0/servicePrincipals(?:/(?P<spid>[^/()]+)|\(appId='(?P<appid>[^']*)'\))"
+_FICS = _APP + r"/federatedIdentityCredentials"
+_FIC = _FICS + r"(?:/(?P<fid>[^/()]+)|\(name='(?P<fname>[^']*)'\))"
+_FILTER = re.compile(r"\s*(displayName|appId|id)\s+eq\s+'((?:[^']|'')*)'\s*", re.IGNORECASE)
+
+_CREDENTIAL_ERRORS: dict[CredentialProblem, tuple[str, str]] = {
+    CredentialProblem.BAD_NAME: (
+        "Request_BadRequest",
+        "Invalid value specified for property 'name' of resource 'FederatedIdentityCredential'. "
+        "A name has 3 to 120 characters: letters, digits, '-' and '_', starting with a letter or "
+        "digit.",
+    ),
+    CredentialProblem.AUDIENCE_COUNT: (
+        "Request_BadRequest",
+        "Invalid value specified for property 'audiences' of resource "
+        "'FederatedIdentityCredential'. Exactly one audience is required.",
+    ),
+    CredentialProblem.EMPTY_FIELD: (
+        "Request_BadRequest",
+        "Properties 'issuer', 'subject' and 'audiences' of resource "
+        "'FederatedIdentityCredential' must not be empty.",
+    ),
+    CredentialProblem.FIELD_TOO_LONG: (
+        "Request_BadRequest",
+        "Properties 'issuer', 'subject' and 'audiences' of resource "
+        f"'FederatedIdentityCredential' are limited to {MAX_FIELD_LENGTH} characters.",
+    ),
+    CredentialProblem.DUPLICATE_ISSUER_SUBJECT: (
+        "InvalidFederatedIdentityCredentialValue",
+        "The combination of issuer and subject must be unique for the application. "
+        "Another federated identity credential already uses them.",
+    ),
+    CredentialProblem.LIMIT_REACHED: (
+        "Request_BadRequest",
+        f"The maximum number of federated identity credentials ({MAX_CREDENTIALS}) for this "
+        "application has been reached.",
+    ),
+}
+
+
+class GraphError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def render_error(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    body = {
+        "error": {
+            "code": code,
+            "message": message,
+            "innerError": {
+                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+                "request-id": str(uuid.uuid4()),
+                "client-request-id": request.headers.get("client-request-id", ""),
+            },
+        }
+    }
+    return web.json_response(body, status=status)
+
+
+def _not_found(key: str) -> GraphError:
+    return GraphError(
+        404,
+        "Request_ResourceNotFound",
+        f"Resource '{key}' does not exist or one of its queried reference-property objects are "
+        "not present.",
+    )
+
+
+_DENIED = GraphError(
+    403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation."
+)
+
+
+def _application_json(app: Principal, domain: str) -> dict[str, Any]:
+    return {
+        "id": app.app_object_id,
+        "appId": app.client_id,
+        "displayName": app.name,
+        "signInAudience": "AzureADMyOrg",
+        "publisherDomain": domain,
+    }
+
+
+def _service_principal_json(p: Principal) -> dict[str, Any]:
+    return {
+        "id": p.sp_object_id,
+        "appId": p.client_id,
+        "displayName": p.name,
+        "accountEnabled": True,
+        "appOwnerOrganizationId": p.tenant_id,
+        "servicePrincipalType": "Application" if p.kind == "application" else "ManagedIdentity",
+        "servicePrincipalNames": [p.client_id],
+    }
+
+
+def _credential_json(c: FederatedCredential) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "name": c.name,
+        "issuer": c.issuer,
+        "subject": c.subject,
+        "audiences": list(c.audiences),
+        "description": c.description,
+    }
+
+
+class GraphService:
+    def __init__(self, directory: Directory, key: SigningKey, controls: Controls) -> None:
+        self.directory = directory
+        self.key = key
+        self.controls = controls
+
+    def register(self, router: Router) -> None:
+        g = Surface.GRAPH
+        router.add(
+            g,
+            "GET",
+            r"/v1\.0/applications",
+            "graph.applications.list",
+            self._wrap(self.list_applications),
+        )
+        router.add(g, "GET", _APP, "graph.applications.get", self._wrap(self.get_application))
+        router.add(
+            g,
+            "GET",
+            r"/v1\.0/servicePrincipals",
+            "graph.servicePrincipals.list",
+            self._wrap(self.list_service_principals),
+        )
+        router.add(
+            g, "GET", _SP, "graph.servicePrincipals.get", self._wrap(self.get_service_principal)
+        )
+        router.add(g, "GET", _FICS, "graph.fic.list", self._wrap(self.list_credentials))
+        router.add(g, "POST", _FICS, "graph.fic.create", self._wrap(self.create_credential))
+        router.add(g, "GET", _FIC, "graph.fic.get", self._wrap(self.get_credential))
+        router.add(g, "PATCH", _FIC, "graph.fic.update", self._wrap(self.update_credential))
+        router.add(g, "DELETE", _FIC, "graph.fic.delete", self._wrap(self.delete_credential))
+
+    def _wrap(self, handler: Any) -> Any:
+        """Authenticate, run, and turn ``GraphError`` into an OData error body."""
+
+        async def run(request: web.Request, params: PathParams) -> web.StreamResponse:
+            try:
+                caller = authenticate(
+                    request, self.key, self.directory, self.controls.clock, GRAPH_AUDIENCES
+                )
+                response: web.StreamResponse = await handler(request, params, caller)
+                return response
+            except AuthError as exc:
+                return render_error(request, 401, "InvalidAuthenticationToken", exc.message)
+            except GraphError as exc:
+                return render_error(request, exc.status, exc.code, exc.message)
+
+        return run
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _domain(self, tenant_id: str) -> str:
+        tenant = self.directory.tenants.get(tenant_id)
+        return tenant.domain if tenant else ""
+
+    @staticmethod
+    def _may_read(caller: Caller, p: Principal) -> bool:
+        return bool(caller.roles & READ_ROLES) or (
+            OWNED_BY_ROLE in caller.roles and caller.principal.sp_object_id in p.owners
+        )
+
+    @staticmethod
+    def _may_write(caller: Caller, app: Principal) -> bool:
+        return WRITE_ALL_ROLE in caller.roles or (
+            OWNED_BY_ROLE in caller.roles and caller.principal.sp_object_id in app.owners
+        )
+
+    def _application(self, caller: Caller, params: PathParams, *, write: bool) -> Principal:
+        if params.get("appid") is not None:
+            key = params["appid"]
+            app = self.directory.by_client_id(key)
+            if app is not None and app.kind != "application":
+                app = None
+        else:
+            key = params["oid"]
+            app = self.directory.application(key)
+        if app is None or app.tenant_id != caller.tenant_id:
+            raise _not_found(key)
+        allowed = self._may_write(caller, app) if write else self._may_read(caller, app)
+        if not allowed:
+            raise _DENIED
+        return app
+
+    @staticmethod
+    def _credential(app: Principal, params: PathParams) -> tuple[str, FederatedCredential | None]:
+        if params.get("fname") is not None:
+            return params["fname"], app.credentials.get(params["fname"])
+        key = params["fid"]
+        return key, app.credential_by_id(key) or app.credentials.get(key)
+
+    @staticmethod
+    def _filter(request: web.Request) -> tuple[str, str] | None:
+        expression = request.query.get("$filter")
+        if expression is None:
+            return None
+        matched = _FILTER.fullmatch(expression)
+        if matched is None:
+            raise GraphError(
+                400, "Request_UnsupportedQuery", f"Unsupported filter expression: {expression}"
+            )
+        return matched.group(1).lower(), matched.group(2).replace("''", "'")
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.text() or "{}")
+        except ValueError as exc:
+            raise GraphError(
+                400, "BadRequest", f"Unable to read JSON request payload: {exc}"
+            ) from exc
+        if not isinstance(body, dict):
+            raise GraphError(400, "BadRequest", "The request payload must be a JSON object.")
+        return body
+
+    def _context(self, request: web.Request, fragment: str) -> str:
+        return f"{base_url(request)}/v1.0/$metadata#{fragment}"
+
+    # -- applications and service principals -------------------------------------------------
+    async def list_applications(
+        self, request: web.Request, _: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        wanted = self._filter(request)
+        apps = [
+            p
+            for p in self.directory.principals()
+            if p.kind == "application"
+            and p.tenant_id == caller.tenant_id
+            and self._may_read(caller, p)
+        ]
+        if not apps and not caller.roles & (READ_ROLES | {OWNED_BY_ROLE}):
+            raise _DENIED
+        if wanted is not None:
+            field, value = wanted
+            apps = [a for a in apps if self._field(a, field, app=True) == value]
+        domain = self._domain(caller.tenant_id)
+        return web.json_response(
+            {
+                "@odata.context": self._context(request, "applications"),
+                "value": [_application_json(a, domain) for a in apps],
+            }
+        )
+
+    async def get_application(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        app = self._application(caller, params, write=False)
+        body = {
+            "@odata.context": self._context(request, "applications/$entity"),
+            **_application_json(app, self._domain(app.tenant_id)),
+        }
+        return web.json_response(body)
+
+    @staticmethod
+    def _field(p: Principal, field: str, *, app: bool) -> str | None:
+        if field == "displayname":
+            return p.name
+        if field == "appid":
+            return p.client_id
+        return p.app_object_id if app else p.sp_object_id
+
+    async def list_service_principals(
+        self, request: web.Request, _: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        if not caller.roles & (READ_ROLES | {OWNED_BY_ROLE}):
+            raise _DENIED
+        wanted = self._filter(request)
+        found = [
+            p
+            for p in self.directory.principals()
+            if p.tenant_id == caller.tenant_id and self._may_read(caller, p)
+        ]
+        if wanted is not None:
+            field, value = wanted
+            found = [p for p in found if self._field(p, field, app=False) == value]
+        return web.json_response(
+            {
+                "@odata.context": self._context(request, "servicePrincipals"),
+                "value": [_service_principal_json(p) for p in found],
+            }
+        )
+
+    async def get_service_principal(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        if params.get("appid") is not None:
+            key = params["appid"]
+            found = self.directory.by_client_id(key)
+        else:
+            key = params["spid"]
+            found = self.directory.by_sp_object_id(key)
+        if found is None or found.tenant_id != caller.tenant_id:
+            raise _not_found(key)
+        if not self._may_read(caller, found):
+            raise _DENIED
+        body = {
+            "@odata.context": self._context(request, "servicePrincipals/$entity"),
+            **_service_principal_json(found),
+        }
+        return web.json_response(body)
+
+    # -- federated identity credentials ------------------------------------------------------
+    async def list_credentials(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        app = self._application(caller, params, write=False)
+        fragment = f"applications('{app.app_object_id}')/federatedIdentityCredentials"
+        return web.json_response(
+            {
+                "@odata.context": self._context(request, fragment),
+                "value": [_credential_json(c) for c in app.credentials.values()],
+            }
+        )
+
+    async def get_credential(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        app = self._application(caller, params, write=False)
+        key, credential = self._credential(app, params)
+        if credential is None:
+            raise _not_found(key)
+        fragment = f"applications('{app.app_object_id}')/federatedIdentityCredentials/$entity"
+        return web.json_response(
+            {"@odata.context": self._context(request, fragment), **_credential_json(credential)}
+        )
+
+    def _store(self, app: Principal, body: dict[str, Any], name: str) -> FederatedCredential:
+        """Validate and write credential ``name`` from a complete body; returns it."""
+        audiences = body.get("audiences")
+        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+            audiences = [] if audiences is None else [str(audiences)]
+        issuer, subject = str(body.get("issuer") or ""), str(body.get("subject") or "")
+        problem = check_credential(app, name, issuer, subject, audiences)
+        if problem is not None:
+            code, message = _CREDENTIAL_ERRORS[problem]
+            raise GraphError(400, code, message)
+        description = body.get("description")
+        credential, _ = self.directory.put_credential(
+            app,
+            name,
+            issuer,
+            subject,
+            audiences,
+            None if description is None else str(description),
+            self.controls.clock.now(),
+        )
+        return credential
+
+    def _created(
+        self, request: web.Request, app: Principal, credential: FederatedCredential
+    ) -> web.StreamResponse:
+        location = (
+            f"{base_url(request)}/v1.0/applications/{app.app_object_id}"
+            f"/federatedIdentityCredentials/{credential.id}"
+        )
+        fragment = f"applications('{app.app_object_id}')/federatedIdentityCredentials/$entity"
+        return web.json_response(
+            {"@odata.context": self._context(request, fragment), **_credential_json(credential)},
+            status=201,
+            headers={"Location": location},
+        )
+
+    async def create_credential(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        app = self._application(caller, params, write=True)
+        body = await self._body(request)
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise GraphError(400, "Request_BadRequest", "Property 'name' is required.")
+        if name in app.credentials:
+            raise GraphError(
+                400,
+                "Request_BadRequest",
+                f"A federated identity credential named '{name}' already exists for this "
+                "application.",
+            )
+        return self._created(request, app, self._store(app, body, name))
+
+    async def update_credential(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        app = self._application(caller, params, write=True)
+        key, credential = self._credential(app, params)
+        body = await self._body(request)
+        if credential is None:
+            upsert = "create-if-missing" in request.headers.get("Prefer", "").lower()
+            if not upsert or params.get("fname") is None:
+                raise _not_found(key)
+            if body.get("name", key) != key:
+                raise GraphError(
+                    400, "Request_BadRequest", "Property 'name' must match the addressed name."
+                )
+            return self._created(request, app, self._store(app, body, key))
+        if "name" in body and body["name"] != credential.name:
+            raise GraphError(
+                400, "Request_BadRequest", "Property 'name' is read-only and cannot be changed."
+            )
+        merged = {**_credential_json(credential), **body}
+        self._store(app, merged, credential.name)
+        return web.Response(status=204)
+
+    async def delete_credential(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        app = self._application(caller, params, write=True)
+        key, credential = self._credential(app, params)
+        if credential is None:
+            raise _not_found(key)
+        self.directory.delete_credential(app, credential.name)
+        return web.Response(status=204)
