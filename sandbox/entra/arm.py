@@ -338,7 +338,7 @@ class ArmService:
             if problem is not None:
                 raise ArmError(400, "BadRequest", _CREDENTIAL_ERRORS[problem].format(name=name))
             credential, created = self.directory.put_credential(
-                identity, name, issuer, subject, audiences, None, self.controls.clock.now()
+                identity, name, issuer, subject, audiences, None, self.controls.clock.real()
             )
         finally:
             self._writing.discard(identity.client_id)

@@ -24,13 +24,21 @@ _LOG_SIZE = 5000
 
 
 class Clock:
-    """Wall-clock time shifted by ``skew`` seconds."""
+    """Wall-clock time shifted by ``skew`` seconds, for everything a token's time claims touch.
+
+    Ages of federated credentials (the propagation delay) are measured on ``real()`` time: a
+    skewed clock must not make a credential created a second ago look an hour old or young.
+    """
 
     def __init__(self) -> None:
         self.skew = 0.0
 
     def now(self) -> float:
         return time.time() + self.skew
+
+    @staticmethod
+    def real() -> float:
+        return time.time()
 
 
 @dataclass

@@ -401,7 +401,7 @@ class GraphService:
             subject,
             audiences,
             None if description is None else str(description),
-            self.controls.clock.now(),
+            self.controls.clock.real(),
         )
         return credential
 

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from sandbox.entra.faults import Controls
 from sandbox.entra.oidc import ExternalOidcError, IssuerKeys
-from sandbox.entra.routing import PathParams, Router, Surface, base_url
+from sandbox.entra.routing import LOOPBACK_NAMES, PathParams, Router, Surface, base_url
 from sandbox.entra.state import Directory, Principal, Tenant
 from sandbox.entra.tokens import (
     ACCESS_TOKEN_SECONDS,
@@ -179,6 +179,12 @@ class LoginService:
                 Aadsts(400, "invalid_instance", 50049, "Unknown or invalid instance."),
             )
         host = parsed.netloc
+        if parsed.port is None and parsed.hostname in LOOPBACK_NAMES:
+            # MSAL drops the authority's port when it builds this query; a loopback authority can
+            # only mean this emulator, so point tenant discovery back at the port we listen on.
+            sockname = request.transport.get_extra_info("sockname") if request.transport else None
+            if sockname:
+                host = f"{parsed.hostname}:{sockname[1]}"
         return web.json_response(
             {
                 "tenant_discovery_endpoint": (
@@ -433,7 +439,7 @@ class LoginService:
         self, principal: Principal, issuer: str, subject: str, audiences: list[str]
     ) -> None:
         """Find a federated credential that matches exactly, or say why none does."""
-        now = self.controls.clock.now()
+        now = self.controls.clock.real()
         delay = self.controls.settings.propagation_seconds
         credentials = list(principal.credentials.values())
         effective = [c for c in credentials if c.updated_at + delay <= now]

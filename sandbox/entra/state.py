@@ -45,7 +45,7 @@ class Tenant:
 
 @dataclass
 class FederatedCredential:
-    """One federated identity credential; ``updated_at`` (emulator clock) drives propagation."""
+    """One federated identity credential; ``updated_at`` (real time) drives propagation."""
 
     id: str
     name: str

@@ -1,0 +1,293 @@
+"""The token service through azure-identity: secrets, client assertions, discovery, failures.
+
+Every failure must reach the caller as ``ClientAuthenticationError`` carrying Entra's AADSTS code,
+because that is what the operator and the workload turn into status reasons.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import requests
+from azure.core.exceptions import ClientAuthenticationError
+from azure.identity import (
+    ClientAssertionCredential,
+    ClientSecretCredential,
+    WorkloadIdentityCredential,
+)
+from entra_harness import REPO_ROOT, EntraService, OidcIssuer
+
+GRAPH = "https://graph.microsoft.com/.default"
+SQL = "https://database.windows.net/.default"
+SUBJECT = "system:serviceaccount:workload-demo:customer-reader"
+APP = "customer-api"
+
+
+def _verify(entra: EntraService, token: str, audience: str) -> dict[str, Any]:
+    """Verify a token the way a resource (the SQL emulator) does: v1 discovery, then JWKS."""
+    context = ssl.create_default_context(cafile=str(entra.ca))
+    discovery = requests.get(
+        f"{entra.url}/{entra.tenant_id}/.well-known/openid-configuration",
+        verify=str(entra.ca),
+        timeout=10,
+    ).json()
+    signing_key = jwt.PyJWKClient(
+        discovery["jwks_uri"], ssl_context=context
+    ).get_signing_key_from_jwt(token)
+    claims: dict[str, Any] = jwt.decode(
+        token, signing_key, algorithms=["RS256"], audience=audience, issuer=discovery["issuer"]
+    )
+    return claims
+
+
+def _secret_credential(entra: EntraService, app: str, **kwargs: Any) -> ClientSecretCredential:
+    principal = entra.principal(app)
+    kwargs.setdefault("authority", entra.url)
+    kwargs.setdefault("disable_instance_discovery", True)
+    return ClientSecretCredential(
+        kwargs.pop("tenant_id", entra.tenant_id),
+        kwargs.pop("client_id", principal.client_id),
+        kwargs.pop("client_secret", principal.secrets[0] if principal.secrets else "x"),
+        **kwargs,
+    )
+
+
+def _assertion_credential(
+    entra: EntraService, token: str, app: str = APP
+) -> ClientAssertionCredential:
+    return ClientAssertionCredential(
+        entra.tenant_id, entra.principal(app).client_id, lambda: token, authority=entra.url
+    )
+
+
+# -- client secrets ------------------------------------------------------------------------------
+def test_client_secret_token_carries_v1_claims(entra: EntraService) -> None:
+    demo = entra.principal("SP-AZURESQL-USER")
+    token = _secret_credential(entra, demo.name).get_token(GRAPH)
+    claims = _verify(entra, token.token, "https://graph.microsoft.com")
+    assert claims["iss"] == f"https://sts.windows.net/{entra.tenant_id}/"
+    assert (claims["tid"], claims["oid"], claims["appid"], claims["ver"]) == (
+        entra.tenant_id,
+        demo.sp_object_id,
+        demo.client_id,
+        "1.0",
+    )
+    assert token.expires_on > time.time() + 3000
+
+
+def test_sql_token_audience_and_graph_roles(entra: EntraService) -> None:
+    sql_token = _secret_credential(entra, "sandbox-sql-server").get_token(SQL)
+    assert _verify(entra, sql_token.token, "https://database.windows.net/")["aud"] == (
+        "https://database.windows.net/"
+    )
+    graph_token = _secret_credential(entra, "sandbox-sql-server").get_token(GRAPH)
+    claims = _verify(entra, graph_token.token, "https://graph.microsoft.com")
+    assert claims["roles"] == ["Application.Read.All"]
+
+
+def test_authority_from_environment(entra: EntraService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", entra.env["AZURE_AUTHORITY_HOST"])
+    demo = entra.principal("SP-AZURESQL-USER")
+    credential = ClientSecretCredential(
+        entra.env["AZ_TENANT_ID"],
+        entra.env["AZ_CLIENT_ID"],
+        entra.env["AZ_CLIENT_SECRET"],
+        disable_instance_discovery=True,
+    )
+    assert (
+        _verify(entra, credential.get_token(GRAPH).token, "https://graph.microsoft.com")["appid"]
+        == demo.client_id
+    )
+
+
+@pytest.fixture
+def proxy(entra: EntraService, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The sandbox CONNECT proxy in front of this emulator, exported as HTTPS_PROXY."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sandbox.proxy", "serve", "--state-dir", str(entra.state_dir)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    assert line.startswith("READY url="), line
+    url = line.removeprefix("READY url=")
+    monkeypatch.setenv("HTTPS_PROXY", url)
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_default_authority_through_proxy(entra: EntraService, proxy: str) -> None:
+    """No authority, no disable_instance_discovery: login.microsoftonline.com via the proxy."""
+    demo = entra.principal("SP-AZURESQL-USER")
+    credential = ClientSecretCredential(entra.tenant_id, demo.client_id, demo.secrets[0])
+    claims = _verify(entra, credential.get_token(GRAPH).token, "https://graph.microsoft.com")
+    assert claims["oid"] == demo.sp_object_id
+    counts = entra.admin.requests("login.*")["counts"]
+    assert counts["login.discovery"] >= 1 and counts["login.token"] == 1
+
+
+def test_instance_discovery_for_emulator_host(entra: EntraService, proxy: str) -> None:
+    """A localhost authority with instance discovery on: MSAL asks login.microsoftonline.com."""
+    credential = _secret_credential(entra, "SP-AZURESQL-USER", disable_instance_discovery=False)
+    credential.get_token(GRAPH)
+    log = entra.admin.requests("login.*")["log"]
+    assert [r["route"] for r in log][:3] == ["login.instance", "login.discovery", "login.token"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"client_id": "0b9f5d1e-0000-4000-8000-0000000000ff"}, 700016),
+        ({"tenant_id": "2c4e6a8b-1d3f-4a5b-9c7d-e1f2a3b4c5d6"}, 700016),  # app of another tenant
+        ({"client_secret": "not-the-secret"}, 7000215),
+    ],
+)
+def test_client_secret_failures(entra: EntraService, overrides: dict[str, str], code: int) -> None:
+    credential = _secret_credential(entra, "SP-AZURESQL-USER", **overrides)
+    with pytest.raises(ClientAuthenticationError, match=f"AADSTS{code}"):
+        credential.get_token(GRAPH)
+
+
+def test_unknown_tenant(entra: EntraService, fresh_issuer: OidcIssuer) -> None:
+    """MSAL reports a failed tenant discovery in its own words (as against Entra); the token
+    endpoint itself, which assertion credentials call directly, answers AADSTS90002."""
+    unknown = "0b9f5d1e-0000-4000-8000-000000000000"
+    with pytest.raises(ClientAuthenticationError, match="Unable to get authority configuration"):
+        _secret_credential(entra, "SP-AZURESQL-USER", tenant_id=unknown).get_token(GRAPH)
+    credential = ClientAssertionCredential(
+        unknown,
+        entra.principal(APP).client_id,
+        lambda: fresh_issuer.mint(SUBJECT),
+        authority=entra.url,
+    )
+    with pytest.raises(ClientAuthenticationError, match="AADSTS90002: Tenant '0b9f5d1e"):
+        credential.get_token(GRAPH)
+
+
+def test_unknown_resource(entra: EntraService) -> None:
+    with pytest.raises(ClientAuthenticationError, match="AADSTS500011"):
+        _secret_credential(entra, "SP-AZURESQL-USER").get_token("https://vault.example/.default")
+
+
+# -- client assertions (workload identity federation) ----------------------------------------------
+def test_workload_identity_credential_with_token_file(
+    entra: EntraService, fresh_issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    entra.add_app_credential(
+        APP, "cluster-a", fresh_issuer.url, SUBJECT, "api://AzureADTokenExchange"
+    )
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text(fresh_issuer.mint(SUBJECT))
+    app = entra.principal(APP)
+    credential = WorkloadIdentityCredential(
+        tenant_id=entra.tenant_id,
+        client_id=app.client_id,
+        token_file_path=str(token_file),
+        authority=entra.url,
+    )
+    claims = _verify(entra, credential.get_token(SQL).token, "https://database.windows.net/")
+    assert (claims["oid"], claims["appid"], claims["appidacr"]) == (
+        app.sp_object_id,
+        app.client_id,
+        "2",
+    )
+
+
+def _federate(entra: EntraService, issuer: OidcIssuer) -> None:
+    entra.add_app_credential(APP, "cluster-a", issuer.url, SUBJECT, "api://AzureADTokenExchange")
+
+
+@pytest.mark.parametrize(
+    ("mint", "code"),
+    [
+        ({"issuer": "https://127.0.0.1:9/other-cluster"}, 700211),
+        ({"subject": "system:serviceaccount:workload-demo:someone-else"}, 700213),
+        ({"subject": SUBJECT.upper()}, 7002138),
+        ({"audience": "api://SomethingElse"}, 700212),
+        ({"issued_at": time.time() - 7200, "lifetime": 600}, 700024),
+        ({"unpublished_key": True}, 7000272),
+    ],
+)
+def test_assertion_failures(
+    entra: EntraService, fresh_issuer: OidcIssuer, mint: dict[str, Any], code: int
+) -> None:
+    _federate(entra, fresh_issuer)
+    token = fresh_issuer.mint(mint.pop("subject", SUBJECT), **mint)
+    with pytest.raises(ClientAuthenticationError, match=f"AADSTS{code}:"):
+        _assertion_credential(entra, token).get_token(GRAPH)
+
+
+def test_no_federated_credential_is_70021(entra: EntraService, fresh_issuer: OidcIssuer) -> None:
+    with pytest.raises(ClientAuthenticationError, match=r"AADSTS70021:.*Assertion Subject"):
+        _assertion_credential(entra, fresh_issuer.mint(SUBJECT)).get_token(GRAPH)
+
+
+def test_unknown_kid_refetches_keys_once(entra: EntraService, fresh_issuer: OidcIssuer) -> None:
+    _federate(entra, fresh_issuer)
+    _assertion_credential(entra, fresh_issuer.mint(SUBJECT)).get_token(GRAPH)  # warms the cache
+    with pytest.raises(ClientAuthenticationError, match="AADSTS7000272:"):
+        _assertion_credential(entra, fresh_issuer.mint(SUBJECT, unpublished_key=True)).get_token(
+            GRAPH
+        )
+    assert fresh_issuer.fetches.count("/openid/v1/jwks") == 2
+    # The issuer rotates: the new key is published and found after one refetch.
+    fresh_issuer.published.append(fresh_issuer.unpublished)
+    _assertion_credential(entra, fresh_issuer.mint(SUBJECT, unpublished_key=True)).get_token(GRAPH)
+    assert fresh_issuer.fetches.count("/openid/v1/jwks") == 3
+    assert fresh_issuer.fetches.count("/.well-known/openid-configuration") == 1
+
+
+def test_issuer_unreachable_is_90061(entra: EntraService, fresh_issuer: OidcIssuer) -> None:
+    _federate(entra, fresh_issuer)
+    fresh_issuer.discovery_up = False
+    with pytest.raises(ClientAuthenticationError, match="AADSTS90061: Request to External OIDC"):
+        _assertion_credential(entra, fresh_issuer.mint(SUBJECT)).get_token(GRAPH)
+
+
+def test_propagation_delay(entra: EntraService, fresh_issuer: OidcIssuer) -> None:
+    entra.admin.controls(propagationSeconds=1.5)
+    _federate(entra, fresh_issuer)
+    token = fresh_issuer.mint(SUBJECT)
+    with pytest.raises(ClientAuthenticationError, match="AADSTS70021:"):
+        _assertion_credential(entra, token).get_token(GRAPH)
+    time.sleep(1.6)
+    assert _assertion_credential(entra, token).get_token(GRAPH).token
+
+
+def test_clock_skew_makes_assertion_not_yet_valid(
+    entra: EntraService, fresh_issuer: OidcIssuer
+) -> None:
+    _federate(entra, fresh_issuer)
+    entra.admin.controls(clockSkewSeconds=-3600)
+    with pytest.raises(ClientAuthenticationError, match="AADSTS700024:"):
+        _assertion_credential(entra, fresh_issuer.mint(SUBJECT)).get_token(GRAPH)
+
+
+# -- injected faults -------------------------------------------------------------------------------
+def test_429_retry_after_is_honoured(entra: EntraService) -> None:
+    entra.admin.fail("login.token", status=429, count=1, retry_after=1)
+    started = time.monotonic()
+    assert _secret_credential(entra, "SP-AZURESQL-USER").get_token(GRAPH).token
+    assert time.monotonic() - started >= 1.0
+    log = entra.admin.requests("login.token")["log"]
+    assert [(r["status"], r["injected"]) for r in log] == [(429, True), (200, False)]
+
+
+def test_503_is_retried(entra: EntraService) -> None:
+    entra.admin.fail("login.token", status=503, count=1, retry_after=0)
+    assert _secret_credential(entra, "SP-AZURESQL-USER").get_token(GRAPH).token
+    assert [r["status"] for r in entra.admin.requests("login.token")["log"]] == [503, 200]
