@@ -1,0 +1,1242 @@
+"""The database engine behind each emulated Azure SQL database: T-SQL over SQLite, with security.
+
+Each database is one SQLite file. A batch is split into statements with sqlglot's T-SQL tokenizer
+and each statement goes one of two ways:
+
+* **Security statements** that sqlglot does not model (``CREATE USER ... FROM EXTERNAL PROVIDER``,
+  ``CREATE USER ... WITH SID = 0x.., TYPE = E``, ``DROP USER [IF EXISTS]``,
+  ``ALTER ROLE r ADD|DROP MEMBER m``) are parsed from the same tokens and run natively against the
+  catalog tables, with Azure SQL's permission rules and error numbers (15247, 15151, 15023, 33130).
+* Everything else is parsed by sqlglot's ``tsql`` dialect into an AST, checked (object existence:
+  208; permissions from the caller's fixed database roles: 229 and 262), rewritten for SQLite
+  (``dbo.`` and three-part names dropped, ``sys.*`` catalog views mapped onto internal views,
+  ``@@VERSION``-style globals and ``USER_NAME()`` onto registered functions) and generated as
+  SQLite SQL. Result column types come from the T-SQL types recorded at ``CREATE TABLE`` time,
+  propagated through the query by sqlglot's type annotator, so a ``BIT`` column arrives at the
+  client as ``bit`` and a ``VARCHAR(50)`` as ``varchar(50)``; anything it cannot type is inferred
+  from the values.
+
+The catalog (principals, role membership, declared column types) lives in ``__swi_*`` tables of
+the same file, so ``CREATE USER`` inside a transaction rolls back with it, as in SQL Server.
+User-visible names starting with ``__`` are refused like any missing object.
+
+All methods are blocking; the server calls them from worker threads, one session at a time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import re
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.dialects.tsql import TSQL
+from sqlglot.errors import OptimizeError, ParseError, SqlglotError, TokenError
+from sqlglot.optimizer.annotate_types import annotate_types
+from sqlglot.optimizer.qualify import qualify
+from sqlglot.tokens import Token, TokenType  # type: ignore[attr-defined]
+
+from sandbox.azuresql import tds
+from sandbox.azuresql.directory import Directory, DirectoryObject, DirectoryUnavailable
+from sandbox.azuresql.login import LOGIN_FAILED, LoginRefused, TokenPrincipal
+
+VERSION = (
+    "Microsoft SQL Azure (RTM) - 12.0.2000.8 \n\tCopyright (C) 2022 Microsoft Corporation\n"
+    "\t(sql-workload-identity sandbox emulator over SQLite)"
+)
+FIXED_ROLES = {
+    "db_owner": 16384,
+    "db_accessadmin": 16385,
+    "db_securityadmin": 16386,
+    "db_ddladmin": 16387,
+    "db_backupoperator": 16389,
+    "db_datareader": 16390,
+    "db_datawriter": 16391,
+    "db_denydatareader": 16392,
+    "db_denydatawriter": 16393,
+}
+SPECIAL_USERS = {"dbo": 1, "guest": 2, "INFORMATION_SCHEMA": 3, "sys": 4}
+DBO_ID = 1
+FIRST_USER_ID = 5
+_SPIDS = itertools.count(51)
+
+# The catalog views: internal view name and the T-SQL types of their columns (for COLMETADATA).
+SYS_VIEWS: dict[str, tuple[str, dict[str, str]]] = {
+    "database_principals": (
+        "__sys_database_principals",
+        {
+            "name": "NVARCHAR(128)",
+            "principal_id": "INT",
+            "type": "CHAR(1)",
+            "type_desc": "NVARCHAR(60)",
+            "default_schema_name": "NVARCHAR(128)",
+            "create_date": "DATETIME",
+            "modify_date": "DATETIME",
+            "owning_principal_id": "INT",
+            "sid": "VARBINARY(85)",
+            "is_fixed_role": "BIT",
+            "authentication_type": "INT",
+            "authentication_type_desc": "NVARCHAR(60)",
+            "default_language_name": "NVARCHAR(128)",
+            "default_language_lcid": "INT",
+            "allow_encrypted_value_modifications": "BIT",
+        },
+    ),
+    "database_role_members": (
+        "__sys_database_role_members",
+        {
+            "role_principal_id": "INT",
+            "member_principal_id": "INT",
+        },
+    ),
+    "tables": (
+        "__sys_tables",
+        {
+            "name": "NVARCHAR(128)",
+            "object_id": "INT",
+            "schema_id": "INT",
+            "type": "CHAR(2)",
+            "type_desc": "NVARCHAR(60)",
+        },
+    ),
+}
+
+_CATALOG_DDL = """
+CREATE TABLE IF NOT EXISTS __swi_principals (
+    principal_id INTEGER PRIMARY KEY, name TEXT NOT NULL COLLATE NOCASE UNIQUE, type TEXT NOT NULL,
+    type_desc TEXT NOT NULL, default_schema_name TEXT, create_date TEXT, modify_date TEXT,
+    owning_principal_id INTEGER, sid BLOB, is_fixed_role INTEGER NOT NULL DEFAULT 0,
+    authentication_type INTEGER, authentication_type_desc TEXT);
+CREATE TABLE IF NOT EXISTS __swi_role_members (
+    role_principal_id INTEGER NOT NULL, member_principal_id INTEGER NOT NULL,
+    PRIMARY KEY (role_principal_id, member_principal_id));
+CREATE TABLE IF NOT EXISTS __swi_columns (
+    table_name TEXT NOT NULL COLLATE NOCASE, ordinal INTEGER NOT NULL, column_name TEXT NOT NULL,
+    type_sql TEXT NOT NULL, PRIMARY KEY (table_name, ordinal));
+CREATE VIEW IF NOT EXISTS __sys_database_principals AS SELECT
+    name, principal_id, type, type_desc, default_schema_name, create_date, modify_date,
+    owning_principal_id, sid, is_fixed_role, authentication_type, authentication_type_desc,
+    CASE WHEN type IN ('E', 'S') AND principal_id >= 5 THEN 'us_english' END
+        AS default_language_name,
+    CASE WHEN type IN ('E', 'S') AND principal_id >= 5 THEN 1033 END AS default_language_lcid,
+    0 AS allow_encrypted_value_modifications
+    FROM __swi_principals;
+CREATE VIEW IF NOT EXISTS __sys_database_role_members AS
+    SELECT role_principal_id, member_principal_id FROM __swi_role_members;
+CREATE VIEW IF NOT EXISTS __sys_tables AS
+    SELECT name, rowid AS object_id, 1 AS schema_id, 'U ' AS type, 'USER_TABLE' AS type_desc
+    FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_\\_%' ESCAPE '\\'
+    AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\';
+"""
+
+
+class SqlError(Exception):
+    """A T-SQL error as the client will see it (ERROR token)."""
+
+    def __init__(self, number: int, message: str, *, severity: int = 16, state: int = 1) -> None:
+        super().__init__(f"Msg {number}, Level {severity}, State {state}: {message}")
+        self.number = number
+        self.message = message
+        self.severity = severity
+        self.state = state
+        self.events: list[Event] = []  # what the batch produced before the error
+
+
+class Cancelled(Exception):
+    """The client sent ATTENTION while the statement ran."""
+
+
+def syntax_error(near: str) -> SqlError:
+    return SqlError(102, f"Incorrect syntax near '{near}'.", severity=15)
+
+
+def invalid_object(name: str) -> SqlError:
+    return SqlError(208, f"Invalid object name '{name}'.")
+
+
+@dataclass
+class ResultSet:
+    columns: list[tds.Column]
+    rows: list[tuple[Any, ...]]
+
+
+@dataclass
+class StatementDone:
+    curcmd: int
+    rowcount: int | None
+    result: ResultSet | None = None
+
+
+@dataclass
+class TransactionEvent:
+    kind: int  # tds.EnvChange.BEGIN_TRAN / COMMIT_TRAN / ROLLBACK_TRAN
+    descriptor: bytes
+
+
+Event = StatementDone | TransactionEvent
+
+
+@dataclass(frozen=True)
+class DbUser:
+    principal_id: int
+    name: str
+    is_admin: bool  # the server's Entra admin: connects as dbo with every right
+
+
+@dataclass
+class Prepared:
+    sql: str
+    param_names: list[str]
+
+
+# --- types ---------------------------------------------------------------------------------------
+
+_T = exp.DataType.Type
+
+
+def _type_params(data_type: exp.DataType) -> list[int | None]:
+    out: list[int | None] = []
+    for param in data_type.expressions:
+        text = param.name if isinstance(param, exp.DataTypeParam) else param.sql()
+        out.append(None if text.upper() == "MAX" else int(text) if text.isdigit() else None)
+    return out
+
+
+def sql_type_for(data_type: exp.DataType) -> tds.SqlType | None:
+    """The wire type for a T-SQL type; None when unknown (the caller infers from values)."""
+    kind = data_type.this
+    params = _type_params(data_type)
+    first = params[0] if params else 1
+    ints = {_T.TINYINT: 1, _T.UTINYINT: 1, _T.SMALLINT: 2, _T.INT: 4, _T.BIGINT: 8}
+    if kind in ints:
+        return tds.SqlType(tds.Kind.INT, ints[kind])
+    if kind in (_T.BIT, _T.BOOLEAN):
+        return tds.BIT
+    if kind in (_T.FLOAT, _T.DOUBLE):
+        return tds.FLOAT
+    if kind in (_T.DECIMAL, _T.MONEY, _T.SMALLMONEY):
+        precision = params[0] if params and params[0] else 19 if kind == _T.MONEY else 18
+        scale = (
+            params[1]
+            if len(params) > 1 and params[1] is not None
+            else (4 if kind in (_T.MONEY, _T.SMALLMONEY) else 0)
+        )
+        return tds.SqlType(tds.Kind.DECIMAL, None, precision, scale)
+    if kind in (_T.VARCHAR, _T.CHAR, _T.TEXT):
+        size = None if kind == _T.TEXT or first is None or first > 8000 else first
+        return tds.SqlType(tds.Kind.VARCHAR, size)
+    if kind in (_T.NVARCHAR, _T.NCHAR):
+        return tds.nvarchar(first)
+    if kind in (_T.VARBINARY, _T.BINARY):
+        return tds.SqlType(tds.Kind.VARBINARY, None if first is None or first > 8000 else first)
+    if kind in (_T.DATETIME, _T.SMALLDATETIME):
+        return tds.SqlType(tds.Kind.DATETIME, 8)
+    if kind in (_T.DATETIME2, _T.TIMESTAMP):
+        return tds.SqlType(tds.Kind.DATETIME2, None, scale=params[0] if params and params[0] else 7)
+    if kind == _T.DATE:
+        return tds.SqlType(tds.Kind.DATE, 3)
+    if kind == _T.TIME:
+        return tds.SqlType(tds.Kind.TIME, None, scale=params[0] if params and params[0] else 7)
+    if kind == _T.UUID:
+        return tds.SqlType(tds.Kind.GUID, 16)
+    return None
+
+
+def _sqlite_affinity(data_type: exp.DataType) -> str:
+    kind = data_type.this
+    if kind in exp.DataType.INTEGER_TYPES or kind in (_T.BIT, _T.BOOLEAN):
+        return "INTEGER"
+    if kind in exp.DataType.REAL_TYPES or kind in (_T.MONEY, _T.SMALLMONEY):
+        return "REAL"
+    if kind in (_T.VARBINARY, _T.BINARY):
+        return "BLOB"
+    return "TEXT"
+
+
+def infer_type(values: Sequence[Any]) -> tds.SqlType:
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, int) for v in present):
+        fits = all(-(2**31) <= v < 2**31 for v in present)
+        return tds.INT if fits else tds.BIGINT
+    if present and all(isinstance(v, int | float) for v in present):
+        return tds.FLOAT
+    if present and all(isinstance(v, bytes) for v in present):
+        longest = max(len(v) for v in present)
+        return tds.SqlType(tds.Kind.VARBINARY, None if longest > 8000 else max(longest, 1))
+    longest = max((len(str(v)) for v in present), default=1)
+    return tds.nvarchar(longest)
+
+
+def _fit(sql_type: tds.SqlType, values: Sequence[Any]) -> tds.SqlType:
+    """Widen a declared type that the stored values do not fit (SQLite does not enforce types)."""
+    try:
+        for value in values:
+            tds.encode_value(sql_type, value)
+    except (ValueError, TypeError, OverflowError, ArithmeticError, tds.ProtocolError):
+        return infer_type([None if v is None else str(v) for v in values])
+    if sql_type.kind in (tds.Kind.VARCHAR, tds.Kind.NVARCHAR, tds.Kind.VARBINARY) and sql_type.size:
+        unit = 2 if sql_type.kind == tds.Kind.NVARCHAR else 1
+        longest = max(
+            (len(v if isinstance(v, bytes) else str(v)) * unit for v in values if v is not None),
+            default=0,
+        )
+        if longest > sql_type.size:
+            limit = 8000
+            return tds.SqlType(sql_type.kind, longest if longest <= limit else None)
+    return sql_type
+
+
+def _to_sqlite(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float | str | bytes) or value is None:
+        return value
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat(sep=" ") if isinstance(value, dt.datetime) else value.isoformat()
+    return str(value)
+
+
+# --- statements ----------------------------------------------------------------------------------
+
+_TOKENIZER = TSQL().tokenizer_class()
+
+
+@dataclass
+class Statement:
+    text: str
+    tokens: list[Token]
+
+    def words(self, n: int) -> list[str]:
+        return [t.text.upper() for t in self.tokens[:n]]
+
+
+def split_batch(sql: str) -> list[Statement]:
+    """Statements of a batch, split at top-level semicolons."""
+    try:
+        tokens = _TOKENIZER.tokenize(sql)
+    except TokenError as exc:
+        raise SqlError(
+            105, f"Unclosed quotation mark after the character string '{sql[-20:]}'.", severity=15
+        ) from exc
+    statements: list[Statement] = []
+    current: list[Token] = []
+    depth = 0
+    for token in [*tokens, None]:
+        if token is None or (token.token_type == TokenType.SEMICOLON and depth == 0):
+            if current:
+                text = sql[current[0].start : current[-1].end + 1]
+                statements.append(Statement(text, current))
+            current = []
+            continue
+        depth += {TokenType.L_PAREN: 1, TokenType.R_PAREN: -1}.get(token.token_type, 0)
+        current.append(token)
+    return statements
+
+
+class _Tokens:
+    """A cursor over a statement's tokens for the hand-parsed security statements."""
+
+    def __init__(self, tokens: list[Token]) -> None:
+        self._tokens = tokens
+        self._pos = 0
+
+    def _peek(self) -> Token | None:
+        return self._tokens[self._pos] if self._pos < len(self._tokens) else None
+
+    def error(self) -> SqlError:
+        token = self._peek() or (self._tokens[-1] if self._tokens else None)
+        return syntax_error(token.text if token else "")
+
+    def accept(self, *words: str) -> bool:
+        ahead = self._tokens[self._pos : self._pos + len(words)]
+        if len(ahead) == len(words) and all(
+            t.text.upper() == w and t.token_type != TokenType.IDENTIFIER
+            for t, w in zip(ahead, words, strict=True)
+        ):
+            self._pos += len(words)
+            return True
+        return False
+
+    def expect(self, *words: str) -> None:
+        if not self.accept(*words):
+            raise self.error()
+
+    def name(self) -> str:
+        token = self._peek()
+        if token is None or token.token_type not in (TokenType.VAR, TokenType.IDENTIFIER):
+            raise self.error()
+        self._pos += 1
+        return token.text
+
+    def value(self, *types: TokenType) -> str:
+        token = self._peek()
+        if token is None or token.token_type not in types:
+            raise self.error()
+        self._pos += 1
+        return token.text
+
+    def end(self) -> None:
+        if self._peek() is not None:
+            raise self.error()
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+class Session:
+    """One client connection's view of a database: a SQLite connection plus T-SQL state."""
+
+    def __init__(self, database: Database, user: DbUser) -> None:
+        self.database = database
+        self.user = user
+        self.spid = next(_SPIDS)
+        self.conn = sqlite3.connect(
+            database.path, isolation_level=None, check_same_thread=False, timeout=5.0
+        )
+        self.trancount = 0
+        self.descriptor = b"\x00" * 8
+        self.prepared: dict[int, Prepared] = {}
+        self._handles = itertools.count(1)
+        self._cancel = threading.Event()
+        self._rowcount = 0
+        self._register_functions()
+
+    # -- plumbing
+
+    def _register_functions(self) -> None:
+        def user_name(*args: Any) -> str | None:
+            if not args:
+                return self.user.name
+            row = self.conn.execute(
+                "SELECT name FROM __swi_principals WHERE principal_id = ?", (args[0],)
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        def last_identity() -> Any:
+            return self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+
+        now_utc = lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(sep=" ")  # noqa: E731
+        functions: dict[str, Any] = {
+            "USER_NAME": user_name,
+            "SUSER_SNAME": lambda: self.database.login_name(self.user),
+            "SUSER_NAME": lambda: self.database.login_name(self.user),
+            "DB_NAME": lambda: self.database.name,
+            "GETUTCDATE": now_utc,
+            "SYSUTCDATETIME": now_utc,
+            "SYSDATETIME": lambda: dt.datetime.now().isoformat(sep=" "),
+            "UUID": lambda: str(uuid.uuid4()).upper(),
+            "SCOPE_IDENTITY": last_identity,
+            "__GLOBAL_VERSION": lambda: VERSION,
+            "__GLOBAL_SPID": lambda: self.spid,
+            "__GLOBAL_SERVERNAME": lambda: self.database.server,
+            "__GLOBAL_TRANCOUNT": lambda: self.trancount,
+            "__GLOBAL_ROWCOUNT": lambda: self._rowcount,
+            "__GLOBAL_IDENTITY": last_identity,
+        }
+        for name, function in functions.items():
+            self.conn.create_function(name, -1, function)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def cancel(self) -> None:
+        """ATTENTION from the client: stop what runs now (called from another thread)."""
+        self._cancel.set()
+        self.conn.interrupt()
+
+    def reset_cancel(self) -> None:
+        self._cancel.clear()
+
+    def _roles(self) -> set[str]:
+        rows = self.conn.execute(
+            "SELECT p.name FROM __swi_role_members m JOIN __swi_principals p "
+            "ON p.principal_id = m.role_principal_id WHERE m.member_principal_id = ?",
+            (self.user.principal_id,),
+        ).fetchall()
+        return {str(r[0]).lower() for r in rows}
+
+    def _is_owner(self, roles: set[str]) -> bool:
+        return self.user.is_admin or self.user.principal_id == DBO_ID or "db_owner" in roles
+
+    # -- transactions
+
+    def _new_descriptor(self) -> bytes:
+        self.descriptor = uuid.uuid4().bytes[:8]
+        return self.descriptor
+
+    def begin(self) -> list[Event]:
+        self.trancount += 1
+        if self.trancount > 1:
+            return []
+        self.conn.execute("BEGIN")
+        return [TransactionEvent(tds.EnvChange.BEGIN_TRAN, self._new_descriptor())]
+
+    def commit(self, *, begin_after: bool = False) -> list[Event]:
+        if self.trancount == 0:
+            raise SqlError(
+                3902, "The COMMIT TRANSACTION request has no corresponding BEGIN TRANSACTION."
+            )
+        self.trancount -= 1
+        events: list[Event] = []
+        if self.trancount == 0:
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")
+            events.append(TransactionEvent(tds.EnvChange.COMMIT_TRAN, self.descriptor))
+            self.descriptor = b"\x00" * 8
+        return events + (self.begin() if begin_after else [])
+
+    def rollback(self, *, begin_after: bool = False) -> list[Event]:
+        if self.trancount == 0:
+            raise SqlError(
+                3903, "The ROLLBACK TRANSACTION request has no corresponding BEGIN TRANSACTION."
+            )
+        self.trancount = 0
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        events: list[Event] = [TransactionEvent(tds.EnvChange.ROLLBACK_TRAN, self.descriptor)]
+        self.descriptor = b"\x00" * 8
+        return events + (self.begin() if begin_after else [])
+
+    # -- entry points
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> list[Event]:
+        """Run a batch; on error raises SqlError carrying the events produced before it."""
+        events: list[Event] = []
+        try:
+            for statement in split_batch(sql):
+                events.extend(self._statement(statement, params or {}))
+        except SqlError as error:
+            error.events = events
+            raise
+        except sqlite3.OperationalError as exc:
+            if "interrupted" in str(exc) or self._cancel.is_set():
+                raise Cancelled from exc
+            raise
+        return events
+
+    def prepare(self, sql: str, declaration: str) -> int:
+        handle = next(self._handles)
+        names = re.findall(r"@(\w+)", declaration or "")
+        self.prepared[handle] = Prepared(sql, names)
+        return handle
+
+    def execute_prepared(self, handle: int, values: Sequence[tuple[str, Any]]) -> list[Event]:
+        prepared = self.prepared.get(handle)
+        if prepared is None:
+            raise SqlError(8179, f"Could not find prepared statement with handle {handle}.")
+        return self.execute(prepared.sql, bind(prepared.param_names, values))
+
+    def unprepare(self, handle: int) -> None:
+        self.prepared.pop(handle, None)
+
+    # -- statements
+
+    def _statement(self, statement: Statement, params: dict[str, Any]) -> list[Event]:
+        words = statement.words(4)
+        if words[:2] == ["CREATE", "USER"]:
+            return [self._create_user(statement)]
+        if words[:2] == ["DROP", "USER"]:
+            return [self._drop_user(statement)]
+        if words[:2] == ["ALTER", "ROLE"]:
+            return [self._alter_role(statement)]
+        if words[:1] == ["WAITFOR"]:
+            return [self._waitfor(statement)]
+        if words[:1] == ["USE"]:
+            raise SqlError(
+                40508,
+                "USE statement is not supported to switch between databases. "
+                "Use a new connection to connect to a different database.",
+            )
+        if words[:1] in (["GRANT"], ["REVOKE"], ["DENY"]):
+            raise SqlError(
+                40517,
+                f"Keyword or statement option '{words[0]}' is not supported "
+                "in this version of SQL Server.",
+                severity=16,
+            )
+        try:
+            tree = sqlglot.parse_one(statement.text, read="tsql")
+        except ParseError as exc:
+            near = (exc.errors[0].get("highlight") if exc.errors else None) or words[-1]
+            raise syntax_error(str(near)) from exc
+        except SqlglotError as exc:
+            raise syntax_error(words[0] if words else "") from exc
+        return self._tree(tree, statement, params)
+
+    def _tree(self, tree: exp.Expr, statement: Statement, params: dict[str, Any]) -> list[Event]:
+        if isinstance(tree, exp.Transaction):
+            return [*self.begin(), StatementDone(tds.CurCmd.BEGIN_TRAN, None)]
+        if isinstance(tree, exp.Commit):
+            return [*self.commit(), StatementDone(tds.CurCmd.COMMIT_TRAN, None)]
+        if isinstance(tree, exp.Rollback):
+            return [*self.rollback(), StatementDone(tds.CurCmd.ROLLBACK_TRAN, None)]
+        if isinstance(tree, exp.Set):
+            return [StatementDone(tds.CurCmd.NONE, None)]
+        if isinstance(tree, exp.Query):
+            return [self._select(tree, params)]
+        if isinstance(tree, exp.Insert | exp.Update | exp.Delete):
+            return [self._dml(tree, params)]
+        if isinstance(tree, exp.Create | exp.Drop | exp.Alter):
+            return [self._ddl(tree, params)]
+        keyword = statement.words(1)[0] if statement.tokens else ""
+        raise SqlError(
+            40517,
+            f"Keyword or statement option '{keyword}' is not supported in "
+            "this version of SQL Server.",
+        )
+
+    # -- name resolution and rewriting
+
+    def _user_tables(self) -> dict[str, str]:
+        rows = self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
+        ).fetchall()
+        return {
+            str(r[0]).lower(): str(r[0])
+            for r in rows
+            if not str(r[0]).startswith(("__", "sqlite_"))
+        }
+
+    def _rewrite(
+        self, tree: exp.Expr, *, creating: str | None = None
+    ) -> tuple[exp.Expr, list[tuple[str, str, bool]]]:
+        """Resolve table names for SQLite; returns (tree, [(written, sqlite name, is_system)])."""
+        ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
+        existing = self._user_tables()
+        refs: list[tuple[str, str, bool]] = []
+        for table in list(tree.find_all(exp.Table)):
+            name, schema, catalog = table.name, table.db, table.catalog
+            written = ".".join(p for p in (catalog, schema, name) if p)
+            if not name or (not schema and name.lower() in ctes):
+                continue
+            if catalog:
+                if catalog.lower() != self.database.name.lower():
+                    raise SqlError(
+                        40515,
+                        f"Reference to database and/or server name in "
+                        f"'{written}' is not supported in this version of "
+                        "SQL Server.",
+                        severity=15,
+                    )
+                table.set("catalog", None)
+            if schema.lower() in ("sys", "information_schema"):
+                view = SYS_VIEWS.get(name.lower()) if schema.lower() == "sys" else None
+                if view is None:
+                    raise invalid_object(written)
+                table.set("this", exp.to_identifier(view[0]))
+                table.set("db", None)
+                refs.append((written, view[0], True))
+                continue
+            if (
+                (schema and schema.lower() != "dbo")
+                or name.startswith("__")
+                or name.lower().startswith("sqlite_")
+            ):
+                raise invalid_object(written)
+            table.set("db", None)
+            if name.lower() not in existing and name.lower() != (creating or "").lower():
+                raise invalid_object(written)
+            refs.append((written, existing.get(name.lower(), name), False))
+
+        text_columns = self._text_columns([r[1] for r in refs])
+
+        def is_text(node: exp.Expr) -> bool:
+            if isinstance(node, exp.Literal | exp.National):
+                return bool(node.is_string) or isinstance(node, exp.National)
+            if isinstance(node, exp.Column):
+                return node.name.lower() in text_columns
+            if isinstance(node, exp.Add | exp.DPipe):
+                return is_text(node.left) or is_text(node.right)
+            if isinstance(node, exp.Paren):
+                return is_text(node.this)
+            return False
+
+        def functions(node: exp.Expr) -> exp.Expr:
+            if isinstance(node, exp.National):
+                return exp.Literal.string(node.name)
+            if isinstance(node, exp.Parameter) and isinstance(node.this, exp.Parameter):
+                return exp.Anonymous(this=f"__GLOBAL_{node.this.name.upper()}", expressions=[])
+            if isinstance(node, exp.CurrentUser):
+                return exp.Anonymous(this="USER_NAME", expressions=[])
+            return node
+
+        def concatenation(node: exp.Expr) -> exp.Expr:
+            if isinstance(node, exp.Add) and is_text(node):
+                # T-SQL's + concatenates strings; SQLite's || does.
+                return exp.DPipe(
+                    this=node.left.transform(concatenation),
+                    expression=node.right.transform(concatenation),
+                    safe=True,
+                )
+            return node
+
+        return tree.transform(concatenation).transform(functions), refs
+
+    def _text_columns(self, tables: Sequence[str]) -> set[str]:
+        text_types = ("CHAR", "VARCHAR", "NCHAR", "NVARCHAR", "TEXT", "NTEXT")
+        return {
+            column.lower()
+            for columns in self._column_types(tables).values()
+            for column, type_sql in columns.items()
+            if type_sql.upper().split("(")[0] in text_types
+        }
+
+    def _column_types(self, tables: Sequence[str]) -> dict[str, dict[str, str]]:
+        schema: dict[str, dict[str, str]] = {}
+        for table in tables:
+            view = next((v for v in SYS_VIEWS.values() if v[0] == table), None)
+            if view:
+                schema[table] = dict(view[1])
+                continue
+            rows = self.conn.execute(
+                "SELECT column_name, type_sql FROM __swi_columns WHERE table_name = ? "
+                "ORDER BY ordinal",
+                (table,),
+            ).fetchall()
+            if rows:
+                schema[table] = {str(r[0]): str(r[1]) for r in rows}
+        return schema
+
+    def _declared_types(self, tree: exp.Expr, tables: Sequence[str]) -> list[tds.SqlType | None]:
+        schema: dict[str, object] = dict(self._column_types(tables))
+        try:
+            typed = qualify(
+                tree.copy(),
+                schema=schema,
+                dialect="tsql",
+                validate_qualify_columns=False,
+                quote_identifiers=False,
+            )
+            typed = annotate_types(typed, schema=schema, dialect="tsql")
+        except (OptimizeError, SqlglotError, KeyError, ValueError):
+            return []
+        if not isinstance(typed, exp.Query):
+            return []
+        return [sql_type_for(p.type) if p.type else None for p in typed.selects]
+
+    # -- permissions
+
+    def _check_read(self, refs: Sequence[tuple[str, str, bool]], roles: set[str]) -> None:
+        if self._is_owner(roles) or ("db_datareader" in roles and "db_denydatareader" not in roles):
+            return
+        for _written, table, system in refs:
+            if not system:
+                raise self._denied("SELECT", table)
+
+    def _denied(self, action: str, table: str) -> SqlError:
+        return SqlError(
+            229,
+            f"The {action} permission was denied on the object '{table}', "
+            f"database '{self.database.name}', schema 'dbo'.",
+            severity=14,
+            state=5,
+        )
+
+    # -- query execution
+
+    def _run(self, sql: str, params: dict[str, Any]) -> sqlite3.Cursor:
+        bound = {k: _to_sqlite(v) for k, v in params.items()}
+        try:
+            return self.conn.execute(sql, bound)
+        except sqlite3.ProgrammingError as exc:
+            missing = re.search(r"binding parameter :?(\w+)", str(exc))
+            name = missing.group(1) if missing else "?"
+            raise SqlError(
+                137, f'Must declare the scalar variable "@{name}".', severity=15, state=2
+            ) from exc
+        except sqlite3.IntegrityError as exc:
+            raise self._integrity_error(str(exc)) from exc
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "interrupted" in text or self._cancel.is_set():
+                raise Cancelled from exc
+            if text.startswith("no such column"):
+                column = text.split(":", 1)[1].strip().split(".")[-1]
+                raise SqlError(207, f"Invalid column name '{column}'.") from exc
+            if text.startswith("no such table"):
+                raise invalid_object(text.split(":", 1)[1].strip()) from exc
+            if "locked" in text or "busy" in text:
+                raise SqlError(1222, "Lock request time out period exceeded.") from exc
+            raise SqlError(
+                50000, f"The sandbox's SQL engine could not run this statement: {text}"
+            ) from exc
+
+    def _integrity_error(self, text: str) -> SqlError:
+        where = text.split(":", 1)[1].strip() if ":" in text else ""
+        table, _, column = where.partition(".")
+        if text.startswith("NOT NULL"):
+            return SqlError(
+                515,
+                f"Cannot insert the value NULL into column '{column}', table "
+                f"'{self.database.name}.dbo.{table}'; column does not allow "
+                "nulls. INSERT fails.",
+                state=2,
+            )
+        return SqlError(
+            2627,
+            f"Violation of PRIMARY KEY or UNIQUE constraint on '{where}'. "
+            f"Cannot insert duplicate key in object 'dbo.{table}'.",
+            severity=14,
+        )
+
+    def _select(self, tree: exp.Expr, params: dict[str, Any]) -> StatementDone:
+        tree, refs = self._rewrite(tree)
+        self._check_read(refs, self._roles())
+        declared = self._declared_types(tree, [r[1] for r in refs])
+        cursor = self._run(tree.sql(dialect="sqlite"), params)
+        rows = [tuple(r) for r in cursor.fetchall()]
+        names = [d[0] for d in cursor.description or []]
+        if len(declared) != len(names):
+            declared = [None] * len(names)
+        selects = tree.selects if isinstance(tree, exp.Query) else []
+        if len(selects) == len(names) and not any(isinstance(p, exp.Star) for p in selects):
+            # SQL Server leaves unaliased expressions unnamed; SQLite names them by their text.
+            names = [
+                n if isinstance(p, exp.Alias | exp.Column) else ""
+                for n, p in zip(names, selects, strict=True)
+            ]
+        columns = []
+        for index, name in enumerate(names):
+            values = [r[index] for r in rows]
+            declared_type = declared[index]
+            sql_type = _fit(declared_type, values) if declared_type else infer_type(values)
+            columns.append(tds.Column(name, sql_type))
+        self._rowcount = len(rows)
+        return StatementDone(tds.CurCmd.SELECT, len(rows), ResultSet(columns, rows))
+
+    def _dml(self, tree: exp.Expr, params: dict[str, Any]) -> StatementDone:
+        target = tree.this.this if isinstance(tree.this, exp.Schema) else tree.this
+        tree, refs = self._rewrite(tree)
+        roles = self._roles()
+        action, curcmd = (
+            ("INSERT", tds.CurCmd.INSERT)
+            if isinstance(tree, exp.Insert)
+            else ("UPDATE", tds.CurCmd.UPDATE)
+            if isinstance(tree, exp.Update)
+            else ("DELETE", tds.CurCmd.DELETE)
+        )
+        target_name = target.name if isinstance(target, exp.Table) else ""
+        writer = self._is_owner(roles) or (
+            "db_datawriter" in roles and "db_denydatawriter" not in roles
+        )
+        for _written, table, system in refs:
+            if system:
+                raise SqlError(259, "Ad hoc updates to system catalogs are not allowed.")
+            if table.lower() == target_name.lower():
+                if not writer:
+                    raise self._denied(action, table)
+            else:
+                self._check_read([(_written, table, system)], roles)
+        cursor = self._run(tree.sql(dialect="sqlite"), params)
+        self._rowcount = cursor.rowcount
+        return StatementDone(curcmd, max(cursor.rowcount, 0))
+
+    def _ddl(self, tree: exp.Expr, params: dict[str, Any]) -> StatementDone:
+        kind = str(tree.args.get("kind") or "").upper()
+        roles = self._roles()
+        allowed = self._is_owner(roles) or "db_ddladmin" in roles
+        if isinstance(tree, exp.Create) and kind == "TABLE":
+            schema = tree.this
+            table = schema.this if isinstance(schema, exp.Schema) else schema
+            name = table.name if isinstance(table, exp.Table) else ""
+            if not allowed:
+                raise SqlError(
+                    262,
+                    f"CREATE TABLE permission denied in database '{self.database.name}'.",
+                    severity=14,
+                )
+            if name.lower() in self._user_tables():
+                raise SqlError(
+                    2714, f"There is already an object named '{name}' in the database.", state=6
+                )
+            tree, _refs = self._rewrite(tree, creating=name)
+            columns = []
+            for column in tree.find_all(exp.ColumnDef):
+                data_type = column.args.get("kind")
+                if not isinstance(data_type, exp.DataType):
+                    continue
+                columns.append((column.name, data_type.sql("tsql")))
+                affinity = _sqlite_affinity(data_type)
+                column.set("kind", exp.DataType.build(affinity))
+                if affinity == "TEXT":
+                    column.append(
+                        "constraints",
+                        exp.ColumnConstraint(
+                            kind=exp.CollateColumnConstraint(this=exp.Var(this="NOCASE"))
+                        ),
+                    )
+            self._run(tree.sql(dialect="sqlite"), params)
+            self.conn.executemany(
+                "INSERT INTO __swi_columns (table_name, ordinal, column_name, type_sql) "
+                "VALUES (?, ?, ?, ?)",
+                [(name, i, c, t) for i, (c, t) in enumerate(columns)],
+            )
+            return StatementDone(tds.CurCmd.CREATE_TABLE, None)
+        if isinstance(tree, exp.Drop) and kind == "TABLE":
+            table = tree.this
+            name = table.name if isinstance(table, exp.Table) else ""
+            exists = name.lower() in self._user_tables()
+            if not allowed or (not exists and not tree.args.get("exists")):
+                written = ".".join(p for p in (table.db, name) if p)
+                raise SqlError(
+                    3701,
+                    f"Cannot drop the table '{written}', "
+                    "because it does not exist or you do not have permission.",
+                    severity=11,
+                    state=5,
+                )
+            if not exists:
+                return StatementDone(tds.CurCmd.DROP_TABLE, None)
+            tree, _refs = self._rewrite(tree)
+            self._run(tree.sql(dialect="sqlite"), params)
+            self.conn.execute("DELETE FROM __swi_columns WHERE table_name = ?", (name,))
+            return StatementDone(tds.CurCmd.DROP_TABLE, None)
+        if not allowed:
+            raise SqlError(
+                262,
+                f"{kind or 'ALTER'} permission denied in database '{self.database.name}'.",
+                severity=14,
+            )
+        tree, _refs = self._rewrite(tree)
+        self._run(tree.sql(dialect="sqlite"), params)
+        return StatementDone(tds.CurCmd.NONE, None)
+
+    def _waitfor(self, statement: Statement) -> StatementDone:
+        cursor = _Tokens(statement.tokens)
+        cursor.expect("WAITFOR")
+        cursor.expect("DELAY")
+        text = cursor.value(TokenType.STRING, TokenType.NATIONAL_STRING)
+        cursor.end()
+        try:
+            clock = dt.time.fromisoformat(text)
+        except ValueError as exc:
+            raise SqlError(148, "Incorrect time syntax in time string used with WAITFOR.") from exc
+        seconds = clock.hour * 3600 + clock.minute * 60 + clock.second + clock.microsecond / 1e6
+        if self._cancel.wait(seconds):
+            raise Cancelled
+        return StatementDone(tds.CurCmd.NONE, None)
+
+    # -- security statements
+
+    def _principal(self, name: str) -> tuple[int, str, str] | None:
+        row = self.conn.execute(
+            "SELECT principal_id, name, type FROM __swi_principals WHERE name = ?", (name,)
+        ).fetchone()
+        return (int(row[0]), str(row[1]), str(row[2])) if row else None
+
+    def _create_user(self, statement: Statement) -> StatementDone:
+        cursor = _Tokens(statement.tokens)
+        cursor.expect("CREATE", "USER")
+        name = cursor.name()
+        object_id: str | None = None
+        sid: bytes | None = None
+        user_type = "E"
+        external = False
+        if cursor.accept("FROM", "EXTERNAL", "PROVIDER"):
+            external = True
+            if cursor.accept("WITH", "OBJECT_ID"):
+                cursor.expect("=")
+                object_id = cursor.value(TokenType.STRING, TokenType.NATIONAL_STRING)
+        elif cursor.accept("WITH", "SID"):
+            cursor.expect("=")
+            sid = bytes.fromhex(cursor.value(TokenType.HEX_STRING))
+            cursor.expect(",")
+            cursor.expect("TYPE")
+            cursor.expect("=")
+            user_type = cursor.name().upper()
+            if user_type not in ("E", "X"):
+                raise syntax_error(user_type)
+        elif (
+            cursor.accept("WITH", "PASSWORD")
+            or cursor.accept("FOR", "LOGIN")
+            or cursor.accept("FROM", "LOGIN")
+        ):
+            raise SqlError(
+                33159,
+                "Only connections established with Active Directory accounts "
+                "can create other Active Directory users.",
+            )
+        else:
+            raise cursor.error()
+        cursor.end()
+        roles = self._roles()
+        if not (self._is_owner(roles) or "db_accessadmin" in roles):
+            raise SqlError(15247, "User does not have permission to perform this action.")
+        if self._principal(name):
+            raise SqlError(
+                15023, f"User, group, or role '{name}' already exists in the current database."
+            )
+        if external:
+            found = self._resolve(name, object_id)
+            sid = uuid.UUID(found.app_id or found.object_id).bytes_le
+            user_type = "X" if found.kind == "group" else "E"
+        assert sid is not None
+        if self.conn.execute("SELECT 1 FROM __swi_principals WHERE sid = ?", (sid,)).fetchone():
+            raise SqlError(15063, "The login already has an account under a different user name.")
+        self.database.insert_user(self.conn, name, sid, user_type)
+        return StatementDone(tds.CurCmd.NONE, None)
+
+    def _resolve(self, name: str, object_id: str | None) -> DirectoryObject:
+        not_found = SqlError(
+            33130, f"Principal '{name}' could not be found or this principal type is not supported."
+        )
+        directory = self.database.directory
+        if directory is None:
+            raise SqlError(
+                33134,
+                f"Principal '{name}' could not be resolved: this server has no "
+                "identity that can read the directory.",
+            )
+        try:
+            if object_id:
+                try:
+                    uuid.UUID(object_id)
+                except ValueError as exc:
+                    raise not_found from exc
+                found = directory.find_by_object_id(object_id)
+                if found is None:
+                    raise not_found
+                return found
+            matches = directory.find_by_name(name)
+        except DirectoryUnavailable as exc:
+            raise SqlError(
+                33134,
+                f"Principal '{name}' could not be resolved: the server identity "
+                f"could not read the directory ({exc}).",
+            ) from exc
+        if not matches:
+            raise not_found
+        if len(matches) > 1:
+            raise SqlError(
+                33131,
+                f"Principal '{name}' has a duplicate display name. Make the "
+                "display name unique in Azure Active Directory and execute this "
+                "statement again.",
+            )
+        return matches[0]
+
+    def _drop_user(self, statement: Statement) -> StatementDone:
+        cursor = _Tokens(statement.tokens)
+        cursor.expect("DROP", "USER")
+        if_exists = cursor.accept("IF", "EXISTS")
+        name = cursor.name()
+        cursor.end()
+        found = self._principal(name)
+        if found is None and if_exists:
+            return StatementDone(tds.CurCmd.NONE, None)
+        roles = self._roles()
+        allowed = self._is_owner(roles) or "db_accessadmin" in roles
+        if found is None or not allowed or found[2] == "R":
+            raise SqlError(
+                15151,
+                f"Cannot drop the user '{name}', because it does not exist or "
+                "you do not have permission.",
+            )
+        if found[0] < FIRST_USER_ID:
+            raise SqlError(15150, f"Cannot drop the user '{found[1]}'.")
+        self.conn.execute(
+            "DELETE FROM __swi_role_members WHERE member_principal_id = ?", (found[0],)
+        )
+        self.conn.execute("DELETE FROM __swi_principals WHERE principal_id = ?", (found[0],))
+        return StatementDone(tds.CurCmd.NONE, None)
+
+    def _alter_role(self, statement: Statement) -> StatementDone:
+        cursor = _Tokens(statement.tokens)
+        cursor.expect("ALTER", "ROLE")
+        role_name = cursor.name()
+        if cursor.accept("ADD", "MEMBER"):
+            adding = True
+        elif cursor.accept("DROP", "MEMBER"):
+            adding = False
+        else:
+            raise cursor.error()
+        member = cursor.name()
+        cursor.end()
+        role = self._principal(role_name)
+        if role is None or role[2] != "R" or not self._is_owner(self._roles()):
+            raise SqlError(
+                15151,
+                f"Cannot alter the role '{role_name}', because it does not "
+                "exist or you do not have permission.",
+            )
+        found = self._principal(member)
+        if found is None:
+            verb = "add" if adding else "drop"
+            raise SqlError(
+                15151,
+                f"Cannot {verb} the principal '{member}', because it does not "
+                "exist or you do not have permission.",
+            )
+        if found[0] == DBO_ID:
+            raise SqlError(15405, "Cannot use the special principal 'dbo'.", severity=11)
+        if adding:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO __swi_role_members VALUES (?, ?)", (role[0], found[0])
+            )
+        else:
+            self.conn.execute(
+                "DELETE FROM __swi_role_members WHERE role_principal_id = ? AND "
+                "member_principal_id = ?",
+                (role[0], found[0]),
+            )
+        return StatementDone(tds.CurCmd.NONE, None)
+
+
+def bind(names: Sequence[str], values: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Parameter values by name: named RPC parameters keep their name, others go by position."""
+    out: dict[str, Any] = {}
+    for index, (name, value) in enumerate(values):
+        key = (
+            name.lstrip("@") if name else (names[index] if index < len(names) else f"P{index + 1}")
+        )
+        out[key] = value
+    return out
+
+
+# --- databases -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SeedUser:
+    name: str
+    sid: bytes
+    roles: list[str] = field(default_factory=list)
+
+
+class Database:
+    """One emulated database: its SQLite file, catalog and login mapping."""
+
+    def __init__(
+        self, server: str, name: str, path: Path, *, tenant: str, directory: Directory | None = None
+    ) -> None:
+        self.server = server
+        self.name = name
+        self.path = path
+        self.tenant = tenant
+        self.directory = directory
+
+    def login_name(self, user: DbUser) -> str:
+        return user.name
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def create(self, seed_sql: str, users: Sequence[SeedUser]) -> None:
+        """Create the file with catalog, seed data and contained users (first start only)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        final = self.path
+        self.path = partial
+        try:
+            conn = sqlite3.connect(partial, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_CATALOG_DDL)
+            now = _now()
+            conn.execute(
+                "INSERT INTO __swi_principals VALUES (0, 'public', 'R', 'DATABASE_ROLE', "
+                "NULL, ?, ?, 1, NULL, 0, 0, 'NONE')",
+                (now, now),
+            )
+            for special, principal_id in SPECIAL_USERS.items():
+                conn.execute(
+                    "INSERT INTO __swi_principals VALUES (?, ?, 'S', 'SQL_USER', ?, ?, ?, NULL, "
+                    "?, 0, ?, ?)",
+                    (
+                        principal_id,
+                        special,
+                        "dbo" if principal_id < 3 else None,
+                        now,
+                        now,
+                        b"\x01" if principal_id == DBO_ID else None,
+                        1 if principal_id == DBO_ID else 0,
+                        "INSTANCE" if principal_id == DBO_ID else "NONE",
+                    ),
+                )
+            for role, principal_id in FIXED_ROLES.items():
+                conn.execute(
+                    "INSERT INTO __swi_principals VALUES (?, ?, 'R', 'DATABASE_ROLE', "
+                    "NULL, ?, ?, 1, ?, 1, 0, 'NONE')",
+                    (principal_id, role, now, now, principal_id.to_bytes(4, "little")),
+                )
+            conn.execute(
+                "INSERT INTO __swi_role_members VALUES (?, ?)", (FIXED_ROLES["db_owner"], DBO_ID)
+            )
+            conn.close()
+            admin = Session(self, DbUser(DBO_ID, "dbo", True))
+            try:
+                admin.execute(seed_sql)
+                for user in users:
+                    self.insert_user(admin.conn, user.name, user.sid, "E")
+                    for role in user.roles:
+                        admin.execute(f"ALTER ROLE [{role}] ADD MEMBER {quote_name(user.name)}")
+            finally:
+                admin.close()
+            partial.replace(final)
+            for suffix in ("-wal", "-shm"):
+                Path(str(partial) + suffix).unlink(missing_ok=True)
+        finally:
+            self.path = final
+
+    def insert_user(self, conn: sqlite3.Connection, name: str, sid: bytes, user_type: str) -> None:
+        row = conn.execute(
+            "SELECT MAX(principal_id) FROM __swi_principals WHERE principal_id < 16384"
+        ).fetchone()
+        principal_id = max(int(row[0] or 0) + 1, FIRST_USER_ID)
+        now = _now()
+        type_desc = "EXTERNAL_GROUP" if user_type == "X" else "EXTERNAL_USER"
+        conn.execute(
+            "INSERT INTO __swi_principals VALUES (?, ?, ?, ?, 'dbo', ?, ?, NULL, ?, 0, "
+            "4, 'EXTERNAL')",
+            (principal_id, name, user_type, type_desc, now, now, sid),
+        )
+
+    def find_user(self, principal: TokenPrincipal) -> DbUser:
+        """The contained user a token maps to; LoginRefused (18456) when there is none."""
+        conn = sqlite3.connect(self.path, timeout=5.0)
+        try:
+            row = conn.execute(
+                "SELECT principal_id, name FROM __swi_principals WHERE sid = ? AND type IN "
+                "('E', 'X')",
+                (principal.sid,),
+            ).fetchone()
+        finally:
+            conn.close()
+        if row is None:
+            raise LoginRefused(LOGIN_FAILED, state=1)
+        return DbUser(int(row[0]), str(row[1]), False)
+
+    def open(self, user: DbUser) -> Session:
+        return Session(self, user)
+
+    def principals(self) -> Iterator[tuple[str, str, list[str]]]:
+        """(name, type, roles) of every external user: for the admin endpoint and tests."""
+        conn = sqlite3.connect(self.path, timeout=5.0)
+        try:
+            rows = conn.execute(
+                "SELECT p.name, p.type, group_concat(r.name) FROM __swi_principals p "
+                "LEFT JOIN __swi_role_members m ON m.member_principal_id = p.principal_id "
+                "LEFT JOIN __swi_principals r ON r.principal_id = m.role_principal_id "
+                "WHERE p.type IN ('E', 'X') GROUP BY p.principal_id ORDER BY p.name"
+            ).fetchall()
+        finally:
+            conn.close()
+        for name, user_type, roles in rows:
+            yield str(name), str(user_type), sorted(str(roles).split(",")) if roles else []
+
+
+def quote_name(name: str) -> str:
+    """QUOTENAME(): bracket an identifier, doubling any closing bracket."""
+    return "[" + name.replace("]", "]]") + "]"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="milliseconds")
