@@ -19,6 +19,7 @@ import asyncio
 import enum
 import ipaddress
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -169,7 +170,8 @@ class Router:
                     f"Injected by the sandbox: {failure.status} for route {route.name}.",
                 )
                 if failure.retry_after is not None:
-                    response.headers["Retry-After"] = f"{failure.retry_after:g}"
+                    # HTTP allows whole seconds only (kiota ignores anything else).
+                    response.headers["Retry-After"] = str(math.ceil(failure.retry_after))
                 return response, True
         try:
             return await route.handler(request, params), False
