@@ -10,42 +10,30 @@ until those also run against the sandbox control plane.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 
 import pytest
 from entra_harness import (
     WORLD_FILE,
-    AdminClient,
     EntraService,
     OidcIssuer,
     start_emulator,
     stop_emulator,
 )
 
-from sandbox.entra.state import load_world
-
 
 @pytest.fixture(scope="session")
 def entra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EntraService]:
     state_dir = tmp_path_factory.mktemp("entra")
     process, _ = start_emulator(state_dir, "--world", str(WORLD_FILE), "--port", "0")
-    info = json.loads((state_dir / "entra.json").read_text())
     trust = {
         "REQUESTS_CA_BUNDLE": str(state_dir / "ca.crt"),
         "SSL_CERT_FILE": str(state_dir / "ca.crt"),
     }
     saved = {name: os.environ.get(name) for name in trust}
     os.environ.update(trust)
-    service = EntraService(
-        state_dir=state_dir,
-        url=info["url"],
-        env=info["env"],
-        world=load_world(WORLD_FILE),
-        admin=AdminClient(info["url"], state_dir / "ca.crt"),
-        process=process,
-    )
+    service = EntraService.attach(state_dir, process)
     try:
         yield service
     finally:

@@ -32,7 +32,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sandbox.entra.ctl import AdminClient
-from sandbox.entra.state import Principal, World
+from sandbox.entra.state import Principal, World, load_world
 from sandbox.pki import ensure_ca
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +50,19 @@ class EntraService:
     world: World
     admin: AdminClient
     process: subprocess.Popen[str]
+
+    @classmethod
+    def attach(cls, state_dir: Path, process: subprocess.Popen[str]) -> EntraService:
+        """Describe an emulator started in ``state_dir`` from its ``entra.json``."""
+        info = json.loads((state_dir / "entra.json").read_text())
+        return cls(
+            state_dir=state_dir,
+            url=info["url"],
+            env=info["env"],
+            world=load_world(WORLD_FILE),
+            admin=AdminClient(info["url"], state_dir / "ca.crt"),
+            process=process,
+        )
 
     @property
     def ca(self) -> Path:

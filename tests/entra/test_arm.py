@@ -1,0 +1,266 @@
+"""ARM managed identities and their federated credentials through azure-mgmt-msi."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.identity import ClientSecretCredential, WorkloadIdentityCredential
+from azure.mgmt.msi import ManagedServiceIdentityClient
+from azure.mgmt.msi.models import FederatedIdentityCredential
+from entra_harness import EntraService, OidcIssuer
+
+OPERATOR = "sql-workload-identity-operator"  # writer of customer-api-identity only
+ADMIN = "sandbox-admin"  # writer of both identities
+IDENTITY = "customer-api-identity"
+OTHER_IDENTITY = "finance-identity"
+AUDIENCE = "api://AzureADTokenExchange"
+
+ArmFactory = Callable[[str], ManagedServiceIdentityClient]
+
+
+@pytest.fixture
+def arm_as(entra: EntraService) -> ArmFactory:
+    def build(app: str) -> ManagedServiceIdentityClient:
+        principal = entra.principal(app)
+        credential = ClientSecretCredential(
+            entra.tenant_id,
+            principal.client_id,
+            principal.secrets[0],
+            authority=entra.url,
+            disable_instance_discovery=True,
+        )
+        return ManagedServiceIdentityClient(
+            credential,
+            entra.subscription_id,
+            base_url=entra.env["SANDBOX_ARM_URL"],
+            credential_scopes=["https://management.azure.com/.default"],
+        )
+
+    return build
+
+
+def _rg(entra: EntraService) -> str:
+    return entra.principal(IDENTITY).resource_group or ""
+
+
+def _fic(
+    subject: str, issuer: str = "https://issuer.example/cluster-a"
+) -> FederatedIdentityCredential:
+    return FederatedIdentityCredential(issuer=issuer, subject=subject, audiences=[AUDIENCE])
+
+
+def _error_code(exc: HttpResponseError) -> str | None:
+    return exc.error.code if exc.error is not None else None
+
+
+def test_identity_and_credential_lifecycle(entra: EntraService, arm_as: ArmFactory) -> None:
+    arm = arm_as(OPERATOR)
+    rg = _rg(entra)
+    expected = entra.principal(IDENTITY)
+    identity = arm.user_assigned_identities.get(rg, IDENTITY)
+    assert (identity.client_id, identity.principal_id, identity.tenant_id) == (
+        expected.client_id,
+        expected.sp_object_id,
+        entra.tenant_id,
+    )
+    # Only the identities the caller has a role on are listed.
+    assert [i.name for i in arm.user_assigned_identities.list_by_resource_group(rg)] == [IDENTITY]
+
+    fics = arm.federated_identity_credentials
+    created = fics.create_or_update(rg, IDENTITY, "cluster-a", _fic("sa:a"))
+    assert created.name == "cluster-a" and created.audiences == [AUDIENCE]
+    assert created.id is not None and created.id.endswith("/federatedIdentityCredentials/cluster-a")
+    for name in ("cluster-b", "cluster-c"):
+        fics.create_or_update(rg, IDENTITY, name, _fic(f"sa:{name}"))
+    # Paged with $top: the SDK follows nextLink.
+    assert sorted(c.name for c in fics.list(rg, IDENTITY, top=2)) == [
+        "cluster-a",
+        "cluster-b",
+        "cluster-c",
+    ]
+    updated = fics.create_or_update(rg, IDENTITY, "cluster-a", _fic("sa:a2"))
+    assert fics.get(rg, IDENTITY, "cluster-a").subject == updated.subject == "sa:a2"
+
+    fics.delete(rg, IDENTITY, "cluster-a")
+    fics.delete(rg, IDENTITY, "cluster-a")  # deleting what is gone is fine (204)
+    with pytest.raises(ResourceNotFoundError):
+        fics.get(rg, IDENTITY, "cluster-a")
+    statuses = [(r["method"], r["status"]) for r in entra.admin.requests("arm.fic.*")["log"]]
+    assert statuses.count(("PUT", 201)) == 3 and ("PUT", 200) in statuses
+    assert [s for s in statuses if s[0] == "DELETE"] == [("DELETE", 200), ("DELETE", 204)]
+
+
+def test_missing_identity_is_404(entra: EntraService, arm_as: ArmFactory) -> None:
+    with pytest.raises(ResourceNotFoundError) as missing:
+        arm_as(ADMIN).federated_identity_credentials.create_or_update(
+            _rg(entra), "no-such-identity", "cluster-a", _fic("sa:a")
+        )
+    assert _error_code(missing.value) == "ResourceNotFound"
+
+
+def test_no_role_is_403_authorization_failed(entra: EntraService, arm_as: ArmFactory) -> None:
+    with pytest.raises(HttpResponseError) as denied:
+        arm_as(OPERATOR).federated_identity_credentials.create_or_update(
+            _rg(entra), OTHER_IDENTITY, "cluster-a", _fic("sa:a")
+        )
+    assert denied.value.status_code == 403
+    assert _error_code(denied.value) == "AuthorizationFailed"
+    assert "federatedIdentityCredentials/write" in str(denied.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "message"),
+    [
+        ("-bad", _fic("sa:x"), "Federated Identity Credential name '-bad' is invalid."),
+        (
+            "two-audiences",
+            FederatedIdentityCredential(
+                issuer="https://i.example", subject="s", audiences=["a", "b"]
+            ),
+            "Federated identity credentials must have exactly one audience.",
+        ),
+        ("duplicate", _fic("sa:first"), "Issuer and subject combination already exists"),
+    ],
+)
+def test_invalid_writes_are_400(
+    entra: EntraService,
+    arm_as: ArmFactory,
+    name: str,
+    body: FederatedIdentityCredential,
+    message: str,
+) -> None:
+    fics = arm_as(OPERATOR).federated_identity_credentials
+    fics.create_or_update(_rg(entra), IDENTITY, "first", _fic("sa:first"))
+    with pytest.raises(HttpResponseError) as invalid:
+        fics.create_or_update(_rg(entra), IDENTITY, name, body)
+    assert invalid.value.status_code == 400
+    assert message in str(invalid.value)
+
+
+def test_twenty_first_credential_is_refused(entra: EntraService, arm_as: ArmFactory) -> None:
+    fics = arm_as(OPERATOR).federated_identity_credentials
+    for n in range(20):
+        fics.create_or_update(_rg(entra), IDENTITY, f"fic-{n}", _fic(f"sa:{n}"))
+    with pytest.raises(HttpResponseError) as limit:
+        fics.create_or_update(_rg(entra), IDENTITY, "fic-20", _fic("sa:20"))
+    assert limit.value.status_code == 400
+    assert "maximum of 20" in str(limit.value)
+
+
+def test_concurrent_writes_on_one_identity_conflict(
+    entra: EntraService, arm_as: ArmFactory
+) -> None:
+    entra.admin.controls(armWriteSeconds=0.5)
+    clients = [arm_as(ADMIN), arm_as(ADMIN)]
+    for client in clients:  # tokens first, so that the two PUTs really overlap
+        client.user_assigned_identities.get(_rg(entra), IDENTITY)
+
+    def write(n: int) -> str:
+        try:
+            clients[n].federated_identity_credentials.create_or_update(
+                _rg(entra), IDENTITY, f"parallel-{n}", _fic(f"sa:{n}")
+            )
+        except ResourceExistsError as exc:
+            return f"409 {_error_code(exc)}"
+        return "ok"
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(write, range(2)))
+    assert outcomes == [
+        "409 ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity",
+        "ok",
+    ]
+
+
+def test_concurrent_writes_on_different_identities_succeed(
+    entra: EntraService, arm_as: ArmFactory
+) -> None:
+    entra.admin.controls(armWriteSeconds=0.5)
+    clients = [arm_as(ADMIN), arm_as(ADMIN)]
+    identities = [IDENTITY, OTHER_IDENTITY]
+    for client, identity in zip(clients, identities, strict=True):
+        client.user_assigned_identities.get(_rg(entra), identity)
+
+    def write(n: int) -> str:
+        result = clients[n].federated_identity_credentials.create_or_update(
+            _rg(entra), identities[n], "parallel", _fic("sa:parallel")
+        )
+        return str(result.name)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(write, range(2))) == ["parallel", "parallel"]
+    assert time.monotonic() - started < 0.95  # the two writes overlapped
+
+
+def test_api_version_and_token_are_required(entra: EntraService) -> None:
+    rg = _rg(entra)
+    url = (
+        f"{entra.env['SANDBOX_ARM_URL']}/subscriptions/{entra.subscription_id}/resourceGroups/{rg}"
+        f"/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{IDENTITY}"
+    )
+    token = entra.token(ADMIN, "https://management.azure.com/")
+    headers = {"Authorization": f"Bearer {token}"}
+    missing = requests.get(url, headers=headers, timeout=10)
+    assert (missing.status_code, missing.json()["error"]["code"]) == (
+        400,
+        "MissingApiVersionParameter",
+    )
+    wrong = requests.get(url, params={"api-version": "2001-01-01"}, headers=headers, timeout=10)
+    assert wrong.json()["error"]["code"] == "InvalidApiVersionParameter"
+    anonymous = requests.get(url, params={"api-version": "2024-11-30"}, timeout=10)
+    assert (anonymous.status_code, anonymous.json()["error"]["code"]) == (
+        401,
+        "AuthenticationFailed",
+    )
+    graph_token = entra.token(ADMIN, "https://graph.microsoft.com")
+    wrong_audience = requests.get(
+        url,
+        params={"api-version": "2024-11-30"},
+        headers={"Authorization": f"Bearer {graph_token}"},
+        timeout=10,
+    )
+    assert wrong_audience.status_code == 401
+    ok = requests.get(url, params={"api-version": "2023-01-31"}, headers=headers, timeout=10)
+    assert ok.status_code == 200 and ok.json()["properties"]["clientId"]
+
+
+def test_managed_identity_signs_in_with_its_federated_credential(
+    entra: EntraService, arm_as: ArmFactory, fresh_issuer: OidcIssuer, tmp_path: Path
+) -> None:
+    subject = "system:serviceaccount:workload-demo:customer-reader"
+    arm_as(OPERATOR).federated_identity_credentials.create_or_update(
+        _rg(entra), IDENTITY, "cluster-a", _fic(subject, issuer=fresh_issuer.url)
+    )
+    token_file = tmp_path / "token"
+    token_file.write_text(fresh_issuer.mint(subject))
+    identity = entra.principal(IDENTITY)
+    credential = WorkloadIdentityCredential(
+        tenant_id=entra.tenant_id,
+        client_id=identity.client_id,
+        token_file_path=str(token_file),
+        authority=entra.url,
+    )
+    claims = jwt.decode(
+        credential.get_token("https://database.windows.net/.default").token,
+        options={"verify_signature": False},
+    )
+    assert (claims["oid"], claims["appid"]) == (identity.sp_object_id, identity.client_id)
+
+
+def test_429_retry_after_is_honoured(entra: EntraService, arm_as: ArmFactory) -> None:
+    arm = arm_as(OPERATOR)
+    arm.user_assigned_identities.get(_rg(entra), IDENTITY)
+    entra.admin.fail("arm.fic.put", status=429, count=1, retry_after=1)
+    started = time.monotonic()
+    arm.federated_identity_credentials.create_or_update(_rg(entra), IDENTITY, "x-1", _fic("sa:x"))
+    assert time.monotonic() - started >= 1.0
+    log = entra.admin.requests("arm.fic.put")["log"]
+    assert [(r["status"], r["injected"]) for r in log] == [(429, True), (201, False)]
