@@ -12,6 +12,8 @@ Endpoints (JSON in, JSON out; ``python -m sandbox.entra ctl`` wraps each one):
 - ``POST /_sandbox/latency``    ``{"route": "graph.*", "seconds": 0.2}`` (0 removes)
 - ``POST /_sandbox/failures``   ``{"route": "login.token", "status": 429, "count": 2,
   "retryAfter": 1}`` -> the next ``count`` matching calls get ``status``
+- ``POST /_sandbox/ratelimits`` ``{"route": "arm.fic.put", "rate": 0.25, "burst": 1,
+  "perTarget": true}`` -> calls over the token bucket get 429 with ``Retry-After`` (rate 0 removes)
 - ``GET  /_sandbox/requests[?route=PATTERN]``    -> ``{"counts": {...}, "log": [...]}``
 - ``DELETE /_sandbox/requests``                  -> clears the log and counts
 - ``GET  /_sandbox/state``                       -> federated credentials per principal
@@ -63,6 +65,7 @@ class AdminService:
             ("POST", "controls", "controls", self.set_controls),
             ("POST", "latency", "latency", self.latency),
             ("POST", "failures", "failures", self.failures),
+            ("POST", "ratelimits", "ratelimits", self.rate_limits),
             ("GET", "requests", "requests", self.requests),
             ("DELETE", "requests", "requests", self.clear_requests),
             ("GET", "state", "state", self.state),
@@ -121,6 +124,16 @@ class AdminService:
         retry_after = body.get("retryAfter")
         self.controls.fail_next(
             route, status, count, None if retry_after is None else _number(body, "retryAfter")
+        )
+        return self.controls.to_json()
+
+    async def rate_limits(self, request: web.Request, body: dict[str, Any]) -> Any:
+        route = body.get("route")
+        if not isinstance(route, str) or not route:
+            raise AdminError("'route' is required")
+        rate = _number(body, "rate")
+        self.controls.set_rate_limit(
+            route, rate, _number(body, "burst", 1), bool(body.get("perTarget", True))
         )
         return self.controls.to_json()
 

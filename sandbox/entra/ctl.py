@@ -82,6 +82,12 @@ class AdminClient:
             body["retryAfter"] = retry_after
         return self.call("POST", "failures", body)
 
+    def rate_limit(
+        self, route: str, rate: float, burst: float = 1, *, per_target: bool = True
+    ) -> Any:
+        body = {"route": route, "rate": rate, "burst": burst, "perTarget": per_target}
+        return self.call("POST", "ratelimits", body)
+
     def requests(self, route: str = "*") -> Any:
         return self.call("GET", f"requests?route={urllib.parse.quote(route)}")
 
@@ -98,6 +104,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fail.add_argument("--status", type=int, default=429)
     fail.add_argument("--count", type=int, default=1)
     fail.add_argument("--retry-after", type=float, default=None)
+    limit = sub.add_parser(
+        "ratelimit", help="token-bucket limit on routes matching a pattern (rate 0 removes)"
+    )
+    limit.add_argument("route")
+    limit.add_argument("rate", type=float, help="calls per second")
+    limit.add_argument("--burst", type=float, default=1)
+    limit.add_argument(
+        "--global",
+        dest="per_target",
+        action="store_false",
+        help="one bucket for all targets instead of one per identity or app",
+    )
     propagation = sub.add_parser(
         "propagation", help="seconds before a new federated credential is accepted (AADSTS70021)"
     )
@@ -123,6 +141,8 @@ def run(args: argparse.Namespace) -> Any:
         return client.latency(args.route, args.seconds)
     if command == "fail":
         return client.fail(args.route, args.status, args.count, args.retry_after)
+    if command == "ratelimit":
+        return client.rate_limit(args.route, args.rate, args.burst, per_target=args.per_target)
     if command == "propagation":
         return client.controls(propagationSeconds=args.seconds)
     if command == "clock":

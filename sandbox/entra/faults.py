@@ -52,6 +52,40 @@ class InjectedFailure:
 
 
 @dataclass
+class RateLimit:
+    """A token bucket per target (or one for all): ``rate`` calls/s refilled, ``burst`` deep.
+
+    Models Azure's write quotas: e.g. ``arm.fic.put`` at 0.25/s per managed identity, or
+    ``graph.fic.*`` at 20/s per app (shared/docs/scale.md).
+    """
+
+    route: str
+    rate: float
+    burst: float
+    per_target: bool = True
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+
+    def take(self, target: str, now: float) -> float:
+        """Take one token; returns 0 if granted, else the seconds until one is available."""
+        key = target.lower() if self.per_target else ""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "rate": self.rate,
+            "burst": self.burst,
+            "perTarget": self.per_target,
+        }
+
+
+@dataclass
 class RequestRecord:
     at: float
     route: str
@@ -82,6 +116,7 @@ class Controls:
     settings: Settings = field(default_factory=Settings)
     latency: dict[str, float] = field(default_factory=dict)  # route pattern -> seconds
     failures: list[InjectedFailure] = field(default_factory=list)
+    rate_limits: list[RateLimit] = field(default_factory=list)
     log: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=_LOG_SIZE))
     counts: Counter[str] = field(default_factory=Counter)
 
@@ -90,6 +125,7 @@ class Controls:
         self.settings = Settings()
         self.latency.clear()
         self.failures.clear()
+        self.rate_limits.clear()
         self.clear_log()
 
     def clear_log(self) -> None:
@@ -107,8 +143,18 @@ class Controls:
     ) -> None:
         self.failures.append(InjectedFailure(route, status, count, retry_after))
 
-    def before(self, route: str) -> tuple[float, InjectedFailure | None]:
-        """The delay to apply and the failure to inject (consuming one of its calls), if any."""
+    def set_rate_limit(self, route: str, rate: float, burst: float, per_target: bool) -> None:
+        self.rate_limits = [r for r in self.rate_limits if r.route != route]
+        if rate > 0:
+            self.rate_limits.append(RateLimit(route, rate, max(burst, 1.0), per_target))
+
+    def before(self, route: str, target: str) -> tuple[float, InjectedFailure | None]:
+        """The delay to apply and the failure to inject, if any.
+
+        An injected failure consumes one of its calls; otherwise a rate limit over quota turns
+        into a 429 whose ``Retry-After`` is the wait for the next token. ``target`` is the object
+        the call addresses (a managed identity or an application), the unit of Azure's quotas.
+        """
         delay = sum(s for pattern, s in self.latency.items() if fnmatch.fnmatchcase(route, pattern))
         for failure in self.failures:
             if failure.remaining > 0 and fnmatch.fnmatchcase(route, failure.route):
@@ -116,6 +162,12 @@ class Controls:
                 if failure.remaining == 0:
                     self.failures.remove(failure)
                 return delay, failure
+        now = time.monotonic()
+        for limit in self.rate_limits:
+            if fnmatch.fnmatchcase(route, limit.route):
+                wait = limit.take(target, now)
+                if wait > 0:
+                    return delay, InjectedFailure(route, 429, 0, wait)
         return delay, None
 
     def record(self, record: RequestRecord) -> None:
@@ -128,4 +180,5 @@ class Controls:
             **self.settings.to_json(),
             "latency": dict(self.latency),
             "failures": [asdict(f) for f in self.failures],
+            "rateLimits": [r.to_json() for r in self.rate_limits],
         }

@@ -157,7 +157,8 @@ class Router:
         self, route: Route, request: web.Request, params: PathParams
     ) -> tuple[web.StreamResponse, bool]:
         if route.surface is not Surface.ADMIN:
-            delay, failure = self.controls.before(route.name)
+            target = params.get("name") or params.get("oid") or params.get("appid") or ""
+            delay, failure = self.controls.before(route.name, target)
             if delay > 0:
                 await asyncio.sleep(delay)
             if failure is not None:

@@ -264,3 +264,34 @@ def test_429_retry_after_is_honoured(entra: EntraService, arm_as: ArmFactory) ->
     assert time.monotonic() - started >= 1.0
     log = entra.admin.requests("arm.fic.put")["log"]
     assert [(r["status"], r["injected"]) for r in log] == [(429, True), (201, False)]
+
+
+def test_rate_limit_per_identity(entra: EntraService) -> None:
+    """Azure's 0.25 writes/s per identity, scaled up: the second write within the window is 429."""
+    entra.admin.rate_limit("arm.fic.put", rate=0.5, burst=1)
+    token = entra.token(ADMIN, "https://management.azure.com/")
+    base = (
+        f"{entra.env['SANDBOX_ARM_URL']}/subscriptions/{entra.subscription_id}/resourceGroups/"
+        f"{_rg(entra)}/providers/Microsoft.ManagedIdentity/userAssignedIdentities"
+    )
+
+    def put(identity: str, name: str) -> requests.Response:
+        return requests.put(
+            f"{base}/{identity}/federatedIdentityCredentials/{name}",
+            params={"api-version": "2024-11-30"},
+            json={
+                "properties": {
+                    "issuer": "https://i.example",
+                    "subject": name,
+                    "audiences": [AUDIENCE],
+                }
+            },
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+
+    assert put(IDENTITY, "one").status_code == 201
+    limited = put(IDENTITY, "two")
+    assert (limited.status_code, limited.headers["Retry-After"]) == (429, "2")
+    assert limited.json()["error"]["code"] == "TooManyRequests"
+    assert put(OTHER_IDENTITY, "one").status_code == 201  # another identity, another bucket

@@ -121,6 +121,7 @@ def test_ctl_cli(entra: EntraService) -> None:
         "armWriteSeconds": 0.0,
         "latency": {},
         "failures": [],
+        "rateLimits": [],
     }
 
 
