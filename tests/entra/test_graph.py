@@ -21,13 +21,14 @@ from kiota_abstractions.base_request_configuration import RequestConfiguration
 from kiota_authentication_azure.azure_identity_authentication_provider import (
     AzureIdentityAuthenticationProvider,
 )
-from msgraph import GraphRequestAdapter, GraphServiceClient
 from msgraph.generated.models.federated_identity_credential import FederatedIdentityCredential
 from msgraph.generated.models.o_data_errors.o_data_error import ODataError
 from msgraph.generated.service_principals.service_principals_request_builder import (
     ServicePrincipalsRequestBuilder,
 )
-from msgraph_core import GraphClientFactory
+from msgraph.graph_request_adapter import GraphRequestAdapter
+from msgraph.graph_service_client import GraphServiceClient
+from msgraph_core import GraphClientFactory  # type: ignore[import-untyped]
 
 OPERATOR = "sql-workload-identity-operator"  # Application.ReadWrite.OwnedBy, owns customer-api
 APP = "customer-api"
@@ -67,7 +68,9 @@ async def graph_as(entra: EntraService) -> AsyncIterator[GraphFactory]:
         yield build
 
 
-def _credential(name: str, subject: str, issuer: str = "https://issuer.example/cluster-a"):  # type: ignore[no-untyped-def]
+def _credential(
+    name: str, subject: str, issuer: str = "https://issuer.example/cluster-a"
+) -> FederatedIdentityCredential:
     return FederatedIdentityCredential(
         name=name, issuer=issuer, subject=subject, audiences=[AUDIENCE], description="test"
     )
