@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -32,7 +33,7 @@ from aiohttp import web
 
 from sandbox.entra.faults import Controls
 from sandbox.entra.oidc import IssuerKeys
-from sandbox.entra.routing import PathParams, Router, Surface
+from sandbox.entra.routing import Handler, PathParams, Router, Surface
 from sandbox.entra.state import Directory
 
 
@@ -74,7 +75,7 @@ class AdminService:
             router.add(a, method, rf"/_sandbox/{path}", f"admin.{name}", self._wrap(handler))
 
     @staticmethod
-    def _wrap(handler: Any) -> Any:
+    def _wrap(handler: Callable[[web.Request, dict[str, Any]], Awaitable[Any]]) -> Handler:
         async def run(request: web.Request, _: PathParams) -> web.StreamResponse:
             try:
                 body: dict[str, Any] = {}

@@ -15,14 +15,16 @@ but worded as the managed identity resource provider words it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from sandbox.entra.faults import Controls
-from sandbox.entra.routing import PathParams, Router, Surface, base_url
+from sandbox.entra.routing import Handler, PathParams, Router, Surface, base_url
 from sandbox.entra.state import (
     MAX_CREDENTIALS,
     MAX_FIELD_LENGTH,
@@ -32,7 +34,14 @@ from sandbox.entra.state import (
     Principal,
     check_credential,
 )
-from sandbox.entra.tokens import ARM_AUDIENCES, AuthError, Caller, SigningKey, authenticate
+from sandbox.entra.tokens import (
+    ARM_AUDIENCES,
+    AuthError,
+    Caller,
+    CallerHandler,
+    SigningKey,
+    authenticate,
+)
 
 IDENTITY_API_VERSIONS = frozenset(
     {
@@ -146,7 +155,7 @@ class ArmService:
             a, "DELETE", _CREDENTIAL, "arm.fic.delete", self._wrap(self.delete_credential, creds)
         )
 
-    def _wrap(self, handler: Any, versions: frozenset[str]) -> Any:
+    def _wrap(self, handler: CallerHandler, versions: frozenset[str]) -> Handler:
         async def run(request: web.Request, params: PathParams) -> web.StreamResponse:
             try:
                 self._check_api_version(request, versions)
@@ -294,8 +303,9 @@ class ArmService:
             )
         return web.json_response(_credential_json(params["sub"], identity, credential))
 
-    async def _exclusive_write(self, identity: Principal) -> None:
-        """Claim the identity's write slot (409 if taken) and take the configured write time."""
+    @contextlib.asynccontextmanager
+    async def _write_slot(self, identity: Principal) -> AsyncIterator[None]:
+        """Hold the identity's only write slot (409 if taken) for the configured write time."""
         if identity.client_id in self._writing:
             raise ArmError(
                 409,
@@ -305,13 +315,13 @@ class ArmService:
                 "under the same managed identity are not supported.",
             )
         self._writing.add(identity.client_id)
-        delay = self.controls.settings.arm_write_seconds
-        if delay > 0:
-            try:
+        try:
+            delay = self.controls.settings.arm_write_seconds
+            if delay > 0:
                 await asyncio.sleep(delay)
-            except BaseException:
-                self._writing.discard(identity.client_id)
-                raise
+            yield
+        finally:
+            self._writing.discard(identity.client_id)
 
     async def put_credential(
         self, request: web.Request, params: PathParams, caller: Caller
@@ -332,16 +342,13 @@ class ArmService:
         audiences = [str(a) for a in audiences]
         issuer, subject = str(properties.get("issuer") or ""), str(properties.get("subject") or "")
         name = params["fic"]
-        await self._exclusive_write(identity)
-        try:
+        async with self._write_slot(identity):
             problem = check_credential(identity, name, issuer, subject, audiences)
             if problem is not None:
                 raise ArmError(400, "BadRequest", _CREDENTIAL_ERRORS[problem].format(name=name))
             credential, created = self.directory.put_credential(
                 identity, name, issuer, subject, audiences, None, self.controls.clock.real()
             )
-        finally:
-            self._writing.discard(identity.client_id)
         return web.json_response(
             _credential_json(params["sub"], identity, credential), status=201 if created else 200
         )
@@ -350,9 +357,6 @@ class ArmService:
         self, request: web.Request, params: PathParams, caller: Caller
     ) -> web.StreamResponse:
         identity = self._identity(caller, params, f"{CREDENTIAL_TYPE}/delete")
-        await self._exclusive_write(identity)
-        try:
+        async with self._write_slot(identity):
             removed = self.directory.delete_credential(identity, params["fic"])
-        finally:
-            self._writing.discard(identity.client_id)
         return web.Response(status=200 if removed else 204)

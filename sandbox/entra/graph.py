@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox.entra.faults import Controls
-from sandbox.entra.routing import PathParams, Router, Surface, base_url
+from sandbox.entra.routing import Handler, PathParams, Router, Surface, base_url
 from sandbox.entra.state import (
     MAX_CREDENTIALS,
     MAX_FIELD_LENGTH,
@@ -37,7 +37,14 @@ from sandbox.entra.state import (
     Principal,
     check_credential,
 )
-from sandbox.entra.tokens import GRAPH_AUDIENCES, AuthError, Caller, SigningKey, authenticate
+from sandbox.entra.tokens import (
+    GRAPH_AUDIENCES,
+    AuthError,
+    Caller,
+    CallerHandler,
+    SigningKey,
+    authenticate,
+)
 
 READ_ROLES = frozenset(
     {
@@ -191,7 +198,7 @@ class GraphService:
         router.add(g, "PATCH", _FIC, "graph.fic.update", self._wrap(self.update_credential))
         router.add(g, "DELETE", _FIC, "graph.fic.delete", self._wrap(self.delete_credential))
 
-    def _wrap(self, handler: Any) -> Any:
+    def _wrap(self, handler: CallerHandler) -> Handler:
         """Authenticate, run, and turn ``GraphError`` into an OData error body."""
 
         async def run(request: web.Request, params: PathParams) -> web.StreamResponse:
@@ -280,6 +287,8 @@ class GraphService:
         self, request: web.Request, _: PathParams, caller: Caller
     ) -> web.StreamResponse:
         wanted = self._filter(request)
+        if not caller.roles & (READ_ROLES | {OWNED_BY_ROLE}):
+            raise _DENIED
         apps = [
             p
             for p in self.directory.principals()
@@ -287,8 +296,6 @@ class GraphService:
             and p.tenant_id == caller.tenant_id
             and self._may_read(caller, p)
         ]
-        if not apps and not caller.roles & (READ_ROLES | {OWNED_BY_ROLE}):
-            raise _DENIED
         if wanted is not None:
             field, value = wanted
             apps = [a for a in apps if self._field(a, field, app=True) == value]

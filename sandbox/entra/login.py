@@ -36,7 +36,7 @@ from aiohttp import web
 from sandbox.entra.faults import Controls
 from sandbox.entra.oidc import ExternalOidcError, IssuerKeys
 from sandbox.entra.routing import LOOPBACK_NAMES, PathParams, Router, Surface, base_url
-from sandbox.entra.state import Directory, Principal, Tenant
+from sandbox.entra.state import Directory, FederatedCredential, Principal, Tenant
 from sandbox.entra.tokens import (
     ACCESS_TOKEN_SECONDS,
     RESOURCE_AUDIENCES,
@@ -444,7 +444,7 @@ class LoginService:
         credentials = list(principal.credentials.values())
         effective = [c for c in credentials if c.updated_at + delay <= now]
 
-        def exact(c: Any) -> bool:
+        def exact(c: FederatedCredential) -> bool:
             return c.issuer == issuer and c.subject == subject and c.audiences[0] in audiences
 
         if any(exact(c) for c in effective):

@@ -19,6 +19,7 @@ import base64
 import hashlib
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,10 @@ class Caller:
     principal: Principal
     tenant_id: str
     roles: frozenset[str]
+
+
+# A Graph or ARM handler, called once the bearer token has established the caller.
+CallerHandler = Callable[[web.Request, dict[str, str], Caller], Awaitable[web.StreamResponse]]
 
 
 class AuthError(Exception):
