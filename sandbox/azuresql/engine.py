@@ -940,7 +940,22 @@ class Session:
         sid: bytes | None = None
         user_type = "E"
         external = False
-        if cursor.accept("FROM", "EXTERNAL", "PROVIDER"):
+        for unsupported in (
+            ("WITH", "PASSWORD"),
+            ("FOR", "LOGIN"),
+            ("FROM", "LOGIN"),
+            ("WITHOUT", "LOGIN"),
+        ):
+            if cursor.accept(*unsupported):
+                # The emulated servers are Entra-only: SQL users and logins do not exist here.
+                raise SqlError(
+                    40517,
+                    f"Keyword or statement option '{' '.join(unsupported)}' "
+                    "is not supported in this version of SQL Server.",
+                )
+        if cursor.accept("FROM"):
+            cursor.expect("EXTERNAL")
+            cursor.expect("PROVIDER")
             external = True
             if cursor.accept("WITH", "OBJECT_ID"):
                 cursor.expect("=")
@@ -954,16 +969,6 @@ class Session:
             user_type = cursor.name().upper()
             if user_type not in ("E", "X"):
                 raise syntax_error(user_type)
-        elif (
-            cursor.accept("WITH", "PASSWORD")
-            or cursor.accept("FOR", "LOGIN")
-            or cursor.accept("FROM", "LOGIN")
-        ):
-            raise SqlError(
-                33159,
-                "Only connections established with Active Directory accounts "
-                "can create other Active Directory users.",
-            )
         else:
             raise cursor.error()
         cursor.end()
