@@ -1,0 +1,40 @@
+"""``swi-operator`` / ``python -m swi_operator``: run the operator against the current kubeconfig.
+
+Configuration is validated before anything connects; a bad setting prints one ``error:`` line
+naming it and exits 2. See ``swi-operator --help`` for every flag and its environment variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from swi_operator import config as config_module
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, args = config_module.load(argv)
+    except config_module.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import kopf
+
+    from swi_operator import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose, log_prefix=True)
+    logging.getLogger("azure").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    kopf.run(
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
+        standalone=config.peering is None,
+        peering_name=config.peering,
+        liveness_endpoint=config.liveness_endpoint,
+        memo=kopf.Memo(config=config),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Operator configuration: flags, or environment variables of the same meaning, checked at start-up.
+
+Every setting has a flag and an environment variable; a flag wins. The operator's own Azure
+credential and tenant use azure-identity's standard variables (``AZURE_TENANT_ID``,
+``AZURE_CLIENT_ID``, ``AZURE_CLIENT_SECRET`` or ``AZURE_FEDERATED_TOKEN_FILE``,
+``AZURE_AUTHORITY_HOST``), so the same Deployment works with the AKS workload identity webhook.
+A client secret is read from the environment only, never from a flag (flags show in ``ps``).
+Everything is validated before kopf starts, and each message names the flag and variable to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PUBLIC_AUTHORITY = "https://login.microsoftonline.com"
+PUBLIC_GRAPH_URL = "https://graph.microsoft.com/v1.0"
+PUBLIC_ARM_URL = "https://management.azure.com"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+ARM_SCOPE = "https://management.azure.com/.default"
+
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it (flag and environment variable)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    tenant_id: str
+    client_id: str
+    client_secret: str | None = None
+    federated_token_file: Path | None = None
+    authority_host: str = PUBLIC_AUTHORITY
+    graph_url: str = PUBLIC_GRAPH_URL
+    graph_scope: str = GRAPH_SCOPE
+    arm_url: str = PUBLIC_ARM_URL
+    arm_scope: str = ARM_SCOPE
+    subscription_id: str | None = None
+    issuer: str | None = None
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    drift_interval: float = 600.0
+    peering: str | None = None  # None: standalone, no peering objects needed
+    posting_level: int = logging.INFO
+    cloud_concurrency: int = 8
+    retry_backoff_max: float = 120.0
+    deletion_timeout: float = 600.0
+    liveness_endpoint: str | None = None
+    install_crds: Path | None = None
+    ca_bundle: Path | None = None  # None: the system's trust store
+
+    @property
+    def authority_is_public(self) -> bool:
+        return urlsplit(self.authority_host).hostname in {
+            "login.microsoftonline.com",
+            "login.microsoftonline.us",
+            "login.chinacloudapi.cn",
+        }
+
+    def redacted(self) -> dict[str, object]:
+        """The settings for the start-up log line, without the secret."""
+        return {
+            "tenant": self.tenant_id,
+            "client": self.client_id,
+            "credential": "client secret" if self.client_secret else "workload identity",
+            "authority": self.authority_host,
+            "graph": self.graph_url,
+            "arm": self.arm_url,
+            "issuer": self.issuer or "(discovered)",
+            "namespaces": ",".join(self.namespaces) or "(all)",
+            "drift_interval": self.drift_interval,
+            "peering": self.peering or "(standalone)",
+        }
+
+
+@dataclass(frozen=True)
+class _Setting:
+    dest: str
+    flag: str
+    env: str
+    help: str
+    default: str | None = None
+    repeat: bool = False  # flag repeatable; env comma-separated
+
+
+_SETTINGS: tuple[_Setting, ...] = (
+    _Setting(
+        "tenant_id",
+        "--tenant-id",
+        "AZURE_TENANT_ID",
+        "Entra tenant the operator works in (required)",
+    ),
+    _Setting(
+        "client_id",
+        "--client-id",
+        "AZURE_CLIENT_ID",
+        "the operator's own application (client) id (required)",
+    ),
+    _Setting(
+        "federated_token_file",
+        "--federated-token-file",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "token file for workload identity; alternative: AZURE_CLIENT_SECRET in the environment",
+    ),
+    _Setting(
+        "authority_host",
+        "--authority-host",
+        "AZURE_AUTHORITY_HOST",
+        "Entra token endpoint host",
+        PUBLIC_AUTHORITY,
+    ),
+    _Setting(
+        "graph_url",
+        "--graph-url",
+        "SWI_GRAPH_URL",
+        "Microsoft Graph base URL, with version",
+        PUBLIC_GRAPH_URL,
+    ),
+    _Setting(
+        "graph_scope", "--graph-scope", "SWI_GRAPH_SCOPE", "token scope for Graph", GRAPH_SCOPE
+    ),
+    _Setting(
+        "arm_url", "--arm-url", "SWI_ARM_URL", "Azure Resource Manager endpoint", PUBLIC_ARM_URL
+    ),
+    _Setting("arm_scope", "--arm-scope", "SWI_ARM_SCOPE", "token scope for ARM", ARM_SCOPE),
+    _Setting(
+        "subscription_id",
+        "--subscription-id",
+        "AZURE_SUBSCRIPTION_ID",
+        "subscription of the ARM client built at start-up (each managed identity's resource id "
+        "names its own)",
+    ),
+    _Setting(
+        "issuer",
+        "--issuer",
+        "SWI_ISSUER",
+        "the cluster's service-account issuer URL; default: discovered from the API server",
+    ),
+    _Setting(
+        "namespaces",
+        "--namespace",
+        "SWI_NAMESPACES",
+        "namespace to watch (repeatable; default: all)",
+        repeat=True,
+    ),
+    _Setting(
+        "drift_interval",
+        "--drift-interval",
+        "SWI_DRIFT_INTERVAL",
+        "seconds between drift checks",
+        "600",
+    ),
+    _Setting(
+        "peering",
+        "--peering",
+        "SWI_PEERING",
+        "kopf peering object name for active/standby replicas (default: standalone)",
+    ),
+    _Setting(
+        "posting_level",
+        "--posting-level",
+        "SWI_POSTING_LEVEL",
+        f"lowest level posted as Events ({'/'.join(_LEVELS)})",
+        "INFO",
+    ),
+    _Setting(
+        "cloud_concurrency",
+        "--cloud-concurrency",
+        "SWI_CLOUD_CONCURRENCY",
+        "Graph/ARM requests in flight at most, each",
+        "8",
+    ),
+    _Setting(
+        "retry_backoff_max",
+        "--retry-backoff-max",
+        "SWI_RETRY_BACKOFF_MAX",
+        "cap in seconds of the backoff after errors",
+        "120",
+    ),
+    _Setting(
+        "deletion_timeout",
+        "--deletion-timeout",
+        "SWI_DELETION_TIMEOUT",
+        "seconds the finalizer retries transient errors before it lets a deletion through",
+        "600",
+    ),
+    _Setting(
+        "ca_bundle",
+        "--ca-bundle",
+        "SWI_CA_BUNDLE",
+        "PEM file of the CAs to trust for Entra, Graph and ARM (default: the system's)",
+    ),
+    _Setting(
+        "liveness_endpoint",
+        "--liveness",
+        "SWI_LIVENESS",
+        "serve a liveness probe, e.g. http://0.0.0.0:8080/healthz",
+    ),
+    _Setting(
+        "install_crds",
+        "--install-crds",
+        "SWI_INSTALL_CRDS",
+        "directory of CRD manifests to create or replace at start-up (development only)",
+    ),
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="swi-operator",
+        description=(
+            "Reconcile SqlWorkloadIdentity resources into Entra federated credentials, annotated "
+            "service accounts and labelled workloads. Talks to the cluster of the current "
+            "kubeconfig (KUBECONFIG), or the in-cluster service account."
+        ),
+        epilog=(
+            "The operator authenticates to Entra with AZURE_CLIENT_ID plus AZURE_CLIENT_SECRET "
+            "(environment only) or AZURE_FEDERATED_TOKEN_FILE. Every flag can also be given as "
+            "the environment variable in brackets."
+        ),
+    )
+    for s in _SETTINGS:
+        default_note = f"; default: {s.default}" if s.default else ""
+        p.add_argument(
+            s.flag,
+            dest=s.dest,
+            action="append" if s.repeat else "store",
+            metavar=s.flag.removeprefix("--").upper().replace("-", "_"),
+            default=None,
+            help=f"{s.help} [{s.env}]{default_note}",
+        )
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return p
+
+
+def load(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Config, argparse.Namespace]:
+    """Parse ``argv`` over ``environ``; raise ``ConfigError`` naming the first bad setting."""
+    env = os.environ if environ is None else environ
+    args = parser().parse_args(argv)
+    raw: dict[str, str | list[str] | None] = {}
+    for s in _SETTINGS:
+        value = getattr(args, s.dest)
+        if value is None and env.get(s.env):
+            value = (
+                [v.strip() for v in env[s.env].split(",") if v.strip()] if s.repeat else env[s.env]
+            )
+        raw[s.dest] = value if value is not None else s.default
+    return _validate(raw, env), args
+
+
+def _name(dest: str) -> str:
+    s = next(s for s in _SETTINGS if s.dest == dest)
+    return f"{s.flag} / {s.env}"
+
+
+def _guid(raw: Mapping[str, object], dest: str, required: bool) -> str | None:
+    value = raw.get(dest)
+    if value is None:
+        if required:
+            raise ConfigError(f"{_name(dest)} is required")
+        return None
+    if not isinstance(value, str) or not _GUID.match(value):
+        raise ConfigError(f"{_name(dest)} must be a GUID, got {value!r}")
+    return value.lower()
+
+
+def _https_url(raw: Mapping[str, object], dest: str) -> str:
+    value = str(raw.get(dest))
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"{_name(dest)} must be an https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _number(raw: Mapping[str, object], dest: str, minimum: float) -> float:
+    try:
+        value = float(str(raw.get(dest)))
+    except ValueError:
+        raise ConfigError(f"{_name(dest)} must be a number, got {raw.get(dest)!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{_name(dest)} must be at least {minimum:g}, got {value:g}")
+    return value
+
+
+def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
+    tenant = _guid(raw, "tenant_id", required=True)
+    client = _guid(raw, "client_id", required=True)
+    assert tenant is not None and client is not None
+    secret = env.get("AZURE_CLIENT_SECRET") or None
+    token_file_raw = raw.get("federated_token_file")
+    token_file = Path(str(token_file_raw)) if token_file_raw else None
+    if secret and token_file:
+        raise ConfigError(
+            "set only one operator credential: AZURE_CLIENT_SECRET or "
+            f"{_name('federated_token_file')}, not both"
+        )
+    if not secret and not token_file:
+        raise ConfigError(
+            "no operator credential: set AZURE_CLIENT_SECRET (environment) or "
+            f"{_name('federated_token_file')} (workload identity)"
+        )
+    if token_file and not token_file.is_file():
+        raise ConfigError(f"{_name('federated_token_file')}: no such file {str(token_file)!r}")
+
+    issuer = raw.get("issuer")
+    if issuer is not None:
+        parts = urlsplit(str(issuer))
+        if parts.scheme != "https" or not parts.hostname:
+            raise ConfigError(f"{_name('issuer')} must be an https:// URL, got {issuer!r}")
+
+    listed = raw.get("namespaces")
+    namespaces = tuple(str(ns) for ns in listed) if isinstance(listed, list) else ()
+    for ns in namespaces:
+        if not _DNS1123_LABEL.match(ns):
+            raise ConfigError(f"{_name('namespaces')}: {ns!r} is not a namespace name")
+
+    level = str(raw.get("posting_level")).upper()
+    if level not in _LEVELS:
+        raise ConfigError(
+            f"{_name('posting_level')} must be one of {', '.join(_LEVELS)}, got {level!r}"
+        )
+
+    peering = raw.get("peering")
+    if peering is not None and not _DNS1123_LABEL.match(str(peering)):
+        raise ConfigError(f"{_name('peering')} must be a DNS label, got {peering!r}")
+
+    crds = raw.get("install_crds")
+    if crds is not None and not Path(str(crds)).is_dir():
+        raise ConfigError(f"{_name('install_crds')}: no such directory {crds!r}")
+
+    ca_bundle = raw.get("ca_bundle")
+    if ca_bundle is not None and not Path(str(ca_bundle)).is_file():
+        raise ConfigError(f"{_name('ca_bundle')}: no such file {ca_bundle!r}")
+
+    liveness = raw.get("liveness_endpoint")
+    if liveness is not None and urlsplit(str(liveness)).scheme not in ("http", "https"):
+        raise ConfigError(
+            f"{_name('liveness_endpoint')} must be an http(s):// URL, got {liveness!r}"
+        )
+
+    return Config(
+        tenant_id=tenant,
+        client_id=client,
+        client_secret=secret,
+        federated_token_file=token_file,
+        authority_host=_https_url(raw, "authority_host"),
+        graph_url=_https_url(raw, "graph_url"),
+        graph_scope=str(raw.get("graph_scope")),
+        arm_url=_https_url(raw, "arm_url"),
+        arm_scope=str(raw.get("arm_scope")),
+        subscription_id=_guid(raw, "subscription_id", required=False),
+        issuer=str(issuer) if issuer is not None else None,
+        namespaces=namespaces,
+        drift_interval=_number(raw, "drift_interval", 1),
+        peering=str(peering) if peering is not None else None,
+        posting_level=getattr(logging, level),
+        cloud_concurrency=int(_number(raw, "cloud_concurrency", 1)),
+        retry_backoff_max=_number(raw, "retry_backoff_max", 1),
+        deletion_timeout=_number(raw, "deletion_timeout", 0),
+        liveness_endpoint=str(liveness) if liveness is not None else None,
+        install_crds=Path(str(crds)) if crds is not None else None,
+        ca_bundle=Path(str(ca_bundle)) if ca_bundle is not None else None,
+    )

@@ -1,0 +1,242 @@
+"""Every failure the operator meets, mapped to retry-or-stop and to a condition reason.
+
+Steps raise ``TransientError`` (try again later: throttling, outages, races) or
+``PermanentError`` (retrying cannot help until someone changes something: permissions, limits,
+conflicts, invalid input). Both carry a CamelCase ``reason`` from ``Reason`` for the condition,
+and a message that says what is wrong and what to do. ``classify`` turns the exceptions of the
+SDKs (msgraph's ``ODataError``, azure-core's ``HttpResponseError``, the Kubernetes client's
+``ApiException``, network errors) into one of the two, so no step string-matches an SDK error.
+
+Who owns retries (one loop per failure, never stacked):
+
+* Graph: kiota's RetryHandler is switched off (``max_retries=0``, see ``cloud.graph``): a 429 or
+  503 reaches ``classify`` at once, with its ``Retry-After``.
+* ARM: azure-core's RetryPolicy is switched off (``retry_total=0``, see ``cloud.arm``), for the same
+  reason. The one exception is the 409 "concurrent federated credential writes" answer: it means
+  "someone else is writing this identity right now", so ``cloud.arm`` waits briefly and repeats
+  the write itself, a bounded number of times, while holding the identity's lock.
+* Token acquisition (azure-identity) keeps its own default retries: tokens are cached and shared by
+  every reconcile, so one acquisition is not a per-resource loop.
+* The operator's loop is kopf's: a handler that raises ``TransientError`` is re-run after
+  ``delay`` (Retry-After when the service sent one, else ``backoff_delay`` of the attempt number,
+  capped). The fleet-wide drift check re-examines everything on its own interval, which is also
+  what eventually clears permanent conditions once their cause is fixed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import enum
+import random
+from collections.abc import Mapping
+
+
+class Reason(enum.StrEnum):
+    """Condition reasons for failures. Success reasons live with the step that sets them."""
+
+    # Transient: the operator retries on its own.
+    THROTTLED = "Throttled"
+    CLOUD_UNAVAILABLE = "CloudUnavailable"
+    CONCURRENT_WRITE = "ConcurrentWrite"
+    KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
+    ISSUER_UNAVAILABLE = "IssuerUnavailable"
+    # Permanent: someone has to change something; the message says what.
+    INVALID_SPEC = "InvalidSpec"
+    PERMISSION_DENIED = "PermissionDenied"
+    IDENTITY_NOT_FOUND = "IdentityNotFound"
+    TENANT_NOT_MANAGED = "TenantNotManaged"
+    CREDENTIAL_LIMIT_REACHED = "CredentialLimitReached"
+    CREDENTIAL_CONFLICT = "CredentialConflict"
+    CREDENTIAL_REJECTED = "CredentialRejected"
+    OPERATOR_AUTHENTICATION_FAILED = "OperatorAuthenticationFailed"
+    SERVICE_ACCOUNT_CONFLICT = "ServiceAccountConflict"
+    KUBERNETES_REJECTED = "KubernetesRejected"
+
+
+class ReconcileError(Exception):
+    """A failure with a condition reason and a message for people."""
+
+    transient: bool = False
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class TransientError(ReconcileError):
+    """Try again later: after ``delay`` seconds if the service said so, else with backoff."""
+
+    transient = True
+
+    def __init__(self, reason: Reason, message: str, delay: float | None = None) -> None:
+        super().__init__(reason, message)
+        self.delay = delay
+
+
+class PermanentError(ReconcileError):
+    """Retrying cannot help until the spec, a permission or the cloud state changes."""
+
+
+# Entra's 20-credential limit: Graph and ARM word it differently (and the exact wording is not
+# documented), so match the stable parts of both.
+_LIMIT_MARKERS = ("limit", "maximum", "exceed", "at most 20")
+_DUPLICATE_MARKERS = ("must be unique", "already exists")
+_CONCURRENT_CODE = "ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity"
+
+
+def backoff_delay(
+    attempt: int, cap: float, base: float = 2.0, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff for the ``attempt``-th retry (0-based), jittered, at most ``cap``."""
+    ceiling = min(cap, base * (2 ** min(attempt, 30)))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def retry_after_seconds(
+    headers: Mapping[str, str] | None, now: dt.datetime | None = None
+) -> float | None:
+    """The wait a response asks for: ``retry-after-ms``/``x-ms-retry-after-ms`` or ``Retry-After``
+    (seconds or an HTTP date). None if absent or unreadable."""
+    if not headers:
+        return None
+    lowered = {k.lower(): v for k, v in headers.items()}
+    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
+        if name in lowered:
+            try:
+                return max(0.0, float(lowered[name]) / 1000)
+            except ValueError:
+                pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - (now or dt.datetime.now(dt.UTC))).total_seconds())
+
+
+def from_http(
+    status: int | None,
+    code: str,
+    text: str,
+    headers: Mapping[str, str] | None,
+    doing: str,
+    service: str,
+) -> ReconcileError:
+    """Map one HTTP failure of Graph or ARM. ``doing`` completes "failed to ..."."""
+    what = f"{service} answered {status} {code}: {text}".strip().rstrip(":")
+    lowered = text.lower()
+    if status == 429:
+        wait = retry_after_seconds(headers)
+        return TransientError(
+            Reason.THROTTLED, f"{service} is throttling requests while trying to {doing}", wait
+        )
+    if status is None or status >= 500 or status == 408:
+        return TransientError(
+            Reason.CLOUD_UNAVAILABLE,
+            f"{service} is unavailable while trying to {doing} ({what})",
+            retry_after_seconds(headers),
+        )
+    if status == 409 and code == _CONCURRENT_CODE:
+        return TransientError(
+            Reason.CONCURRENT_WRITE, f"another writer is changing the identity ({what})", 2.0
+        )
+    if status in (401, 403):
+        return PermanentError(
+            Reason.PERMISSION_DENIED,
+            f"the operator is not allowed to {doing} ({what}); grant its identity the right "
+            "(for an app registration: make the operator's app an owner; for a managed identity: "
+            "Managed Identity Contributor)",
+        )
+    if status == 404:
+        return PermanentError(
+            Reason.IDENTITY_NOT_FOUND, f"not found while trying to {doing} ({what})"
+        )
+    if any(marker in lowered for marker in _DUPLICATE_MARKERS):
+        # Someone created the same issuer+subject between our read and our write: re-read soon
+        # and adopt it.
+        return TransientError(
+            Reason.CONCURRENT_WRITE, f"a matching credential appeared ({what})", 1.0
+        )
+    if status in (400, 409) and any(marker in lowered for marker in _LIMIT_MARKERS):
+        return PermanentError(
+            Reason.CREDENTIAL_LIMIT_REACHED,
+            f"the identity has reached Entra's limit of 20 federated credentials ({what}); "
+            "remove unused credentials from it",
+        )
+    return PermanentError(Reason.CREDENTIAL_REJECTED, f"failed to {doing}: {what}")
+
+
+def classify(exc: BaseException, doing: str) -> ReconcileError:
+    """Turn an exception from a Graph or ARM call into a ``ReconcileError``; re-raise others
+    (a bug is not a condition). Kubernetes failures are mapped by ``kube`` itself."""
+    if isinstance(exc, ReconcileError):
+        return exc
+    # Imported here: the SDKs are heavy, and errors.py is imported by the pure-logic tests.
+    import httpx
+    from azure.core import exceptions as azure_exc
+    from msgraph.generated.models.o_data_errors.o_data_error import ODataError
+
+    if isinstance(exc, ODataError):
+        err = exc.error
+        return from_http(
+            exc.response_status_code,
+            (err.code if err else None) or "",
+            (err.message if err else None) or exc.message or "",
+            exc.response_headers,
+            doing,
+            "Microsoft Graph",
+        )
+    if isinstance(exc, azure_exc.ClientAuthenticationError) and exc.status_code in (None, 400, 401):
+        # From the operator's own credential (token endpoint), not from ARM's authorisation.
+        return operator_authentication_error(exc, doing)
+    if isinstance(exc, azure_exc.HttpResponseError):
+        headers = dict(getattr(exc.response, "headers", None) or {})
+        code = (exc.error.code if exc.error else None) or ""
+        text = (exc.error.message if exc.error else None) or exc.reason or ""
+        return from_http(exc.status_code, code, text, headers, doing, "Azure Resource Manager")
+    if isinstance(exc, (azure_exc.ServiceRequestError, azure_exc.ServiceResponseError)):
+        return TransientError(Reason.CLOUD_UNAVAILABLE, f"cannot reach Azure to {doing}: {exc}")
+    if isinstance(exc, httpx.TransportError | OSError | TimeoutError):
+        return TransientError(
+            Reason.CLOUD_UNAVAILABLE, f"network error while trying to {doing}: {exc}"
+        )
+    raise exc
+
+
+def operator_authentication_error(exc: Exception, doing: str) -> ReconcileError:
+    """The operator's own credential failed. AADSTS errors are configuration; others transient."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "AADSTS" in str(exc):
+        return PermanentError(
+            Reason.OPERATOR_AUTHENTICATION_FAILED,
+            f"the operator could not authenticate to Entra to {doing}: {text}; check its client "
+            "id, secret or federated credential",
+        )
+    return TransientError(
+        Reason.CLOUD_UNAVAILABLE, f"token request failed while trying to {doing}: {text}"
+    )
+
+
+def kubernetes_error(status: int | None, text: str, doing: str) -> ReconcileError:
+    if status == 403:
+        return PermanentError(
+            Reason.PERMISSION_DENIED,
+            f"the operator's RBAC does not allow it to {doing} ({text}); see deploy/ for its role",
+        )
+    if status in (400, 422):
+        return PermanentError(
+            Reason.KUBERNETES_REJECTED, f"the API server refused to {doing}: {text}"
+        )
+    # 409 (a concurrent update), 429, 5xx: retry soon.
+    delay = 1.0 if status == 409 else None
+    return TransientError(
+        Reason.KUBERNETES_UNAVAILABLE, f"the API server failed to {doing} ({status} {text})", delay
+    )

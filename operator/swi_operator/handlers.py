@@ -1,0 +1,143 @@
+"""kopf wiring, and the only module that imports kopf. Everything here is thin on purpose.
+
+* start-up: kopf settings (our finalizer and annotation names under sqlidentity.io, Event
+  posting, peering), the ``Runtime`` with every client, the drift loop;
+* create / update (of the spec) / resume: ``Pipeline.reconcile`` under the resource's lock, its
+  status merged through kopf's patch, its Events posted, a transient failure re-raised as
+  ``kopf.TemporaryError`` with the service's Retry-After or a capped backoff;
+* delete: ``Pipeline.finalize``; transient failures are retried until ``--deletion-timeout``,
+  after which the finalizer lets go and an Event says what may be left behind.
+
+Run by ``python -m swi_operator`` (see ``__main__``), or by kopf itself
+(``kopf run -m swi_operator.handlers``, configured from the environment), as the tests do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+
+from swi_operator import config as config_module
+from swi_operator.errors import TransientError, backoff_delay
+from swi_operator.kube import GROUP, PLURAL, VERSION
+from swi_operator.runtime import FINALIZER, Runtime
+from swi_operator.steps import Event
+
+OPERATOR = "sql-workload-identity-operator"
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+log = logging.getLogger(__name__)
+
+
+class KopfEvents:
+    """Posts pipeline Events through kopf (which honours ``settings.posting.level``)."""
+
+    def post(self, body: Mapping[str, Any], event: Event) -> None:
+        target = cast(kopf.Body, body)  # kopf reads apiVersion, kind and metadata only
+        if event.type == "Warning":
+            kopf.warn(target, reason=event.reason, message=event.message)
+        else:
+            kopf.info(target, reason=event.reason, message=event.message)
+
+
+def configure(settings: kopf.OperatorSettings, config: config_module.Config) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = config.posting_level
+    settings.posting.reporting_component = OPERATOR
+    settings.posting.event_name_prefix = "swi-"
+    settings.peering.standalone = config.peering is None
+    if config.peering is not None:
+        settings.peering.name = config.peering
+    # A watch that silently stalls would stall the operator: make the server end it regularly.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+def _runtime(memo: kopf.Memo) -> Runtime:
+    runtime: Runtime = memo["runtime"]
+    return runtime
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = memo.get("config")
+    if config is None:  # started by `kopf run` rather than by our __main__
+        config, _args = config_module.load([])
+    configure(settings, config)
+    runtime = Runtime.start(config, KopfEvents())
+    memo["runtime"] = runtime
+    if config.install_crds is not None:
+        await runtime.install_crds(config.install_crds)
+    memo["drift"] = asyncio.create_task(runtime.drift.run(), name="swi-drift")
+    log.info("operator started: %s", runtime.config.redacted())
+    # The sandbox launcher waits for a line starting with READY on stdout.
+    print(f"READY {OPERATOR} drift_interval={config.drift_interval:g}s", flush=True)
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    drift: asyncio.Task[None] | None = memo.get("drift")
+    if drift is not None:
+        drift.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drift
+    if "runtime" in memo:
+        await _runtime(memo).close()
+
+
+def _retry(error: TransientError, attempt: int, cap: float) -> kopf.TemporaryError:
+    delay = error.delay if error.delay is not None else backoff_delay(attempt, cap)
+    return kopf.TemporaryError(f"{error.reason}: {error.message}", delay=delay)
+
+
+@kopf.on.resume(*RESOURCE, id="reconcile-resume")
+@kopf.on.create(*RESOURCE, id="reconcile-create")
+@kopf.on.update(*RESOURCE, field="spec", id="reconcile-update")
+async def reconcile(
+    body: kopf.Body, patch: kopf.Patch, retry: int, memo: kopf.Memo, **_: Any
+) -> None:
+    state = _runtime(memo)
+    async with state.resource_locks.hold(str(body.metadata.uid)):
+        outcome = await state.pipeline.reconcile(body)
+    patch.status.update(outcome.status)
+    events = KopfEvents()
+    for event in outcome.events:
+        events.post(body, event)
+    if outcome.retry is not None:
+        raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
+
+
+@kopf.on.delete(*RESOURCE, id="finalize")
+async def finalize(
+    body: kopf.Body, retry: int, runtime: dt.timedelta, memo: kopf.Memo, **_: Any
+) -> None:
+    state = _runtime(memo)
+    async with state.resource_locks.hold(str(body.metadata.uid)):
+        outcome = await state.pipeline.finalize(body)
+    events = KopfEvents()
+    for event in outcome.events:
+        events.post(body, event)
+    if outcome.retry is None:
+        return
+    elapsed = runtime.total_seconds()  # since the first attempt of this handler
+    if elapsed < state.config.deletion_timeout:
+        raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
+    events.post(
+        body,
+        Event(
+            "Warning",
+            "CleanupAbandoned",
+            f"clean-up still failing after {elapsed:.0f}s ({outcome.retry.message}); releasing the "
+            "resource: check the identity's federated credentials by hand",
+        ),
+    )

@@ -1,0 +1,387 @@
+"""The Kubernetes side of the operator behind one narrow interface, ``KubeClient``.
+
+``KubernetesClient`` implements it with the official client's ``ApiClient`` (one per process, built
+from the kubeconfig or the in-cluster service account) and plain JSON: the steps need a handful of
+fields, not the typed models. The client is synchronous, so calls run in worker threads; each call
+is one short request. Failures leave as ``errors.ReconcileError`` (``errors.kubernetes_error``),
+except "not found", which each method turns into the answer it means (None, or nothing to do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from swi_operator.errors import ReconcileError, kubernetes_error
+
+GROUP = "sqlidentity.io"
+VERSION = "v1alpha1"
+PLURAL = "sqlworkloadidentities"
+REQUEST_TIMEOUT_S = 30.0
+MERGE_PATCH = "application/merge-patch+json"
+CRD_ESTABLISH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    name: str
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkloadKind:
+    kind: str
+    api: str  # path prefix, e.g. /apis/apps/v1
+    plural: str
+    template_path: tuple[str, ...]  # where the pod template lives in the object
+
+
+WORKLOAD_KINDS: tuple[WorkloadKind, ...] = (
+    WorkloadKind("Deployment", "/apis/apps/v1", "deployments", ("spec", "template")),
+    WorkloadKind("StatefulSet", "/apis/apps/v1", "statefulsets", ("spec", "template")),
+    WorkloadKind("DaemonSet", "/apis/apps/v1", "daemonsets", ("spec", "template")),
+    WorkloadKind("Job", "/apis/batch/v1", "jobs", ("spec", "template")),
+    WorkloadKind(
+        "CronJob", "/apis/batch/v1", "cronjobs", ("spec", "jobTemplate", "spec", "template")
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: WorkloadKind
+    name: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    service_account: str
+    template_labels: Mapping[str, str]
+    finished: bool = False  # a Job that completed or failed
+    owned_by_cronjob: bool = False  # a Job its CronJob's template speaks for
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind.kind}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    service_account: str
+    active: bool
+    has_token: bool
+
+
+class KubeClient(Protocol):
+    async def discover_issuer(self) -> str: ...
+
+    async def get_service_account(self, namespace: str, name: str) -> ServiceAccount | None: ...
+
+    async def create_service_account(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> None: ...
+
+    async def patch_service_account(
+        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+    ) -> None: ...
+
+    async def delete_service_account(self, namespace: str, name: str) -> None: ...
+
+    async def list_workloads(self, namespace: str) -> list[Workload]: ...
+
+    async def patch_workload(
+        self,
+        namespace: str,
+        workload: Workload,
+        template_labels: Mapping[str, str | None],
+        annotations: Mapping[str, str | None],
+    ) -> None: ...
+
+    async def list_pods(self, namespace: str) -> list[Pod]: ...
+
+    async def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def list_resources(self, namespaces: Sequence[str]) -> list[dict[str, Any]]: ...
+
+    async def patch_resource_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None: ...
+
+
+def _dig(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _nest(path: Sequence[str], leaf: Any) -> dict[str, Any]:
+    result: Any = leaf
+    for key in reversed(path):
+        result = {key: result}
+    return dict(result)
+
+
+def _workload(kind: WorkloadKind, obj: Mapping[str, Any]) -> Workload:
+    meta = obj.get("metadata") or {}
+    template = _dig(obj, *kind.template_path) or {}
+    conditions = _dig(obj, "status", "conditions") or []
+    finished = kind.kind == "Job" and any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions
+    )
+    owners = meta.get("ownerReferences") or []
+    return Workload(
+        kind=kind,
+        name=meta.get("name", ""),
+        labels=meta.get("labels") or {},
+        annotations=meta.get("annotations") or {},
+        service_account=_dig(template, "spec", "serviceAccountName") or "default",
+        template_labels=_dig(template, "metadata", "labels") or {},
+        finished=finished,
+        owned_by_cronjob=any(o.get("kind") == "CronJob" for o in owners),
+    )
+
+
+def _pod(obj: Mapping[str, Any]) -> Pod:
+    spec = obj.get("spec") or {}
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    has_token = any(
+        env.get("name") == "AZURE_FEDERATED_TOKEN_FILE"
+        for container in containers
+        for env in container.get("env") or []
+    )
+    phase = _dig(obj, "status", "phase")
+    deleting = _dig(obj, "metadata", "deletionTimestamp") is not None
+    return Pod(
+        name=_dig(obj, "metadata", "name") or "",
+        service_account=spec.get("serviceAccountName") or "default",
+        active=phase not in ("Succeeded", "Failed") and not deleting,
+        has_token=has_token,
+    )
+
+
+class KubernetesClient:
+    def __init__(self, api: ApiClient) -> None:
+        self._api = api
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]] = (),
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        request = self._api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list(query),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._api.call_api(*request, _request_timeout=REQUEST_TIMEOUT_S)
+        response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return json.loads(response.data) if response.data else None
+
+    async def _call(
+        self,
+        doing: str,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        body: Any = None,
+        content_type: str | None = None,
+        missing_ok: bool = False,
+    ) -> Any:
+        try:
+            return await asyncio.to_thread(self._send, method, path, query, body, content_type)
+        except ApiException as exc:
+            if missing_ok and exc.status == 404:
+                return None
+            raise _api_error(exc, doing) from exc
+        except ReconcileError:
+            raise
+        except Exception as exc:  # connection refused, TLS, timeouts: all worth retrying
+            raise kubernetes_error(None, f"{type(exc).__name__}: {exc}", doing) from exc
+
+    async def discover_issuer(self) -> str:
+        doc = await self._call(
+            "read the service-account issuer discovery document",
+            "GET",
+            "/.well-known/openid-configuration",
+        )
+        issuer = doc.get("issuer") if isinstance(doc, Mapping) else None
+        if not isinstance(issuer, str) or not issuer:
+            raise kubernetes_error(
+                None, "the discovery document has no issuer", "discover the issuer"
+            )
+        return issuer
+
+    async def get_service_account(self, namespace: str, name: str) -> ServiceAccount | None:
+        obj = await self._call(
+            f"read service account {namespace}/{name}",
+            "GET",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+            missing_ok=True,
+        )
+        if obj is None:
+            return None
+        return ServiceAccount(name, _dig(obj, "metadata", "annotations") or {})
+
+    async def create_service_account(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": namespace, "annotations": dict(annotations)},
+        }
+        await self._call(
+            f"create service account {namespace}/{name}",
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts",
+            body=body,
+            content_type="application/json",
+        )
+
+    async def patch_service_account(
+        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+    ) -> None:
+        await self._call(
+            f"annotate service account {namespace}/{name}",
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+            body={"metadata": {"annotations": dict(annotations)}},
+            content_type=MERGE_PATCH,
+        )
+
+    async def delete_service_account(self, namespace: str, name: str) -> None:
+        await self._call(
+            f"delete service account {namespace}/{name}",
+            "DELETE",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+            missing_ok=True,
+        )
+
+    async def list_workloads(self, namespace: str) -> list[Workload]:
+        async def of_kind(kind: WorkloadKind) -> list[Workload]:
+            found = await self._call(
+                f"list {kind.plural} in {namespace}",
+                "GET",
+                f"{kind.api}/namespaces/{namespace}/{kind.plural}",
+            )
+            return [_workload(kind, item) for item in (found or {}).get("items") or []]
+
+        lists = await asyncio.gather(*(of_kind(kind) for kind in WORKLOAD_KINDS))
+        return [w for items in lists for w in items]
+
+    async def patch_workload(
+        self,
+        namespace: str,
+        workload: Workload,
+        template_labels: Mapping[str, str | None],
+        annotations: Mapping[str, str | None],
+    ) -> None:
+        body = _nest(workload.kind.template_path, {"metadata": {"labels": dict(template_labels)}})
+        body["metadata"] = {"annotations": dict(annotations)}
+        kind = workload.kind
+        await self._call(
+            f"label the pod template of {workload.ref} in {namespace}",
+            "PATCH",
+            f"{kind.api}/namespaces/{namespace}/{kind.plural}/{workload.name}",
+            body=body,
+            content_type=MERGE_PATCH,
+            missing_ok=True,
+        )
+
+    async def list_pods(self, namespace: str) -> list[Pod]:
+        found = await self._call(
+            f"list pods in {namespace}", "GET", f"/api/v1/namespaces/{namespace}/pods"
+        )
+        return [_pod(item) for item in (found or {}).get("items") or []]
+
+    async def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = await self._call(
+            f"read SqlWorkloadIdentity {namespace}/{name}",
+            "GET",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+            missing_ok=True,
+        )
+        return found
+
+    async def list_resources(self, namespaces: Sequence[str]) -> list[dict[str, Any]]:
+        paths = [f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}" for ns in namespaces] or [
+            f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+        ]
+        items: list[dict[str, Any]] = []
+        for path in paths:
+            token = ""
+            while True:
+                query = [("limit", "500")] + ([("continue", token)] if token else [])
+                page = await self._call("list SqlWorkloadIdentities", "GET", path, query=query)
+                items.extend((page or {}).get("items") or [])
+                token = _dig(page or {}, "metadata", "continue") or ""
+                if not token:
+                    break
+        return items
+
+    async def patch_resource_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        await self._call(
+            f"update the status of SqlWorkloadIdentity {namespace}/{name}",
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+            body={"status": dict(status)},
+            content_type=MERGE_PATCH,
+            missing_ok=True,
+        )
+
+    async def apply_crd(self, manifest: Mapping[str, Any]) -> None:
+        """Create or replace a CRD and wait until it is established."""
+        name = manifest["metadata"]["name"]
+        path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+        current = await self._call(f"read CRD {name}", "GET", f"{path}/{name}", missing_ok=True)
+        if current is None:
+            await self._call(f"create CRD {name}", "POST", path, body=dict(manifest))
+        else:
+            body = {
+                **manifest,
+                "metadata": {
+                    **manifest["metadata"],
+                    "resourceVersion": current["metadata"]["resourceVersion"],
+                },
+            }
+            await self._call(f"replace CRD {name}", "PUT", f"{path}/{name}", body=body)
+        deadline = asyncio.get_running_loop().time() + CRD_ESTABLISH_TIMEOUT_S
+        while asyncio.get_running_loop().time() < deadline:
+            crd = await self._call(f"read CRD {name}", "GET", f"{path}/{name}")
+            if any(
+                c.get("type") == "Established" and c.get("status") == "True"
+                for c in _dig(crd, "status", "conditions") or []
+            ):
+                return
+            await asyncio.sleep(0.2)
+        raise kubernetes_error(None, "not established in time", f"install CRD {name}")
+
+
+def _api_error(exc: ApiException, doing: str) -> ReconcileError:
+    """The API server's own message (``Status.message``) is the useful part of its answer."""
+    text = exc.reason or ""
+    with contextlib.suppress(ValueError, AttributeError):
+        text = json.loads(exc.body or "").get("message") or text
+    return kubernetes_error(exc.status, text, doing)

@@ -1,0 +1,155 @@
+"""The composition root: every long-lived client, built once at start-up and closed at shutdown.
+
+One Azure credential (its token cache serves every call), one Graph client, ARM clients sharing
+that credential, one Kubernetes ``ApiClient``; the steps, the pipeline and the drift loop over
+them. kopf's start-up handler builds a ``Runtime`` and keeps it in kopf's memo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.identity.aio import ClientSecretCredential, WorkloadIdentityCredential
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient
+
+from swi_operator.cloud import CallGate, CredentialStore, IdentityRouter
+from swi_operator.cloud.arm import ArmCredentialStore, arm_client_factory
+from swi_operator.cloud.graph import GraphCredentialStore, build_graph_client
+from swi_operator.config import Config
+from swi_operator.drift import DriftLoop, EventSink
+from swi_operator.kube import KubeClient, KubernetesClient
+from swi_operator.locks import KeyedLocks
+from swi_operator.pipeline import Pipeline
+from swi_operator.steps.federation import FederatedCredentialStep, IssuerSource
+from swi_operator.steps.service_account import ServiceAccountStep
+from swi_operator.steps.workloads import WorkloadsStep
+
+FINALIZER = "sqlidentity.io/finalizer"
+
+
+def _azure_transport_options(config: Config) -> dict[str, Any]:
+    """azure-core's aiohttp transport reads SSL_CERT_FILE only when aiohttp is first imported,
+    so a configured CA bundle is passed explicitly."""
+    return {"connection_verify": str(config.ca_bundle)} if config.ca_bundle else {}
+
+
+def build_credential(config: Config) -> AsyncTokenCredential:
+    if config.client_secret:
+        return ClientSecretCredential(
+            config.tenant_id,
+            config.client_id,
+            config.client_secret,
+            authority=config.authority_host,
+            # MSAL validates unknown authorities against login.microsoftonline.com first,
+            # which a sovereign or emulated authority cannot answer.
+            disable_instance_discovery=not config.authority_is_public,
+            **_azure_transport_options(config),
+        )
+    assert config.federated_token_file is not None
+    return WorkloadIdentityCredential(
+        tenant_id=config.tenant_id,
+        client_id=config.client_id,
+        token_file_path=str(config.federated_token_file),
+        authority=config.authority_host,
+        **_azure_transport_options(config),
+    )
+
+
+def build_kube_api() -> ApiClient:
+    """In a pod: its service account; elsewhere: the current kubeconfig (KUBECONFIG)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return ApiClient()
+    api: ApiClient = kube_config.new_client_from_config()  # type: ignore[no-untyped-call]
+    return api
+
+
+def read_crds(directory: Path) -> list[dict[str, Any]]:
+    return [
+        manifest
+        for path in sorted(directory.glob("*.yaml"))
+        for manifest in yaml.safe_load_all(path.read_text())
+        if manifest and manifest.get("kind") == "CustomResourceDefinition"
+    ]
+
+
+def build_pipeline(
+    store: CredentialStore, kube: KubeClient, tenant_id: str, issuer: str | None
+) -> Pipeline:
+    """The steps in order. Later capabilities (database access, verification) append theirs."""
+    steps = (
+        FederatedCredentialStep(store, IssuerSource(kube, issuer), kube, KeyedLocks()),
+        ServiceAccountStep(kube),
+        WorkloadsStep(kube),
+    )
+    return Pipeline(steps, tenant_id)
+
+
+@dataclass
+class Runtime:
+    config: Config
+    pipeline: Pipeline
+    drift: DriftLoop
+    resource_locks: KeyedLocks
+    kube: KubernetesClient
+    _credential: AsyncTokenCredential
+    _graph_http: httpx.AsyncClient
+    _arm: ArmCredentialStore
+    _kube_api: ApiClient
+
+    @classmethod
+    def start(cls, config: Config, events: EventSink) -> Runtime:
+        credential = build_credential(config)
+        graph_client, graph_http = build_graph_client(
+            credential, config.graph_url, config.graph_scope, config.ca_bundle
+        )
+        graph = GraphCredentialStore(
+            graph_client, CallGate("Microsoft Graph", config.cloud_concurrency), config.tenant_id
+        )
+        arm = ArmCredentialStore(
+            arm_client_factory(
+                credential, config.arm_url, config.arm_scope, _azure_transport_options(config)
+            ),
+            CallGate("Azure Resource Manager", config.cloud_concurrency),
+            config.subscription_id,
+        )
+        kube_api = build_kube_api()
+        kube = KubernetesClient(kube_api)
+        pipeline = build_pipeline(IdentityRouter(graph, arm), kube, config.tenant_id, config.issuer)
+        resource_locks = KeyedLocks()
+        drift = DriftLoop(
+            pipeline,
+            kube,
+            resource_locks,
+            events,
+            namespaces=config.namespaces,
+            interval=config.drift_interval,
+            finalizer=FINALIZER,
+            concurrency=config.cloud_concurrency,
+        )
+        return cls(
+            config, pipeline, drift, resource_locks, kube, credential, graph_http, arm, kube_api
+        )
+
+    async def install_crds(self, directory: Path) -> None:
+        """Create or replace the CRDs in ``directory`` (development convenience)."""
+        for manifest in await asyncio.to_thread(read_crds, directory):
+            await self.kube.apply_crd(manifest)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._graph_http.aclose()
+        with contextlib.suppress(Exception):
+            await self._arm.close()
+        with contextlib.suppress(Exception):
+            await self._credential.close()
+        self._kube_api.close()  # type: ignore[no-untyped-call]

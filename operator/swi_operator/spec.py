@@ -1,0 +1,300 @@
+"""The SqlWorkloadIdentity spec as typed values, validated with the CRD's own rules.
+
+The CRD schema (crds/sqlidentity.io_sqlworkloadidentities.yaml) rejects bad input at
+``kubectl apply``; this module checks the same rules again because the operator cannot know
+that the installed CRD carries them (an older CRD, a hand-edited one). Every problem names its
+field, like the API server's messages, and all problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT_AUDIENCE = "api://AzureADTokenExchange"
+
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_MANAGED_IDENTITY_ID = re.compile(
+    r"^/subscriptions/(?P<subscription>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
+    r"-[0-9a-fA-F]{12})/resourceGroups/(?P<group>[-\w.()]{1,90})/providers/"
+    r"Microsoft\.ManagedIdentity/userAssignedIdentities/(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{2,127})$",
+    re.IGNORECASE,
+)
+_SQL_SERVER = re.compile(r"^(tcp:)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(,[0-9]{1,5})?$")
+_SQL_DATABASE = re.compile(r"^[^\x00-\x1f\[\]]+$")
+_SQL_ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_@$#-]*$")
+_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+class SpecError(ValueError):
+    """The spec breaks one or more rules; ``problems`` are ``(field path, message)`` pairs."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(f"{path}: {message}" for path, message in self.problems))
+
+
+@dataclass(frozen=True)
+class ApplicationRef:
+    """An Entra app registration, by its application (client) id."""
+
+    client_id: str
+    tenant_id: str | None = None
+    kind: Literal["Application"] = "Application"
+
+    @property
+    def key(self) -> str:
+        """Identifies the identity across resources (for per-identity serialisation)."""
+        return f"app:{self.client_id}"
+
+    @property
+    def display(self) -> str:
+        return f"application {self.client_id}"
+
+
+@dataclass(frozen=True)
+class ManagedIdentityRef:
+    """A user-assigned managed identity, by its ARM resource id."""
+
+    resource_id: str
+    subscription_id: str
+    resource_group: str
+    name: str
+    tenant_id: str | None = None
+    kind: Literal["ManagedIdentity"] = "ManagedIdentity"
+
+    @property
+    def key(self) -> str:
+        # ARM resource ids are case-insensitive: one identity, one key.
+        return f"mi:{self.resource_id.lower()}"
+
+    @property
+    def display(self) -> str:
+        return f"managed identity {self.name} (resource group {self.resource_group})"
+
+
+IdentityRef = ApplicationRef | ManagedIdentityRef
+
+
+@dataclass(frozen=True)
+class SelectorRequirement:
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "In":
+            return labels.get(self.key) in self.values
+        if self.operator == "NotIn":
+            return labels.get(self.key) not in self.values
+        if self.operator == "Exists":
+            return self.key in labels
+        return self.key not in labels  # DoesNotExist
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """Kubernetes label selector semantics: every matchLabels pair and every expression holds."""
+
+    match_labels: Mapping[str, str] = field(default_factory=dict)
+    match_expressions: tuple[SelectorRequirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels.items()) and all(
+            req.matches(labels) for req in self.match_expressions
+        )
+
+
+@dataclass(frozen=True)
+class SqlSpec:
+    server: str
+    database: str
+    roles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Spec:
+    service_account_name: str
+    identity: IdentityRef
+    audience: str = DEFAULT_AUDIENCE
+    workload_selector: LabelSelector | None = None
+    sql: SqlSpec | None = None
+    deletion_policy: Literal["Delete", "Retain"] = "Delete"
+
+    @property
+    def retain_cloud_objects(self) -> bool:
+        return self.deletion_policy == "Retain"
+
+
+def parse_managed_identity_id(resource_id: str) -> ManagedIdentityRef | None:
+    match = _MANAGED_IDENTITY_ID.match(resource_id)
+    if match is None:
+        return None
+    return ManagedIdentityRef(
+        resource_id=resource_id,
+        subscription_id=match["subscription"].lower(),
+        resource_group=match["group"],
+        name=match["name"],
+    )
+
+
+def parse_spec(raw: Mapping[str, Any]) -> Spec:
+    """Validate ``raw`` (the resource's ``spec``) and return it typed; raise ``SpecError``."""
+    problems: list[tuple[str, str]] = []
+
+    sa = raw.get("serviceAccountName")
+    if not isinstance(sa, str) or not sa:
+        problems.append(("spec.serviceAccountName", "Required value"))
+    elif len(sa) > 253 or not _DNS1123_SUBDOMAIN.match(sa):
+        problems.append(
+            (
+                "spec.serviceAccountName",
+                f"Invalid value {sa!r}: must be a DNS-1123 subdomain (lower-case letters, digits, "
+                "'-' and '.', at most 253 characters)",
+            )
+        )
+
+    identity = _parse_identity(raw.get("identity"), problems)
+
+    audience = raw.get("audience", DEFAULT_AUDIENCE)
+    if not isinstance(audience, str) or not 1 <= len(audience) <= 600:
+        problems.append(("spec.audience", "must be a non-empty string of at most 600 characters"))
+
+    selector = _parse_workloads(raw.get("workloads"), problems)
+    sql = _parse_sql(raw.get("sql"), problems)
+
+    policy = raw.get("deletionPolicy", "Delete")
+    if policy not in ("Delete", "Retain"):
+        problems.append(
+            ("spec.deletionPolicy", f'Unsupported value {policy!r}: "Delete" or "Retain"')
+        )
+
+    if problems or identity is None:
+        raise SpecError(problems)
+    return Spec(
+        service_account_name=str(sa),
+        identity=identity,
+        audience=str(audience),
+        workload_selector=selector,
+        sql=sql,
+        deletion_policy="Retain" if policy == "Retain" else "Delete",
+    )
+
+
+def _parse_identity(raw: object, problems: list[tuple[str, str]]) -> IdentityRef | None:
+    path = "spec.identity"
+    if not isinstance(raw, Mapping):
+        problems.append((path, "Required value"))
+        return None
+    tenant = raw.get("tenantId")
+    if tenant is not None and (not isinstance(tenant, str) or not _GUID.match(tenant)):
+        problems.append((f"{path}.tenantId", f"Invalid value {tenant!r}: must be a GUID"))
+        tenant = None
+    app = raw.get("applicationClientId")
+    mi = raw.get("managedIdentityResourceId")
+    if (app is None) == (mi is None):
+        problems.append(
+            (path, "set exactly one of applicationClientId or managedIdentityResourceId")
+        )
+        return None
+    if app is not None:
+        if not isinstance(app, str) or not _GUID.match(app):
+            problems.append((f"{path}.applicationClientId", f"Invalid value {app!r}: not a GUID"))
+            return None
+        return ApplicationRef(client_id=app.lower(), tenant_id=tenant.lower() if tenant else None)
+    ref = parse_managed_identity_id(mi) if isinstance(mi, str) else None
+    if ref is None:
+        problems.append(
+            (
+                f"{path}.managedIdentityResourceId",
+                f"Invalid value {mi!r}: expected /subscriptions/<id>/resourceGroups/<group>/"
+                "providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>",
+            )
+        )
+        return None
+    return ManagedIdentityRef(
+        resource_id=ref.resource_id,
+        subscription_id=ref.subscription_id,
+        resource_group=ref.resource_group,
+        name=ref.name,
+        tenant_id=tenant.lower() if tenant else None,
+    )
+
+
+def _parse_workloads(raw: object, problems: list[tuple[str, str]]) -> LabelSelector | None:
+    if raw is None:
+        return None
+    path = "spec.workloads"
+    if not isinstance(raw, Mapping):
+        problems.append((path, "must be an object"))
+        return None
+    selector = raw.get("selector")
+    if selector is None:
+        return None
+    path += ".selector"
+    if not isinstance(selector, Mapping):
+        problems.append((path, "must be an object"))
+        return None
+    labels = selector.get("matchLabels") or {}
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        problems.append((f"{path}.matchLabels", "must map label keys to string values"))
+        labels = {}
+    requirements = []
+    for i, expr in enumerate(selector.get("matchExpressions") or ()):
+        epath = f"{path}.matchExpressions[{i}]"
+        if not isinstance(expr, Mapping):
+            problems.append((epath, "must be an object"))
+            continue
+        key, op, values = expr.get("key"), expr.get("operator"), tuple(expr.get("values") or ())
+        if not isinstance(key, str) or not key:
+            problems.append((f"{epath}.key", "Required value"))
+            continue
+        if op not in _SELECTOR_OPERATORS:
+            problems.append(
+                (f"{epath}.operator", f"Unsupported value {op!r}: {', '.join(_SELECTOR_OPERATORS)}")
+            )
+            continue
+        if (op in ("In", "NotIn")) != bool(values):
+            problems.append((epath, "In and NotIn need values; Exists and DoesNotExist take none"))
+            continue
+        requirements.append(SelectorRequirement(key, str(op), tuple(str(v) for v in values)))
+    return LabelSelector(dict(labels), tuple(requirements))
+
+
+def _parse_sql(raw: object, problems: list[tuple[str, str]]) -> SqlSpec | None:
+    if raw is None:
+        return None
+    path = "spec.sql"
+    if not isinstance(raw, Mapping):
+        problems.append((path, "must be an object"))
+        return None
+    server, database, roles = raw.get("server"), raw.get("database"), raw.get("roles") or []
+    ok = True
+    if not isinstance(server, str) or len(server) > 260 or not _SQL_SERVER.match(server):
+        problems.append(
+            (
+                f"{path}.server",
+                f"Invalid value {server!r}: expected host, tcp:host,port or host,port",
+            )
+        )
+        ok = False
+    if not isinstance(database, str) or len(database) > 128 or not _SQL_DATABASE.match(database):
+        problems.append((f"{path}.database", f"Invalid value {database!r}"))
+        ok = False
+    if not isinstance(roles, list):
+        problems.append((f"{path}.roles", "must be a list of role names"))
+        return None
+    for i, role in enumerate(roles):
+        if not isinstance(role, str) or len(role) > 128 or not _SQL_ROLE.match(role):
+            problems.append((f"{path}.roles[{i}]", f"Invalid value {role!r}: not a role name"))
+            ok = False
+    if not ok:
+        return None
+    return SqlSpec(server=str(server), database=str(database), roles=tuple(roles))

@@ -1,0 +1,244 @@
+"""FederatedCredentialReady: the identity trusts this cluster's tokens for the service account.
+
+Order of work, all of it read-before-write so that a drift check with nothing to repair makes no
+cloud write, and a restart at any point makes no duplicate:
+
+1. the issuer (configured, or discovered once from the API server);
+2. the claim: the service account must not be federated by another live resource;
+3. the identity, resolved in Graph or ARM (its client id feeds the service account annotations);
+4. under the identity's lock: list its credentials; one with this issuer and subject is adopted
+   (whatever its name) and corrected if its audience or description drifted; otherwise the
+   deterministic name is created, unless the identity's 20-credential budget (counting every
+   cluster's credentials) is spent;
+5. a credential recorded in status for another identity or subject (the spec changed) is removed.
+
+Only credentials whose issuer is this cluster's are ever adopted, changed or deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+
+from swi_operator.cloud import (
+    MAX_CREDENTIALS_PER_IDENTITY,
+    CredentialStore,
+    FederatedCredential,
+    ResolvedIdentity,
+)
+from swi_operator.errors import PermanentError, Reason, ReconcileError, TransientError
+from swi_operator.kube import KubeClient
+from swi_operator.locks import KeyedLocks
+from swi_operator.naming import Owner, credential_description, credential_name, subject_for
+from swi_operator.spec import ApplicationRef, IdentityRef, parse_managed_identity_id
+from swi_operator.steps import Context, StepResult
+from swi_operator.steps.service_account import ensure_not_claimed
+
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+class IssuerSource:
+    """The cluster's service-account issuer: configured, or discovered once and remembered."""
+
+    def __init__(self, kube: KubeClient, configured: str | None = None) -> None:
+        self._kube = kube
+        self._issuer = configured
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> str:
+        if self._issuer is None:
+            async with self._lock:
+                if self._issuer is None:
+                    try:
+                        self._issuer = await self._kube.discover_issuer()
+                    except ReconcileError as err:
+                        raise _issuer_error(err) from err
+        return self._issuer
+
+
+def _issuer_error(err: ReconcileError) -> ReconcileError:
+    return TransientError(
+        Reason.ISSUER_UNAVAILABLE,
+        f"cannot discover the cluster's issuer ({err.message}); set --issuer to configure it",
+    )
+
+
+def identity_key(ref: IdentityRef) -> str:
+    """How status records the identity a credential lives on."""
+    return ref.client_id if isinstance(ref, ApplicationRef) else ref.resource_id
+
+
+def identity_from_status(value: str) -> IdentityRef | None:
+    if _GUID.match(value):
+        return ApplicationRef(client_id=value.lower())
+    return parse_managed_identity_id(value)
+
+
+class FederatedCredentialStep:
+    condition = "FederatedCredentialReady"
+
+    def __init__(
+        self, store: CredentialStore, issuer: IssuerSource, kube: KubeClient, locks: KeyedLocks
+    ) -> None:
+        self._store = store
+        self._issuer = issuer
+        self._kube = kube
+        self._locks = locks
+
+    async def reconcile(self, ctx: Context) -> StepResult:
+        ctx.issuer = await self._issuer.get()
+        ref, res = ctx.spec.identity, ctx.resource
+        if ref.tenant_id and ref.tenant_id != ctx.operator_tenant:
+            raise PermanentError(
+                Reason.TENANT_NOT_MANAGED,
+                f"spec.identity.tenantId is {ref.tenant_id}, but this operator manages identities "
+                f"of tenant {ctx.operator_tenant} only",
+            )
+        sa = await self._kube.get_service_account(res.namespace, ctx.spec.service_account_name)
+        await ensure_not_claimed(self._kube, sa, res)
+        identity = ctx.identity = await self._store.resolve(ref)
+        subject = subject_for(res.namespace, ctx.spec.service_account_name)
+        desired = FederatedCredential(
+            name=credential_name(ctx.issuer, res.namespace, ctx.spec.service_account_name),
+            issuer=ctx.issuer,
+            subject=subject,
+            audiences=(ctx.spec.audience,),
+            description=credential_description(ctx.issuer, Owner(res.namespace, res.name)),
+        )
+        async with self._locks.hold(ref.key):
+            credential = await self._ensure(ctx, identity, desired)
+        await self._remove_previous(ctx, identity, subject)
+        return StepResult(
+            "True",
+            "CredentialReady",
+            f"{identity.ref.display} trusts {subject} from {ctx.issuer} "
+            f"(credential {credential.name})",
+            {
+                "issuer": ctx.issuer,
+                "subject": subject,
+                "identity": {
+                    "kind": ref.kind,
+                    "name": identity.name,
+                    "clientId": identity.client_id,
+                    "tenantId": identity.tenant_id,
+                    "objectId": identity.object_id,
+                },
+                "federatedCredential": {
+                    "name": credential.name,
+                    "id": credential.id or "",
+                    "identity": identity_key(ref),
+                },
+            },
+        )
+
+    async def _ensure(
+        self, ctx: Context, identity: ResolvedIdentity, desired: FederatedCredential
+    ) -> FederatedCredential:
+        existing = await self._store.list(identity)
+        mine = next(
+            (c for c in existing if c.issuer == desired.issuer and c.subject == desired.subject),
+            None,
+        )
+        if mine is not None:
+            recorded = (ctx.status.get("federatedCredential") or {}).get("name")
+            if recorded != mine.name:
+                ctx.record(
+                    "CredentialAdopted",
+                    f"adopted existing credential {mine.name} on {identity.ref.display}",
+                )
+            wanted = dataclasses.replace(desired, name=mine.name, id=mine.id)
+            # ARM credentials carry no description; Graph ones get ours back if edited.
+            description_drifted = (
+                isinstance(identity.ref, ApplicationRef) and mine.description != wanted.description
+            )
+            if mine.same_trust(wanted) and not description_drifted:
+                return mine
+            written = await self._store.upsert(identity, wanted)
+            ctx.record(
+                "CredentialUpdated",
+                f"corrected credential {mine.name} on {identity.ref.display} "
+                f"(audiences {list(mine.audiences)} -> {list(wanted.audiences)})",
+            )
+            return dataclasses.replace(written, id=written.id or mine.id)
+
+        clash = next((c for c in existing if c.name == desired.name), None)
+        if clash is not None:
+            raise PermanentError(
+                Reason.CREDENTIAL_CONFLICT,
+                f"{identity.ref.display} already has a credential named {clash.name} for issuer "
+                f"{clash.issuer} and subject {clash.subject}; the operator will not change it",
+            )
+        if len(existing) >= MAX_CREDENTIALS_PER_IDENTITY:
+            ours = sum(1 for c in existing if c.issuer == desired.issuer)
+            raise PermanentError(
+                Reason.CREDENTIAL_LIMIT_REACHED,
+                f"{identity.ref.display} already has {len(existing)} federated credentials "
+                f"({ours} from this cluster, {len(existing) - ours} from other issuers); Entra "
+                f"allows {MAX_CREDENTIALS_PER_IDENTITY}: remove unused ones or use another "
+                "identity",
+            )
+        written = await self._store.upsert(identity, desired)
+        ctx.record(
+            "CredentialCreated",
+            f"created credential {desired.name} on {identity.ref.display} for {desired.subject}",
+        )
+        return written
+
+    async def _remove_previous(
+        self, ctx: Context, identity: ResolvedIdentity, subject: str
+    ) -> None:
+        """After a spec change, remove the credential status recorded for the old identity or
+        subject. A permanent failure is reported and forgotten rather than blocking the new one."""
+        recorded = ctx.status.get("federatedCredential") or {}
+        old_ref = identity_from_status(str(recorded.get("identity", "")))
+        old_subject = str(ctx.status.get("subject") or "")
+        if old_ref is None or not recorded.get("name"):
+            return
+        if old_ref.key == identity.ref.key and old_subject == subject:
+            return
+        try:
+            await self._delete_matching(ctx, old_ref, old_subject or subject)
+        except PermanentError as err:
+            ctx.record(
+                "CredentialNotRemoved",
+                f"could not remove the previous credential {recorded.get('name')} from "
+                f"{old_ref.display}: {err.message}; remove it by hand",
+                "Warning",
+            )
+
+    async def _delete_matching(self, ctx: Context, ref: IdentityRef, subject: str) -> None:
+        """Delete the credentials of ``ref`` with this cluster's issuer and ``subject``."""
+        try:
+            identity = await self._store.resolve(ref)
+        except PermanentError as err:
+            if err.reason is Reason.IDENTITY_NOT_FOUND:
+                return  # the identity is gone, and its credentials with it
+            raise
+        async with self._locks.hold(ref.key):
+            for credential in await self._store.list(identity):
+                if credential.issuer == ctx.issuer and credential.subject == subject:
+                    await self._store.delete(identity, credential.name)
+                    ctx.record(
+                        "CredentialDeleted",
+                        f"deleted credential {credential.name} from {ref.display}",
+                    )
+
+    async def finalize(self, ctx: Context) -> None:
+        if ctx.spec.retain_cloud_objects:
+            ctx.record("CredentialRetained", "deletionPolicy is Retain: the credential stays")
+            return
+        ctx.issuer = await self._issuer.get()
+        res = ctx.resource
+        sa = await self._kube.get_service_account(res.namespace, ctx.spec.service_account_name)
+        try:
+            await ensure_not_claimed(self._kube, sa, res)
+        except PermanentError:
+            return  # the credential belongs to the resource that holds the service account
+        subject = subject_for(res.namespace, ctx.spec.service_account_name)
+        await self._delete_matching(ctx, ctx.spec.identity, subject)
+        recorded = ctx.status.get("federatedCredential") or {}
+        old_ref = identity_from_status(str(recorded.get("identity", "")))
+        old_subject = str(ctx.status.get("subject") or subject)
+        if old_ref is not None and (old_ref.key, old_subject) != (ctx.spec.identity.key, subject):
+            await self._delete_matching(ctx, old_ref, old_subject)

@@ -1,0 +1,545 @@
+"""The pod injection webhook: kopf's admission server wired to ``injection.plan``.
+
+Optional, and off on AKS, where the workload identity add-on already injects the token. On other
+clusters the operator enables it (``--injection-webhook`` / ``SWI_INJECTION_WEBHOOK=true``), which
+imports this module; ``kopf run -m swi_operator.webhooks`` runs the webhook alone.
+
+The flow of one admission request: the API server calls
+``https://<service or host>:<port>/inject-workload-identity`` for a pod being created with the label
+``azure.workload.identity/use: "true"`` (the MutatingWebhookConfiguration's objectSelector; its
+namespaceSelector leaves out kube-system and the operator's namespace), kopf decodes the review
+and calls ``inject``, which reads the pod's service account from the API server (one GET, no
+cache: the operator annotates a service account just before it labels the workloads, and a cache
+could answer with the annotation missing), asks ``injection.plan`` for the JSONPatch and hands it
+back to kopf, which answers the API server. An invalid annotation rejects the pod with its reason;
+a webhook that cannot be reached is the configuration's ``failurePolicy`` (deploy/: ``Fail``).
+
+TLS, one of two ways (docs/deploy.md):
+
+* provided: ``SWI_WEBHOOK_TLS_DIR`` holds ``tls.crt``, ``tls.key`` and, if the issuer is not the
+  certificate itself, ``ca.crt`` (a cert-manager Certificate's Secret, mounted). kopf re-reads the
+  files when they change.
+* self-managed (default): the operator keeps a CA and a serving certificate in the Secret
+  ``SWI_WEBHOOK_SECRET`` of its own namespace, creates it on first start and re-issues the serving
+  certificate from the same CA when it has less than 30 days left at a start. Replicas share it
+  (the first one to create it wins; the others read it).
+
+Either way the operator then writes the CA bundle into its MutatingWebhookConfiguration
+(``SWI_WEBHOOK_CONFIGURATION``, shipped in deploy/): a strategic-merge patch of that one webhook's
+``clientConfig``, leaving rules, selectors and failurePolicy to the manifest. Outside a cluster
+(the sandbox), ``SWI_WEBHOOK_URL_HOST`` makes that patch point the API server at
+``https://<host>:<port>/...`` instead of the Service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import kopf
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kubernetes import client as k8s
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from swi_operator.injection import (
+    PUBLIC_AUTHORITY_HOST,
+    USE_LABEL,
+    InjectionError,
+    InjectionSettings,
+    plan,
+    service_account_name,
+)
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_ID = "inject-workload-identity"  # kopf's handler id: the last segment of the URL path
+WEBHOOK_NAME = "inject-workload-identity.sqlidentity.io"  # the entry in the configuration
+DEFAULT_CONFIGURATION = "sql-workload-identity-operator-injection"
+DEFAULT_SERVICE = "sql-workload-identity-operator-webhook"
+DEFAULT_SECRET = "sql-workload-identity-operator-webhook-tls"  # noqa: S105 (a name)
+DEFAULT_PORT = 9443
+MEMO_KEY = "injection_webhook"
+REQUEST_TIMEOUT_S = 5.0
+
+CA_VALIDITY = dt.timedelta(days=3650)
+CERT_VALIDITY = dt.timedelta(days=365)
+RENEW_BEFORE = dt.timedelta(days=30)
+
+
+class WebhookConfigError(ValueError):
+    """A webhook setting is missing or invalid; the message names the environment variable."""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    injection: InjectionSettings = field(default_factory=InjectionSettings)
+    addr: str = "0.0.0.0"
+    port: int = DEFAULT_PORT  # 0: any free port (tests)
+    namespace: str = "default"  # the operator's: the Secret and the Service live there
+    service: str = DEFAULT_SERVICE
+    secret: str = DEFAULT_SECRET
+    tls_dir: Path | None = None  # provided certificates; None: self-managed
+    configuration: str | None = DEFAULT_CONFIGURATION  # None: leave the configuration alone
+    url_host: str | None = None  # outside a cluster: point the configuration at this host
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookSettings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            return env.get(name, "").strip() or None
+
+        port_raw = get("SWI_WEBHOOK_PORT") or str(DEFAULT_PORT)
+        try:
+            port = int(port_raw)
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65535:
+            raise WebhookConfigError(f"SWI_WEBHOOK_PORT must be a port number, got {port_raw!r}")
+        tls_dir = Path(get("SWI_WEBHOOK_TLS_DIR") or "") if get("SWI_WEBHOOK_TLS_DIR") else None
+        if tls_dir is not None:
+            missing = [n for n in ("tls.crt", "tls.key") if not (tls_dir / n).is_file()]
+            if missing:
+                raise WebhookConfigError(
+                    f"SWI_WEBHOOK_TLS_DIR={tls_dir}: missing {' and '.join(missing)}"
+                )
+        authority = (
+            get("SWI_INJECTION_AUTHORITY_HOST")
+            or get("AZURE_AUTHORITY_HOST")
+            or PUBLIC_AUTHORITY_HOST
+        )
+        if not authority.startswith("https://"):
+            raise WebhookConfigError(
+                f"SWI_INJECTION_AUTHORITY_HOST must be an https:// URL, got {authority!r}"
+            )
+        configuration = env.get("SWI_WEBHOOK_CONFIGURATION", DEFAULT_CONFIGURATION).strip()
+        return cls(
+            injection=InjectionSettings(
+                authority_host=authority,
+                audience=get("SWI_INJECTION_AUDIENCE") or InjectionSettings.audience,
+                default_tenant_id=get("AZURE_TENANT_ID"),
+            ),
+            addr=get("SWI_WEBHOOK_ADDR") or "0.0.0.0",
+            port=port,
+            namespace=get("SWI_WEBHOOK_NAMESPACE") or get("POD_NAMESPACE") or "default",
+            service=get("SWI_WEBHOOK_SERVICE") or DEFAULT_SERVICE,
+            secret=get("SWI_WEBHOOK_SECRET") or DEFAULT_SECRET,
+            tls_dir=tls_dir,
+            configuration=configuration or None,
+            url_host=get("SWI_WEBHOOK_URL_HOST"),
+        )
+
+    @property
+    def dns_names(self) -> list[str]:
+        """The names the serving certificate must carry: the Service's, and the URL host."""
+        names = [
+            f"{self.service}.{self.namespace}.svc",
+            f"{self.service}.{self.namespace}.svc.cluster.local",
+        ]
+        if self.url_host and not _is_ip(self.url_host):
+            names.append(self.url_host)
+        return names
+
+    @property
+    def ip_addresses(self) -> list[str]:
+        return [self.url_host] if self.url_host and _is_ip(self.url_host) else []
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# --- self-managed certificates --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsBundle:
+    ca_crt: bytes
+    ca_key: bytes
+    tls_crt: bytes
+    tls_key: bytes
+
+    def as_secret_data(self) -> dict[str, bytes | str]:
+        return {
+            name: base64.b64encode(value).decode()
+            for name, value in (
+                ("ca.crt", self.ca_crt),
+                ("ca.key", self.ca_key),
+                ("tls.crt", self.tls_crt),
+                ("tls.key", self.tls_key),
+            )
+        }
+
+    @classmethod
+    def from_secret_data(cls, data: Mapping[str, bytes | str] | None) -> TlsBundle | None:
+        data = data or {}
+        try:
+            return cls(
+                *(base64.b64decode(data[k]) for k in ("ca.crt", "ca.key", "tls.crt", "tls.key"))
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _new_ca(now: dt.datetime) -> tuple[bytes, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sql-workload-identity webhook CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def issue_bundle(
+    dns_names: list[str],
+    ip_addresses: list[str],
+    ca: tuple[bytes, bytes] | None = None,
+    now: dt.datetime | None = None,
+) -> TlsBundle:
+    """A serving certificate for the names, signed by ``ca`` (PEM cert, key) or a new CA."""
+    now = now or dt.datetime.now(dt.UTC)
+    ca_crt, ca_key_pem = ca or _new_ca(now)
+    ca_cert = x509.load_pem_x509_certificate(ca_crt)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return TlsBundle(
+        ca_crt, ca_key_pem, cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    )
+
+
+def needs_reissue(
+    bundle: TlsBundle, dns_names: list[str], ip_addresses: list[str], now: dt.datetime
+) -> bool:
+    """Whether the serving certificate expires soon or lacks a name the API server will dial."""
+    cert = x509.load_pem_x509_certificate(bundle.tls_crt)
+    if cert.not_valid_after_utc - now < RENEW_BEFORE:
+        return True
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return True
+    have_dns = set(sans.get_values_for_type(x509.DNSName))
+    have_ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    return not (set(dns_names) <= have_dns and set(ip_addresses) <= have_ips)
+
+
+def _ca_still_good(bundle: TlsBundle, now: dt.datetime) -> bool:
+    ca = x509.load_pem_x509_certificate(bundle.ca_crt)
+    return ca.not_valid_after_utc - now > CERT_VALIDITY
+
+
+def ensure_tls_secret(api: ApiClient, settings: WebhookSettings) -> TlsBundle:
+    """Read the webhook's Secret, creating it or re-issuing its certificate when needed."""
+    core = k8s.CoreV1Api(api)
+    names, ips = settings.dns_names, settings.ip_addresses
+    for _attempt in range(5):
+        now = dt.datetime.now(dt.UTC)
+        try:
+            secret = core.read_namespaced_secret(
+                settings.secret, settings.namespace, _request_timeout=REQUEST_TIMEOUT_S
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            fresh = issue_bundle(names, ips, now=now)
+            body = k8s.V1Secret(
+                metadata=k8s.V1ObjectMeta(
+                    name=settings.secret,
+                    labels={"app.kubernetes.io/name": "sql-workload-identity-operator"},
+                ),
+                type="Opaque",
+                data=fresh.as_secret_data(),
+            )
+            try:
+                core.create_namespaced_secret(
+                    settings.namespace, body, _request_timeout=REQUEST_TIMEOUT_S
+                )
+            except ApiException as create_exc:
+                if create_exc.status == 409:  # another replica was first: use its certificate
+                    continue
+                raise
+            log.info("created the webhook TLS Secret %s/%s", settings.namespace, settings.secret)
+            return fresh
+        current = TlsBundle.from_secret_data(secret.data)
+        if current is not None and not needs_reissue(current, names, ips, now):
+            return current
+        keep_ca = current is not None and _ca_still_good(current, now)
+        ca = (current.ca_crt, current.ca_key) if current is not None and keep_ca else None
+        renewed = issue_bundle(names, ips, ca=ca, now=now)
+        secret.data = renewed.as_secret_data()
+        try:
+            core.replace_namespaced_secret(
+                settings.secret, settings.namespace, secret, _request_timeout=REQUEST_TIMEOUT_S
+            )
+        except ApiException as replace_exc:
+            if replace_exc.status == 409:  # a replica renewed it meanwhile: read theirs
+                continue
+            raise
+        log.info("re-issued the webhook certificate in %s/%s", settings.namespace, settings.secret)
+        return renewed
+    raise RuntimeError(f"the webhook Secret {settings.namespace}/{settings.secret} kept changing")
+
+
+def write_tls_files(bundle: TlsBundle, directory: Path) -> tuple[Path, Path, Path]:
+    """Write the certificate, key and CA where kopf's server reads them (key: owner-only)."""
+    paths = (directory / "tls.crt", directory / "tls.key", directory / "ca.crt")
+    for path, data in zip(paths, (bundle.tls_crt, bundle.tls_key, bundle.ca_crt), strict=True):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    return paths
+
+
+# --- the webhook configuration ----------------------------------------------------------------
+
+
+def client_config_patch(
+    kopf_config: Mapping[str, Any], settings: WebhookSettings
+) -> dict[str, Any]:
+    """The strategic-merge patch that points our webhook entry at this server and trusts its CA."""
+    client_config: dict[str, Any] = {}
+    if kopf_config.get("caBundle"):
+        client_config["caBundle"] = kopf_config["caBundle"]
+    if settings.url_host:
+        client_config["url"] = f"{str(kopf_config['url']).rstrip('/')}/{WEBHOOK_ID}"
+        client_config["service"] = None
+    return {"webhooks": [{"name": WEBHOOK_NAME, "clientConfig": client_config}]}
+
+
+def patch_configuration(api: ApiClient, settings: WebhookSettings, patch: dict[str, Any]) -> bool:
+    """Apply ``patch`` to the configuration; False (and a log line) if it is not installed."""
+    assert settings.configuration is not None
+    admission = k8s.AdmissionregistrationV1Api(api)
+    try:
+        admission.patch_mutating_webhook_configuration(
+            settings.configuration,
+            patch,
+            _content_type="application/strategic-merge-patch+json",
+            _request_timeout=REQUEST_TIMEOUT_S,
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        log.error(
+            "MutatingWebhookConfiguration %s not found: install it from deploy/ (the generic "
+            "overlay or the chart with injection enabled); pods are not injected meanwhile",
+            settings.configuration,
+        )
+        return False
+    return True
+
+
+class InjectionServer:
+    """kopf's HTTPS server, plus: after each (re)start, the configuration is brought in line.
+
+    kopf's own "managed" mode would rewrite the whole configuration without a namespaceSelector
+    or reinvocationPolicy; this keeps the manifest's and patches only the client config.
+    """
+
+    def __init__(
+        self, server: kopf.WebhookServer, api: ApiClient, settings: WebhookSettings
+    ) -> None:
+        self._server = server
+        self._api = api
+        self._settings = settings
+
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
+        async with self._server as server:
+            async for kopf_config in server(fn):
+                if self._settings.configuration is not None:
+                    patch = client_config_patch(kopf_config, self._settings)
+                    if await asyncio.to_thread(
+                        patch_configuration, self._api, self._settings, patch
+                    ):
+                        log.info(
+                            "webhook configuration %s points at %s",
+                            self._settings.configuration,
+                            patch["webhooks"][0]["clientConfig"].get("url")
+                            or f"service {self._settings.namespace}/{self._settings.service}",
+                        )
+                yield kopf_config
+
+
+# --- kopf wiring -------------------------------------------------------------------------------
+
+
+def build_kube_api() -> ApiClient:
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return ApiClient()
+    api: ApiClient = kube_config.new_client_from_config()  # type: ignore[no-untyped-call]
+    return api
+
+
+@dataclass
+class WebhookState:
+    settings: WebhookSettings
+    api: ApiClient
+    tls_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The service account's metadata as ``plan`` reads it; None when it does not exist."""
+        core = k8s.CoreV1Api(self.api)
+        try:
+            sa = core.read_namespaced_service_account(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT_S
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        annotations = dict((sa.metadata.annotations if sa.metadata else None) or {})
+        return {"metadata": {"name": name, "annotations": annotations}}
+
+
+def build_server(settings: WebhookSettings, api: ApiClient, state: WebhookState) -> InjectionServer:
+    if settings.tls_dir is not None:
+        ca = settings.tls_dir / "ca.crt"
+        certfile, pkeyfile, cafile = (
+            settings.tls_dir / "tls.crt",
+            settings.tls_dir / "tls.key",
+            ca if ca.is_file() else None,
+        )
+    else:
+        bundle = ensure_tls_secret(api, settings)
+        state.tls_dir = tempfile.TemporaryDirectory(prefix="swi-webhook-")
+        certfile, pkeyfile, cafile = write_tls_files(bundle, Path(state.tls_dir.name))
+    server = kopf.WebhookServer(
+        addr=settings.addr,
+        port=settings.port or None,
+        host=settings.url_host,
+        certfile=str(certfile),
+        pkeyfile=str(pkeyfile),
+        cafile=str(cafile) if cafile is not None else None,
+    )
+    return InjectionServer(server, api, settings)
+
+
+@kopf.on.startup()
+async def start_webhook(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    webhook = WebhookSettings.from_env()
+    api = await asyncio.to_thread(build_kube_api)
+    state = WebhookState(webhook, api)
+    settings.admission.server = await asyncio.to_thread(build_server, webhook, api, state)
+    memo[MEMO_KEY] = state
+    log.info(
+        "pod injection webhook on %s:%s (TLS: %s; configuration: %s)",
+        webhook.addr,
+        webhook.port or "(any)",
+        f"provided in {webhook.tls_dir}"
+        if webhook.tls_dir
+        else f"self-managed in Secret {webhook.namespace}/{webhook.secret}",
+        webhook.configuration or "(not managed)",
+    )
+
+
+@kopf.on.cleanup()
+async def stop_webhook(memo: kopf.Memo, **_: Any) -> None:
+    state: WebhookState | None = memo.get(MEMO_KEY)
+    if state is None:
+        return
+    if state.tls_dir is not None:
+        state.tls_dir.cleanup()
+    state.api.close()  # type: ignore[no-untyped-call]
+
+
+@kopf.on.mutate("", "v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], labels={USE_LABEL: "true"})
+async def inject(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    namespace: str | None,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    **_: Any,
+) -> None:
+    started = time.perf_counter()
+    state: WebhookState = memo[MEMO_KEY]
+    pod: dict[str, Any] = dict(body)
+    sa_name = service_account_name(pod)
+    if not namespace:
+        raise kopf.AdmissionError("the pod has no namespace", code=400)
+    try:
+        service_account = await asyncio.to_thread(state.read_service_account, namespace, sa_name)
+    except ApiException as exc:
+        raise kopf.AdmissionError(
+            f"reading service account {namespace}/{sa_name} failed: {exc.status} {exc.reason}",
+            code=500,
+        ) from exc
+    try:
+        ops = plan(pod, service_account, state.settings.injection)
+    except InjectionError as exc:
+        raise kopf.AdmissionError(str(exc), code=400) from exc
+    if ops:
+        patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
+    with contextlib.suppress(Exception):
+        logger.debug(
+            "%s for service account %s in %.1f ms",
+            f"injected ({len(ops)} patch operations)" if ops else "nothing to inject",
+            sa_name,
+            (time.perf_counter() - started) * 1000,
+        )

@@ -1,0 +1,431 @@
+"""The reconcile pipeline and its steps over in-memory fakes: what gets written, when, and what the
+status and Events say."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from operator_fakes import (  # type: ignore[import-not-found]
+    APP,
+    ISSUER,
+    MI_ID,
+    OTHER_APP,
+    TENANT,
+    FakeKube,
+    FakeStore,
+    resource,
+)
+from swi_operator import conditions
+from swi_operator.cloud import FederatedCredential
+from swi_operator.errors import PermanentError, Reason, TransientError
+from swi_operator.kube import Pod
+from swi_operator.naming import credential_name, subject_for
+from swi_operator.pipeline import Outcome, Pipeline
+from swi_operator.runtime import build_pipeline
+from swi_operator.spec import ApplicationRef, parse_managed_identity_id
+from swi_operator.steps.service_account import CLIENT_ID, CREATED_BY, MANAGED, OWNER, TENANT_ID
+from swi_operator.steps.workloads import LABELLED_BY, USE_LABEL
+
+NS, SA = "workload-demo", "workload-demo-service-account"
+APP_REF = ApplicationRef(APP)
+MI_REF = parse_managed_identity_id(MI_ID)
+assert MI_REF is not None
+
+
+@pytest.fixture
+def store() -> FakeStore:
+    s = FakeStore()
+    for ref in (APP_REF, ApplicationRef(OTHER_APP), MI_REF):
+        s.add_identity(ref)
+    return s
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    return FakeKube()
+
+
+@pytest.fixture
+def pipeline(store: FakeStore, kube: FakeKube) -> Pipeline:
+    return build_pipeline(store, kube, TENANT, None)
+
+
+def applied(body: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    """``body`` after its status patch, as the next reconcile would read it."""
+    return {**body, "status": {**body.get("status", {}), **outcome.status}}
+
+
+def condition(outcome: Outcome, type_: str) -> conditions.Condition:
+    found = conditions.find(outcome.status["conditions"], type_)
+    assert found is not None, type_
+    return found
+
+
+def reasons(outcome: Outcome) -> list[str]:
+    return [e.reason for e in outcome.events]
+
+
+async def test_create_makes_credential_service_account_and_is_ready(pipeline, store, kube):
+    outcome = await pipeline.reconcile(resource())
+
+    (credential,) = store.of(APP_REF)
+    assert credential.name == credential_name(ISSUER, NS, SA)
+    assert credential.subject == subject_for(NS, SA) == f"system:serviceaccount:{NS}:{SA}"
+    assert credential.audiences == ("api://AzureADTokenExchange",)
+    assert "SqlWorkloadIdentity workload-demo/customer-reader" in (credential.description or "")
+    annotations = kube.service_accounts[(NS, SA)]
+    assert annotations[CLIENT_ID] == APP
+    assert annotations[TENANT_ID] == TENANT
+    assert annotations[OWNER] == "customer-reader"
+    assert annotations[CREATED_BY] == "customer-reader"
+    for type_ in ("Ready", "FederatedCredentialReady", "ServiceAccountReady", "WorkloadsReady"):
+        assert condition(outcome, type_).is_true, type_
+    assert outcome.status["issuer"] == ISSUER
+    assert outcome.status["federatedCredential"]["name"] == credential.name
+    assert outcome.status["identity"]["clientId"] == APP
+    assert outcome.status["observedGeneration"] == 1
+    assert outcome.retry is None
+    assert {"CredentialCreated", "ServiceAccountCreated", "Ready"} <= set(reasons(outcome))
+
+
+async def test_second_reconcile_writes_nothing(pipeline, store, kube):
+    body = resource()
+    first = await pipeline.reconcile(body)
+    store.writes.clear()
+    kube.writes.clear()
+
+    second = await pipeline.reconcile(applied(body, first))
+
+    assert not store.writes and not kube.writes
+    assert not second.changed
+    assert second.events == []
+
+
+async def test_conditions_keep_transition_time_when_nothing_changes(pipeline):
+    body = resource()
+    first = await pipeline.reconcile(body)
+    body = applied(body, first)
+    for cond in body["status"]["conditions"]:
+        cond["lastTransitionTime"] = "2020-01-01T00:00:00Z"
+    second = await pipeline.reconcile(body)
+    assert {c["lastTransitionTime"] for c in second.status["conditions"]} == {
+        "2020-01-01T00:00:00Z"
+    }
+
+
+async def test_existing_credential_with_same_issuer_and_subject_is_adopted(pipeline, store):
+    by_hand = FederatedCredential(
+        "made-by-azwi", ISSUER, subject_for(NS, SA), ("api://AzureADTokenExchange",)
+    )
+    store.put(APP_REF, by_hand)
+
+    outcome = await pipeline.reconcile(resource())
+
+    (credential,) = store.of(APP_REF)
+    assert credential.name == "made-by-azwi"
+    assert "Managed by sql-workload-identity-operator" in (credential.description or "")
+    assert outcome.status["federatedCredential"]["name"] == "made-by-azwi"
+    assert "CredentialAdopted" in reasons(outcome)
+
+
+async def test_audience_edited_out_of_band_is_repaired(pipeline, store):
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    (credential,) = store.of(APP_REF)
+    store.put(
+        APP_REF,
+        FederatedCredential(credential.name, ISSUER, credential.subject, ("wrong",), "edited"),
+    )
+
+    outcome = await pipeline.reconcile(body)
+
+    (repaired,) = store.of(APP_REF)
+    assert repaired.audiences == ("api://AzureADTokenExchange",)
+    assert "CredentialUpdated" in reasons(outcome)
+
+
+async def test_credentials_of_other_issuers_are_never_touched(pipeline, store):
+    other_cluster = FederatedCredential(
+        credential_name("https://other.example", NS, SA),
+        "https://other.example",
+        subject_for(NS, SA),
+        ("api://AzureADTokenExchange",),
+        "theirs",
+    )
+    store.put(APP_REF, other_cluster)
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    await pipeline.finalize(body)
+    assert store.of(APP_REF) == [other_cluster]
+
+
+async def test_twenty_first_credential_is_a_permanent_condition(pipeline, store):
+    for i in range(20):
+        store.put(
+            APP_REF,
+            FederatedCredential(f"other-{i}", f"https://cluster-{i}.example", "s", ("a",)),
+        )
+    store.writes.clear()
+
+    outcome = await pipeline.reconcile(resource())
+
+    cred = condition(outcome, "FederatedCredentialReady")
+    assert (cred.status, cred.reason) == ("False", "CredentialLimitReached")
+    assert "20 federated credentials (0 from this cluster, 20 from other issuers)" in cred.message
+    assert condition(outcome, "Ready").reason == "CredentialLimitReached"
+    assert outcome.retry is None
+    assert not store.writes
+    assert condition(outcome, "ServiceAccountReady").reason == "Waiting"
+    assert [e.type for e in outcome.events if e.reason == "CredentialLimitReached"] == ["Warning"]
+
+
+async def test_same_permanent_failure_is_reported_once(pipeline, store):
+    store.fail_next("resolve", PermanentError(Reason.PERMISSION_DENIED, "no"), times=2)
+    body = resource()
+    first = await pipeline.reconcile(body)
+    second = await pipeline.reconcile(applied(body, first))
+    assert "PermissionDenied" in reasons(first)
+    assert "PermissionDenied" not in reasons(second)
+
+
+async def test_transient_failure_before_ready_sets_condition_and_asks_for_retry(pipeline, store):
+    store.fail_next("upsert", TransientError(Reason.THROTTLED, "slow down", 7))
+    outcome = await pipeline.reconcile(resource())
+    cred = condition(outcome, "FederatedCredentialReady")
+    assert (cred.status, cred.reason) == ("False", "Throttled")
+    assert outcome.retry is not None and outcome.retry.delay == 7
+
+
+async def test_transient_failure_after_ready_keeps_ready(pipeline, store):
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    store.fail_next("list", TransientError(Reason.CLOUD_UNAVAILABLE, "503"))
+
+    outcome = await pipeline.reconcile(body)
+
+    assert condition(outcome, "Ready").is_true
+    assert condition(outcome, "FederatedCredentialReady").is_true
+    assert outcome.retry is not None
+    assert [e.type for e in outcome.events] == ["Warning"]
+
+
+async def test_service_account_change_moves_credential_and_releases_old_account(
+    pipeline, store, kube
+):
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    assert (NS, SA) in kube.service_accounts
+
+    body["spec"]["serviceAccountName"] = "renamed"
+    body["metadata"]["generation"] = 2
+    outcome = await pipeline.reconcile(body)
+
+    (credential,) = store.of(APP_REF)
+    assert credential.subject == subject_for(NS, "renamed")
+    assert (NS, SA) not in kube.service_accounts  # it created that one, so it deleted it
+    assert kube.service_accounts[(NS, "renamed")][CLIENT_ID] == APP
+    assert {"CredentialCreated", "CredentialDeleted", "ServiceAccountDeleted"} <= set(
+        reasons(outcome)
+    )
+
+
+async def test_identity_change_removes_credential_from_old_identity(pipeline, store):
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    body["spec"]["identity"] = {"managedIdentityResourceId": MI_ID}
+    body["metadata"]["generation"] = 2
+
+    outcome = await pipeline.reconcile(body)
+
+    assert store.of(APP_REF) == []
+    (credential,) = store.of(MI_REF)
+    assert credential.description is None  # ARM credentials have none
+    assert outcome.status["federatedCredential"]["identity"] == MI_ID
+    assert outcome.status["identity"]["kind"] == "ManagedIdentity"
+    assert condition(outcome, "Ready").is_true
+
+
+async def test_managed_identity_second_reconcile_writes_nothing(pipeline, store):
+    body = resource(identity={"managedIdentityResourceId": MI_ID})
+    body = applied(body, await pipeline.reconcile(body))
+    store.writes.clear()
+    await pipeline.reconcile(body)
+    assert not store.writes
+
+
+async def test_existing_service_account_keeps_its_annotations(pipeline, kube):
+    kube.service_accounts[(NS, SA)] = {"team": "payments", CLIENT_ID: APP}
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    annotations = kube.service_accounts[(NS, SA)]
+    assert annotations["team"] == "payments"
+    assert annotations[MANAGED] == TENANT_ID  # client-id was already there: not the operator's
+
+    await pipeline.finalize(body)
+
+    assert kube.service_accounts[(NS, SA)] == {"team": "payments", CLIENT_ID: APP}
+
+
+async def test_foreign_client_id_on_service_account_is_a_conflict(pipeline, kube, store):
+    kube.service_accounts[(NS, SA)] = {CLIENT_ID: OTHER_APP}
+    outcome = await pipeline.reconcile(resource())
+    sa = condition(outcome, "ServiceAccountReady")
+    assert (sa.status, sa.reason) == ("False", "ServiceAccountConflict")
+    assert OTHER_APP in sa.message
+    assert kube.service_accounts[(NS, SA)] == {CLIENT_ID: OTHER_APP}
+
+
+async def test_service_account_claimed_by_another_resource(pipeline, kube, store):
+    first = resource("first")
+    kube.resources[(NS, "first")] = first
+    await pipeline.reconcile(first)
+    store.writes.clear()
+
+    outcome = await pipeline.reconcile(
+        resource("second", identity={"applicationClientId": OTHER_APP})
+    )
+
+    cred = condition(outcome, "FederatedCredentialReady")
+    assert (cred.status, cred.reason) == ("False", "ServiceAccountConflict")
+    assert "workload-demo/first" in cred.message
+    assert not store.writes
+    # Deleting the loser must not touch the winner's credential or service account.
+    await pipeline.finalize(resource("second", identity={"applicationClientId": OTHER_APP}))
+    assert len(store.of(APP_REF)) == 1
+    assert kube.service_accounts[(NS, SA)][OWNER] == "first"
+
+
+async def test_removed_annotations_are_restored(pipeline, kube):
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    del kube.service_accounts[(NS, SA)][CLIENT_ID]
+    outcome = await pipeline.reconcile(body)
+    assert kube.service_accounts[(NS, SA)][CLIENT_ID] == APP
+    assert "ServiceAccountAnnotated" in reasons(outcome)
+
+
+async def test_deleted_credential_is_recreated(pipeline, store):
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    store.credentials[APP_REF.key].clear()
+    outcome = await pipeline.reconcile(body)
+    assert len(store.of(APP_REF)) == 1
+    assert "CredentialCreated" in reasons(outcome)
+
+
+async def test_workloads_running_as_the_account_are_labelled(pipeline, kube):
+    kube.add_workload(NS, "Deployment", "api", SA)
+    kube.add_workload(NS, "CronJob", "nightly", SA)
+    kube.add_workload(NS, "Deployment", "unrelated", "default")
+    kube.add_workload(NS, "StatefulSet", "db", SA, template_labels={USE_LABEL: "true"})
+    kube.pods[NS] = [Pod("api-1", SA, active=True, has_token=False), Pod("done", SA, False, False)]
+
+    outcome = await pipeline.reconcile(resource())
+
+    assert kube.template_labels(NS, "Deployment", "api")[USE_LABEL] == "true"
+    assert kube.template_labels(NS, "CronJob", "nightly")[USE_LABEL] == "true"
+    assert USE_LABEL not in kube.template_labels(NS, "Deployment", "unrelated")
+    assert kube.workloads[(NS, "StatefulSet", "db")]["annotations"] == {}  # label was not ours
+    work = outcome.status["workloads"]
+    assert (work["matched"], work["labelled"], work["podsWithoutToken"]) == (3, 3, 1)
+    assert work["podsWithoutTokenNames"] == ["api-1"]
+    ready = condition(outcome, "WorkloadsReady")
+    assert ready.reason == "WorkloadsLabelled" and "api-1" in ready.message
+
+
+async def test_selector_narrows_workloads_and_unlabels_those_left_out(pipeline, kube):
+    kube.add_workload(NS, "Deployment", "api", SA, labels={"app": "customer-api"})
+    kube.add_workload(NS, "Deployment", "worker", SA, labels={"app": "worker"})
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    body["spec"]["workloads"] = {"selector": {"matchLabels": {"app": "customer-api"}}}
+
+    outcome = await pipeline.reconcile(body)
+
+    assert kube.template_labels(NS, "Deployment", "api")[USE_LABEL] == "true"
+    assert USE_LABEL not in kube.template_labels(NS, "Deployment", "worker")
+    assert LABELLED_BY not in kube.workloads[(NS, "Deployment", "worker")]["annotations"]
+    assert "WorkloadUnlabelled" in reasons(outcome)
+
+
+async def test_immutable_job_is_reported(pipeline, kube):
+    kube.add_workload(NS, "Job", "migrate", SA, immutable=True)
+    outcome = await pipeline.reconcile(resource())
+    ready = condition(outcome, "WorkloadsReady")
+    assert (ready.status, ready.reason) == ("False", "WorkloadNotLabelled")
+    assert "Job/migrate" in ready.message
+    assert outcome.status["workloads"]["notLabelled"] == ["Job/migrate"]
+    assert condition(outcome, "Ready").reason == "WorkloadNotLabelled"
+
+
+async def test_finalize_removes_everything_it_made(pipeline, store, kube):
+    kube.add_workload(NS, "Deployment", "api", SA)
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+
+    outcome = await pipeline.finalize(body)
+
+    assert store.of(APP_REF) == []
+    assert (NS, SA) not in kube.service_accounts
+    assert USE_LABEL not in kube.template_labels(NS, "Deployment", "api")
+    assert outcome.retry is None
+    assert {"CredentialDeleted", "ServiceAccountDeleted", "WorkloadUnlabelled"} <= set(
+        reasons(outcome)
+    )
+
+
+async def test_finalize_with_retain_keeps_the_credential(pipeline, store, kube):
+    body = resource(deletionPolicy="Retain")
+    body = applied(body, await pipeline.reconcile(body))
+    outcome = await pipeline.finalize(body)
+    assert len(store.of(APP_REF)) == 1
+    assert (NS, SA) not in kube.service_accounts
+    assert "CredentialRetained" in reasons(outcome)
+
+
+async def test_finalize_tolerates_a_missing_identity_and_reports_permanent_errors(pipeline, store):
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    store.fail_next("delete", PermanentError(Reason.PERMISSION_DENIED, "denied"))
+    outcome = await pipeline.finalize(body)
+    assert outcome.retry is None
+    assert [e.type for e in outcome.events if e.reason == "PermissionDenied"] == ["Warning"]
+
+    store.known.clear()  # the identity was deleted: nothing left to clean
+    assert (await pipeline.finalize(body)).retry is None
+
+
+async def test_finalize_returns_transient_failures_for_retry(pipeline, store):
+    body = resource()
+    body = applied(body, await pipeline.reconcile(body))
+    store.fail_next("list", TransientError(Reason.THROTTLED, "slow", 3))
+    outcome = await pipeline.finalize(body)
+    assert outcome.retry is not None and outcome.retry.delay == 3
+
+
+async def test_other_tenant_is_not_managed(pipeline, store):
+    other = "2c4e6a8b-1d3f-4a5b-9c7d-e1f2a3b4c5d6"
+    outcome = await pipeline.reconcile(
+        resource(identity={"applicationClientId": APP, "tenantId": other})
+    )
+    cred = condition(outcome, "FederatedCredentialReady")
+    assert cred.reason == "TenantNotManaged" and other in cred.message
+    assert not store.writes
+
+
+async def test_invalid_spec_is_reported_on_ready(pipeline, store):
+    outcome = await pipeline.reconcile(resource(identity={"applicationClientId": "not-a-guid"}))
+    ready = condition(outcome, "Ready")
+    assert (ready.status, ready.reason) == ("False", "InvalidSpec")
+    assert "spec.identity.applicationClientId" in ready.message
+    assert not store.writes
+
+
+async def test_issuer_discovery_failure_is_transient(pipeline, kube):
+    from swi_operator.errors import kubernetes_error
+
+    kube.fail_next("discover_issuer", kubernetes_error(503, "unavailable", "discover"))
+    outcome = await pipeline.reconcile(resource())
+    assert condition(outcome, "FederatedCredentialReady").reason == "IssuerUnavailable"
+    assert outcome.retry is not None
