@@ -135,9 +135,13 @@ class SqlBox:
         connection_string = (
             "DRIVER={ODBC Driver 18 for SQL Server};"
             f"SERVER={self.env['AZ_SERVER']};DATABASE={database or self.env['AZ_DATABASE']};"
-            f"Encrypt={encrypt};TrustServerCertificate=no;Connection Timeout={timeout}"
+            f"Encrypt={encrypt};TrustServerCertificate=no"
         )
-        return pyodbc.connect(connection_string, attrs_before=attrs, autocommit=autocommit)
+        # The login timeout is SQL_ATTR_LOGIN_TIMEOUT (pyodbc's timeout=); driver 18 ignores the
+        # ADO.NET-style "Connection Timeout" keyword of the seed's connection string (15 s).
+        return pyodbc.connect(
+            connection_string, attrs_before=attrs, autocommit=autocommit, timeout=timeout
+        )
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -309,14 +313,13 @@ def federate(box: SqlBox, app: App, issuer: str, subject: str) -> str:
     return str(response.json()["id"])
 
 
-def run_workload(
-    box: SqlBox, *args: str, timeout: float = 60, **env: str
-) -> subprocess.CompletedProcess[str]:
+def run_workload(box: SqlBox, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m swi_workload ARGS`` with the sandbox's environment plus ``env``."""
     return subprocess.run(
         [sys.executable, "-m", "swi_workload", *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=90,
         env=box.process_env(**env),
         cwd=REPO,
         check=False,
