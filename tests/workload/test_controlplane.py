@@ -40,6 +40,7 @@ def pod_token(sandbox: Any, kube: Any, namespace: str, tmp_path: Path) -> Path:
             spec=client.V1TokenRequestSpec(audiences=[EXCHANGE_AUDIENCE], expiration_seconds=3600)
         ),
     )
+    assert token.status is not None and token.status.token
     path = tmp_path / "azure-identity-token"
     path.write_text(token.status.token)
     return path
