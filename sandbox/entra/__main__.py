@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sandbox.entra import ctl
-from sandbox.entra.server import DEFAULT_WORLD, DEMO_APP, ServeOptions, serve
+from sandbox.entra.state import DEFAULT_WORLD, DEMO_APP
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
+        from sandbox.entra.server import ServeOptions, serve  # ctl needs none of the server
+
         return serve(
             ServeOptions(
                 state_dir=args.state_dir.resolve(),

@@ -72,11 +72,11 @@ class IssuerKeys:
             )
         return self._session
 
-    async def _get_json(self, url: str, code: int) -> dict[str, Any]:
+    async def _get_json(self, url: str, code: int, accept: str) -> dict[str, Any]:
         if not url.lower().startswith("https://"):
             raise ExternalOidcError(code, f"{EXTERNAL_OIDC_FAILED} The URL '{url}' is not https.")
         try:
-            async with self._client().get(url, headers={"Accept": "application/json"}) as resp:
+            async with self._client().get(url, headers={"Accept": accept}) as resp:
                 if resp.status != 200:
                     raise ExternalOidcError(
                         code, f"{EXTERNAL_OIDC_FAILED} GET {url} answered HTTP {resp.status}."
@@ -91,7 +91,10 @@ class IssuerKeys:
         return document
 
     async def _fetch_keys(self, jwks_uri: str) -> dict[str, jwt.PyJWK]:
-        document = await self._get_json(jwks_uri, 50166)
+        # The Kubernetes API server answers 406 to a JWKS request that accepts only JSON.
+        document = await self._get_json(
+            jwks_uri, 50166, "application/jwk-set+json, application/json"
+        )
         keys: dict[str, jwt.PyJWK] = {}
         for data in document.get("keys") or []:
             try:
@@ -107,7 +110,7 @@ class IssuerKeys:
         if entry is not None and time.monotonic() - entry.fetched_at < self._ttl:
             return entry, False
         discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-        discovery = await self._get_json(discovery_url, 90061)
+        discovery = await self._get_json(discovery_url, 90061, "application/json")
         jwks_uri = discovery.get("jwks_uri")
         if not isinstance(jwks_uri, str):
             raise ExternalOidcError(

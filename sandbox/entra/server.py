@@ -31,14 +31,20 @@ from sandbox.entra.graph import GraphService
 from sandbox.entra.login import LoginService
 from sandbox.entra.oidc import IssuerKeys, outbound_ssl_context
 from sandbox.entra.routing import LOGIN_HOSTS, PUBLIC_HOSTS, Router, Surface
-from sandbox.entra.state import Directory, Principal, World, WorldError, load_world
+from sandbox.entra.state import (
+    DEFAULT_WORLD,
+    DEMO_APP,
+    Directory,
+    Principal,
+    World,
+    WorldError,
+    load_world,
+)
 from sandbox.entra.tokens import SigningKey
 from sandbox.pki import CA_CERT_NAME, ensure_ca
 
 SERVICE_NAME = "entra"
-DEFAULT_WORLD = Path(__file__).resolve().parent.parent / "world.yaml"
 DEFAULT_SANS = ("localhost", *sorted(PUBLIC_HOSTS))
-DEMO_APP = "SP-AZURESQL-USER"
 SIGNING_KEY_NAME = "entra-signing.key"
 
 

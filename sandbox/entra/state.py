@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 
+DEFAULT_WORLD = Path(__file__).resolve().parent.parent / "world.yaml"
+DEMO_APP = "SP-AZURESQL-USER"  # the seed's service principal, exported as AZ_CLIENT_ID/SECRET
 MAX_CREDENTIALS = 20
 MAX_FIELD_LENGTH = 600
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{2,119}")

@@ -11,6 +11,7 @@ down (AADSTS90061).
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import ssl
@@ -68,6 +69,18 @@ class EntraService:
     def ca(self) -> Path:
         return self.state_dir / "ca.crt"
 
+    @functools.cached_property
+    def http(self) -> requests.Session:
+        """Plain HTTPS to this emulator, trusting its CA whatever the environment says.
+
+        (A session-wide sandbox may point REQUESTS_CA_BUNDLE at another CA, and requests lets
+        that variable override ``Session.verify``; hence ``trust_env = False``.)
+        """
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = str(self.ca)
+        return session
+
     @property
     def tenant_id(self) -> str:
         return self.env["AZURE_TENANT_ID"]
@@ -86,7 +99,7 @@ class EntraService:
     def token(self, app: str = ADMIN_APP, resource: str = "https://graph.microsoft.com") -> str:
         """An access token by client secret over plain HTTP (for test set-up, not under test)."""
         principal = self.principal(app)
-        response = requests.post(
+        response = self.http.post(
             f"{self.url}/{self.tenant_id}/oauth2/v2.0/token",
             data={
                 "grant_type": "client_credentials",
@@ -94,7 +107,6 @@ class EntraService:
                 "client_secret": principal.secrets[0],
                 "scope": f"{resource}/.default",
             },
-            verify=str(self.ca),
             timeout=10,
         )
         response.raise_for_status()
@@ -104,12 +116,11 @@ class EntraService:
         self, method: str, path: str, body: dict[str, Any] | None = None, app: str = ADMIN_APP
     ) -> requests.Response:
         """A raw Graph call (set-up helper; the SDK tests use msgraph-sdk)."""
-        return requests.request(
+        return self.http.request(
             method,
             f"{self.graph_url}{path}",
             json=body,
             headers={"Authorization": f"Bearer {self.token(app)}"},
-            verify=str(self.ca),
             timeout=10,
         )
 
@@ -240,6 +251,12 @@ class OidcIssuer:
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         issuer: OidcIssuer = self.server.issuer  # type: ignore[attr-defined]
+        if self.path == "/openid/v1/jwks" and "jwk-set+json" not in self.headers.get("Accept", ""):
+            # Like kube-apiserver, which answers 406 when application/jwk-set+json is not accepted.
+            self.send_response(406)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         document = issuer.document(self.path)
         body = json.dumps(document or {"error": "not found"}).encode()
         self.send_response(200 if document is not None else 404)

@@ -35,12 +35,14 @@ def arm_as(entra: EntraService) -> ArmFactory:
             principal.secrets[0],
             authority=entra.url,
             disable_instance_discovery=True,
+            connection_verify=str(entra.ca),
         )
         return ManagedServiceIdentityClient(
             credential,
             entra.subscription_id,
             base_url=entra.env["SANDBOX_ARM_URL"],
             credential_scopes=["https://management.azure.com/.default"],
+            connection_verify=str(entra.ca),
         )
 
     return build
@@ -208,27 +210,27 @@ def test_api_version_and_token_are_required(entra: EntraService) -> None:
     )
     token = entra.token(ADMIN, "https://management.azure.com/")
     headers = {"Authorization": f"Bearer {token}"}
-    missing = requests.get(url, headers=headers, timeout=10)
+    missing = entra.http.get(url, headers=headers, timeout=10)
     assert (missing.status_code, missing.json()["error"]["code"]) == (
         400,
         "MissingApiVersionParameter",
     )
-    wrong = requests.get(url, params={"api-version": "2001-01-01"}, headers=headers, timeout=10)
+    wrong = entra.http.get(url, params={"api-version": "2001-01-01"}, headers=headers, timeout=10)
     assert wrong.json()["error"]["code"] == "InvalidApiVersionParameter"
-    anonymous = requests.get(url, params={"api-version": "2024-11-30"}, timeout=10)
+    anonymous = entra.http.get(url, params={"api-version": "2024-11-30"}, timeout=10)
     assert (anonymous.status_code, anonymous.json()["error"]["code"]) == (
         401,
         "AuthenticationFailed",
     )
     graph_token = entra.token(ADMIN, "https://graph.microsoft.com")
-    wrong_audience = requests.get(
+    wrong_audience = entra.http.get(
         url,
         params={"api-version": "2024-11-30"},
         headers={"Authorization": f"Bearer {graph_token}"},
         timeout=10,
     )
     assert wrong_audience.status_code == 401
-    ok = requests.get(url, params={"api-version": "2023-01-31"}, headers=headers, timeout=10)
+    ok = entra.http.get(url, params={"api-version": "2023-01-31"}, headers=headers, timeout=10)
     assert ok.status_code == 200 and ok.json()["properties"]["clientId"]
 
 
@@ -247,6 +249,7 @@ def test_managed_identity_signs_in_with_its_federated_credential(
         client_id=identity.client_id,
         token_file_path=str(token_file),
         authority=entra.url,
+        connection_verify=str(entra.ca),
     )
     claims = jwt.decode(
         credential.get_token("https://database.windows.net/.default").token,
@@ -276,7 +279,7 @@ def test_rate_limit_per_identity(entra: EntraService) -> None:
     )
 
     def put(identity: str, name: str) -> requests.Response:
-        return requests.put(
+        return entra.http.put(
             f"{base}/{identity}/federatedIdentityCredentials/{name}",
             params={"api-version": "2024-11-30"},
             json={

@@ -58,7 +58,7 @@ def test_routes_by_host_header(entra: EntraService) -> None:
     token_path = f"/{entra.tenant_id}/v2.0/.well-known/openid-configuration"
 
     def get(host: str, path: str) -> requests.Response:
-        return requests.get(f"{entra.url}{path}", headers={"Host": host}, timeout=10)
+        return entra.http.get(f"{entra.url}{path}", headers={"Host": host}, timeout=10)
 
     as_login = get("login.microsoftonline.com", token_path)
     assert as_login.status_code == 200
@@ -104,12 +104,12 @@ def test_ctl_cli(entra: EntraService) -> None:
     ctl("fail", "login.discovery", "--status", "503", "--count", "1")
     ctl("latency", "login.keys", "0.2")
     assert ctl("propagation", "30")["propagationSeconds"] == 30
-    failed = requests.get(
+    failed = entra.http.get(
         f"{entra.url}/{entra.tenant_id}/v2.0/.well-known/openid-configuration", timeout=10
     )
     assert failed.status_code == 503 and failed.json()["error"] == "temporarily_unavailable"
     started = time.monotonic()
-    requests.get(f"{entra.url}/common/discovery/keys", timeout=10).raise_for_status()
+    entra.http.get(f"{entra.url}/common/discovery/keys", timeout=10).raise_for_status()
     assert time.monotonic() - started >= 0.2
     assert ctl("requests", "--route", "login.*")["counts"] == {
         "login.discovery": 1,
@@ -132,9 +132,7 @@ def test_snapshot_and_signing_key_survive_restart(tmp_path: Path) -> None:
     process, _ = start_emulator(state_dir, *args)
     first = EntraService.attach(state_dir, process)
     first.add_app_credential("customer-api", "kept", "https://issuer.example", "sa:kept", "aud")
-    keys_before = requests.get(
-        f"{first.url}/common/discovery/keys", verify=str(first.ca), timeout=10
-    )
+    keys_before = first.http.get(f"{first.url}/common/discovery/keys", timeout=10)
     assert stop_emulator(process) == 0
     assert not (state_dir / "entra.json").exists()
 
@@ -144,9 +142,7 @@ def test_snapshot_and_signing_key_survive_restart(tmp_path: Path) -> None:
         object_id = second.principal("customer-api").app_object_id
         listed = second.graph("GET", f"/applications/{object_id}/federatedIdentityCredentials")
         assert [c["name"] for c in listed.json()["value"]] == ["kept"]
-        keys_after = requests.get(
-            f"{second.url}/common/discovery/keys", verify=str(second.ca), timeout=10
-        )
+        keys_after = second.http.get(f"{second.url}/common/discovery/keys", timeout=10)
         assert keys_after.json() == keys_before.json()
     finally:
         assert stop_emulator(process) == 0
@@ -176,8 +172,7 @@ def test_start_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
 def test_latency_without_injection(entra: EntraService) -> None:
     """A token request and a Graph GET take a few milliseconds (recorded in the docs)."""
     demo = entra.principal("sandbox-admin")
-    session = requests.Session()
-    session.verify = str(entra.ca)
+    session = entra.http
     form = {
         "grant_type": "client_credentials",
         "client_id": demo.client_id,

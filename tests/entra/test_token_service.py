@@ -16,7 +16,6 @@ from typing import Any
 
 import jwt
 import pytest
-import requests
 from azure.core.exceptions import ClientAuthenticationError
 from azure.identity import (
     ClientAssertionCredential,
@@ -34,10 +33,8 @@ APP = "customer-api"
 def _verify(entra: EntraService, token: str, audience: str) -> dict[str, Any]:
     """Verify a token the way a resource (the SQL emulator) does: v1 discovery, then JWKS."""
     context = ssl.create_default_context(cafile=str(entra.ca))
-    discovery = requests.get(
-        f"{entra.url}/{entra.tenant_id}/.well-known/openid-configuration",
-        verify=str(entra.ca),
-        timeout=10,
+    discovery = entra.http.get(
+        f"{entra.url}/{entra.tenant_id}/.well-known/openid-configuration", timeout=10
     ).json()
     signing_key = jwt.PyJWKClient(
         discovery["jwks_uri"], ssl_context=context
@@ -52,6 +49,7 @@ def _secret_credential(entra: EntraService, app: str, **kwargs: Any) -> ClientSe
     principal = entra.principal(app)
     kwargs.setdefault("authority", entra.url)
     kwargs.setdefault("disable_instance_discovery", True)
+    kwargs.setdefault("connection_verify", str(entra.ca))
     return ClientSecretCredential(
         kwargs.pop("tenant_id", entra.tenant_id),
         kwargs.pop("client_id", principal.client_id),
@@ -64,7 +62,11 @@ def _assertion_credential(
     entra: EntraService, token: str, app: str = APP
 ) -> ClientAssertionCredential:
     return ClientAssertionCredential(
-        entra.tenant_id, entra.principal(app).client_id, lambda: token, authority=entra.url
+        entra.tenant_id,
+        entra.principal(app).client_id,
+        lambda: token,
+        authority=entra.url,
+        connection_verify=str(entra.ca),
     )
 
 
@@ -101,6 +103,7 @@ def test_authority_from_environment(entra: EntraService, monkeypatch: pytest.Mon
         entra.env["AZ_CLIENT_ID"],
         entra.env["AZ_CLIENT_SECRET"],
         disable_instance_discovery=True,
+        connection_verify=str(entra.ca),
     )
     assert (
         _verify(entra, credential.get_token(GRAPH).token, "https://graph.microsoft.com")["appid"]
@@ -121,8 +124,10 @@ def proxy(entra: EntraService, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     line = process.stdout.readline().strip()
     assert line.startswith("READY url="), line
     url = line.removeprefix("READY url=")
-    monkeypatch.setenv("HTTPS_PROXY", url)
-    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    for name in ("HTTPS_PROXY", "https_proxy"):  # both: lower case wins when both are set
+        monkeypatch.setenv(name, url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "localhost,127.0.0.1")
     try:
         yield url
     finally:
@@ -133,7 +138,9 @@ def proxy(entra: EntraService, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
 def test_default_authority_through_proxy(entra: EntraService, proxy: str) -> None:
     """No authority, no disable_instance_discovery: login.microsoftonline.com via the proxy."""
     demo = entra.principal("SP-AZURESQL-USER")
-    credential = ClientSecretCredential(entra.tenant_id, demo.client_id, demo.secrets[0])
+    credential = ClientSecretCredential(
+        entra.tenant_id, demo.client_id, demo.secrets[0], connection_verify=str(entra.ca)
+    )
     claims = _verify(entra, credential.get_token(GRAPH).token, "https://graph.microsoft.com")
     assert claims["oid"] == demo.sp_object_id
     counts = entra.admin.requests("login.*")["counts"]
@@ -173,6 +180,7 @@ def test_unknown_tenant(entra: EntraService, fresh_issuer: OidcIssuer) -> None:
         entra.principal(APP).client_id,
         lambda: fresh_issuer.mint(SUBJECT),
         authority=entra.url,
+        connection_verify=str(entra.ca),
     )
     with pytest.raises(ClientAuthenticationError, match="AADSTS90002: Tenant '0b9f5d1e"):
         credential.get_token(GRAPH)
@@ -198,6 +206,7 @@ def test_workload_identity_credential_with_token_file(
         client_id=app.client_id,
         token_file_path=str(token_file),
         authority=entra.url,
+        connection_verify=str(entra.ca),
     )
     claims = _verify(entra, credential.get_token(SQL).token, "https://database.windows.net/")
     assert (claims["oid"], claims["appid"], claims["appidacr"]) == (
