@@ -1,0 +1,158 @@
+"""Unit tests of the TDS codec and the T-SQL engine, without sockets or the driver."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import struct
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sandbox.azuresql import tds
+from sandbox.azuresql.engine import (
+    Database,
+    DbUser,
+    SeedUser,
+    SqlError,
+    StatementDone,
+    quote_name,
+    split_batch,
+)
+
+
+def _roundtrip(sql_type: tds.SqlType, value: object) -> object:
+    data = sql_type.type_info() + tds.encode_value(sql_type, value)
+    reader = tds.Reader(data)
+    decoded_type = tds.decode_type_info(reader)
+    result = tds.decode_value(reader, decoded_type)
+    assert reader.remaining() == 0
+    return result
+
+
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1))
+def test_bigint_roundtrip(value: int) -> None:
+    assert _roundtrip(tds.BIGINT, value) == value
+
+
+@given(st.text(max_size=3000))
+def test_nvarchar_roundtrip(value: str) -> None:
+    assert _roundtrip(tds.nvarchar(4000), value) == value
+    assert _roundtrip(tds.NVARCHAR_MAX, value) == value  # PLP
+
+
+@pytest.mark.parametrize(
+    ("sql_type", "value"),
+    [
+        (tds.BIT, True),
+        (tds.FLOAT, 1.25),
+        (tds.SqlType(tds.Kind.DECIMAL, None, 10, 2), decimal.Decimal("-12.50")),
+        (
+            tds.SqlType(tds.Kind.DATETIME2, None, scale=7),
+            dt.datetime(2024, 5, 1, 10, 30, 0, 123456),
+        ),
+        (tds.SqlType(tds.Kind.DATE, 3), dt.date(1999, 12, 31)),
+        (tds.SqlType(tds.Kind.GUID, 16), "5E0C1D9A-7B3F-4C2E-9A1D-000000000002"),
+        (tds.SqlType(tds.Kind.VARBINARY, 85), b"\x01\x02"),
+        (tds.SqlType(tds.Kind.VARCHAR, 50), "Doe"),
+        (tds.INT, None),
+        (tds.NVARCHAR_MAX, None),
+    ],
+)
+def test_value_roundtrip(sql_type: tds.SqlType, value: object) -> None:
+    assert _roundtrip(sql_type, value) == value
+
+
+def test_packets_split_and_mark_the_last_one() -> None:
+    data = tds.packetize(tds.PacketType.RESPONSE, b"x" * 10000, 4096)
+    first = tds.parse_header(data[:8])
+    assert first == (tds.PacketType.RESPONSE, 0, 4088)
+    last_offset = 2 * 4096
+    assert tds.parse_header(data[last_offset : last_offset + 8]) == (
+        tds.PacketType.RESPONSE,
+        tds.STATUS_EOM,
+        10000 - 2 * 4088,
+    )
+
+
+def test_prelogin_roundtrip() -> None:
+    payload = tds.build_prelogin(
+        [
+            (tds.PreloginOption.VERSION, b"\x0c\x00\x07\xd0\x00\x00"),
+            (tds.PreloginOption.ENCRYPTION, b"\x01"),
+            (tds.PreloginOption.FEDAUTHREQUIRED, b"\x01"),
+        ]
+    )
+    options = tds.parse_prelogin(payload)
+    assert options[tds.PreloginOption.ENCRYPTION] == b"\x01"
+    assert options[tds.PreloginOption.FEDAUTHREQUIRED] == b"\x01"
+
+
+def _login7(token: str, database: str) -> bytes:
+    strings = {36: "host", 48: "app", 52: "server", 68: database}
+    fixed = bytearray(94)
+    struct.pack_into("<I", fixed, 4, tds.TDS_VERSION_74)
+    struct.pack_into("<I", fixed, 8, 8192)
+    fixed[27] = tds.OPTION_FLAGS3_EXTENSION
+    data = bytearray()
+    for offset, text in strings.items():
+        struct.pack_into("<HH", fixed, offset, 94 + len(data), len(text))
+        data += text.encode("utf-16-le")
+    ext_at = 94 + len(data)
+    struct.pack_into("<HH", fixed, 56, ext_at, 4)
+    feature_at = ext_at + 4
+    raw = token.encode("utf-16-le")
+    fedauth = bytes([(tds.FEDAUTH_LIBRARY_SECURITY_TOKEN << 1) | 1]) + struct.pack("<I", len(raw))
+    feature = bytes([tds.FEATURE_FEDAUTH]) + struct.pack("<I", len(fedauth) + len(raw)) + fedauth
+    payload = fixed + data + struct.pack("<I", feature_at) + feature + raw + b"\xff"
+    struct.pack_into("<I", payload, 0, len(payload))
+    return bytes(payload)
+
+
+def test_login7_carries_the_access_token() -> None:
+    login = tds.parse_login7(_login7("eyJ.token.sig", "mydb"))
+    assert (login.database, login.packet_size, login.access_token) == (
+        "mydb",
+        8192,
+        "eyJ.token.sig",
+    )
+    assert login.fedauth_echo and login.fedauth_library == tds.FEDAUTH_LIBRARY_SECURITY_TOKEN
+
+
+def test_split_batch_respects_strings_and_parentheses() -> None:
+    statements = split_batch("SELECT ';' AS a; INSERT INTO t (a) VALUES ('x;y');\n\n ;SELECT 2")
+    assert [s.text for s in statements] == [
+        "SELECT ';' AS a",
+        "INSERT INTO t (a) VALUES ('x;y')",
+        "SELECT 2",
+    ]
+
+
+def test_quote_name_doubles_closing_brackets() -> None:
+    assert quote_name("a]b") == "[a]]b]"
+
+
+def test_engine_seed_and_permissions(tmp_path: Path) -> None:
+    database = Database("s", "db", tmp_path / "db.sqlite", tenant="t")
+    reader_sid = uuid.UUID(int=1).bytes_le
+    database.create(
+        "CREATE TABLE T (id INT PRIMARY KEY IDENTITY, name NVARCHAR(20));"
+        "INSERT INTO T (name) VALUES (N'a');",
+        [SeedUser("reader", reader_sid, ["db_datareader"])],
+    )
+    admin = database.open(DbUser(1, "dbo", True))
+    [done] = admin.execute("SELECT TOP 1 * FROM dbo.T")
+    assert isinstance(done, StatementDone) and done.result is not None
+    assert [c.sql_type.sql_name() for c in done.result.columns] == ["int", "nvarchar(20)"]
+    reader = database.open(DbUser(5, "reader", False))
+    with pytest.raises(SqlError) as caught:
+        reader.execute("DELETE FROM T")
+    assert caught.value.number == 229
+    with pytest.raises(SqlError) as caught:
+        reader.execute("ALTER ROLE db_owner ADD MEMBER [reader]")
+    assert caught.value.number == 15151
+    admin.close()
+    reader.close()
