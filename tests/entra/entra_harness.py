@@ -30,6 +30,7 @@ from typing import Any
 import jwt
 import pytest
 import requests
+from azure.identity import ClientSecretCredential
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sandbox.entra.ctl import AdminClient
@@ -95,6 +96,25 @@ class EntraService:
 
     def principal(self, name: str) -> Principal:
         return next(p for p in self.world.principals if p.name == name)
+
+    def secret_credential(self, app: str, **overrides: Any) -> ClientSecretCredential:
+        """azure-identity's ClientSecretCredential for ``app``, aimed at this emulator."""
+        principal = self.principal(app)
+        settings: dict[str, Any] = {
+            "tenant_id": self.tenant_id,
+            "client_id": principal.client_id,
+            "client_secret": principal.secrets[0] if principal.secrets else "none",
+            "authority": self.url,
+            "disable_instance_discovery": True,
+            "connection_verify": str(self.ca),
+            **overrides,
+        }
+        return ClientSecretCredential(
+            settings.pop("tenant_id"),
+            settings.pop("client_id"),
+            settings.pop("client_secret"),
+            **settings,
+        )
 
     def token(self, app: str = ADMIN_APP, resource: str = "https://graph.microsoft.com") -> str:
         """An access token by client secret over plain HTTP (for test set-up, not under test)."""

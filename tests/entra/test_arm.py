@@ -11,7 +11,7 @@ import jwt
 import pytest
 import requests
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.identity import ClientSecretCredential, WorkloadIdentityCredential
+from azure.identity import WorkloadIdentityCredential
 from azure.mgmt.msi import ManagedServiceIdentityClient
 from azure.mgmt.msi.models import FederatedIdentityCredential
 from entra_harness import EntraService, OidcIssuer
@@ -28,17 +28,8 @@ ArmFactory = Callable[[str], ManagedServiceIdentityClient]
 @pytest.fixture
 def arm_as(entra: EntraService) -> ArmFactory:
     def build(app: str) -> ManagedServiceIdentityClient:
-        principal = entra.principal(app)
-        credential = ClientSecretCredential(
-            entra.tenant_id,
-            principal.client_id,
-            principal.secrets[0],
-            authority=entra.url,
-            disable_instance_discovery=True,
-            connection_verify=str(entra.ca),
-        )
         return ManagedServiceIdentityClient(
-            credential,
+            entra.secret_credential(app),
             entra.subscription_id,
             base_url=entra.env["SANDBOX_ARM_URL"],
             credential_scopes=["https://management.azure.com/.default"],

@@ -45,19 +45,6 @@ def _verify(entra: EntraService, token: str, audience: str) -> dict[str, Any]:
     return claims
 
 
-def _secret_credential(entra: EntraService, app: str, **kwargs: Any) -> ClientSecretCredential:
-    principal = entra.principal(app)
-    kwargs.setdefault("authority", entra.url)
-    kwargs.setdefault("disable_instance_discovery", True)
-    kwargs.setdefault("connection_verify", str(entra.ca))
-    return ClientSecretCredential(
-        kwargs.pop("tenant_id", entra.tenant_id),
-        kwargs.pop("client_id", principal.client_id),
-        kwargs.pop("client_secret", principal.secrets[0] if principal.secrets else "x"),
-        **kwargs,
-    )
-
-
 def _assertion_credential(
     entra: EntraService, token: str, app: str = APP
 ) -> ClientAssertionCredential:
@@ -73,7 +60,7 @@ def _assertion_credential(
 # -- client secrets ------------------------------------------------------------------------------
 def test_client_secret_token_carries_v1_claims(entra: EntraService) -> None:
     demo = entra.principal("SP-AZURESQL-USER")
-    token = _secret_credential(entra, demo.name).get_token(GRAPH)
+    token = entra.secret_credential(demo.name).get_token(GRAPH)
     claims = _verify(entra, token.token, "https://graph.microsoft.com")
     assert claims["iss"] == f"https://sts.windows.net/{entra.tenant_id}/"
     assert (claims["tid"], claims["oid"], claims["appid"], claims["ver"]) == (
@@ -86,11 +73,11 @@ def test_client_secret_token_carries_v1_claims(entra: EntraService) -> None:
 
 
 def test_sql_token_audience_and_graph_roles(entra: EntraService) -> None:
-    sql_token = _secret_credential(entra, "sandbox-sql-server").get_token(SQL)
+    sql_token = entra.secret_credential("sandbox-sql-server").get_token(SQL)
     assert _verify(entra, sql_token.token, "https://database.windows.net/")["aud"] == (
         "https://database.windows.net/"
     )
-    graph_token = _secret_credential(entra, "sandbox-sql-server").get_token(GRAPH)
+    graph_token = entra.secret_credential("sandbox-sql-server").get_token(GRAPH)
     claims = _verify(entra, graph_token.token, "https://graph.microsoft.com")
     assert claims["roles"] == ["Application.Read.All"]
 
@@ -149,7 +136,7 @@ def test_default_authority_through_proxy(entra: EntraService, proxy: str) -> Non
 
 def test_instance_discovery_for_emulator_host(entra: EntraService, proxy: str) -> None:
     """A localhost authority with instance discovery on: MSAL asks login.microsoftonline.com."""
-    credential = _secret_credential(entra, "SP-AZURESQL-USER", disable_instance_discovery=False)
+    credential = entra.secret_credential("SP-AZURESQL-USER", disable_instance_discovery=False)
     credential.get_token(GRAPH)
     log = entra.admin.requests("login.*")["log"]
     assert [r["route"] for r in log][:3] == ["login.instance", "login.discovery", "login.token"]
@@ -164,7 +151,7 @@ def test_instance_discovery_for_emulator_host(entra: EntraService, proxy: str) -
     ],
 )
 def test_client_secret_failures(entra: EntraService, overrides: dict[str, str], code: int) -> None:
-    credential = _secret_credential(entra, "SP-AZURESQL-USER", **overrides)
+    credential = entra.secret_credential("SP-AZURESQL-USER", **overrides)
     with pytest.raises(ClientAuthenticationError, match=f"AADSTS{code}"):
         credential.get_token(GRAPH)
 
@@ -174,7 +161,7 @@ def test_unknown_tenant(entra: EntraService, fresh_issuer: OidcIssuer) -> None:
     endpoint itself, which assertion credentials call directly, answers AADSTS90002."""
     unknown = "0b9f5d1e-0000-4000-8000-000000000000"
     with pytest.raises(ClientAuthenticationError, match="Unable to get authority configuration"):
-        _secret_credential(entra, "SP-AZURESQL-USER", tenant_id=unknown).get_token(GRAPH)
+        entra.secret_credential("SP-AZURESQL-USER", tenant_id=unknown).get_token(GRAPH)
     credential = ClientAssertionCredential(
         unknown,
         entra.principal(APP).client_id,
@@ -188,7 +175,7 @@ def test_unknown_tenant(entra: EntraService, fresh_issuer: OidcIssuer) -> None:
 
 def test_unknown_resource(entra: EntraService) -> None:
     with pytest.raises(ClientAuthenticationError, match="AADSTS500011"):
-        _secret_credential(entra, "SP-AZURESQL-USER").get_token("https://vault.example/.default")
+        entra.secret_credential("SP-AZURESQL-USER").get_token("https://vault.example/.default")
 
 
 # -- client assertions (workload identity federation) ----------------------------------------------
@@ -290,7 +277,7 @@ def test_clock_skew_makes_assertion_not_yet_valid(
 def test_429_retry_after_is_honoured(entra: EntraService) -> None:
     entra.admin.fail("login.token", status=429, count=1, retry_after=1)
     started = time.monotonic()
-    assert _secret_credential(entra, "SP-AZURESQL-USER").get_token(GRAPH).token
+    assert entra.secret_credential("SP-AZURESQL-USER").get_token(GRAPH).token
     assert time.monotonic() - started >= 1.0
     log = entra.admin.requests("login.token")["log"]
     assert [(r["status"], r["injected"]) for r in log] == [(429, True), (200, False)]
@@ -298,5 +285,5 @@ def test_429_retry_after_is_honoured(entra: EntraService) -> None:
 
 def test_503_is_retried(entra: EntraService) -> None:
     entra.admin.fail("login.token", status=503, count=1, retry_after=0)
-    assert _secret_credential(entra, "SP-AZURESQL-USER").get_token(GRAPH).token
+    assert entra.secret_credential("SP-AZURESQL-USER").get_token(GRAPH).token
     assert [r["status"] for r in entra.admin.requests("login.token")["log"]] == [503, 200]
