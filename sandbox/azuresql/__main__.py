@@ -4,8 +4,8 @@
 ``sql:`` section on its own loopback port (the ports of a previous run are reused when free, so a
 restart keeps ``AZ_SERVER`` valid), seeds missing databases under ``DIR/azuresql/<server>/``,
 registers the ODBC driver in ``DIR/odbc/odbcinst.ini``, writes ``DIR/azuresql.json`` and prints
-one ``READY servers=name:port,...`` line. SIGTERM or SIGINT: clean exit 0. A start-up problem:
-one ``error: ...`` line on stderr, exit 2.
+one ``READY servers=name:port,...`` line. SIGTERM or SIGINT: clean exit 0 (``azuresql.json``
+removed). A start-up problem: one ``error: ...`` line on stderr, exit 2.
 
 ``ctl --state-dir DIR status | fail-logins SERVER [--count N] [--error 40613] | stop SERVER |
 start SERVER | log [--server NAME] [--json] [--clear]`` talks to the admin endpoint (admin.py).
@@ -37,6 +37,7 @@ from sandbox.azuresql.tls import server_contexts
 from sandbox.pki import ensure_ca
 
 STATE_FILE = "azuresql.json"
+PORTS_FILE = "ports.json"  # under DIR/azuresql: remembered so a restart keeps AZ_SERVER valid
 EXIT_STARTUP = 2
 
 
@@ -57,10 +58,9 @@ def _entra_url(state_dir: Path, explicit: str | None) -> str:
         ) from exc
 
 
-def _previous_ports(state_file: Path) -> dict[str, int]:
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        data = json.loads(state_file.read_text())
-        return {name: int(s["port"]) for name, s in data["servers"].items()}
+def _previous_ports(ports_file: Path) -> dict[str, int]:
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        return {str(name): int(port) for name, port in json.loads(ports_file.read_text()).items()}
     return {}
 
 
@@ -80,7 +80,7 @@ async def _start(args: argparse.Namespace) -> tuple[list[EmulatedServer], web.Ap
     cert, key = ca.issue(data_dir, "azuresql", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     contexts = server_contexts(cert, key)
     verifier = TokenVerifier(entra_url, ca.cert_path)
-    previous = _previous_ports(state_dir / STATE_FILE)
+    previous = _previous_ports(data_dir / PORTS_FILE)
     servers = []
     for spec in specs:
         server = await asyncio.to_thread(
@@ -150,6 +150,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_STARTUP
     _write_json(state_dir / STATE_FILE, _state(args, servers, admin_url, odbc_dir))
+    _write_json(state_dir / "azuresql" / PORTS_FILE, {s.name: s.port for s in servers})
     ports = ",".join(f"{s.name}:{s.port}" for s in servers)
     print(f"READY servers={ports}", flush=True)
     stop = asyncio.Event()
@@ -160,6 +161,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for server in servers:
         await server.stop()
     await runner.cleanup()
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
     return 0
 
 

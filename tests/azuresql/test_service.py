@@ -92,6 +92,7 @@ def test_state_file_odbc_registration_restart_and_persistence(
         conn.close()
     finally:
         assert _stop(process) == 0
+    assert not (own_state / "azuresql.json").exists()
 
     again = _serve(own_state, "--entra-url", sqlbox.entra_url)
     try:
