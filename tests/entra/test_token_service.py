@@ -287,3 +287,36 @@ def test_503_is_retried(entra: EntraService) -> None:
     entra.admin.fail("login.token", status=503, count=1, retry_after=0)
     assert entra.secret_credential("SP-AZURESQL-USER").get_token(GRAPH).token
     assert [r["status"] for r in entra.admin.requests("login.token")["log"]] == [503, 200]
+
+
+# -- the raw wire contract -------------------------------------------------------------------------
+def test_error_body_and_v1_endpoint(entra: EntraService) -> None:
+    demo = entra.principal("SP-AZURESQL-USER")
+    form = {"grant_type": "client_credentials", "client_id": demo.client_id}
+    failed = entra.http.post(
+        f"{entra.url}/{entra.tenant_id}/oauth2/v2.0/token",
+        data={**form, "client_secret": "wrong", "scope": GRAPH},
+        headers={"client-request-id": "c0ffee00-0000-4000-8000-000000000001"},
+        timeout=10,
+    )
+    body = failed.json()
+    assert (failed.status_code, body["error"], body["error_codes"]) == (
+        401,
+        "invalid_client",
+        [7000215],
+    )
+    assert body["error_description"].startswith("AADSTS7000215: Invalid client secret provided.")
+    assert body["correlation_id"] == "c0ffee00-0000-4000-8000-000000000001"
+    assert body["trace_id"] and body["timestamp"]
+
+    v1 = entra.http.post(
+        f"{entra.url}/{entra.tenant_id}/oauth2/token",
+        data={
+            **form,
+            "client_secret": demo.secrets[0],
+            "resource": "https://database.windows.net/",
+        },
+        timeout=10,
+    ).json()
+    assert v1["resource"] == "https://database.windows.net/" and int(v1["expires_on"]) > time.time()
+    assert _verify(entra, v1["access_token"], "https://database.windows.net/")["appidacr"] == "1"
