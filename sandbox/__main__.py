@@ -5,6 +5,7 @@ Typical use::
     python -m sandbox up             # start everything, return when ready
     eval "$(python -m sandbox env)"  # KUBECONFIG, SANDBOX_CA, Azure endpoints, PATH with kubectl
     kubectl get ns
+    python -m sandbox ctl entra latency 'graph.*' 0.1   # test controls of the emulators
     python -m sandbox down
 
 Every failure prints one line starting with ``error:`` that says what to do, and exits 2.
@@ -49,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="show each component, its pid and address")
     sub.add_parser("env", help="print `export NAME=value` lines for a shell (eval them)")
     sub.add_parser("build", help="build (or find cached) the control plane and kubectl")
+    ctl = sub.add_parser(
+        "ctl",
+        help="test controls of an emulator: latency, injected faults, request logs "
+        "(`python -m sandbox ctl entra --help`, `python -m sandbox ctl azuresql --help`)",
+    )
+    ctl.add_argument("emulator", choices=["entra", "azuresql"])
+    ctl.add_argument("rest", nargs=argparse.REMAINDER, help="the emulator's ctl command")
     return parser
 
 
@@ -65,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, state_dir: Path) -> int:
+    if args.command == "ctl":
+        # Each emulator owns its controls; this only forwards with the state directory filled in.
+        if args.emulator == "entra":
+            from sandbox.entra.__main__ import main as emulator_main
+        else:
+            from sandbox.azuresql.__main__ import main as emulator_main
+        return emulator_main(["ctl", "--state-dir", str(state_dir), *args.rest])
     if args.command == "build":
         print(launcher.build_controlplane())
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -171,3 +172,12 @@ def test_busy_port_is_one_line_saying_what_to_do(sandbox, tmp_path, monkeypatch)
     assert "choose another --port" in message
     assert "\n" not in message
     assert not launcher.inspect(state, launcher.PROXY).alive
+
+
+def test_ctl_forwards_to_the_emulators_test_controls(sandbox):
+    entra = _cli("--state-dir", str(sandbox.state_dir), "ctl", "entra", "status")
+    assert entra.returncode == 0, entra.stderr
+    assert "propagationSeconds" in json.loads(entra.stdout)
+    sql = _cli("--state-dir", str(sandbox.state_dir), "ctl", "azuresql", "status")
+    assert sql.returncode == 0, sql.stderr
+    assert "sandbox-sql" in {server["name"] for server in json.loads(sql.stdout)}
