@@ -881,23 +881,29 @@ class Session:
             )
             return StatementDone(tds.CurCmd.CREATE_TABLE, None)
         if isinstance(tree, exp.Drop) and kind == "TABLE":
-            table = tree.this
-            name = table.name if isinstance(table, exp.Table) else ""
-            exists = name.lower() in self._user_tables()
-            if not allowed or (not exists and not tree.args.get("exists")):
-                written = ".".join(p for p in (table.db, name) if p)
-                raise SqlError(
-                    3701,
-                    f"Cannot drop the table '{written}', "
-                    "because it does not exist or you do not have permission.",
-                    severity=11,
-                    state=5,
-                )
-            if not exists:
-                return StatementDone(tds.CurCmd.DROP_TABLE, None)
-            tree, _refs = self._rewrite(tree)
-            self._run(tree.sql(dialect="sqlite"), params)
-            self.conn.execute("DELETE FROM __swi_columns WHERE table_name = ?", (name,))
+            # sqlglot keeps DROP TABLE's targets in "tables" (several may be named).
+            tables = [
+                t for t in (tree.args.get("tables") or [tree.this]) if isinstance(t, exp.Table)
+            ]
+            existing = self._user_tables()
+            for table in tables:
+                if not allowed or (
+                    table.name.lower() not in existing and not tree.args.get("exists")
+                ):
+                    written = ".".join(p for p in (table.db, table.name) if p)
+                    raise SqlError(
+                        3701,
+                        f"Cannot drop the table '{written}', "
+                        "because it does not exist or you do not have permission.",
+                        severity=11,
+                        state=5,
+                    )
+            for table in tables:
+                if table.name.lower() not in existing:
+                    continue
+                name = existing[table.name.lower()]
+                self._run(f"DROP TABLE {quote_sqlite(name)}", params)
+                self.conn.execute("DELETE FROM __swi_columns WHERE table_name = ?", (name,))
             return StatementDone(tds.CurCmd.DROP_TABLE, None)
         if not allowed:
             raise SqlError(
@@ -1236,6 +1242,10 @@ class Database:
             conn.close()
         for name, user_type, roles in rows:
             yield str(name), str(user_type), sorted(str(roles).split(",")) if roles else []
+
+
+def quote_sqlite(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def quote_name(name: str) -> str:

@@ -156,3 +156,19 @@ def test_engine_seed_and_permissions(tmp_path: Path) -> None:
     assert caught.value.number == 15151
     admin.close()
     reader.close()
+
+
+def test_drop_table(tmp_path: Path) -> None:
+    database = Database("s", "db", tmp_path / "db.sqlite", tenant="t")
+    database.create("CREATE TABLE A (id INT); CREATE TABLE B (id INT);", [])
+    admin = database.open(DbUser(1, "dbo", True))
+    admin.execute("DROP TABLE dbo.A, B")
+    for name in ("A", "B"):
+        with pytest.raises(SqlError) as caught:
+            admin.execute(f"SELECT * FROM {name}")
+        assert caught.value.number == 208
+    with pytest.raises(SqlError) as caught:
+        admin.execute("DROP TABLE A")
+    assert caught.value.number == 3701
+    admin.execute("DROP TABLE IF EXISTS A")
+    admin.close()
