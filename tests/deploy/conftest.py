@@ -1,0 +1,1 @@
+"""tests/deploy: its helpers live in deploy_harness (also used by tests/injection)."""

@@ -1,0 +1,377 @@
+"""The injection webhook in the sandbox, end to end, as the deployed operator.
+
+deploy/overlays/generic is installed for real (its MutatingWebhookConfiguration, RBAC and
+ServiceAccount); the webhook runs as its own ``kopf run`` process authenticated with a token of
+that ServiceAccount, in self-managed TLS mode (it creates its Secret and writes the CA bundle into
+the configuration). The controller-manager creates the pods of a labelled Deployment; the API
+server calls the webhook; the test then does what the kubelet would (a TokenRequest for the
+projected volume's audience, written where the injected variable points, rebased into a temporary
+folder) and runs the workload with the injected environment: it prints the seed's customers.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from deploy_harness import (  # type: ignore[import-not-found]
+    NAMESPACE,
+    install_generic,
+    operator_kubeconfig,
+    wait_for,
+)
+from webhook_harness import (  # type: ignore[import-not-found]
+    ca_bundle,
+    dry_run_injected,
+    webhook_process,
+)
+
+from sandbox.entra.state import load_world
+from sandbox.launcher import WORLD_FILE
+
+pytestmark = pytest.mark.controlplane
+
+APP = "SP-AZURESQL-USER"  # the seeded database user (db_datareader on mydb)
+SA = "customer-reader"
+USE = {"azure.workload.identity/use": "true"}
+CUSTOMERS = ["John", "Jane", "Alice", "Bob", "Emily"]
+
+
+def _core(kube: Any) -> Any:
+    """The typed client, as Any: these tests read fields the API server is known to set."""
+    from kubernetes import client
+
+    return client.CoreV1Api(kube)
+
+
+def _apps(kube: Any) -> Any:
+    from kubernetes import client
+
+    return client.AppsV1Api(kube)
+
+
+def _principal(name: str) -> Any:
+    return next(p for p in load_world(WORLD_FILE).principals if p.name == name)
+
+
+def _graph(method: str, path: str, body: dict[str, Any] | None = None) -> requests.Response:
+    admin = _principal("sandbox-admin")
+    token = requests.post(
+        f"{os.environ['AZURE_AUTHORITY_HOST']}/{admin.tenant_id}/oauth2/v2.0/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": admin.client_id,
+            "client_secret": admin.secrets[0],
+            "scope": "https://graph.microsoft.com/.default",
+        },
+        timeout=10,
+    ).json()["access_token"]
+    return requests.request(
+        method,
+        f"{os.environ['SANDBOX_GRAPH_URL']}{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+
+
+def _service_account(kube: Any, namespace: str, name: str, **annotations: str) -> None:
+    from kubernetes import client
+
+    _core(kube).create_namespaced_service_account(
+        namespace,
+        client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name, annotations=annotations)),
+    )
+
+
+def _create_namespace(kube: Any, name: str, labels: dict[str, str] | None = None) -> None:
+    from kubernetes import client
+
+    _core(kube).create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
+    )
+
+
+@pytest.fixture(scope="module")
+def webhook(sandbox: Any, kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The webhook serving as the deployed ServiceAccount, with a self-managed certificate."""
+
+    install_generic(sandbox)
+    tmp = tmp_path_factory.mktemp("webhook")
+    probe_ns = f"probe-{uuid.uuid4().hex[:8]}"
+    _create_namespace(kube, probe_ns)
+    _service_account(
+        kube, probe_ns, "probe", **{"azure.workload.identity/client-id": _principal(APP).client_id}
+    )
+    kubeconfig = operator_kubeconfig(sandbox, kube, tmp / "operator.kubeconfig")
+    env = {"SWI_WEBHOOK_NAMESPACE": NAMESPACE}
+    try:
+        with webhook_process(
+            kube, kubeconfig, tmp / "webhook.log", env, (probe_ns, "probe")
+        ) as port:
+            yield port
+    finally:
+        _core(kube).delete_namespace(probe_ns)
+
+
+def test_self_managed_certificate_is_in_its_secret_and_trusted(kube: Any, webhook: int) -> None:
+
+    secret = _core(kube).read_namespaced_secret(
+        "sql-workload-identity-operator-webhook-tls", NAMESPACE
+    )
+    assert set(secret.data) == {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+    import base64
+
+    assert ca_bundle(kube) == base64.b64decode(secret.data["ca.crt"])
+
+
+@pytest.fixture
+def federated_app(sandbox: Any, namespace: str) -> Iterator[str]:
+    """SP-AZURESQL-USER federated with system:serviceaccount:<namespace>:customer-reader."""
+    app = _principal(APP)
+    name = f"webhook-test-{uuid.uuid4().hex[:8]}"
+    path = f"/applications/{app.app_object_id}/federatedIdentityCredentials"
+    created = _graph(
+        "POST",
+        path,
+        {
+            "name": name,
+            "issuer": sandbox.issuer,
+            "subject": f"system:serviceaccount:{namespace}:{SA}",
+            "audiences": ["api://AzureADTokenExchange"],
+        },
+    )
+    assert created.status_code == 201, created.text
+    try:
+        yield app.client_id
+    finally:
+        _graph("DELETE", f"{path}(name='{name}')")
+
+
+def _deployment(name: str, labels: dict[str, str], env: dict[str, str]) -> Any:
+    from kubernetes import client
+
+    return client.V1Deployment(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1DeploymentSpec(
+            replicas=1,
+            selector=client.V1LabelSelector(match_labels={"app": name}),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels={"app": name, **labels}),
+                spec=client.V1PodSpec(
+                    service_account_name=SA,
+                    containers=[
+                        client.V1Container(
+                            name="customer-api",
+                            image="sql-workload-identity-workload:0.1.0",
+                            env=[client.V1EnvVar(name=k, value=v) for k, v in env.items()],
+                        )
+                    ],
+                ),
+            ),
+        ),
+    )
+
+
+def _pod_of(kube: Any, namespace: str, app: str) -> Any:
+
+    def created() -> Any:
+        pods = _core(kube).list_namespaced_pod(namespace, label_selector=f"app={app}")
+        return pods.items[0] if pods.items else None
+
+    return wait_for(f"the controller-manager to create a pod of {app}", created, timeout=60)
+
+
+def test_deployment_pods_get_the_token_and_the_workload_prints_the_customers(
+    sandbox: Any, kube: Any, namespace: str, webhook: int, federated_app: str, tmp_path: Path
+) -> None:
+    from kubernetes import client
+
+    tenant = os.environ["AZURE_TENANT_ID"]
+    _service_account(
+        kube,
+        namespace,
+        SA,
+        **{
+            "azure.workload.identity/client-id": federated_app,
+            "azure.workload.identity/tenant-id": tenant,
+        },
+    )
+    # The seed's manifest sets the server and database itself; the identity comes from admission.
+    own_env = {"AZ_SERVER": os.environ["AZ_SERVER"], "AZ_DATABASE": os.environ["AZ_DATABASE"]}
+    _apps(kube).create_namespaced_deployment(namespace, _deployment("customer-api", USE, own_env))
+    pod = _pod_of(kube, namespace, "customer-api")
+
+    # What admission put into the pod, read from the pod the API server stored.
+    container = pod.spec.containers[0]
+    env = {e.name: e.value for e in container.env}
+    assert env["AZURE_CLIENT_ID"] == federated_app
+    assert env["AZURE_TENANT_ID"] == tenant
+    assert env["AZURE_AUTHORITY_HOST"] == os.environ["AZURE_AUTHORITY_HOST"]
+    assert env["AZ_SERVER"] == own_env["AZ_SERVER"]
+    mount = next(m for m in container.volume_mounts if m.mount_path == "/var/run/secrets/azure/wi")
+    assert mount.read_only
+    volume = next(v for v in pod.spec.volumes if v.name == mount.name)
+    assert volume.name.startswith("azure-workload-identity-reserved-")
+    token_source = volume.projected.sources[0].service_account_token
+    assert (token_source.audience, token_source.expiration_seconds) == (
+        "api://AzureADTokenExchange",
+        3600,
+    )
+    token_file = env["AZURE_FEDERATED_TOKEN_FILE"]
+    assert token_file == f"{mount.mount_path}/{token_source.path}"
+
+    # The kubelet's part: a token for the pod's service account with the volume's audience, bound
+    # to the pod, written where the variable points (the mount rebased into tmp_path).
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(
+            audiences=[token_source.audience],
+            expiration_seconds=token_source.expiration_seconds,
+            bound_object_ref=client.V1BoundObjectReference(
+                kind="Pod", api_version="v1", name=pod.metadata.name, uid=pod.metadata.uid
+            ),
+        )
+    )
+    token = _core(kube).create_namespaced_service_account_token(SA, namespace, request)
+    local_file = tmp_path / token_source.path
+    local_file.parent.mkdir(parents=True)
+    local_file.write_text(token.status.token)
+
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_", "AZURE_"))}
+    run_env.update(env)
+    run_env["AZURE_FEDERATED_TOKEN_FILE"] = str(local_file)
+    result = subprocess.run(
+        [sys.executable, "-m", "swi_workload"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for first_name in CUSTOMERS:
+        assert first_name in result.stdout
+    assert "Davis" in result.stdout
+
+
+def _bare_pod(name: str, labels: dict[str, str], **annotations: str) -> Any:
+    from kubernetes import client
+
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, labels=labels, annotations=annotations or None),
+        spec=client.V1PodSpec(
+            service_account_name=SA,
+            containers=[
+                client.V1Container(name="app", image="app:1"),
+                client.V1Container(name="proxy", image="proxy:1"),
+            ],
+        ),
+    )
+
+
+def _client_id_sa(kube: Any, namespace: str, **more: str) -> None:
+    _service_account(
+        kube,
+        namespace,
+        SA,
+        **{"azure.workload.identity/client-id": _principal(APP).client_id},
+        **more,
+    )
+
+
+def test_skip_containers_and_pod_annotations_through_the_api_server(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+
+    _client_id_sa(kube, namespace)
+    pod = _core(kube).create_namespaced_pod(
+        namespace,
+        _bare_pod(
+            "skip",
+            USE,
+            **{
+                "azure.workload.identity/skip-containers": "proxy",
+                "azure.workload.identity/service-account-token-expiration": "86400",
+            },
+        ),
+    )
+    app, proxy = pod.spec.containers
+    assert {e.name for e in app.env} >= {"AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE"}
+    assert not proxy.env
+    assert all(not m.name.startswith("azure-workload-identity") for m in proxy.volume_mounts)
+    reserved = next(v for v in pod.spec.volumes if v.name.startswith("azure-workload-identity"))
+    assert reserved.projected.sources[0].service_account_token.expiration_seconds == 86400
+
+
+def test_invalid_expiration_rejects_the_pod_with_the_reason(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    from kubernetes import client
+
+    _client_id_sa(
+        kube, namespace, **{"azure.workload.identity/service-account-token-expiration": "60"}
+    )
+    with pytest.raises(client.ApiException) as caught:
+        _core(kube).create_namespaced_pod(namespace, _bare_pod("bad", USE))
+    assert caught.value.status == 400
+    assert "expected 3600 to 86400" in str(caught.value.body)
+
+
+def test_unlabelled_pods_sa_without_client_id_and_opted_out_namespaces_are_untouched(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+
+    core = _core(kube)
+    _service_account(kube, namespace, SA)  # no client-id annotation
+    assert not core.create_namespaced_pod(namespace, _bare_pod("no-id", USE)).spec.containers[0].env
+
+    opted_out = f"t-{uuid.uuid4().hex[:10]}"
+    _create_namespace(kube, opted_out, {"sqlidentity.io/injection": "disabled"})
+    try:
+        _client_id_sa(kube, opted_out)
+        assert not dry_run_injected(kube, opted_out, SA)
+        assert (
+            not core.create_namespaced_pod(opted_out, _bare_pod("off", {})).spec.containers[0].env
+        )
+    finally:
+        core.delete_namespace(opted_out)
+
+
+def test_admission_latency(kube: Any, namespace: str, webhook: int, capsys: Any) -> None:
+    """Pod creation with the webhook against the same without it (the objectSelector skips it)."""
+
+    core = _core(kube)
+    _client_id_sa(kube, namespace)
+    rounds = 30
+
+    def timed(labels: dict[str, str], prefix: str) -> list[float]:
+        samples = []
+        for i in range(rounds):
+            started = time.perf_counter()
+            core.create_namespaced_pod(namespace, _bare_pod(f"{prefix}-{i}", labels))
+            samples.append((time.perf_counter() - started) * 1000)
+        return sorted(samples)
+
+    timed(USE, "warm")  # connections, TLS sessions, imports
+    plain = timed({}, "plain")
+    injected = timed(USE, "injected")
+    p50 = statistics.median(injected) - statistics.median(plain)
+    p95 = injected[int(rounds * 0.95) - 1] - plain[int(rounds * 0.95) - 1]
+    with capsys.disabled():
+        print(
+            f"\nadmission latency over {rounds} pod creations: without webhook p50 "
+            f"{statistics.median(plain):.1f} ms, with webhook p50 {statistics.median(injected):.1f}"
+            f" ms p95 {injected[int(rounds * 0.95) - 1]:.1f} ms; added by the webhook p50 "
+            f"{p50:.1f} ms, p95 {p95:.1f} ms"
+        )
+    # The API server's timeout for the webhook is 10 s; being anywhere near it would be a bug.
+    assert statistics.median(injected) < 500
