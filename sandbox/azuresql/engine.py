@@ -473,11 +473,18 @@ class Session:
         return self.descriptor
 
     def begin(self) -> list[Event]:
+        # The SQLite transaction starts at the first write (_writing): until then every statement
+        # reads the latest committed data, as under SQL Server's default READ COMMITTED, and
+        # concurrent sessions that only read never hold a snapshot a writer would conflict with.
         self.trancount += 1
         if self.trancount > 1:
             return []
-        self.conn.execute("BEGIN")
         return [TransactionEvent(tds.EnvChange.BEGIN_TRAN, self._new_descriptor())]
+
+    def _writing(self) -> None:
+        """Take the database's write lock for an open T-SQL transaction (waits up to 5 s)."""
+        if self.trancount > 0 and not self.conn.in_transaction:
+            self._run("BEGIN IMMEDIATE", {})
 
     def commit(self, *, begin_after: bool = False) -> list[Event]:
         if self.trancount == 0:
@@ -813,6 +820,7 @@ class Session:
         return StatementDone(tds.CurCmd.SELECT, len(rows), ResultSet(columns, rows))
 
     def _dml(self, tree: exp.Expr, params: dict[str, Any]) -> StatementDone:
+        self._writing()
         target = tree.this.this if isinstance(tree.this, exp.Schema) else tree.this
         tree, refs = self._rewrite(tree)
         roles = self._roles()
@@ -840,6 +848,7 @@ class Session:
         return StatementDone(curcmd, max(cursor.rowcount, 0))
 
     def _ddl(self, tree: exp.Expr, params: dict[str, Any]) -> StatementDone:
+        self._writing()
         kind = str(tree.args.get("kind") or "").upper()
         roles = self._roles()
         allowed = self._is_owner(roles) or "db_ddladmin" in roles
@@ -978,6 +987,7 @@ class Session:
         else:
             raise cursor.error()
         cursor.end()
+        self._writing()
         roles = self._roles()
         if not (self._is_owner(roles) or "db_accessadmin" in roles):
             raise SqlError(15247, "User does not have permission to perform this action.")
@@ -1040,6 +1050,7 @@ class Session:
         if_exists = cursor.accept("IF", "EXISTS")
         name = cursor.name()
         cursor.end()
+        self._writing()
         found = self._principal(name)
         if found is None and if_exists:
             return StatementDone(tds.CurCmd.NONE, None)
@@ -1071,6 +1082,7 @@ class Session:
             raise cursor.error()
         member = cursor.name()
         cursor.end()
+        self._writing()
         role = self._principal(role_name)
         if role is None or role[2] != "R" or not self._is_owner(self._roles()):
             raise SqlError(
