@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -172,3 +173,32 @@ def test_create_user_rolls_back_with_its_transaction(sqlbox: SqlBox, clean: Any)
     finally:
         conn.close()
     assert "customer-api" not in _principals(clean)
+
+
+def test_concurrent_admin_sessions_with_autocommit_off(sqlbox: SqlBox) -> None:
+    # Several reconcilers at once, as pyodbc opens them (autocommit off): reads hold no snapshot,
+    # writes queue on the database's write lock instead of failing.
+    token = sqlbox.token(OPERATOR)
+    errors: list[str] = []
+
+    def reconcile(index: int) -> None:
+        conn = sqlbox.connect(token, autocommit=False)
+        try:
+            name = f"concurrent-{index}"
+            conn.execute("SELECT COUNT(*) FROM sys.database_principals").fetchone()
+            conn.execute(f"CREATE USER [{name}] WITH SID = 0x{0xC000 + index:04X}, TYPE = E")
+            conn.execute(f"ALTER ROLE db_datareader ADD MEMBER [{name}]")
+            conn.commit()
+            conn.execute(f"DROP USER [{name}]")
+            conn.commit()
+        except pyodbc.Error as exc:
+            errors.append(str(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=reconcile, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
