@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from swi_operator import handlers  # noqa: F401  (registers the handlers)
 
+    if config.injection_webhook:
+        from swi_operator import webhooks  # noqa: F401  (registers the pod injection webhook)
+
     kopf.configure(verbose=args.verbose, log_prefix=True)
     logging.getLogger("azure").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     kopf.run(

@@ -56,6 +56,7 @@ class Config:
     deletion_timeout: float = 600.0
     liveness_endpoint: str | None = None
     install_crds: Path | None = None
+    injection_webhook: bool = False  # serve the pod injection webhook (swi_operator.webhooks)
     ca_bundle: Path | None = None  # None: the system's trust store
 
     @property
@@ -211,6 +212,14 @@ _SETTINGS: tuple[_Setting, ...] = (
         "SWI_INSTALL_CRDS",
         "directory of CRD manifests to create or replace at start-up (development only)",
     ),
+    _Setting(
+        "injection_webhook",
+        "--injection-webhook",
+        "SWI_INJECTION_WEBHOOK",
+        "true: also serve the pod injection webhook, for clusters without the AKS workload "
+        "identity add-on (its SWI_WEBHOOK_* settings: docs/deploy.md)",
+        "false",
+    ),
 )
 
 
@@ -339,6 +348,10 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
     if crds is not None and not Path(str(crds)).is_dir():
         raise ConfigError(f"{_name('install_crds')}: no such directory {crds!r}")
 
+    injection = str(raw.get("injection_webhook")).lower()
+    if injection not in ("true", "false"):
+        raise ConfigError(f"{_name('injection_webhook')} must be true or false, got {injection!r}")
+
     ca_bundle = raw.get("ca_bundle")
     if ca_bundle is not None and not Path(str(ca_bundle)).is_file():
         raise ConfigError(f"{_name('ca_bundle')}: no such file {ca_bundle!r}")
@@ -370,5 +383,6 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         deletion_timeout=_number(raw, "deletion_timeout", 0),
         liveness_endpoint=str(liveness) if liveness is not None else None,
         install_crds=Path(str(crds)) if crds is not None else None,
+        injection_webhook=injection == "true",
         ca_bundle=Path(str(ca_bundle)) if ca_bundle is not None else None,
     )
