@@ -1,0 +1,138 @@
+"""The deployed RBAC, exercised as the operator: a TokenRequest token of its ServiceAccount.
+
+Each call below is one the operator (or kopf, or the injection webhook) makes; each must succeed.
+Then a few it must never be able to make. The webhook's own calls (reading service accounts,
+creating its Secret, patching its configuration) also run for real in tests/injection, where the
+webhook authenticates with the same kind of token.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_harness import (  # type: ignore[import-not-found]
+    CONFIGURATION,
+    NAMESPACE,
+    install_generic,
+    kubectl,
+    operator_kubeconfig,
+)
+
+pytestmark = pytest.mark.controlplane
+
+SWI = {
+    "apiVersion": "sqlidentity.io/v1alpha1",
+    "kind": "SqlWorkloadIdentity",
+    "metadata": {"name": "customer-reader"},
+    "spec": {
+        "serviceAccountName": "customer-reader",
+        "identity": {"applicationClientId": "5e0c1d9a-7b3f-4c2e-9a1d-000000000002"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def as_operator(sandbox: Any, kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    install_generic(sandbox)
+    config = operator_kubeconfig(sandbox, kube, tmp_path_factory.mktemp("rbac") / "kubeconfig")
+
+    def run(*args: str, stdin: str | None = None, check: bool = True) -> Any:
+        return kubectl(sandbox, *args, kubeconfig=config, check=check, input=stdin)
+
+    return run
+
+
+def test_the_operator_can_do_its_job(
+    sandbox: Any, namespace: str, as_operator: Any, tmp_path: Path
+) -> None:
+    admin = kubectl
+    admin(sandbox, "apply", "-n", namespace, "-f", "-", input=json.dumps(SWI))
+    admin(sandbox, "create", "deployment", "customer-api", "--image=app:1", "-n", namespace)
+    ns = ("-n", namespace)
+
+    # kopf: discovery, CRDs, the resource (list/watch/patch), its status, peering, Events.
+    as_operator("api-resources", "--api-group=sqlidentity.io")
+    as_operator("get", "crd", "sqlworkloadidentities.sqlidentity.io")
+    as_operator("get", "swi", "-A")
+    as_operator("get", "swi", "-A", "--watch", "--request-timeout=1s", check=False)
+    assert as_operator("auth", "can-i", "watch", "sqlworkloadidentities", "-A").returncode == 0
+    as_operator(
+        "patch", "swi", "customer-reader", *ns, "--type=merge",
+        "-p", '{"metadata":{"finalizers":["sqlidentity.io/finalizer"],'
+        '"annotations":{"sqlidentity.io/last-handled-configuration":"{}"}}}',
+    )  # fmt: skip
+    as_operator(
+        "patch", "swi", "customer-reader", *ns, "--subresource=status", "--type=merge",
+        "-p", '{"status":{"observedGeneration":1}}',
+    )  # fmt: skip
+    as_operator("get", "clusterkopfpeerings")
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"swi-{uuid.uuid4().hex[:8]}"},
+        "involvedObject": {
+            "kind": "SqlWorkloadIdentity",
+            "name": "customer-reader",
+            "namespace": namespace,
+        },
+        "reason": "Test",
+        "message": "posted as the operator",
+        "type": "Normal",
+    }
+    as_operator("create", *ns, "-f", "-", stdin=json.dumps(event))
+
+    # The issuer, the service account, the workloads, the pods.
+    as_operator("get", "--raw", "/.well-known/openid-configuration")
+    as_operator("create", "serviceaccount", "customer-reader", *ns)
+    as_operator(
+        "annotate", "serviceaccount", "customer-reader", *ns,
+        "azure.workload.identity/client-id=5e0c1d9a-7b3f-4c2e-9a1d-000000000002",
+    )  # fmt: skip
+    as_operator("get", "serviceaccount", "customer-reader", *ns)
+    for kind in ("deployments", "statefulsets", "daemonsets", "jobs", "cronjobs"):
+        as_operator("get", kind, *ns)
+    as_operator(
+        "patch", "deployment", "customer-api", *ns, "--type=merge",
+        "-p", '{"spec":{"template":{"metadata":{"labels":'
+        '{"azure.workload.identity/use":"true"}}}}}',
+    )  # fmt: skip
+    as_operator("get", "pods", *ns)
+    as_operator("delete", "serviceaccount", "customer-reader", *ns)
+
+    # The injection webhook: its configuration and its certificate Secret.
+    as_operator("get", "mutatingwebhookconfiguration", CONFIGURATION)
+    as_operator(
+        "patch", "mutatingwebhookconfiguration", CONFIGURATION, "--type=strategic",
+        "-p", '{"webhooks":[{"name":"inject-workload-identity.sqlidentity.io",'
+        '"timeoutSeconds":10}]}',
+    )  # fmt: skip
+    assert as_operator("auth", "can-i", "create", "secrets", "-n", NAMESPACE).returncode == 0
+    assert as_operator(
+        "auth", "can-i", "update", "secret/sql-workload-identity-operator-webhook-tls",
+        "-n", NAMESPACE,
+    ).returncode == 0  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "verb_and_resource",
+    [
+        ("list", "secrets", "-A"),  # no secrets but its own certificate's
+        ("get", "secret/some-app-secret", "-n", NAMESPACE),
+        ("create", "secrets", "-n", "default"),
+        ("delete", "deployments", "-A"),  # labels pod templates, never deletes workloads
+        ("create", "pods", "-A"),
+        ("create", "customresourcedefinitions"),  # CRDs come from deploy/, not the operator
+        ("delete", "sqlworkloadidentities", "-A"),
+        ("patch", "mutatingwebhookconfiguration/someone-elses"),
+        ("create", "mutatingwebhookconfigurations"),
+        ("create", "clusterrolebindings"),
+        ("create", "serviceaccounts", "--subresource=token", "-A"),
+    ],
+)
+def test_the_operator_cannot_do_more(as_operator: Any, verb_and_resource: tuple[str, ...]) -> None:
+    result = as_operator("auth", "can-i", *verb_and_resource, check=False)
+    assert result.stdout.strip() == "no", verb_and_resource
