@@ -318,8 +318,49 @@ class Statement:
         return [t.text.upper() for t in self.tokens[:n]]
 
 
+# Keywords that begin a statement when they open a line outside parentheses: T-SQL needs no
+# semicolons between statements. Continuation lines stay put (see _continues).
+_STARTERS = frozenset(
+    {
+        "CREATE",
+        "ALTER",
+        "DROP",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "SELECT",
+        "GRANT",
+        "REVOKE",
+        "DENY",
+        "BEGIN",
+        "COMMIT",
+        "ROLLBACK",
+        "WAITFOR",
+        "USE",
+        "SET",
+        "DECLARE",
+        "EXEC",
+        "EXECUTE",
+    }
+)
+_JOINERS = frozenset({"UNION", "ALL", "EXCEPT", "INTERSECT", "AS", "ON", "FOR", "WITH", ",", "("})
+_OBJECTS = frozenset({"USER", "ROLE", "TABLE", "VIEW", "INDEX", "SCHEMA", "PROCEDURE", "FUNCTION"})
+
+
+def _continues(first: str, previous: str, word: str, following: str) -> bool:
+    """Whether a line starting with ``word`` continues the statement that began with ``first``."""
+    return (
+        previous in _JOINERS
+        or (first in ("INSERT", "WITH") and word == "SELECT")  # INSERT ... SELECT, CTEs
+        or (first == "UPDATE" and word == "SET")
+        # ALTER ROLE r / DROP MEMBER m, ALTER TABLE t / DROP COLUMN c, but not DROP USER u
+        or (first == "ALTER" and word in ("DROP", "ADD", "ALTER") and following not in _OBJECTS)
+    )
+
+
 def split_batch(sql: str) -> list[Statement]:
-    """Statements of a batch, split at top-level semicolons."""
+    """Statements of a batch: split at top-level semicolons, ``GO`` lines and statement keywords
+    that open a line (``CREATE USER ...`` then ``ALTER ROLE ...`` on the next line)."""
     try:
         tokens = _TOKENIZER.tokenize(sql)
     except TokenError as exc:
@@ -328,16 +369,31 @@ def split_batch(sql: str) -> list[Statement]:
         ) from exc
     statements: list[Statement] = []
     current: list[Token] = []
+
+    def flush() -> None:
+        if current:
+            statements.append(Statement(sql[current[0].start : current[-1].end + 1], current[:]))
+            current.clear()
+
     depth = 0
-    for token in [*tokens, None]:
-        if token is None or (token.token_type == TokenType.SEMICOLON and depth == 0):
-            if current:
-                text = sql[current[0].start : current[-1].end + 1]
-                statements.append(Statement(text, current))
-            current = []
+    for index, token in enumerate(tokens):
+        if token.token_type == TokenType.SEMICOLON and depth == 0:
+            flush()
             continue
+        word = token.text.upper() if token.token_type != TokenType.IDENTIFIER else ""
+        opens_line = not current or token.line > current[-1].line
+        if depth == 0 and opens_line and current:
+            following = tokens[index + 1] if index + 1 < len(tokens) else None
+            if word == "GO" and (following is None or following.line > token.line):
+                flush()
+                continue
+            first, previous = current[0].text.upper(), current[-1].text.upper()
+            after = following.text.upper() if following else ""
+            if word in _STARTERS and not _continues(first, previous, word, after):
+                flush()
         depth += {TokenType.L_PAREN: 1, TokenType.R_PAREN: -1}.get(token.token_type, 0)
         current.append(token)
+    flush()
     return statements
 
 

@@ -172,3 +172,32 @@ def test_drop_table(tmp_path: Path) -> None:
     assert caught.value.number == 3701
     admin.execute("DROP TABLE IF EXISTS A")
     admin.close()
+
+
+@pytest.mark.parametrize(
+    ("batch", "expected"),
+    [
+        (
+            "CREATE USER [a] FROM EXTERNAL PROVIDER\nALTER ROLE r ADD MEMBER [a]",
+            ["CREATE USER [a] FROM EXTERNAL PROVIDER", "ALTER ROLE r ADD MEMBER [a]"],
+        ),
+        (
+            "ALTER ROLE r\nDROP MEMBER [x]\nDROP USER [x]",
+            ["ALTER ROLE r\nDROP MEMBER [x]", "DROP USER [x]"],
+        ),
+        (
+            "INSERT INTO t (a)\nSELECT a FROM s\nUNION\nSELECT b FROM s\nUPDATE t\nSET a = 1",
+            ["INSERT INTO t (a)\nSELECT a FROM s\nUNION\nSELECT b FROM s", "UPDATE t\nSET a = 1"],
+        ),
+        (
+            "WITH x AS (SELECT 1 AS a)\nSELECT * FROM x",
+            ["WITH x AS (SELECT 1 AS a)\nSELECT * FROM x"],
+        ),
+        (
+            "CREATE TABLE t (\n  id INT\n)\nGO\nINSERT INTO t VALUES (1)",
+            ["CREATE TABLE t (\n  id INT\n)", "INSERT INTO t VALUES (1)"],
+        ),
+    ],
+)
+def test_split_batch_without_semicolons(batch: str, expected: list[str]) -> None:
+    assert [s.text for s in split_batch(batch)] == expected

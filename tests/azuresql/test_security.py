@@ -202,3 +202,30 @@ def test_concurrent_admin_sessions_with_autocommit_off(sqlbox: SqlBox) -> None:
     for thread in threads:
         thread.join(timeout=30)
     assert errors == []
+
+
+def test_the_seeds_step_2_as_one_batch(clean: Any) -> None:
+    # shared/seed Step 2, for the second app: users, roles, then the check, in one batch.
+    step2 = """CREATE USER [customer-api] FROM EXTERNAL PROVIDER;
+
+ALTER ROLE db_datareader ADD MEMBER [customer-api];
+ALTER ROLE db_datawriter ADD MEMBER [customer-api];
+ALTER ROLE db_ddladmin ADD MEMBER [customer-api];
+
+SELECT * FROM sys.database_principals WHERE type_desc = 'EXTERNAL_USER'"""
+    names = [row[0] for row in clean.execute(step2).fetchall()]
+    assert "customer-api" in names
+    assert _roles_of(clean, "customer-api") == {"db_datareader", "db_datawriter", "db_ddladmin"}
+
+
+def test_statements_on_separate_lines_need_no_semicolons(clean: Any) -> None:
+    clean.execute(
+        "CREATE USER [customer-api] FROM EXTERNAL PROVIDER\n"
+        f"    WITH OBJECT_ID = '{CUSTOMER_API.sp_object_id}'\n"
+        "ALTER ROLE db_datareader ADD MEMBER [customer-api]\n"
+        "GO\n"
+        "ALTER ROLE db_datareader\n"
+        "    DROP MEMBER [customer-api]\n"
+        "ALTER ROLE db_datawriter ADD MEMBER [customer-api]"
+    )
+    assert _roles_of(clean, "customer-api") == {"db_datawriter"}
