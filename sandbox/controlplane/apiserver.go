@@ -72,6 +72,10 @@ func startAPIServer(ctx context.Context, p apiserverParams) (<-chan error, error
 		// then logs an error every 10 s. Nothing in the sandbox needs them.
 		"--endpoint-reconciler-type=none",
 		"--profiling=false",
+		// On shutdown, drain normal requests and then give net/http only 2 s
+		// (instead of the 60 s request timeout) for open watch streams, so a
+		// client holding a watch (kopf, kubectl -w) cannot stall SIGTERM.
+		"--shutdown-send-retry-after=true",
 		fmt.Sprintf("--v=%d", p.verbosity),
 	}
 	for _, iss := range p.extraIssuers {
@@ -89,7 +93,7 @@ func startAPIServer(ctx context.Context, p apiserverParams) (<-chan error, error
 
 	// What NewAPIServerCommand's PersistentPreRunE does.
 	if err := s.GenericServerRunOptions.ComponentGlobalsRegistry.Set(); err != nil {
-		return nil, fmt.Errorf("feature gates / versions: %w", err)
+		return nil, fmt.Errorf("invalid --feature-gates %q: %w", p.featureGates, err)
 	}
 	rest.SetDefaultWarningHandler(rest.NoWarnings{})
 

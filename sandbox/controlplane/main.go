@@ -22,6 +22,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -93,7 +94,8 @@ func run() int {
 	errOut, readyOut = os.Stderr, os.Stdout
 
 	fs := flag.NewFlagSet("swi-controlplane", flag.ContinueOnError)
-	fs.SetOutput(os.Stderr)
+	// Parse errors become our single "error:" line; usage only on --help.
+	fs.SetOutput(io.Discard)
 	stateDir := fs.String("state-dir", "", "directory for etcd data, certificates, kubeconfig and state files (created if missing)")
 	caCert := fs.String("ca-cert", "", "sandbox CA certificate (PEM)")
 	caKey := fs.String("ca-key", "", "sandbox CA private key (PEM; RSA or ECDSA, PKCS#1/SEC1/PKCS#8)")
@@ -104,6 +106,9 @@ func run() int {
 	fs.Var(&apiserverArgs, "apiserver-arg", "extra kube-apiserver flag, e.g. --apiserver-arg=--runtime-config=api/all=true (repeatable)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(os.Stderr)
+			fmt.Fprintln(os.Stderr, "usage: swi-controlplane --state-dir DIR --ca-cert CA.crt --ca-key CA.key [--feature-gates k=v,...] [--log-file FILE]")
+			fs.PrintDefaults()
 			return 0
 		}
 		return fail(exitStartError, "%v (see --help)", err)
@@ -111,9 +116,9 @@ func run() int {
 	if fs.NArg() > 0 {
 		return fail(exitStartError, "unexpected arguments %q (see --help)", fs.Args())
 	}
-	for name, v := range map[string]string{"--state-dir": *stateDir, "--ca-cert": *caCert, "--ca-key": *caKey} {
-		if v == "" {
-			return fail(exitStartError, "%s is required (usage: swi-controlplane --state-dir DIR --ca-cert CA.crt --ca-key CA.key)", name)
+	for _, req := range []struct{ name, v string }{{"--state-dir", *stateDir}, {"--ca-cert", *caCert}, {"--ca-key", *caKey}} {
+		if req.v == "" {
+			return fail(exitStartError, "%s is required (usage: swi-controlplane --state-dir DIR --ca-cert CA.crt --ca-key CA.key)", req.name)
 		}
 	}
 	dir, err := filepath.Abs(*stateDir)
@@ -240,10 +245,21 @@ func run() int {
 		apiCancel()
 		select {
 		case <-apiErr:
+			klog.InfoS("kube-apiserver stopped")
 		case <-time.After(4 * time.Second):
+			klog.InfoS("kube-apiserver still draining, stopping etcd anyway")
 		}
-		etcd.Close()
-		klog.InfoS("stopped")
+		// etcd's Close waits for open gRPC streams (the apiserver's watches
+		// are never closed by the library): bound it. Data is safe either
+		// way: everything etcd wrote is in the page cache and survives exit.
+		etcdDone := make(chan struct{})
+		go func() { etcd.Close(); close(etcdDone) }()
+		select {
+		case <-etcdDone:
+			klog.InfoS("etcd stopped")
+		case <-time.After(2 * time.Second):
+			klog.InfoS("etcd still closing, exiting anyway")
+		}
 		return code
 	}
 

@@ -141,7 +141,15 @@ check "bad CA: exit 2 + error line" sh -c "test $rc = 2 && grep -q '^error: ' '$
 head -1 "$work/badca.err"
 
 # --- stop, restart (state kept), crash recovery --------------------------------
+# an open watch (like kopf's) must not stall the shutdown
+"$k" get pods -A -w >/dev/null 2>&1 &
+watcher=$!
+sleep 1
+t0=$(now)
 stop a
+check "a: stopped within 5 s with a watch open" python3 -c "assert $(elapsed "$t0") < 5"
+kill "$watcher" 2>/dev/null
+wait "$watcher" 2>/dev/null
 stop b
 t0=$(now)
 start a2 "$work/a"
