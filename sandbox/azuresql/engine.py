@@ -189,6 +189,7 @@ class DbUser:
     principal_id: int
     name: str
     is_admin: bool  # the server's Entra admin: connects as dbo with every right
+    login: str = ""  # SUSER_SNAME(): "<client id>@<tenant id>" for an app's token
 
 
 @dataclass
@@ -482,8 +483,8 @@ class Session:
         now_utc = lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(sep=" ")  # noqa: E731
         functions: dict[str, Any] = {
             "USER_NAME": user_name,
-            "SUSER_SNAME": lambda: self.database.login_name(self.user),
-            "SUSER_NAME": lambda: self.database.login_name(self.user),
+            "SUSER_SNAME": lambda: self.user.login or self.user.name,
+            "SUSER_NAME": lambda: self.user.login or self.user.name,
             "DB_NAME": lambda: self.database.name,
             "GETUTCDATE": now_utc,
             "SYSUTCDATETIME": now_utc,
@@ -1202,9 +1203,6 @@ class Database:
         self.tenant = tenant
         self.directory = directory
 
-    def login_name(self, user: DbUser) -> str:
-        return user.name
-
     def exists(self) -> bool:
         return self.path.exists()
 
@@ -1291,7 +1289,7 @@ class Database:
             conn.close()
         if row is None:
             raise LoginRefused(LOGIN_FAILED, state=1)
-        return DbUser(int(row[0]), str(row[1]), False)
+        return DbUser(int(row[0]), str(row[1]), False, principal.login)
 
     def open(self, user: DbUser) -> Session:
         return Session(self, user)

@@ -60,6 +60,11 @@ class TokenPrincipal:
     name: str  # display name where the token carries one
 
     @property
+    def login(self) -> str:
+        """What SUSER_SNAME() shows for this principal."""
+        return f"{self.app_id or self.object_id}@{self.tenant_id}"
+
+    @property
     def sid(self) -> bytes:
         """The SID Azure SQL stores for this principal's contained user.
 

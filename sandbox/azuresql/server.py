@@ -308,7 +308,7 @@ class TdsSession:
                 )
             spec = self.server.spec
             if principal.app_id == spec.admin_app_id or principal.object_id == spec.admin_object_id:
-                user = DbUser(1, "dbo", True)
+                user = DbUser(1, "dbo", True, principal.login)
             else:
                 user = await asyncio.to_thread(database.find_user, principal)
             self.session = await asyncio.to_thread(database.open, user)

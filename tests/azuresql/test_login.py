@@ -34,7 +34,8 @@ def skewed_entra(sqlbox: SqlBox) -> Iterator[None]:
 def test_user_token_logs_in_as_its_contained_user(sqlbox: SqlBox) -> None:
     conn = sqlbox.connect(sqlbox.token(DEMO))
     try:
-        assert conn.cursor().execute("SELECT USER_NAME()").fetchone()[0] == "SP-AZURESQL-USER"
+        row = conn.cursor().execute("SELECT USER_NAME(), SUSER_SNAME()").fetchone()
+        assert tuple(row) == ("SP-AZURESQL-USER", f"{DEMO.app_id}@{TENANT}")
     finally:
         conn.close()
 
