@@ -318,6 +318,19 @@ class Statement:
     def words(self, n: int) -> list[str]:
         return [t.text.upper() for t in self.tokens[:n]]
 
+    def for_sqlglot(self) -> str:
+        """The text with the login-name functions renamed: sqlglot reads SUSER_SNAME(),
+        SUSER_NAME() and SYSTEM_USER as CURRENT_USER, which in T-SQL is the *database* user."""
+        base = self.tokens[0].start if self.tokens else 0
+        text = self.text
+        for token in reversed(self.tokens):
+            word = token.text.upper() if token.token_type != TokenType.IDENTIFIER else ""
+            if word in ("SUSER_SNAME", "SUSER_NAME", "SYSTEM_USER"):
+                call = "__LOGIN_NAME" if word != "SYSTEM_USER" else "__LOGIN_NAME()"
+                start, end = token.start - base, token.end - base + 1
+                text = text[:start] + call + text[end:]
+        return text
+
 
 # Keywords that begin a statement when they open a line outside parentheses: T-SQL needs no
 # semicolons between statements. Continuation lines stay put (see _continues).
@@ -483,8 +496,7 @@ class Session:
         now_utc = lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(sep=" ")  # noqa: E731
         functions: dict[str, Any] = {
             "USER_NAME": user_name,
-            "SUSER_SNAME": lambda: self.user.login or self.user.name,
-            "SUSER_NAME": lambda: self.user.login or self.user.name,
+            "__LOGIN_NAME": lambda: self.user.login or self.user.name,
             "DB_NAME": lambda: self.database.name,
             "GETUTCDATE": now_utc,
             "SYSUTCDATETIME": now_utc,
@@ -627,7 +639,7 @@ class Session:
                 severity=16,
             )
         try:
-            tree = sqlglot.parse_one(statement.text, read="tsql")
+            tree = sqlglot.parse_one(statement.for_sqlglot(), read="tsql")
         except ParseError as exc:
             near = (exc.errors[0].get("highlight") if exc.errors else None) or words[-1]
             raise syntax_error(str(near)) from exc
