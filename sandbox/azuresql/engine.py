@@ -600,7 +600,7 @@ class Session:
 
     def prepare(self, sql: str, declaration: str) -> int:
         handle = next(self._handles)
-        names = re.findall(r"@(\w+)", declaration or "")
+        names = declared_names(declaration)
         self.prepared[handle] = Prepared(sql, names)
         return handle
 
@@ -1180,6 +1180,11 @@ class Session:
                 (role[0], found[0]),
             )
         return StatementDone(tds.CurCmd.NONE, None)
+
+
+def declared_names(declaration: str) -> list[str]:
+    """Parameter names of an RPC declaration such as ``@P1 nvarchar(max),@P2 int``."""
+    return re.findall(r"@(\w+)", declaration or "")
 
 
 def bind(names: Sequence[str], values: Sequence[tuple[str, Any]]) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 import ssl
 import time
 import uuid
@@ -44,6 +43,7 @@ from sandbox.azuresql.engine import (
     StatementDone,
     TransactionEvent,
     bind,
+    declared_names,
 )
 from sandbox.azuresql.login import LoginRefused, TokenVerifier
 from sandbox.azuresql.tls import TLS_RECORD_HANDSHAKE, ByteStream, PlainStream, TlsStream
@@ -176,6 +176,7 @@ class TdsSession:
         self.packet_size = tds.MAX_PRELOGIN_PACKET
         self.session: Session | None = None
         self.database = ""
+        self.fedauth_required = False  # what our PRELOGIN reply said; LOGIN7 must echo it
         self._queued: tuple[int, bytes] | None = None
 
     # -- framing
@@ -503,7 +504,7 @@ class TdsSession:
         elif proc == tds.ProcId.SP_EXECUTESQL and params:
             statement = str(params[0].value or "")
             declaration = str(params[1].value or "") if len(params) > 1 else ""
-            names = re.findall(r"@(\w+)", declaration)
+            names = declared_names(declaration)
             bound = bind(names, [(p.name, p.value) for p in params[2:]])
             rendered, error = await self._run(
                 "rpc", statement, session.execute, statement, bound, in_proc=True
@@ -533,12 +534,13 @@ class TdsSession:
             else None
         )
         try:
+            # COMMIT may fsync: engine work stays off the event loop.
             if kind == tds.TmRequest.BEGIN:
                 events = session.begin() if session.trancount == 0 else []
             elif kind == tds.TmRequest.COMMIT:
-                events = session.commit(begin_after=request.begin_after)
+                events = await asyncio.to_thread(session.commit, begin_after=request.begin_after)
             elif kind == tds.TmRequest.ROLLBACK:
-                events = session.rollback(begin_after=request.begin_after)
+                events = await asyncio.to_thread(session.rollback, begin_after=request.begin_after)
             else:
                 raise SqlError(0, f"Unsupported transaction manager request {request.kind}.")
         except SqlError as error:
