@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyodbc
 import pytest
-from sqlbox import OPERATOR, REPO, SqlBox
+import yaml
+from sqlbox import ADMIN, OPERATOR, REPO, SqlBox
 
 from sandbox.azuresql.odbc import DRIVER_NAME, write_odbcinst
 
@@ -126,3 +128,43 @@ def test_ctl_status_lists_servers_and_users(sqlbox: SqlBox) -> None:
     assert status[0]["name"] == "sandbox-sql" and status[0]["running"]
     users = {u["name"]: u["roles"] for u in status[0]["databases"]["mydb"]}
     assert users["SP-AZURESQL-USER"] == ["db_datareader"]
+
+
+def test_several_servers_each_with_its_own_admin_and_databases(
+    sqlbox: SqlBox, own_state: Path
+) -> None:
+    world = yaml.safe_load((REPO / "sandbox" / "world.yaml").read_text())
+    tenant = world["sql"]["servers"][0]["tenant"]
+    world["sql"]["servers"].append(
+        {
+            "name": "finance-sql",
+            "tenant": tenant,
+            "entraAdmin": "sandbox-admin",
+            "directoryReader": "sandbox-sql-server",
+            "databases": [
+                {"name": "ledger", "seed": "CREATE TABLE Entry (id INT, amount FLOAT);"},
+                {"name": "audit", "seed": ""},
+            ],
+        }
+    )
+    world_file = own_state / "world.yaml"
+    world_file.write_text(yaml.safe_dump(world))
+    process = _serve(own_state, "--world", str(world_file), "--entra-url", sqlbox.entra_url)
+    try:
+        line = _ready(process)
+        servers = json.loads((own_state / "azuresql.json").read_text())["servers"]
+        assert line == (
+            f"READY servers=sandbox-sql:{servers['sandbox-sql']['port']},"
+            f"finance-sql:{servers['finance-sql']['port']}"
+        )
+        finance = SqlBox(
+            own_state,
+            {**sqlbox.env, "AZ_SERVER": servers["finance-sql"]["server"], "AZ_DATABASE": "ledger"},
+        )
+        conn = finance.connect(finance.token(ADMIN))  # sandbox-admin is this server's admin
+        assert tuple(conn.execute("SELECT USER_NAME(), DB_NAME()").fetchone()) == ("dbo", "ledger")
+        conn.close()
+        with pytest.raises(pyodbc.Error, match=r"\(18456\)"):
+            finance.connect(finance.token(OPERATOR))  # admin elsewhere, nobody here
+    finally:
+        assert _stop(process) == 0
