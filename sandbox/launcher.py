@@ -41,6 +41,8 @@ CONTROLPLANE_SRC = Path(__file__).resolve().parent / "controlplane"
 WORLD_FILE = Path(__file__).resolve().parent / "world.yaml"
 
 STATE_DIR_ENV = "SWI_SANDBOX_DIR"
+# Another world file for the Entra and SQL emulators (the benchmarks generate a bigger one).
+WORLD_ENV = "SWI_SANDBOX_WORLD"
 DEFAULT_STATE_DIR = REPO_ROOT / ".sandbox"
 
 READY_TIMEOUT_S = 180.0
@@ -149,7 +151,7 @@ class Component:
         module = f"sandbox.{self.name}"
         argv = [sys.executable, "-m", module, "serve", "--state-dir", str(state_dir)]
         if self.name in {"entra", "azuresql"}:
-            argv += ["--world", str(WORLD_FILE)]
+            argv += ["--world", os.environ.get(WORLD_ENV) or str(WORLD_FILE)]
         # A fixed port when asked for (SWI_SANDBOX_ENTRA_PORT=8443 ...); by default a free one.
         port = os.environ.get(f"SWI_SANDBOX_{self.name.upper()}_PORT")
         if port and self.name in {"entra", "proxy"}:
