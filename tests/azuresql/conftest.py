@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlbox import ADMIN, OPERATOR, SqlBox, sqlbox
+from sqlbox import ADMIN, OPERATOR, SqlBox, sqlbox, sqlbox_session
 
-__all__ = ["sqlbox"]
+__all__ = ["sqlbox", "sqlbox_session"]
 
 
 @pytest.fixture

@@ -191,7 +191,6 @@ class SqlBox:
 
 _box: SqlBox | None = None
 _users = 0
-_saved_env: dict[str, str | None] = {}
 
 
 def acquire(tmp_path_factory: pytest.TempPathFactory) -> SqlBox:
@@ -205,9 +204,6 @@ def acquire(tmp_path_factory: pytest.TempPathFactory) -> SqlBox:
             launcher.down(state_dir)
             pytest.fail(f"the SQL sandbox did not start: {exc}", pytrace=False)
         _box = SqlBox(state_dir, launcher.environment(state_dir))
-        # In-process pyodbc needs ODBCSYSINI and SSL_CERT_FILE too, as a user's shell would have.
-        _saved_env.update({name: os.environ.get(name) for name in _box.env})
-        os.environ.update(_box.env)
     _users += 1
     return _box
 
@@ -218,21 +214,29 @@ def release() -> None:
     if _users == 0 and _box is not None:
         launcher.down(_box.state_dir)
         _box = None
-        for name, value in _saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _saved_env.clear()
 
 
 @pytest.fixture(scope="session")
-def sqlbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlBox]:
+def sqlbox_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlBox]:
+    """The running components, shared by the whole test process (environment untouched)."""
     box = acquire(tmp_path_factory)
     try:
         yield box
     finally:
         release()
+
+
+@pytest.fixture
+def sqlbox(sqlbox_session: SqlBox, monkeypatch: pytest.MonkeyPatch) -> SqlBox:
+    """The sandbox, with its environment applied to this process for one test only.
+
+    In-process pyodbc needs ODBCSYSINI and SSL_CERT_FILE as a user's shell would have them; they
+    are set per test (not per session) so that suites using the shared ``sandbox`` fixture, whose
+    CA and ports differ, never see this sandbox's values.
+    """
+    for name, value in sqlbox_session.env.items():
+        monkeypatch.setenv(name, value)
+    return sqlbox_session
 
 
 # --- a stand-in cluster issuer ---------------------------------------------------------

@@ -13,6 +13,6 @@ _HERE = Path(__file__).resolve().parent
 # The workload package as the image ships it (workload/ on the path), and the shared harness.
 sys.path[:0] = [str(_HERE.parents[1] / "workload"), str(_HERE.parent / "azuresql")]
 
-from sqlbox import sqlbox  # noqa: E402
+from sqlbox import sqlbox, sqlbox_session  # noqa: E402
 
-__all__ = ["sqlbox"]
+__all__ = ["sqlbox", "sqlbox_session"]

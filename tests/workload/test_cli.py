@@ -18,19 +18,19 @@ FAST = ("--retries", "3", "--retry-delay", "0.2")
 
 
 @pytest.fixture(scope="module")
-def issuer(sqlbox: SqlBox) -> Iterator[TestIssuer]:
-    stand_in = TestIssuer(sqlbox.state_dir)
+def issuer(sqlbox_session: SqlBox) -> Iterator[TestIssuer]:
+    stand_in = TestIssuer(sqlbox_session.state_dir)
     yield stand_in
     stand_in.close()
 
 
 @pytest.fixture(scope="module")
 def federated(
-    sqlbox: SqlBox, issuer: TestIssuer, tmp_path_factory: pytest.TempPathFactory
+    sqlbox_session: SqlBox, issuer: TestIssuer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
     """The env a federated pod of SP-AZURESQL-USER gets from the webhook."""
     subject = "system:serviceaccount:workload-demo:workload-demo-service-account"
-    federate(sqlbox, DEMO, issuer.url, subject)
+    federate(sqlbox_session, DEMO, issuer.url, subject)
     token_file = tmp_path_factory.mktemp("wi") / "azure-identity-token"
     token_file.write_text(issuer.token(subject))
     return {
