@@ -7,7 +7,7 @@ contracts, real processes) in a temporary state directory shared by both suites.
 
 ``TestIssuer`` plays a cluster's OIDC issuer (discovery + JWKS over HTTPS with a sandbox-CA
 certificate) so WorkloadIdentityCredential flows can be tested here; the test against a real
-Kubernetes TokenRequest lives in tests/workload/test_controlplane.py and uses the shared fixture.
+Kubernetes TokenRequest is tests/workload/test_workload_controlplane.py (shared fixture).
 """
 
 from __future__ import annotations
