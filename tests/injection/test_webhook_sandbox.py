@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,8 +28,10 @@ from deploy_harness import (  # type: ignore[import-not-found]
     wait_for,
 )
 from webhook_harness import (  # type: ignore[import-not-found]
+    CUSTOMERS,
     ca_bundle,
     dry_run_injected,
+    run_workload_of,
     webhook_process,
 )
 
@@ -43,7 +43,6 @@ pytestmark = pytest.mark.controlplane
 APP = "SP-AZURESQL-USER"  # the seeded database user (db_datareader on mydb)
 SA = "customer-reader"
 USE = {"azure.workload.identity/use": "true"}
-CUSTOMERS = ["John", "Jane", "Alice", "Bob", "Emily"]
 
 
 def _core(kube: Any) -> Any:
@@ -194,7 +193,6 @@ def _pod_of(kube: Any, namespace: str, app: str) -> Any:
 def test_deployment_pods_get_the_token_and_the_workload_prints_the_customers(
     sandbox: Any, kube: Any, namespace: str, webhook: int, federated_app: str, tmp_path: Path
 ) -> None:
-    from kubernetes import client
 
     tenant = os.environ["AZURE_TENANT_ID"]
     _service_account(
@@ -211,52 +209,14 @@ def test_deployment_pods_get_the_token_and_the_workload_prints_the_customers(
     _apps(kube).create_namespaced_deployment(namespace, _deployment("customer-api", USE, own_env))
     pod = _pod_of(kube, namespace, "customer-api")
 
-    # What admission put into the pod, read from the pod the API server stored.
-    container = pod.spec.containers[0]
-    env = {e.name: e.value for e in container.env}
+    # What admission put into the pod, read from the pod the API server stored; then the kubelet's
+    # part and the workload (webhook_harness.run_workload_of).
+    env = {e.name: e.value for e in pod.spec.containers[0].env}
     assert env["AZURE_CLIENT_ID"] == federated_app
     assert env["AZURE_TENANT_ID"] == tenant
     assert env["AZURE_AUTHORITY_HOST"] == os.environ["AZURE_AUTHORITY_HOST"]
     assert env["AZ_SERVER"] == own_env["AZ_SERVER"]
-    mount = next(m for m in container.volume_mounts if m.mount_path == "/var/run/secrets/azure/wi")
-    assert mount.read_only
-    volume = next(v for v in pod.spec.volumes if v.name == mount.name)
-    assert volume.name.startswith("azure-workload-identity-reserved-")
-    token_source = volume.projected.sources[0].service_account_token
-    assert (token_source.audience, token_source.expiration_seconds) == (
-        "api://AzureADTokenExchange",
-        3600,
-    )
-    token_file = env["AZURE_FEDERATED_TOKEN_FILE"]
-    assert token_file == f"{mount.mount_path}/{token_source.path}"
-
-    # The kubelet's part: a token for the pod's service account with the volume's audience, bound
-    # to the pod, written where the variable points (the mount rebased into tmp_path).
-    request = client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(
-            audiences=[token_source.audience],
-            expiration_seconds=token_source.expiration_seconds,
-            bound_object_ref=client.V1BoundObjectReference(
-                kind="Pod", api_version="v1", name=pod.metadata.name, uid=pod.metadata.uid
-            ),
-        )
-    )
-    token = _core(kube).create_namespaced_service_account_token(SA, namespace, request)
-    local_file = tmp_path / token_source.path
-    local_file.parent.mkdir(parents=True)
-    local_file.write_text(token.status.token)
-
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_", "AZURE_"))}
-    run_env.update(env)
-    run_env["AZURE_FEDERATED_TOKEN_FILE"] = str(local_file)
-    result = subprocess.run(
-        [sys.executable, "-m", "swi_workload"],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_workload_of(kube, pod, tmp_path)
     assert result.returncode == 0, result.stderr
     for first_name in CUSTOMERS:
         assert first_name in result.stdout

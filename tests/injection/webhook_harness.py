@@ -22,6 +22,16 @@ from typing import Any
 
 from deploy_harness import CONFIGURATION, wait_for  # type: ignore[import-not-found]
 
+KOPF_WEBHOOK_ONLY = [
+    "-m",
+    "kopf",
+    "run",
+    "--standalone",
+    "--all-namespaces",
+    "-m",
+    "swi_operator.webhooks",
+]
+
 
 def free_port() -> int:
     with contextlib.closing(socket.socket()) as s:
@@ -66,8 +76,12 @@ def webhook_process(
     log_path: Path,
     env: Mapping[str, str],
     probe: tuple[str, str],
+    argv: list[str] | None = None,
 ) -> Iterator[int]:
-    """Run the webhook; yield its port once a dry-run pod in ``probe`` (ns, SA) is injected."""
+    """Run the webhook; yield its port once a dry-run pod in ``probe`` (ns, SA) is injected.
+
+    ``argv`` (default: the webhook alone under ``kopf run``) may start the whole operator.
+    """
     port = free_port()
     full_env = dict(os.environ)
     full_env.update(
@@ -81,16 +95,7 @@ def webhook_process(
     full_env.update(env)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kopf",
-                "run",
-                "--standalone",
-                "--all-namespaces",
-                "-m",
-                "swi_operator.webhooks",
-            ],
+            argv or [sys.executable, *KOPF_WEBHOOK_ONLY],
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -124,3 +129,55 @@ def webhook_process(
 
 def ca_bundle(kube: Any) -> bytes:
     return base64.b64decode(configuration_client_config(kube)["ca_bundle"])
+
+
+CUSTOMERS = ["John", "Jane", "Alice", "Bob", "Emily"]
+
+
+def run_workload_of(kube: Any, pod: Any, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Do the kubelet's part for ``pod`` and run the workload with its injected environment.
+
+    Checks the injected volume and mount on the way; the token is a TokenRequest for the volume's
+    service account, audience and lifetime, bound to the pod, written where the injected
+    AZURE_FEDERATED_TOKEN_FILE points once the mount path is rebased into ``tmp_path``.
+    """
+    from kubernetes import client
+
+    container = pod.spec.containers[0]
+    env = {e.name: e.value for e in container.env}
+    mount = next(m for m in container.volume_mounts if m.mount_path == "/var/run/secrets/azure/wi")
+    assert mount.read_only
+    volume = next(v for v in pod.spec.volumes if v.name == mount.name)
+    assert volume.name.startswith("azure-workload-identity-reserved-")
+    source = volume.projected.sources[0].service_account_token
+    assert (source.audience, source.expiration_seconds) == ("api://AzureADTokenExchange", 3600)
+    assert env["AZURE_FEDERATED_TOKEN_FILE"] == f"{mount.mount_path}/{source.path}"
+
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(
+            audiences=[source.audience],
+            expiration_seconds=source.expiration_seconds,
+            bound_object_ref=client.V1BoundObjectReference(
+                kind="Pod", api_version="v1", name=pod.metadata.name, uid=pod.metadata.uid
+            ),
+        )
+    )
+    core: Any = client.CoreV1Api(kube)
+    token = core.create_namespaced_service_account_token(
+        pod.spec.service_account_name, pod.metadata.namespace, request
+    )
+    local_file = tmp_path / source.path
+    local_file.parent.mkdir(parents=True, exist_ok=True)
+    local_file.write_text(token.status.token)
+
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_", "AZURE_"))}
+    run_env.update(env)
+    run_env["AZURE_FEDERATED_TOKEN_FILE"] = str(local_file)
+    return subprocess.run(
+        [sys.executable, "-m", "swi_workload"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -1,0 +1,198 @@
+"""The whole operator, as deploy/overlays/generic runs it: the issue's story end to end.
+
+``python -m swi_operator --injection-webhook true`` runs with a token of the deployed
+ServiceAccount (so the deployed ClusterRole is all it has) and the operator's own Entra app. A
+SqlWorkloadIdentity for SP-AZURESQL-USER is applied next to an existing, unlabelled Deployment: the
+operator creates the federated credential, annotates the service account and labels the pod
+template; the controller-manager rolls the Deployment; the API server sends the new pod to the
+operator's webhook; the workload, run with what was injected, prints the customers. Deleting the
+resource removes the credential again (the operator's finalizer, still as that ServiceAccount).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_harness import (  # type: ignore[import-not-found]
+    NAMESPACE,
+    REPO,
+    install_generic,
+    kubectl,
+    operator_kubeconfig,
+    wait_for,
+)
+from webhook_harness import (  # type: ignore[import-not-found]
+    CUSTOMERS,
+    run_workload_of,
+    webhook_process,
+)
+
+from sandbox.entra.state import load_world
+from sandbox.launcher import WORLD_FILE
+
+pytestmark = pytest.mark.controlplane
+
+USE = "azure.workload.identity/use"
+
+
+def _principal(name: str) -> Any:
+    return next(p for p in load_world(WORLD_FILE).principals if p.name == name)
+
+
+@pytest.fixture(scope="module")
+def app_namespace(kube: Any) -> Iterator[str]:
+    from kubernetes import client
+
+    core: Any = client.CoreV1Api(kube)
+    name = f"app-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    sandbox: Any, kube: Any, app_namespace: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
+    from kubernetes import client
+
+    install_generic(sandbox)
+    tmp = tmp_path_factory.mktemp("operator")
+    world = load_world(WORLD_FILE)
+    me = _principal("sql-workload-identity-operator")
+    demo = _principal("SP-AZURESQL-USER")
+    # The readiness probe: a service account the webhook would inject for.
+    core: Any = client.CoreV1Api(kube)
+    core.create_namespaced_service_account(
+        app_namespace,
+        client.V1ServiceAccount(
+            metadata=client.V1ObjectMeta(
+                name="probe", annotations={"azure.workload.identity/client-id": demo.client_id}
+            )
+        ),
+    )
+    env = {
+        "AZURE_TENANT_ID": me.tenant_id,
+        "AZURE_CLIENT_ID": me.client_id,
+        "AZURE_CLIENT_SECRET": me.secrets[0],
+        "AZURE_AUTHORITY_HOST": sandbox.env["AZURE_AUTHORITY_HOST"],
+        "AZURE_SUBSCRIPTION_ID": world.subscription_id,
+        "SWI_GRAPH_URL": sandbox.env["SANDBOX_GRAPH_URL"],
+        "SWI_ARM_URL": sandbox.env["SANDBOX_ARM_URL"],
+        "SWI_NAMESPACES": app_namespace,
+        "SWI_DRIFT_INTERVAL": "5",
+        "SWI_RETRY_BACKOFF_MAX": "2",
+        "SWI_INJECTION_WEBHOOK": "true",
+        "SWI_WEBHOOK_NAMESPACE": NAMESPACE,
+    }
+    if (REPO / "operator/swi_operator/config.py").read_text().find("SWI_CA_BUNDLE") >= 0:
+        env["SWI_CA_BUNDLE"] = str(sandbox.ca)
+    kubeconfig = operator_kubeconfig(sandbox, kube, tmp / "operator.kubeconfig")
+    with webhook_process(
+        kube,
+        kubeconfig,
+        tmp / "operator.log",
+        env,
+        (app_namespace, "probe"),
+        argv=[sys.executable, "-m", "swi_operator"],
+    ) as port:
+        yield port
+
+
+def _swi(namespace: str, client_id: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "sqlidentity.io/v1alpha1",
+        "kind": "SqlWorkloadIdentity",
+        "metadata": {"name": "customer-reader", "namespace": namespace},
+        "spec": {
+            "serviceAccountName": "customer-reader",
+            "identity": {"applicationClientId": client_id},
+            "workloads": {"selector": {"matchLabels": {"app": "customer-api"}}},
+        },
+    }
+
+
+def test_operator_labels_the_deployment_and_its_new_pods_get_the_token(
+    sandbox: Any, kube: Any, app_namespace: str, operator: int, tmp_path: Path
+) -> None:
+    import json
+
+    from kubernetes import client
+
+    apps: Any = client.AppsV1Api(kube)
+    core: Any = client.CoreV1Api(kube)
+    custom: Any = client.CustomObjectsApi(kube)
+    demo = _principal("SP-AZURESQL-USER")
+    ns = app_namespace
+    container = client.V1Container(
+        name="customer-api",
+        image="sql-workload-identity-workload:0.1.0",
+        env=[
+            client.V1EnvVar(name="AZ_SERVER", value=os.environ["AZ_SERVER"]),
+            client.V1EnvVar(name="AZ_DATABASE", value=os.environ["AZ_DATABASE"]),
+        ],
+    )
+    apps.create_namespaced_deployment(
+        ns,
+        client.V1Deployment(
+            metadata=client.V1ObjectMeta(name="customer-api", labels={"app": "customer-api"}),
+            spec=client.V1DeploymentSpec(
+                replicas=1,
+                selector=client.V1LabelSelector(match_labels={"app": "customer-api"}),
+                template=client.V1PodTemplateSpec(
+                    metadata=client.V1ObjectMeta(labels={"app": "customer-api"}),
+                    spec=client.V1PodSpec(
+                        service_account_name="customer-reader", containers=[container]
+                    ),
+                ),
+            ),
+        ),
+    )
+    kubectl(sandbox, "apply", "-f", "-", input=json.dumps(_swi(ns, demo.client_id)))
+    kubectl(
+        sandbox, "wait", "--for=condition=Ready", "swi/customer-reader", "-n", ns, "--timeout=90s"
+    )
+
+    def labelled_pod() -> Any:
+        pods = core.list_namespaced_pod(ns, label_selector=f"app=customer-api,{USE}=true")
+        return pods.items[0] if pods.items else None
+
+    try:
+        pod = wait_for("a pod of the labelled template", labelled_pod, timeout=30)
+    except AssertionError:
+        state = kubectl(sandbox, "get", "deploy,rs,pods,swi,events", "-n", ns, "-o", "wide").stdout
+        template = kubectl(
+            sandbox, "get", "deploy/customer-api", "-n", ns, "-o", "jsonpath={.spec.template}"
+        ).stdout
+        raise AssertionError(f"{state}\n{template}") from None
+    sa = core.read_namespaced_service_account("customer-reader", ns)
+    assert sa.metadata.annotations["azure.workload.identity/client-id"] == demo.client_id
+    env = {e.name: e.value for e in pod.spec.containers[0].env}
+    assert env["AZURE_CLIENT_ID"] == demo.client_id
+
+    result = run_workload_of(kube, pod, tmp_path)
+    assert result.returncode == 0, result.stderr
+    for first_name in CUSTOMERS:
+        assert first_name in result.stdout
+
+    # Clean-up through the operator's finalizer, still as the deployed ServiceAccount.
+    custom.delete_namespaced_custom_object(
+        "sqlidentity.io", "v1alpha1", ns, "sqlworkloadidentities", "customer-reader"
+    )
+
+    def gone() -> bool:
+        try:
+            custom.get_namespaced_custom_object(
+                "sqlidentity.io", "v1alpha1", ns, "sqlworkloadidentities", "customer-reader"
+            )
+        except client.ApiException as exc:
+            return bool(exc.status == 404)
+        return False
+
+    wait_for("the finalizer to let the resource go", gone, timeout=60)
