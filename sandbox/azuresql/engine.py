@@ -38,15 +38,26 @@ from typing import Any
 
 import sqlglot
 from sqlglot import exp
-from sqlglot.dialects.tsql import TSQL
-from sqlglot.errors import OptimizeError, ParseError, SqlglotError, TokenError
+from sqlglot.errors import OptimizeError, ParseError, SqlglotError
 from sqlglot.optimizer.annotate_types import annotate_types
 from sqlglot.optimizer.qualify import qualify
-from sqlglot.tokens import Token, TokenType  # type: ignore[attr-defined]
+from sqlglot.tokens import TokenType  # type: ignore[attr-defined]
 
 from sandbox.azuresql import tds
 from sandbox.azuresql.directory import Directory, DirectoryObject, DirectoryUnavailable
 from sandbox.azuresql.login import LOGIN_FAILED, LoginRefused, TokenPrincipal
+from sandbox.azuresql.results import (
+    Cancelled,
+    Event,
+    ResultSet,
+    SqlError,
+    StatementDone,
+    TransactionEvent,
+    invalid_object,
+    syntax_error,
+)
+from sandbox.azuresql.sqltypes import fit_type, infer_type, sql_type_for, sqlite_affinity, to_sqlite
+from sandbox.azuresql.statements import Statement, TokenCursor, bind, declared_names, split_batch
 
 VERSION = (
     "Microsoft SQL Azure (RTM) - 12.0.2000.8 \n\tCopyright (C) 2022 Microsoft Corporation\n"
@@ -138,52 +149,6 @@ CREATE VIEW IF NOT EXISTS __sys_tables AS
 """
 
 
-class SqlError(Exception):
-    """A T-SQL error as the client will see it (ERROR token)."""
-
-    def __init__(self, number: int, message: str, *, severity: int = 16, state: int = 1) -> None:
-        super().__init__(f"Msg {number}, Level {severity}, State {state}: {message}")
-        self.number = number
-        self.message = message
-        self.severity = severity
-        self.state = state
-        self.events: list[Event] = []  # what the batch produced before the error
-
-
-class Cancelled(Exception):
-    """The client sent ATTENTION while the statement ran."""
-
-
-def syntax_error(near: str) -> SqlError:
-    return SqlError(102, f"Incorrect syntax near '{near}'.", severity=15)
-
-
-def invalid_object(name: str) -> SqlError:
-    return SqlError(208, f"Invalid object name '{name}'.")
-
-
-@dataclass
-class ResultSet:
-    columns: list[tds.Column]
-    rows: list[tuple[Any, ...]]
-
-
-@dataclass
-class StatementDone:
-    curcmd: int
-    rowcount: int | None
-    result: ResultSet | None = None
-
-
-@dataclass
-class TransactionEvent:
-    kind: int  # tds.EnvChange.BEGIN_TRAN / COMMIT_TRAN / ROLLBACK_TRAN
-    descriptor: bytes
-
-
-Event = StatementDone | TransactionEvent
-
-
 @dataclass(frozen=True)
 class DbUser:
     principal_id: int
@@ -196,266 +161,6 @@ class DbUser:
 class Prepared:
     sql: str
     param_names: list[str]
-
-
-# --- types ---------------------------------------------------------------------------------------
-
-_T = exp.DataType.Type
-
-
-def _type_params(data_type: exp.DataType) -> list[int | None]:
-    out: list[int | None] = []
-    for param in data_type.expressions:
-        text = param.name if isinstance(param, exp.DataTypeParam) else param.sql()
-        out.append(None if text.upper() == "MAX" else int(text) if text.isdigit() else None)
-    return out
-
-
-def sql_type_for(data_type: exp.DataType) -> tds.SqlType | None:
-    """The wire type for a T-SQL type; None when unknown (the caller infers from values)."""
-    kind = data_type.this
-    params = _type_params(data_type)
-    first = params[0] if params else 1
-    ints = {_T.TINYINT: 1, _T.UTINYINT: 1, _T.SMALLINT: 2, _T.INT: 4, _T.BIGINT: 8}
-    if kind in ints:
-        return tds.SqlType(tds.Kind.INT, ints[kind])
-    if kind in (_T.BIT, _T.BOOLEAN):
-        return tds.BIT
-    if kind in (_T.FLOAT, _T.DOUBLE):
-        return tds.FLOAT
-    if kind in (_T.DECIMAL, _T.MONEY, _T.SMALLMONEY):
-        precision = params[0] if params and params[0] else 19 if kind == _T.MONEY else 18
-        scale = (
-            params[1]
-            if len(params) > 1 and params[1] is not None
-            else (4 if kind in (_T.MONEY, _T.SMALLMONEY) else 0)
-        )
-        return tds.SqlType(tds.Kind.DECIMAL, None, precision, scale)
-    if kind in (_T.VARCHAR, _T.CHAR, _T.TEXT):
-        size = None if kind == _T.TEXT or first is None or first > 8000 else first
-        return tds.SqlType(tds.Kind.VARCHAR, size)
-    if kind in (_T.NVARCHAR, _T.NCHAR):
-        return tds.nvarchar(first)
-    if kind in (_T.VARBINARY, _T.BINARY):
-        return tds.SqlType(tds.Kind.VARBINARY, None if first is None or first > 8000 else first)
-    if kind in (_T.DATETIME, _T.SMALLDATETIME):
-        return tds.SqlType(tds.Kind.DATETIME, 8)
-    if kind in (_T.DATETIME2, _T.TIMESTAMP):
-        return tds.SqlType(tds.Kind.DATETIME2, None, scale=params[0] if params and params[0] else 7)
-    if kind == _T.DATE:
-        return tds.SqlType(tds.Kind.DATE, 3)
-    if kind == _T.TIME:
-        return tds.SqlType(tds.Kind.TIME, None, scale=params[0] if params and params[0] else 7)
-    if kind == _T.UUID:
-        return tds.SqlType(tds.Kind.GUID, 16)
-    return None
-
-
-def _sqlite_affinity(data_type: exp.DataType) -> str:
-    kind = data_type.this
-    if kind in exp.DataType.INTEGER_TYPES or kind in (_T.BIT, _T.BOOLEAN):
-        return "INTEGER"
-    if kind in exp.DataType.REAL_TYPES or kind in (_T.MONEY, _T.SMALLMONEY):
-        return "REAL"
-    if kind in (_T.VARBINARY, _T.BINARY):
-        return "BLOB"
-    return "TEXT"
-
-
-def infer_type(values: Sequence[Any]) -> tds.SqlType:
-    present = [v for v in values if v is not None]
-    if present and all(isinstance(v, int) for v in present):
-        fits = all(-(2**31) <= v < 2**31 for v in present)
-        return tds.INT if fits else tds.BIGINT
-    if present and all(isinstance(v, int | float) for v in present):
-        return tds.FLOAT
-    if present and all(isinstance(v, bytes) for v in present):
-        longest = max(len(v) for v in present)
-        return tds.SqlType(tds.Kind.VARBINARY, None if longest > 8000 else max(longest, 1))
-    longest = max((len(str(v)) for v in present), default=1)
-    return tds.nvarchar(longest)
-
-
-def _fit(sql_type: tds.SqlType, values: Sequence[Any]) -> tds.SqlType:
-    """Widen a declared type that the stored values do not fit (SQLite does not enforce types)."""
-    try:
-        for value in values:
-            tds.encode_value(sql_type, value)
-    except (ValueError, TypeError, OverflowError, ArithmeticError, tds.ProtocolError):
-        return infer_type([None if v is None else str(v) for v in values])
-    if sql_type.kind in (tds.Kind.VARCHAR, tds.Kind.NVARCHAR, tds.Kind.VARBINARY) and sql_type.size:
-        unit = 2 if sql_type.kind == tds.Kind.NVARCHAR else 1
-        longest = max(
-            (len(v if isinstance(v, bytes) else str(v)) * unit for v in values if v is not None),
-            default=0,
-        )
-        if longest > sql_type.size:
-            limit = 8000
-            return tds.SqlType(sql_type.kind, longest if longest <= limit else None)
-    return sql_type
-
-
-def _to_sqlite(value: Any) -> Any:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int | float | str | bytes) or value is None:
-        return value
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat(sep=" ") if isinstance(value, dt.datetime) else value.isoformat()
-    return str(value)
-
-
-# --- statements ----------------------------------------------------------------------------------
-
-_TOKENIZER = TSQL().tokenizer_class()
-
-
-@dataclass
-class Statement:
-    text: str
-    tokens: list[Token]
-
-    def words(self, n: int) -> list[str]:
-        return [t.text.upper() for t in self.tokens[:n]]
-
-    def for_sqlglot(self) -> str:
-        """The text with the login-name functions renamed: sqlglot reads SUSER_SNAME(),
-        SUSER_NAME() and SYSTEM_USER as CURRENT_USER, which in T-SQL is the *database* user."""
-        base = self.tokens[0].start if self.tokens else 0
-        text = self.text
-        for token in reversed(self.tokens):
-            word = token.text.upper() if token.token_type != TokenType.IDENTIFIER else ""
-            if word in ("SUSER_SNAME", "SUSER_NAME", "SYSTEM_USER"):
-                call = "__LOGIN_NAME" if word != "SYSTEM_USER" else "__LOGIN_NAME()"
-                start, end = token.start - base, token.end - base + 1
-                text = text[:start] + call + text[end:]
-        return text
-
-
-# Keywords that begin a statement when they open a line outside parentheses: T-SQL needs no
-# semicolons between statements. Continuation lines stay put (see _continues).
-_STARTERS = frozenset(
-    {
-        "CREATE",
-        "ALTER",
-        "DROP",
-        "INSERT",
-        "UPDATE",
-        "DELETE",
-        "SELECT",
-        "GRANT",
-        "REVOKE",
-        "DENY",
-        "BEGIN",
-        "COMMIT",
-        "ROLLBACK",
-        "WAITFOR",
-        "USE",
-        "SET",
-        "DECLARE",
-        "EXEC",
-        "EXECUTE",
-    }
-)
-_JOINERS = frozenset({"UNION", "ALL", "EXCEPT", "INTERSECT", "AS", "ON", "FOR", "WITH", ",", "("})
-_OBJECTS = frozenset({"USER", "ROLE", "TABLE", "VIEW", "INDEX", "SCHEMA", "PROCEDURE", "FUNCTION"})
-
-
-def _continues(first: str, previous: str, word: str, following: str) -> bool:
-    """Whether a line starting with ``word`` continues the statement that began with ``first``."""
-    return (
-        previous in _JOINERS
-        or (first in ("INSERT", "WITH") and word == "SELECT")  # INSERT ... SELECT, CTEs
-        or (first == "UPDATE" and word == "SET")
-        # ALTER ROLE r / DROP MEMBER m, ALTER TABLE t / DROP COLUMN c, but not DROP USER u
-        or (first == "ALTER" and word in ("DROP", "ADD", "ALTER") and following not in _OBJECTS)
-    )
-
-
-def split_batch(sql: str) -> list[Statement]:
-    """Statements of a batch: split at top-level semicolons, ``GO`` lines and statement keywords
-    that open a line (``CREATE USER ...`` then ``ALTER ROLE ...`` on the next line)."""
-    try:
-        tokens = _TOKENIZER.tokenize(sql)
-    except TokenError as exc:
-        raise SqlError(
-            105, f"Unclosed quotation mark after the character string '{sql[-20:]}'.", severity=15
-        ) from exc
-    statements: list[Statement] = []
-    current: list[Token] = []
-
-    def flush() -> None:
-        if current:
-            statements.append(Statement(sql[current[0].start : current[-1].end + 1], current[:]))
-            current.clear()
-
-    depth = 0
-    for index, token in enumerate(tokens):
-        if token.token_type == TokenType.SEMICOLON and depth == 0:
-            flush()
-            continue
-        word = token.text.upper() if token.token_type != TokenType.IDENTIFIER else ""
-        opens_line = not current or token.line > current[-1].line
-        if depth == 0 and opens_line and current:
-            following = tokens[index + 1] if index + 1 < len(tokens) else None
-            if word == "GO" and (following is None or following.line > token.line):
-                flush()
-                continue
-            first, previous = current[0].text.upper(), current[-1].text.upper()
-            after = following.text.upper() if following else ""
-            if word in _STARTERS and not _continues(first, previous, word, after):
-                flush()
-        depth += {TokenType.L_PAREN: 1, TokenType.R_PAREN: -1}.get(token.token_type, 0)
-        current.append(token)
-    flush()
-    return statements
-
-
-class _Tokens:
-    """A cursor over a statement's tokens for the hand-parsed security statements."""
-
-    def __init__(self, tokens: list[Token]) -> None:
-        self._tokens = tokens
-        self._pos = 0
-
-    def _peek(self) -> Token | None:
-        return self._tokens[self._pos] if self._pos < len(self._tokens) else None
-
-    def error(self) -> SqlError:
-        token = self._peek() or (self._tokens[-1] if self._tokens else None)
-        return syntax_error(token.text if token else "")
-
-    def accept(self, *words: str) -> bool:
-        ahead = self._tokens[self._pos : self._pos + len(words)]
-        if len(ahead) == len(words) and all(
-            t.text.upper() == w and t.token_type != TokenType.IDENTIFIER
-            for t, w in zip(ahead, words, strict=True)
-        ):
-            self._pos += len(words)
-            return True
-        return False
-
-    def expect(self, *words: str) -> None:
-        if not self.accept(*words):
-            raise self.error()
-
-    def name(self) -> str:
-        token = self._peek()
-        if token is None or token.token_type not in (TokenType.VAR, TokenType.IDENTIFIER):
-            raise self.error()
-        self._pos += 1
-        return token.text
-
-    def value(self, *types: TokenType) -> str:
-        token = self._peek()
-        if token is None or token.token_type not in types:
-            raise self.error()
-        self._pos += 1
-        return token.text
-
-    def end(self) -> None:
-        if self._peek() is not None:
-            raise self.error()
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -819,7 +524,7 @@ class Session:
     # -- query execution
 
     def _run(self, sql: str, params: dict[str, Any]) -> sqlite3.Cursor:
-        bound = {k: _to_sqlite(v) for k, v in params.items()}
+        bound = {k: to_sqlite(v) for k, v in params.items()}
         try:
             return self.conn.execute(sql, bound)
         except sqlite3.ProgrammingError as exc:
@@ -883,7 +588,7 @@ class Session:
         for index, name in enumerate(names):
             values = [r[index] for r in rows]
             declared_type = declared[index]
-            sql_type = _fit(declared_type, values) if declared_type else infer_type(values)
+            sql_type = fit_type(declared_type, values) if declared_type else infer_type(values)
             columns.append(tds.Column(name, sql_type))
         self._rowcount = len(rows)
         return StatementDone(tds.CurCmd.SELECT, len(rows), ResultSet(columns, rows))
@@ -942,7 +647,7 @@ class Session:
                 if not isinstance(data_type, exp.DataType):
                     continue
                 columns.append((column.name, data_type.sql("tsql")))
-                affinity = _sqlite_affinity(data_type)
+                affinity = sqlite_affinity(data_type)
                 column.set("kind", exp.DataType.build(affinity))
                 if affinity == "TEXT":
                     column.append(
@@ -994,7 +699,7 @@ class Session:
         return StatementDone(tds.CurCmd.NONE, None)
 
     def _waitfor(self, statement: Statement) -> StatementDone:
-        cursor = _Tokens(statement.tokens)
+        cursor = TokenCursor(statement.tokens)
         cursor.expect("WAITFOR")
         cursor.expect("DELAY")
         text = cursor.value(TokenType.STRING, TokenType.NATIONAL_STRING)
@@ -1017,7 +722,7 @@ class Session:
         return (int(row[0]), str(row[1]), str(row[2])) if row else None
 
     def _create_user(self, statement: Statement) -> StatementDone:
-        cursor = _Tokens(statement.tokens)
+        cursor = TokenCursor(statement.tokens)
         cursor.expect("CREATE", "USER")
         name = cursor.name()
         object_id: str | None = None
@@ -1114,7 +819,7 @@ class Session:
         return matches[0]
 
     def _drop_user(self, statement: Statement) -> StatementDone:
-        cursor = _Tokens(statement.tokens)
+        cursor = TokenCursor(statement.tokens)
         cursor.expect("DROP", "USER")
         if_exists = cursor.accept("IF", "EXISTS")
         name = cursor.name()
@@ -1140,7 +845,7 @@ class Session:
         return StatementDone(tds.CurCmd.NONE, None)
 
     def _alter_role(self, statement: Statement) -> StatementDone:
-        cursor = _Tokens(statement.tokens)
+        cursor = TokenCursor(statement.tokens)
         cursor.expect("ALTER", "ROLE")
         role_name = cursor.name()
         if cursor.accept("ADD", "MEMBER"):
@@ -1180,22 +885,6 @@ class Session:
                 (role[0], found[0]),
             )
         return StatementDone(tds.CurCmd.NONE, None)
-
-
-def declared_names(declaration: str) -> list[str]:
-    """Parameter names of an RPC declaration such as ``@P1 nvarchar(max),@P2 int``."""
-    return re.findall(r"@(\w+)", declaration or "")
-
-
-def bind(names: Sequence[str], values: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    """Parameter values by name: named RPC parameters keep their name, others go by position."""
-    out: dict[str, Any] = {}
-    for index, (name, value) in enumerate(values):
-        key = (
-            name.lstrip("@") if name else (names[index] if index < len(names) else f"P{index + 1}")
-        )
-        out[key] = value
-    return out
 
 
 # --- databases -----------------------------------------------------------------------------------

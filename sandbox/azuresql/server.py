@@ -33,19 +33,10 @@ from typing import Any
 from sandbox.azuresql import tds
 from sandbox.azuresql.config import ServerSpec
 from sandbox.azuresql.directory import GraphDirectory
-from sandbox.azuresql.engine import (
-    Cancelled,
-    Database,
-    DbUser,
-    Event,
-    Session,
-    SqlError,
-    StatementDone,
-    TransactionEvent,
-    bind,
-    declared_names,
-)
+from sandbox.azuresql.engine import Database, DbUser, Session
 from sandbox.azuresql.login import LoginRefused, TokenVerifier
+from sandbox.azuresql.results import Cancelled, Event, SqlError, StatementDone, TransactionEvent
+from sandbox.azuresql.statements import bind, declared_names
 from sandbox.azuresql.tls import TLS_RECORD_HANDSHAKE, ByteStream, PlainStream, TlsStream
 
 log = logging.getLogger("sandbox.azuresql")

@@ -13,15 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sandbox.azuresql import tds
-from sandbox.azuresql.engine import (
-    Database,
-    DbUser,
-    SeedUser,
-    SqlError,
-    StatementDone,
-    quote_name,
-    split_batch,
-)
+from sandbox.azuresql.engine import Database, DbUser, SeedUser, quote_name
+from sandbox.azuresql.results import SqlError, StatementDone
+from sandbox.azuresql.statements import split_batch
 
 
 def _roundtrip(sql_type: tds.SqlType, value: object) -> object:
