@@ -99,6 +99,12 @@ def install_generic(sandbox: Any) -> None:
     )
 
 
+def remove_webhook_configuration(sandbox: Any) -> None:
+    """Leave no MutatingWebhookConfiguration behind: with failurePolicy Fail and nothing serving
+    it, every later test's labelled pod would be refused."""
+    kubectl(sandbox, "delete", "mutatingwebhookconfiguration", CONFIGURATION, "--ignore-not-found")
+
+
 def service_account_token(kube: Any, namespace: str, name: str, audience: str | None = None) -> str:
     from kubernetes import client
 

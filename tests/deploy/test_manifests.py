@@ -19,6 +19,7 @@ from deploy_harness import (  # type: ignore[import-not-found]
     REPO,
     install_generic,
     kubectl,
+    remove_webhook_configuration,
     render_helm,
     render_kustomize,
     run,
@@ -69,14 +70,17 @@ def _renderings(sandbox: Any, tmp_path: Any) -> dict[str, list[dict[str, Any]]]:
 
 def test_every_rendering_applies_with_server_side_dry_run(sandbox: Any, tmp_path: Any) -> None:
     install_generic(sandbox)
-    for name, docs in _renderings(sandbox, tmp_path).items():
-        manifest = tmp_path / "manifest.yaml"
-        manifest.write_text(yaml.safe_dump_all(docs))
-        result = kubectl(sandbox, "apply", "--dry-run=server", "-f", str(manifest), check=False)
-        assert result.returncode == 0, f"{name}:\n{result.stderr}"
-        # PodSecurity "restricted" on the namespace warns about any pod template it would refuse.
-        assert "would violate PodSecurity" not in result.stderr, f"{name}:\n{result.stderr}"
-        assert len(result.stdout.strip().splitlines()) == len(docs), name
+    try:
+        for name, docs in _renderings(sandbox, tmp_path).items():
+            manifest = tmp_path / "manifest.yaml"
+            manifest.write_text(yaml.safe_dump_all(docs))
+            result = kubectl(sandbox, "apply", "--dry-run=server", "-f", str(manifest), check=False)
+            assert result.returncode == 0, f"{name}:\n{result.stderr}"
+            # PodSecurity "restricted" on the namespace warns about any pod template it refuses.
+            assert "would violate PodSecurity" not in result.stderr, f"{name}:\n{result.stderr}"
+            assert len(result.stdout.strip().splitlines()) == len(docs), name
+    finally:
+        remove_webhook_configuration(sandbox)
 
 
 def test_namespaced_objects_land_in_the_operator_namespace(sandbox: Any, tmp_path: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from deploy_harness import (  # type: ignore[import-not-found]
     install_generic,
     kubectl,
     operator_kubeconfig,
+    remove_webhook_configuration,
 )
 
 pytestmark = pytest.mark.controlplane
@@ -36,14 +38,15 @@ SWI = {
 
 
 @pytest.fixture(scope="module")
-def as_operator(sandbox: Any, kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def as_operator(sandbox: Any, kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     install_generic(sandbox)
     config = operator_kubeconfig(sandbox, kube, tmp_path_factory.mktemp("rbac") / "kubeconfig")
 
     def run(*args: str, stdin: str | None = None, check: bool = True) -> Any:
         return kubectl(sandbox, *args, kubeconfig=config, check=check, input=stdin)
 
-    return run
+    yield run
+    remove_webhook_configuration(sandbox)
 
 
 def test_the_operator_can_do_its_job(

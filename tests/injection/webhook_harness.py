@@ -118,6 +118,11 @@ def webhook_process(
             raise
         yield port
     finally:
+        from kubernetes import client
+
+        with contextlib.suppress(client.ApiException):  # no webhook left pointing at nothing
+            admission: Any = client.AdmissionregistrationV1Api(kube)
+            admission.delete_mutating_webhook_configuration(CONFIGURATION)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
