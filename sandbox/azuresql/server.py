@@ -417,7 +417,14 @@ class TdsSession:
     ) -> tuple[bytes, bool]:
         """Run engine work in a thread: (rendered tokens, whether it failed)."""
         try:
-            events: list[Event] = await asyncio.to_thread(function, *args)
+            try:
+                events: list[Event] = await asyncio.to_thread(function, *args)
+            except (Cancelled, SqlError):
+                raise
+            except Exception as exc:
+                # An emulator bug must cost one statement, not the client's connection.
+                log.exception("%s: engine failure on %r", self.server.name, text)
+                raise SqlError(50000, f"The sandbox's SQL engine failed: {exc!r}") from exc
         except SqlError as error:
             self._record(kind, text, error.number)
             return self._render(error.events, in_proc=in_proc) + self._error(
