@@ -30,7 +30,7 @@ def _run(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_seed_client_secret_program_prints_five_customers(sqlbox: SqlBox) -> None:
     # ClientSecretCredential with its default authority reaches the emulator through the proxy.
-    done = _run("seed_step3_app.py", sqlbox.process_env())
+    done = _run("seed_step3_app.txt", sqlbox.process_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == FIVE
 
