@@ -89,7 +89,6 @@ class SqlClient:
         self._lock = threading.RLock()
         self._conn: Any = None
         self._expires_on = 0.0
-        self._token = ""
         self.stats = ClientStats()
 
     # -- connections
@@ -128,7 +127,6 @@ class SqlClient:
                 raise self._login_error(failure, token.token) from exc
             self.stats.connects += 1
             self._expires_on = float(token.expires_on)
-            self._token = token.token
             return conn
         raise AssertionError("unreachable")
 
