@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,25 +55,32 @@ def test_token_for_another_audience_is_not_accepted(sqlbox: SqlBox) -> None:
     ) in message
 
 
-def test_token_signed_by_someone_else_is_not_accepted(sqlbox: SqlBox) -> None:
+def _forged(**extra: Any) -> str:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = int(time.time())
-    forged = jwt.encode(
-        {
-            "aud": "https://database.windows.net/",
-            "iss": f"https://sts.windows.net/{TENANT}/",
-            "tid": TENANT,
-            "oid": DEMO.sp_object_id,
-            "appid": DEMO.app_id,
-            "iat": now,
-            "nbf": now,
-            "exp": now + 3600,
-        },
-        key,
-        algorithm="RS256",
-        headers={"kid": "not-an-entra-key"},
-    )
-    assert "not currently configured to accept this token" in _login_error(sqlbox, forged)
+    claims = {
+        "aud": "https://database.windows.net/",
+        "iss": f"https://sts.windows.net/{TENANT}/",
+        "tid": TENANT,
+        "oid": DEMO.sp_object_id,
+        "appid": DEMO.app_id,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 3600,
+        **extra,
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "not-an-entra-key"})
+
+
+def test_token_signed_by_someone_else_is_not_accepted(sqlbox: SqlBox) -> None:
+    assert "not currently configured to accept this token" in _login_error(sqlbox, _forged())
+
+
+def test_a_login_spanning_several_packets_is_reassembled(sqlbox: SqlBox) -> None:
+    # ~24 KB of UTF-16 token: LOGIN7 arrives in several TLS-wrapped packets, and is still judged.
+    big = _forged(groups=[str(uuid.uuid4()) for _ in range(300)])
+    assert len(big) > 12000
+    assert "not currently configured to accept this token" in _login_error(sqlbox, big)
 
 
 def test_valid_token_without_a_database_user_gets_18456(sqlbox: SqlBox, no_user: None) -> None:
