@@ -7,6 +7,9 @@ naming it and exits 2. See ``swi-operator --help`` for every flag and its enviro
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import sys
 
 from swi_operator import config as config_module
@@ -27,14 +30,18 @@ def main(argv: list[str] | None = None) -> int:
         from swi_operator import webhooks  # noqa: F401  (registers the pod injection webhook)
 
     kopf.configure(verbose=args.verbose, log_prefix=True)
-    logging.getLogger("azure").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    for chatty in ("azure", "httpx"):  # one log line per HTTP request otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    # Our own peer identity, so that the drift loop can recognise this replica among the peers.
+    identity = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
     kopf.run(
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
         standalone=config.peering is None,
         peering_name=config.peering,
+        identity=identity,  # type: ignore[arg-type]  # kopf's NewType over str, not exported
         liveness_endpoint=config.liveness_endpoint,
-        memo=kopf.Memo(config=config),
+        memo=kopf.Memo(config=config, peer_identity=identity),
     )
     return 0
 

@@ -9,26 +9,56 @@ nothing to repair writes nothing, neither to the cloud nor to the status.
 
 This is also what lifts permanent conditions once their cause is gone (a freed credential slot, a
 granted permission), without a retry loop per resource.
+
+With ``--peering``, kopf pauses the handlers of standby replicas but knows nothing of this loop, so
+``PeeringGate`` applies kopf's own rule to the same peering object before each cycle: this replica
+is active unless another live peer has the same or a higher priority.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from swi_operator.errors import ReconcileError
+from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient
 from swi_operator.locks import KeyedLocks
 from swi_operator.pipeline import Pipeline
-from swi_operator.steps import Event
 
 log = logging.getLogger(__name__)
 
 
-class EventSink(Protocol):
-    def post(self, body: Mapping[str, Any], event: Event) -> None: ...
+class PeeringGate:
+    """Whether this replica is the active one, by kopf's rule on its peering objects."""
+
+    def __init__(
+        self, kube: KubeClient, name: str | None, identity: str | None, priority: int = 0
+    ) -> None:
+        self._kube = kube
+        self._name = name
+        self._identity = identity
+        self._priority = priority
+
+    async def active(self, namespace: str | None) -> bool:
+        if self._name is None:
+            return True  # standalone
+        now = dt.datetime.now(dt.UTC)
+        for peer, info in (await self._kube.peering_status(self._name, namespace)).items():
+            if peer == self._identity or not isinstance(info, Mapping):
+                continue
+            try:
+                seen = dt.datetime.fromisoformat(str(info["lastseen"]))
+                alive = seen + dt.timedelta(seconds=float(info.get("lifetime", 60))) > now
+                priority = int(info.get("priority", 0))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if alive and priority >= self._priority:
+                return False
+        return True
 
 
 class DriftLoop:
@@ -37,7 +67,8 @@ class DriftLoop:
         pipeline: Pipeline,
         kube: KubeClient,
         locks: KeyedLocks,
-        events: EventSink,
+        events: EventRecorder,
+        gate: PeeringGate,
         *,
         namespaces: Sequence[str],
         interval: float,
@@ -48,21 +79,33 @@ class DriftLoop:
         self._kube = kube
         self._locks = locks
         self._events = events
+        self._gate = gate
         self._namespaces = tuple(namespaces)
         self._interval = interval
         self._finalizer = finalizer
         self._slots = asyncio.Semaphore(concurrency)
 
     async def run(self) -> None:
+        """Check every interval until cancelled; one bad cycle never ends the loop."""
         while True:
             await asyncio.sleep(self._interval)
             try:
                 await self.check_all()
             except ReconcileError as err:
                 log.warning("drift check skipped: %s", err.message)
+            except Exception:
+                log.exception("drift check failed")
 
     async def check_all(self) -> None:
-        resources = await self._kube.list_resources(self._namespaces)
+        if self._namespaces:
+            served = [ns for ns in self._namespaces if await self._gate.active(ns)]
+            if not served:
+                return
+        else:
+            if not await self._gate.active(None):
+                return
+            served = []  # every namespace
+        resources = await self._kube.list_resources(served)
         await asyncio.gather(*(self._check(body) for body in resources))
 
     def _settled(self, body: Mapping[str, Any]) -> bool:
@@ -103,5 +146,4 @@ class DriftLoop:
                     "drift check of %s/%s failed", meta.get("namespace"), meta.get("name")
                 )
                 return
-        for event in outcome.events:
-            self._events.post(body, event)
+        await self._events.post(body, outcome.events)

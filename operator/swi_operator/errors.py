@@ -83,6 +83,8 @@ class PermanentError(ReconcileError):
 # documented), so match the stable parts of both.
 _LIMIT_MARKERS = ("limit", "maximum", "exceed", "at most 20")
 _DUPLICATE_MARKERS = ("must be unique", "already exists")
+GRAPH = "Microsoft Graph"
+ARM = "Azure Resource Manager"
 _CONCURRENT_CODE = "ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity"
 
 
@@ -149,11 +151,14 @@ def from_http(
             Reason.CONCURRENT_WRITE, f"another writer is changing the identity ({what})", 2.0
         )
     if status in (401, 403):
+        fix = (
+            "make the operator's app an owner of the app registration "
+            "(it has Application.ReadWrite.OwnedBy)"
+            if service == GRAPH
+            else "grant the operator's identity Managed Identity Contributor on the identity"
+        )
         return PermanentError(
-            Reason.PERMISSION_DENIED,
-            f"the operator is not allowed to {doing} ({what}); grant its identity the right "
-            "(for an app registration: make the operator's app an owner; for a managed identity: "
-            "Managed Identity Contributor)",
+            Reason.PERMISSION_DENIED, f"the operator is not allowed to {doing} ({what}); {fix}"
         )
     if status == 404:
         return PermanentError(
@@ -192,7 +197,7 @@ def classify(exc: BaseException, doing: str) -> ReconcileError:
             (err.message if err else None) or exc.message or "",
             exc.response_headers,
             doing,
-            "Microsoft Graph",
+            GRAPH,
         )
     if isinstance(exc, azure_exc.ClientAuthenticationError) and exc.status_code in (None, 400, 401):
         # From the operator's own credential (token endpoint), not from ARM's authorisation.
@@ -201,7 +206,7 @@ def classify(exc: BaseException, doing: str) -> ReconcileError:
         headers = dict(getattr(exc.response, "headers", None) or {})
         code = (exc.error.code if exc.error else None) or ""
         text = (exc.error.message if exc.error else None) or exc.reason or ""
-        return from_http(exc.status_code, code, text, headers, doing, "Azure Resource Manager")
+        return from_http(exc.status_code, code, text, headers, doing, ARM)
     if isinstance(exc, (azure_exc.ServiceRequestError, azure_exc.ServiceResponseError)):
         return TransientError(Reason.CLOUD_UNAVAILABLE, f"cannot reach Azure to {doing}: {exc}")
     if isinstance(exc, httpx.TransportError | OSError | TimeoutError):
@@ -229,7 +234,8 @@ def kubernetes_error(status: int | None, text: str, doing: str) -> ReconcileErro
     if status == 403:
         return PermanentError(
             Reason.PERMISSION_DENIED,
-            f"the operator's RBAC does not allow it to {doing} ({text}); see deploy/ for its role",
+            f"the API server refused to {doing} (403: {text}); if RBAC denied it, compare the "
+            "operator's ClusterRole in deploy/",
         )
     if status in (400, 422):
         return PermanentError(

@@ -18,8 +18,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
@@ -35,23 +34,13 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 log = logging.getLogger(__name__)
 
 
-class KopfEvents:
-    """Posts pipeline Events through kopf (which honours ``settings.posting.level``)."""
-
-    def post(self, body: Mapping[str, Any], event: Event) -> None:
-        target = cast(kopf.Body, body)  # kopf reads apiVersion, kind and metadata only
-        if event.type == "Warning":
-            kopf.warn(target, reason=event.reason, message=event.message)
-        else:
-            kopf.info(target, reason=event.reason, message=event.message)
-
-
 def configure(settings: kopf.OperatorSettings, config: config_module.Config) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
+    # Our Events are posted by swi_operator.events; kopf's own (handler failures) follow suit.
     settings.posting.level = config.posting_level
     settings.posting.reporting_component = OPERATOR
     settings.posting.event_name_prefix = "swi-"
@@ -74,7 +63,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     if config is None:  # started by `kopf run` rather than by our __main__
         config, _args = config_module.load([])
     configure(settings, config)
-    runtime = Runtime.start(config, KopfEvents())
+    runtime = Runtime.start(config, memo.get("peer_identity"))
     memo["runtime"] = runtime
     if config.install_crds is not None:
         await runtime.install_crds(config.install_crds)
@@ -84,12 +73,18 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     print(f"READY {OPERATOR} drift_interval={config.drift_interval:g}s", flush=True)
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account, else KUBECONFIG as it is now (not when a library was imported)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     drift: asyncio.Task[None] | None = memo.get("drift")
     if drift is not None:
         drift.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(BaseException):  # its failures were logged where they happened
             await drift
     if "runtime" in memo:
         await _runtime(memo).close()
@@ -110,9 +105,7 @@ async def reconcile(
     async with state.resource_locks.hold(str(body.metadata.uid)):
         outcome = await state.pipeline.reconcile(body)
     patch.status.update(outcome.status)
-    events = KopfEvents()
-    for event in outcome.events:
-        events.post(body, event)
+    await state.events.post(body, outcome.events)
     if outcome.retry is not None:
         raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
 
@@ -124,20 +117,16 @@ async def finalize(
     state = _runtime(memo)
     async with state.resource_locks.hold(str(body.metadata.uid)):
         outcome = await state.pipeline.finalize(body)
-    events = KopfEvents()
-    for event in outcome.events:
-        events.post(body, event)
+    await state.events.post(body, outcome.events)
     if outcome.retry is None:
         return
     elapsed = runtime.total_seconds()  # since the first attempt of this handler
     if elapsed < state.config.deletion_timeout:
         raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
-    events.post(
-        body,
-        Event(
-            "Warning",
-            "CleanupAbandoned",
-            f"clean-up still failing after {elapsed:.0f}s ({outcome.retry.message}); releasing the "
-            "resource: check the identity's federated credentials by hand",
-        ),
+    abandoned = Event(
+        "Warning",
+        "CleanupAbandoned",
+        f"clean-up still failing after {elapsed:.0f}s ({outcome.retry.message}); releasing the "
+        "resource: check the identity's federated credentials by hand",
     )
+    await state.events.post(body, [abandoned])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,18 @@ class KubeClient(Protocol):
     async def patch_resource_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> None: ...
+
+    async def post_event(
+        self,
+        involved: Mapping[str, str],
+        type_: str,
+        reason: str,
+        message: str,
+        component: str,
+        instance: str,
+    ) -> None: ...
+
+    async def peering_status(self, name: str, namespace: str | None) -> dict[str, Any]: ...
 
 
 def _dig(obj: Any, *path: str) -> Any:
@@ -350,6 +363,47 @@ class KubernetesClient:
             content_type=MERGE_PATCH,
             missing_ok=True,
         )
+
+    async def post_event(
+        self,
+        involved: Mapping[str, str],
+        type_: str,
+        reason: str,
+        message: str,
+        component: str,
+        instance: str,
+    ) -> None:
+        namespace = involved["namespace"]
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{involved['name']}.", "namespace": namespace},
+            "involvedObject": dict(involved),
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._call(
+            f"post event {reason}", "POST", f"/api/v1/namespaces/{namespace}/events", body=body
+        )
+
+    async def peering_status(self, name: str, namespace: str | None) -> dict[str, Any]:
+        """The peers kopf lists in its (Cluster)KopfPeering object; empty if there is none."""
+        path = (
+            f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{name}"
+            if namespace
+            else f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}"
+        )
+        found = await self._call(f"read peering {name}", "GET", path, missing_ok=True)
+        status = _dig(found, "status")
+        return dict(status) if isinstance(status, Mapping) else {}
 
     async def apply_crd(self, manifest: Mapping[str, Any]) -> None:
         """Create or replace a CRD and wait until it is established."""

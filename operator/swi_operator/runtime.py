@@ -25,7 +25,9 @@ from swi_operator.cloud import CallGate, CredentialStore, IdentityRouter
 from swi_operator.cloud.arm import ArmCredentialStore, arm_client_factory
 from swi_operator.cloud.graph import GraphCredentialStore, build_graph_client
 from swi_operator.config import Config
-from swi_operator.drift import DriftLoop, EventSink
+from swi_operator.drift import DriftLoop, PeeringGate
+from swi_operator.errors import ARM, GRAPH
+from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.locks import KeyedLocks
 from swi_operator.pipeline import Pipeline
@@ -69,7 +71,10 @@ def build_kube_api() -> ApiClient:
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
         return ApiClient()
-    api: ApiClient = kube_config.new_client_from_config()  # type: ignore[no-untyped-call]
+    # KUBECONFIG is read now: the client library's own default is fixed when it is imported.
+    api: ApiClient = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=os.environ.get("KUBECONFIG")
+    )
     return api
 
 
@@ -101,43 +106,55 @@ class Runtime:
     drift: DriftLoop
     resource_locks: KeyedLocks
     kube: KubernetesClient
+    events: EventRecorder
     _credential: AsyncTokenCredential
     _graph_http: httpx.AsyncClient
     _arm: ArmCredentialStore
     _kube_api: ApiClient
 
     @classmethod
-    def start(cls, config: Config, events: EventSink) -> Runtime:
+    def start(cls, config: Config, peer_identity: str | None = None) -> Runtime:
         credential = build_credential(config)
         graph_client, graph_http = build_graph_client(
             credential, config.graph_url, config.graph_scope, config.ca_bundle
         )
         graph = GraphCredentialStore(
-            graph_client, CallGate("Microsoft Graph", config.cloud_concurrency), config.tenant_id
+            graph_client, CallGate(GRAPH, config.cloud_concurrency), config.tenant_id
         )
         arm = ArmCredentialStore(
             arm_client_factory(
                 credential, config.arm_url, config.arm_scope, _azure_transport_options(config)
             ),
-            CallGate("Azure Resource Manager", config.cloud_concurrency),
+            CallGate(ARM, config.cloud_concurrency),
             config.subscription_id,
         )
         kube_api = build_kube_api()
         kube = KubernetesClient(kube_api)
         pipeline = build_pipeline(IdentityRouter(graph, arm), kube, config.tenant_id, config.issuer)
         resource_locks = KeyedLocks()
+        events = EventRecorder(kube, config.posting_level)
         drift = DriftLoop(
             pipeline,
             kube,
             resource_locks,
             events,
+            PeeringGate(kube, config.peering, peer_identity),
             namespaces=config.namespaces,
             interval=config.drift_interval,
             finalizer=FINALIZER,
             concurrency=config.cloud_concurrency,
         )
         return cls(
-            config, pipeline, drift, resource_locks, kube, credential, graph_http, arm, kube_api
+            config,
+            pipeline,
+            drift,
+            resource_locks,
+            kube,
+            events,
+            credential,
+            graph_http,
+            arm,
+            kube_api,
         )
 
     async def install_crds(self, directory: Path) -> None:

@@ -109,6 +109,8 @@ class FakeKube(Faults):
         self.resources: dict[tuple[str, str], dict[str, Any]] = {}
         self.writes: Counter[str] = Counter()
         self.status_patches: list[tuple[str, str, Mapping[str, Any]]] = []
+        self.events: list[tuple[str, str, str]] = []  # (object name, type, reason)
+        self.peering: dict[str, Any] = {}
 
     # arrangement helpers
     def add_workload(
@@ -219,6 +221,20 @@ class FakeKube(Faults):
         resource = self.resources.get((namespace, name))
         if resource is not None:
             resource.setdefault("status", {}).update(status)
+
+    async def post_event(
+        self,
+        involved: Mapping[str, str],
+        type_: str,
+        reason: str,
+        message: str,
+        component: str,
+        instance: str,
+    ) -> None:
+        self.events.append((involved["name"], type_, reason))
+
+    async def peering_status(self, name: str, namespace: str | None) -> dict[str, Any]:
+        return dict(self.peering)
 
 
 def resource(

@@ -1,0 +1,126 @@
+"""The fleet-wide drift check: repairs settled resources, leaves the rest to kopf, writes only
+what changed, and posts its Events itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import pytest
+from operator_fakes import APP, TENANT, FakeKube, FakeStore, resource  # type: ignore[import-not-found]
+from swi_operator.drift import DriftLoop, PeeringGate
+from swi_operator.events import EventRecorder
+from swi_operator.locks import KeyedLocks
+from swi_operator.runtime import FINALIZER, build_pipeline
+from swi_operator.spec import ApplicationRef
+
+NS = "workload-demo"
+
+
+def drift_loop(
+    store: FakeStore, kube: FakeKube, locks: KeyedLocks, peering: str | None = None
+) -> DriftLoop:
+    return DriftLoop(
+        build_pipeline(store, kube, TENANT, None),
+        kube,
+        locks,
+        EventRecorder(kube, logging.INFO),
+        PeeringGate(kube, peering, "me"),
+        namespaces=[NS],
+        interval=1,
+        finalizer=FINALIZER,
+        concurrency=4,
+    )
+
+
+@pytest.fixture
+def setup() -> tuple[DriftLoop, FakeStore, FakeKube, KeyedLocks]:
+    store, kube, locks = FakeStore(), FakeKube(), KeyedLocks()
+    store.add_identity(ApplicationRef(APP))
+    return drift_loop(store, kube, locks), store, kube, locks
+
+
+def settled(name: str, **kwargs: Any) -> dict[str, Any]:
+    body: dict[str, Any] = resource(name, NS, service_account=f"sa-{name}", **kwargs)
+    body["status"] = {"observedGeneration": body["metadata"]["generation"]}
+    return body
+
+
+async def test_repairs_and_then_writes_nothing(setup):
+    loop, store, kube, _ = setup
+    kube.resources[(NS, "a")] = settled("a")
+
+    await loop.check_all()
+    assert len(store.of(ApplicationRef(APP))) == 1
+    assert len(kube.status_patches) == 1
+    assert ("a", "Normal", "CredentialCreated") in kube.events
+
+    store.writes.clear()
+    kube.events.clear()
+    await loop.check_all()
+    assert not store.writes
+    assert len(kube.status_patches) == 1, "unchanged status is not written again"
+    assert kube.events == []
+
+
+async def test_leaves_unsettled_and_busy_resources_to_kopf(setup):
+    loop, store, kube, locks = setup
+    pending = settled("pending")
+    pending["metadata"]["generation"] = 2  # a spec change kopf has not handled yet
+    deleting = settled("deleting")
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    unclaimed = settled("new")
+    unclaimed["metadata"]["finalizers"] = []
+    busy = settled("busy")
+    for body in (pending, deleting, unclaimed, busy):
+        kube.resources[(NS, body["metadata"]["name"])] = body
+
+    async with locks.hold(busy["metadata"]["uid"]):
+        await loop.check_all()
+
+    assert store.of(ApplicationRef(APP)) == []
+    assert kube.status_patches == []
+
+
+async def test_posting_level_filters_events(setup):
+    _, _, kube, _ = setup
+    from swi_operator.steps import Event
+
+    recorder = EventRecorder(kube, logging.WARNING)
+    await recorder.post(
+        resource(), [Event("Normal", "Ready", "x"), Event("Warning", "Throttled", "y")]
+    )
+    assert kube.events == [("customer-reader", "Warning", "Throttled")]
+
+
+def peer(seconds_ago: float, priority: int = 0) -> dict[str, Any]:
+    seen = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds_ago)
+    return {"lastseen": seen.isoformat(), "lifetime": 60, "priority": priority}
+
+
+@pytest.mark.parametrize(
+    ("others", "active"),
+    [
+        ({}, True),
+        ({"other": (1, 0)}, False),  # same priority: kopf freezes both
+        ({"other": (1, 10)}, False),
+        ({"other": (1, -1)}, True),
+        ({"other": (600, 0)}, True),  # dead: last seen longer ago than its lifetime
+    ],
+)
+async def test_peering_gate_follows_kopf(others, active):
+    kube = FakeKube()
+    kube.peering = {"me": peer(1)} | {
+        name: peer(ago, priority) for name, (ago, priority) in others.items()
+    }
+    assert await PeeringGate(kube, "swi", "me").active(None) is active
+    assert await PeeringGate(kube, None, "me").active(None) is True  # standalone
+
+
+async def test_standby_replica_skips_the_cycle(setup):
+    _, store, kube, locks = setup
+    kube.resources[(NS, "a")] = settled("a")
+    kube.peering = {"other": peer(1)}
+    await drift_loop(store, kube, locks, peering="swi").check_all()
+    assert store.of(ApplicationRef(APP)) == []
