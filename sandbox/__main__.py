@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         help="start only this component (repeatable)",
     )
     up.add_argument(
+        "--operator",
+        action="store_true",
+        help="also run the operator (python -m swi_operator) against the sandbox, in background",
+    )
+    up.add_argument(
         "--timeout",
         type=float,
         default=launcher.READY_TIMEOUT_S,
@@ -85,6 +90,8 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
         return 0
     if args.command == "up":
         comps = [c for c in launcher.available_components() if not args.only or c.name in args.only]
+        if args.operator:
+            comps.append(launcher.OPERATOR)
         for running in launcher.up(state_dir, comps, timeout=args.timeout):
             print(f"{running.component.name}: ready (pid {running.pid}) {_address(running)}")
         print(f'sandbox is up; state in {state_dir}. Use it with: eval "$(python -m sandbox env)"')

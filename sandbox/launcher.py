@@ -148,6 +148,8 @@ class Component:
                 "--ca-key",
                 str(state_dir / "ca.key"),
             ]
+        if self.name == "operator":
+            return [sys.executable, "-m", "swi_operator", "--install-crds", str(REPO_ROOT / "crds")]
         module = f"sandbox.{self.name}"
         argv = [sys.executable, "-m", module, "serve", "--state-dir", str(state_dir)]
         if self.name in {"entra", "azuresql"}:
@@ -159,14 +161,41 @@ class Component:
         return argv
 
 
+def _operator_env(state_dir: Path) -> dict[str, str]:
+    """The operator's settings against this sandbox, with its own app's credentials from the
+    world (swi-operator --help names each variable)."""
+    import yaml
+
+    sandbox = environment(state_dir)
+    world = yaml.safe_load(Path(os.environ.get(WORLD_ENV) or WORLD_FILE).read_text())
+    app = next(
+        a for a in world["entra"]["applications"] if a["name"] == "sql-workload-identity-operator"
+    )
+    return {
+        "KUBECONFIG": sandbox["KUBECONFIG"],
+        "AZURE_TENANT_ID": app["tenant"],
+        "AZURE_CLIENT_ID": app["appId"],
+        "AZURE_CLIENT_SECRET": app["secrets"][0],
+        "AZURE_AUTHORITY_HOST": sandbox["AZURE_AUTHORITY_HOST"],
+        "SWI_GRAPH_URL": sandbox["SANDBOX_GRAPH_URL"],
+        "SWI_ARM_URL": sandbox["SANDBOX_ARM_URL"],
+        "AZURE_SUBSCRIPTION_ID": sandbox["SANDBOX_SUBSCRIPTION_ID"],
+        "SWI_CA_BUNDLE": str(state_dir / "ca.crt"),
+        "SWI_DRIFT_INTERVAL": os.environ.get("SWI_DRIFT_INTERVAL", "30"),
+    }
+
+
 CONTROLPLANE = Component("controlplane", "swi-controlplane")
 ENTRA = Component("entra", "sandbox.entra")
 PROXY = Component("proxy", "sandbox.proxy")
 AZURESQL = Component("azuresql", "sandbox.azuresql")
+# Not started by a plain `up` (no sandbox/operator/ module): `up --operator` starts it after the
+# others; `down` stops it first.
+OPERATOR = Component("operator", "swi_operator")
 
 # Start order matters: the proxy and the SQL emulator read the Entra emulator's address from its
 # JSON file.
-ALL_COMPONENTS: tuple[Component, ...] = (CONTROLPLANE, ENTRA, PROXY, AZURESQL)
+ALL_COMPONENTS: tuple[Component, ...] = (CONTROLPLANE, ENTRA, PROXY, AZURESQL, OPERATOR)
 
 
 def available_components() -> list[Component]:
@@ -245,6 +274,8 @@ def _start(state_dir: Path, comp: Component, timeout: float) -> Running:
     env.update(_trust_env(state_dir))
     # Components started later find the earlier ones through their JSON files, not the proxy.
     env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1"
+    if comp is OPERATOR:
+        env.update(_operator_env(state_dir))
     with out_path.open("wb") as out, err_path.open("ab") as err:
         proc = subprocess.Popen(
             argv,

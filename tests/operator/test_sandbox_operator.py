@@ -1,0 +1,84 @@
+"""`python -m sandbox up --operator` runs the operator against a sandbox of its own; `down` stops
+it. Exactly the commands docs/operator.md gives, on the examples in deploy/examples/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from operator_harness import ROOT  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.controlplane
+
+
+def sandbox_cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SWI_SANDBOX_DIR"}
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=240,
+        check=False,
+    )
+
+
+def test_up_with_operator_reconciles_the_examples_and_down_stops_it(tmp_path: Path):
+    state = tmp_path / "sandbox"
+    try:
+        up = sandbox_cli(state, "up", "--operator")
+        assert up.returncode == 0, up.stderr
+        assert "operator: ready" in up.stdout
+        exports = sandbox_cli(state, "env").stdout
+        env = dict(os.environ)
+        for line in exports.splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = value.strip("'")
+
+        def kubectl(*args: str) -> str:
+            done = subprocess.run(
+                ["kubectl", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        examples = ROOT / "deploy" / "examples"
+        kubectl("apply", "-f", str(examples / "customer-reader.yaml"))
+        kubectl(
+            "apply",
+            "-f",
+            str(examples / "customer-api-managed-identity.yaml"),
+            "-f",
+            str(examples / "payroll-not-owned.yaml"),
+        )
+        for name in ("customer-reader", "customer-api"):
+            kubectl(
+                "wait",
+                "--for=condition=Ready",
+                f"swi/{name}",
+                "-n",
+                "workload-demo",
+                "--timeout=60s",
+            )
+        kubectl(
+            "wait",
+            '--for=jsonpath={.status.conditions[?(@.type=="Ready")].reason}=PermissionDenied',
+            "swi/payroll",
+            "-n",
+            "workload-demo",
+            "--timeout=60s",
+        )
+        table = kubectl("get", "swi", "-A")
+        assert "SP-AZURESQL-USER" in table and "customer-api-identity" in table
+        operator_pid = int((state / "run" / "operator.pid").read_text())
+    finally:
+        down = sandbox_cli(state, "down")
+    assert "operator" in down.stdout, down.stdout + down.stderr
+    assert (
+        not Path(f"/proc/{operator_pid}").exists()
+        or "Z" in Path(f"/proc/{operator_pid}/stat").read_text().split()[2]
+    )
