@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from swi_operator.spec import is_guid
+
 PUBLIC_AUTHORITY = "https://login.microsoftonline.com"
 PUBLIC_GRAPH_URL = "https://graph.microsoft.com/v1.0"
 PUBLIC_ARM_URL = "https://management.azure.com"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 ARM_SCOPE = "https://management.azure.com/.default"
 
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -279,7 +280,7 @@ def _guid(raw: Mapping[str, object], dest: str, required: bool) -> str | None:
         if required:
             raise ConfigError(f"{_name(dest)} is required")
         return None
-    if not isinstance(value, str) or not _GUID.match(value):
+    if not isinstance(value, str) or not is_guid(value):
         raise ConfigError(f"{_name(dest)} must be a GUID, got {value!r}")
     return value.lower()
 

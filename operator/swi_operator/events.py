@@ -15,9 +15,9 @@ from typing import Any
 
 from swi_operator.errors import ReconcileError
 from swi_operator.kube import KubeClient
+from swi_operator.naming import OPERATOR_NAME
 from swi_operator.steps import Event
 
-COMPONENT = "sql-workload-identity-operator"
 MESSAGE_MAX = 1024  # the API server refuses longer event messages
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class EventRecorder:
                     event.type,
                     event.reason,
                     event.message[:MESSAGE_MAX],
-                    COMPONENT,
+                    OPERATOR_NAME,
                     self._instance,
                 )
             except ReconcileError as err:

@@ -25,10 +25,10 @@ import kopf
 from swi_operator import config as config_module
 from swi_operator.errors import TransientError, backoff_delay
 from swi_operator.kube import GROUP, PLURAL, VERSION
+from swi_operator.naming import OPERATOR_NAME
 from swi_operator.runtime import FINALIZER, Runtime
 from swi_operator.steps import Event
 
-OPERATOR = "sql-workload-identity-operator"
 RESOURCE = (GROUP, VERSION, PLURAL)
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def configure(settings: kopf.OperatorSettings, config: config_module.Config) -> 
     )
     # Our Events are posted by swi_operator.events; kopf's own (handler failures) follow suit.
     settings.posting.level = config.posting_level
-    settings.posting.reporting_component = OPERATOR
+    settings.posting.reporting_component = OPERATOR_NAME
     settings.posting.event_name_prefix = "swi-"
     settings.peering.standalone = config.peering is None
     if config.peering is not None:
@@ -70,7 +70,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo["drift"] = asyncio.create_task(runtime.drift.run(), name="swi-drift")
     log.info("operator started: %s", runtime.config.redacted())
     # The sandbox launcher waits for a line starting with READY on stdout.
-    print(f"READY {OPERATOR} drift_interval={config.drift_interval:g}s", flush=True)
+    print(f"READY {OPERATOR_NAME} drift_interval={config.drift_interval:g}s", flush=True)
 
 
 @kopf.on.login()

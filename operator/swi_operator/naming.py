@@ -58,15 +58,10 @@ def is_valid_credential_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Owner:
-    """The resource a credential's description names as its owner."""
+    """The resource a credential belongs to, as its description names it."""
 
     namespace: str
     name: str
-
-
-_DESCRIPTION = re.compile(
-    r"^Managed by (?P<operator>\S+) for SqlWorkloadIdentity (?P<ns>[a-z0-9-]+)/(?P<name>\S+) "
-)
 
 
 def credential_description(issuer: str, owner: Owner) -> str:
@@ -75,11 +70,3 @@ def credential_description(issuer: str, owner: Owner) -> str:
         f"on the cluster with issuer {issuer}. Edits are reverted; delete the resource instead."
     )
     return text[:_DESCRIPTION_MAX]
-
-
-def description_owner(description: str | None) -> Owner | None:
-    """The owner a description written by ``credential_description`` names, else None."""
-    match = _DESCRIPTION.match(description or "")
-    if match is None or match["operator"] != OPERATOR_NAME:
-        return None
-    return Owner(match["ns"], match["name"])

@@ -16,6 +16,12 @@ from typing import Any, Literal
 DEFAULT_AUDIENCE = "api://AzureADTokenExchange"
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def is_guid(value: object) -> bool:
+    return isinstance(value, str) and bool(_GUID.match(value))
+
+
 _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 )
@@ -192,7 +198,7 @@ def _parse_identity(raw: object, problems: list[tuple[str, str]]) -> IdentityRef
         problems.append((path, "Required value"))
         return None
     tenant = raw.get("tenantId")
-    if tenant is not None and (not isinstance(tenant, str) or not _GUID.match(tenant)):
+    if tenant is not None and not is_guid(tenant):
         problems.append((f"{path}.tenantId", f"Invalid value {tenant!r}: must be a GUID"))
         tenant = None
     app = raw.get("applicationClientId")
@@ -203,7 +209,7 @@ def _parse_identity(raw: object, problems: list[tuple[str, str]]) -> IdentityRef
         )
         return None
     if app is not None:
-        if not isinstance(app, str) or not _GUID.match(app):
+        if not is_guid(app):
             problems.append((f"{path}.applicationClientId", f"Invalid value {app!r}: not a GUID"))
             return None
         return ApplicationRef(client_id=app.lower(), tenant_id=tenant.lower() if tenant else None)

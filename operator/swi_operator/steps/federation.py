@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 
 from swi_operator.cloud import (
     MAX_CREDENTIALS_PER_IDENTITY,
@@ -31,11 +30,9 @@ from swi_operator.errors import PermanentError, Reason, ReconcileError, Transien
 from swi_operator.kube import KubeClient
 from swi_operator.locks import KeyedLocks
 from swi_operator.naming import Owner, credential_description, credential_name, subject_for
-from swi_operator.spec import ApplicationRef, IdentityRef, parse_managed_identity_id
+from swi_operator.spec import ApplicationRef, IdentityRef, is_guid, parse_managed_identity_id
 from swi_operator.steps import Context, StepResult
 from swi_operator.steps.service_account import ensure_not_claimed
-
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 class IssuerSource:
@@ -70,7 +67,7 @@ def identity_key(ref: IdentityRef) -> str:
 
 
 def identity_from_status(value: str) -> IdentityRef | None:
-    if _GUID.match(value):
+    if is_guid(value):
         return ApplicationRef(client_id=value.lower())
     return parse_managed_identity_id(value)
 
