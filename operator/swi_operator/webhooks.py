@@ -433,7 +433,10 @@ def build_kube_api() -> ApiClient:
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
         return ApiClient()
-    api: ApiClient = kube_config.new_client_from_config()  # type: ignore[no-untyped-call]
+    # KUBECONFIG is read now, not when the kubernetes package was imported.
+    api: ApiClient = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=os.environ.get("KUBECONFIG")
+    )
     return api
 
 
