@@ -176,9 +176,9 @@ def _operator_env(state_dir: Path) -> dict[str, str]:
         "AZURE_TENANT_ID": app["tenant"],
         "AZURE_CLIENT_ID": app["appId"],
         "AZURE_CLIENT_SECRET": app["secrets"][0],
-        "AZURE_AUTHORITY_HOST": sandbox["AZURE_AUTHORITY_HOST"],
-        "SWI_GRAPH_URL": sandbox["SANDBOX_GRAPH_URL"],
-        "SWI_ARM_URL": sandbox["SANDBOX_ARM_URL"],
+        # Azure's default endpoints, as in a cluster: the sandbox proxy answers for them.
+        "HTTPS_PROXY": sandbox["HTTPS_PROXY"],
+        "NO_PROXY": sandbox["NO_PROXY"],
         "AZURE_SUBSCRIPTION_ID": sandbox["SANDBOX_SUBSCRIPTION_ID"],
         "SWI_CA_BUNDLE": str(state_dir / "ca.crt"),
         "SWI_DRIFT_INTERVAL": os.environ.get("SWI_DRIFT_INTERVAL", "30"),
