@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sandbox import launcher
 
+EXAMPLES = launcher.REPO_ROOT / "deploy" / "examples"
 DEMO_NAMESPACE = "workload-demo"
 DEMO_SERVICE_ACCOUNT = "workload-demo-service-account"
 AUDIENCE = "api://AzureADTokenExchange"
@@ -58,23 +59,66 @@ def _claims(token: str) -> dict[str, object]:
 
 
 def run_demo(demo: Demo) -> None:
-    demo.step(
-        "Start the sandbox: a real Kubernetes control plane, Entra ID and Azure SQL emulators"
-    )
-    print("$ python -m sandbox up", flush=True)
-    for running in launcher.up(demo.state_dir):
+    demo.step("Start the sandbox: Kubernetes control plane, Entra ID and Azure SQL emulators")
+    print("$ python -m sandbox up --operator", flush=True)
+    for running in launcher.up(
+        demo.state_dir, [*launcher.available_components(), launcher.OPERATOR]
+    ):
         print(f"{running.component.name}: ready (pid {running.pid})", flush=True)
     demo.env = launcher.environment(demo.state_dir)
+    # The demo's workload authenticates by federation only: no client secret in its environment.
+    for name in ("AZ_CLIENT_SECRET", "AZURE_CLIENT_SECRET"):
+        demo.env.pop(name, None)
     print('$ eval "$(python -m sandbox env)"', flush=True)
 
-    demo.step("The cluster's service-account issuer, as Entra ID will fetch it (no credentials)")
+    demo.step("The cluster's service-account issuer, as Entra ID fetches it (no credentials)")
     demo.kubectl("get", "--raw", "/.well-known/openid-configuration")
 
-    demo.step("The seed's namespace and service account")
-    demo.kubectl("create", "namespace", DEMO_NAMESPACE)
-    demo.kubectl("create", "serviceaccount", DEMO_SERVICE_ACCOUNT, "-n", DEMO_NAMESPACE)
+    demo.step("One resource instead of the seed's ten steps")
+    print((EXAMPLES / "customer-reader.yaml").read_text().split("---", 1)[1].strip(), flush=True)
+    demo.kubectl("apply", "-f", str(EXAMPLES / "customer-reader.yaml"))
+    demo.kubectl(
+        "wait",
+        "--for=condition=Ready",
+        "swi/customer-reader",
+        "-n",
+        DEMO_NAMESPACE,
+        "--timeout=120s",
+    )
+    demo.kubectl("get", "swi", "-A")
 
-    demo.step(f"A projected token for audience {AUDIENCE}, as a labelled pod would receive it")
+    demo.step("What the operator did: the annotated service account and the federated credential")
+    annotations = json.loads(
+        demo.kubectl(
+            "get",
+            "serviceaccount",
+            DEMO_SERVICE_ACCOUNT,
+            "-n",
+            DEMO_NAMESPACE,
+            "-o",
+            "jsonpath={.metadata.annotations}",
+            show=False,
+        )
+    )
+    for key in sorted(annotations):
+        if key.startswith("azure.workload.identity/"):
+            print(f"{key}: {annotations[key]}", flush=True)
+    status = json.loads(
+        demo.kubectl(
+            "get",
+            "swi",
+            "customer-reader",
+            "-n",
+            DEMO_NAMESPACE,
+            "-o",
+            "jsonpath={.status}",
+            show=False,
+        )
+    )
+    print(f"issuer:  {status.get('issuer')}\nsubject: {status.get('subject')}", flush=True)
+    print(f"federated credential: {status.get('federatedCredential', {}).get('name')}", flush=True)
+
+    demo.step("The workload, as a pod of that service account: token file -> Entra -> Azure SQL")
     token = demo.kubectl(
         "create",
         "token",
@@ -87,9 +131,50 @@ def run_demo(demo: Demo) -> None:
         "1h",
         show=False,
     ).strip()
+    token_file = demo.state_dir / "demo-token" / "azure-identity-token"
+    token_file.parent.mkdir(exist_ok=True)
+    token_file.write_text(token)
+    token_file.chmod(0o600)
     claims = _claims(token)
-    print(json.dumps({k: claims[k] for k in ("iss", "sub", "aud", "exp")}, indent=2), flush=True)
-    print(f"token: {token[:10]}... (not printed in full: it is a credential)", flush=True)
+    print(f"projected token (as the kubelet writes it): sub={claims['sub']} aud={claims['aud']}")
+    demo.env.update(
+        {
+            "AZURE_CLIENT_ID": annotations["azure.workload.identity/client-id"],
+            "AZURE_TENANT_ID": annotations["azure.workload.identity/tenant-id"],
+            "AZURE_FEDERATED_TOKEN_FILE": str(token_file),
+        }
+    )
+    print(
+        "AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE as the webhook injects them"
+    )
+    demo.run(sys.executable, "-m", "swi_workload")
+
+    demo.step("A deliberate mistake: an app registration the operator does not own")
+    demo.kubectl("apply", "-f", str(EXAMPLES / "payroll-not-owned.yaml"))
+    demo.run(
+        "kubectl",
+        "wait",
+        "--for=jsonpath={.status.conditions[?(@.type=='Ready')].reason}=PermissionDenied",
+        "swi/payroll",
+        "-n",
+        DEMO_NAMESPACE,
+        "--timeout=60s",
+    )
+    demo.kubectl("get", "swi", "-n", DEMO_NAMESPACE)
+    message = demo.kubectl(
+        "get",
+        "swi",
+        "payroll",
+        "-n",
+        DEMO_NAMESPACE,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type=='FederatedCredentialReady')].message}",
+        show=False,
+    )
+    print(f"why: {message}", flush=True)
+
+    demo.step("Delete the resources: the finalizer removes the credential and the annotations")
+    demo.kubectl("delete", "swi", "--all", "-n", DEMO_NAMESPACE, "--wait=true", "--timeout=60s")
 
 
 def main(argv: list[str] | None = None) -> int:

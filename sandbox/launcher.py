@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,10 +267,38 @@ def _log_paths(state_dir: Path, comp: Component) -> tuple[Path, Path]:
     return logs / f"{comp.name}.out", logs / f"{comp.name}.log"
 
 
+# What `env` exports (for any sandbox) and so must not leak from the caller's environment into a
+# component: a shell that ran `eval "$(python -m sandbox env)"` for one sandbox and then starts
+# another (or a test session doing the same) would otherwise point it at the first one.
+_EXPORTED_PREFIXES = ("AZURE_", "AZ_", "SANDBOX_")
+_EXPORTED_NAMES = frozenset(
+    {
+        "KUBECONFIG",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "ODBCSYSINI",
+        "SWI_AZURESQL_ADMIN_URL",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        STATE_DIR_ENV,
+    }
+)
+
+
+def _without_sandbox_env(environ: Mapping[str, str]) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in environ.items()
+        if name not in _EXPORTED_NAMES and not name.startswith(_EXPORTED_PREFIXES)
+    }
+
+
 def _start(state_dir: Path, comp: Component, timeout: float) -> Running:
     argv = comp.argv(state_dir)
     out_path, err_path = _log_paths(state_dir, comp)
-    env = dict(os.environ)
+    env = _without_sandbox_env(os.environ)
     env.update(_trust_env(state_dir))
     # Components started later find the earlier ones through their JSON files, not the proxy.
     env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1"
