@@ -58,6 +58,8 @@ class Config:
     liveness_endpoint: str | None = None
     install_crds: Path | None = None
     injection_webhook: bool = False  # serve the pod injection webhook (swi_operator.webhooks)
+    require_policy: bool = True  # refuse what no SqlIdentityPolicy allows (swi_operator.policy)
+    policy_webhook: bool = False  # serve the validating webhook (swi_operator.policy_webhook)
     ca_bundle: Path | None = None  # None: the system's trust store
 
     @property
@@ -81,6 +83,7 @@ class Config:
             "namespaces": ",".join(self.namespaces) or "(all)",
             "drift_interval": self.drift_interval,
             "peering": self.peering or "(standalone)",
+            "require_policy": self.require_policy,
         }
 
 
@@ -221,6 +224,22 @@ _SETTINGS: tuple[_Setting, ...] = (
         "identity add-on (its SWI_WEBHOOK_* settings: docs/deploy.md)",
         "false",
     ),
+    _Setting(
+        "require_policy",
+        "--require-policy",
+        "SWI_REQUIRE_POLICY",
+        "true: a SqlWorkloadIdentity no SqlIdentityPolicy allows is refused (NotAuthorized); "
+        "false: only identities some policy names are restricted (docs/security.md)",
+        "true",
+    ),
+    _Setting(
+        "policy_webhook",
+        "--policy-webhook",
+        "SWI_POLICY_WEBHOOK",
+        "true: also serve the validating admission webhook that refuses unauthorised "
+        "SqlWorkloadIdentities at kubectl apply (docs/security.md)",
+        "false",
+    ),
 )
 
 
@@ -353,6 +372,13 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
     if injection not in ("true", "false"):
         raise ConfigError(f"{_name('injection_webhook')} must be true or false, got {injection!r}")
 
+    flags = {}
+    for dest in ("require_policy", "policy_webhook"):
+        value = str(raw.get(dest)).lower()
+        if value not in ("true", "false"):
+            raise ConfigError(f"{_name(dest)} must be true or false, got {value!r}")
+        flags[dest] = value == "true"
+
     ca_bundle = raw.get("ca_bundle")
     if ca_bundle is not None and not Path(str(ca_bundle)).is_file():
         raise ConfigError(f"{_name('ca_bundle')}: no such file {ca_bundle!r}")
@@ -385,5 +411,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         liveness_endpoint=str(liveness) if liveness is not None else None,
         install_crds=Path(str(crds)) if crds is not None else None,
         injection_webhook=injection == "true",
+        require_policy=flags["require_policy"],
+        policy_webhook=flags["policy_webhook"],
         ca_bundle=Path(str(ca_bundle)) if ca_bundle is not None else None,
     )

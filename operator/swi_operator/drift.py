@@ -117,6 +117,10 @@ class DriftLoop:
             and status.get("observedGeneration") == meta.get("generation")
         )
 
+    async def check(self, listed: Mapping[str, Any]) -> None:
+        """Re-check one listed resource now, as a cycle would (e.g. after a policy change)."""
+        await self._check(listed)
+
     async def _check(self, listed: Mapping[str, Any]) -> None:
         meta = listed.get("metadata") or {}
         uid = str(meta.get("uid"))

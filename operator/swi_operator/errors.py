@@ -52,6 +52,7 @@ class Reason(enum.StrEnum):
     OPERATOR_AUTHENTICATION_FAILED = "OperatorAuthenticationFailed"
     SERVICE_ACCOUNT_CONFLICT = "ServiceAccountConflict"
     KUBERNETES_REJECTED = "KubernetesRejected"
+    NOT_AUTHORIZED = "NotAuthorized"
 
 
 class ReconcileError(Exception):
@@ -77,6 +78,14 @@ class TransientError(ReconcileError):
 
 class PermanentError(ReconcileError):
     """Retrying cannot help until the spec, a permission or the cloud state changes."""
+
+
+class NotAuthorizedError(PermanentError):
+    """No SqlIdentityPolicy allows the resource. Besides stopping, the pipeline takes back what the
+    later steps had granted (a policy that stops allowing a resource revokes its access)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.NOT_AUTHORIZED, message)
 
 
 # Entra's 20-credential limit: Graph and ARM word it differently (and the exact wording is not

@@ -25,6 +25,7 @@ from swi_operator.errors import ReconcileError, kubernetes_error
 GROUP = "sqlidentity.io"
 VERSION = "v1alpha1"
 PLURAL = "sqlworkloadidentities"
+POLICY_PLURAL = "sqlidentitypolicies"  # cluster-scoped: swi_operator.policy
 REQUEST_TIMEOUT_S = 30.0
 MERGE_PATCH = "application/merge-patch+json"
 CRD_ESTABLISH_TIMEOUT_S = 30.0
@@ -404,6 +405,33 @@ class KubernetesClient:
         found = await self._call(f"read peering {name}", "GET", path, missing_ok=True)
         status = _dig(found, "status")
         return dict(status) if isinstance(status, Mapping) else {}
+
+    async def list_policies(self) -> list[dict[str, Any]] | None:
+        """Every SqlIdentityPolicy; None if their CRD is not installed."""
+        found = await self._call(
+            "list SqlIdentityPolicies",
+            "GET",
+            f"/apis/{GROUP}/{VERSION}/{POLICY_PLURAL}",
+            missing_ok=True,
+        )
+        return None if found is None else list(found.get("items") or [])
+
+    async def namespace_labels(self, namespace: str) -> dict[str, str]:
+        """The labels of a Namespace (policies select namespaces by them); {} if it is gone."""
+        found = await self._call(
+            f"read namespace {namespace}", "GET", f"/api/v1/namespaces/{namespace}", missing_ok=True
+        )
+        return dict(_dig(found, "metadata", "labels") or {})
+
+    async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
+        await self._call(
+            f"update the status of SqlIdentityPolicy {name}",
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/{POLICY_PLURAL}/{name}/status",
+            body={"status": dict(status)},
+            content_type=MERGE_PATCH,
+            missing_ok=True,
+        )
 
     async def apply_crd(self, manifest: Mapping[str, Any]) -> None:
         """Create or replace a CRD and wait until it is established."""

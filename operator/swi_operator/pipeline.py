@@ -14,6 +14,11 @@ turning True.
 
 ``Pipeline.finalize`` runs every step's clean-up, last step first; permanent failures become
 Warning events (the finalizer must not block forever), transient ones are returned for retry.
+
+Revocation: when a step raises ``NotAuthorizedError`` (the policy gate, which runs first), each
+later ``Revocable`` step whose status shows a grant takes it back; its condition turns False with
+the gate's reason, and the status fields that recorded the grant are cleared. A resource that
+never had access is refused without any call beyond the gate's own.
 """
 
 from __future__ import annotations
@@ -24,9 +29,15 @@ from typing import Any
 
 from swi_operator import conditions
 from swi_operator.conditions import Condition
-from swi_operator.errors import PermanentError, Reason, ReconcileError, TransientError
+from swi_operator.errors import (
+    NotAuthorizedError,
+    PermanentError,
+    Reason,
+    ReconcileError,
+    TransientError,
+)
 from swi_operator.spec import Spec, SpecError, parse_spec
-from swi_operator.steps import Context, Event, ResourceRef, Step
+from swi_operator.steps import Context, Event, ResourceRef, Revocable, Step
 
 
 @dataclass
@@ -83,6 +94,8 @@ class Pipeline:
                     ctx.record(err.reason, f"{step.condition}: {err.message}; retrying", "Warning")
                 if not (err.transient and before is not None and before.is_true):
                     updates.append(Condition(step.condition, "False", err.reason, err.message))
+                if isinstance(err, NotAuthorizedError):
+                    retry = await self._revoke(ctx, self.steps[index + 1 :], err, updates, fields)
                 updates.extend(
                     Condition(
                         later.condition, "Unknown", "Waiting", f"waiting for {step.condition}"
@@ -98,6 +111,39 @@ class Pipeline:
             [c for s in self.steps if (c := conditions.find(merged, s.condition)) is not None]
         )
         return self._outcome(ref, previous, [*updates, summary], fields, ctx.events, retry)
+
+    @staticmethod
+    async def _revoke(
+        ctx: Context,
+        later: Sequence[Step],
+        err: NotAuthorizedError,
+        updates: list[Condition],
+        fields: dict[str, Any],
+    ) -> TransientError | None:
+        """Take back what ``later`` steps granted; a transient failure is returned for retry."""
+        retry: TransientError | None = None
+        for step in reversed(later):
+            if not isinstance(step, Revocable) or not step.holds_grant(ctx.status):
+                continue
+            try:
+                result = await step.revoke(ctx)
+            except TransientError as failed:
+                retry = retry or failed
+                ctx.record(failed.reason, f"revoking {step.condition}: {failed.message}", "Warning")
+                continue
+            except PermanentError as failed:
+                ctx.record(
+                    failed.reason,
+                    f"could not revoke {step.condition}: {failed.message}; remove it by hand",
+                    "Warning",
+                )
+                continue
+            ctx.record("AccessRevoked", f"{result.message}: {err.message}", "Warning")
+            updates.append(
+                Condition(step.condition, "False", err.reason, f"{result.message}: {err.message}")
+            )
+            fields.update(result.fields)
+        return retry
 
     @staticmethod
     def _outcome(

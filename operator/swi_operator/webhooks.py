@@ -25,10 +25,14 @@ TLS, one of two ways (docs/deploy.md):
   (the first one to create it wins; the others read it).
 
 Either way the operator then writes the CA bundle into its MutatingWebhookConfiguration
-(``SWI_WEBHOOK_CONFIGURATION``, shipped in deploy/): a strategic-merge patch of that one webhook's
+(``SWI_WEBHOOK_CONFIGURATION``, shipped in deploy/), and the policy one into its
+ValidatingWebhookConfiguration: a strategic-merge patch of each one webhook entry's
 ``clientConfig``, leaving rules, selectors and failurePolicy to the manifest. Outside a cluster
 (the sandbox), ``SWI_WEBHOOK_URL_HOST`` makes that patch point the API server at
 ``https://<host>:<port>/...`` instead of the Service.
+
+The same server answers the SqlIdentityPolicy check (``swi_operator.policy_webhook``, a
+ValidatingWebhookConfiguration, ``SWI_POLICY_WEBHOOK=true``): one port, one certificate.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import ipaddress
 import logging
@@ -45,7 +50,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonpatch
 import kopf
@@ -72,6 +77,10 @@ log = logging.getLogger(__name__)
 WEBHOOK_ID = "inject-workload-identity"  # kopf's handler id: the last segment of the URL path
 WEBHOOK_NAME = "inject-workload-identity.sqlidentity.io"  # the entry in the configuration
 DEFAULT_CONFIGURATION = "sql-workload-identity-operator-injection"
+# The SqlIdentityPolicy check (swi_operator.policy_webhook) is served by the same server.
+POLICY_WEBHOOK_ID = "validate-sqlworkloadidentity"
+POLICY_WEBHOOK_NAME = "validate-sqlworkloadidentity.sqlidentity.io"
+DEFAULT_POLICY_CONFIGURATION = "sql-workload-identity-operator-policy"
 DEFAULT_SERVICE = "sql-workload-identity-operator-webhook"
 DEFAULT_SECRET = "sql-workload-identity-operator-webhook-tls"  # noqa: S105 (a name)
 DEFAULT_PORT = 9443
@@ -88,6 +97,16 @@ class WebhookConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class WebhookTarget:
+    """One webhook entry of one configuration that this server answers."""
+
+    kind: Literal["mutating", "validating"]
+    configuration: str
+    entry: str  # the webhook's name in the configuration
+    handler_id: str  # kopf's handler id: the last segment of the URL path
+
+
+@dataclass(frozen=True)
 class WebhookSettings:
     injection: InjectionSettings = field(default_factory=InjectionSettings)
     addr: str = "0.0.0.0"
@@ -98,6 +117,8 @@ class WebhookSettings:
     tls_dir: Path | None = None  # provided certificates; None: self-managed
     configuration: str | None = DEFAULT_CONFIGURATION  # None: leave the configuration alone
     url_host: str | None = None  # outside a cluster: point the configuration at this host
+    inject: bool = True  # the pod injection webhook is on (its configuration is kept in line)
+    policy_configuration: str | None = None  # the policy webhook's; None: off, or not managed
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookSettings:
@@ -130,6 +151,10 @@ class WebhookSettings:
                 f"SWI_INJECTION_AUTHORITY_HOST must be an https:// URL, got {authority!r}"
             )
         configuration = env.get("SWI_WEBHOOK_CONFIGURATION", DEFAULT_CONFIGURATION).strip()
+        policy = env.get("SWI_POLICY_WEBHOOK", "false").strip().lower() == "true"
+        policy_configuration = env.get(
+            "SWI_POLICY_CONFIGURATION", DEFAULT_POLICY_CONFIGURATION
+        ).strip()
         return cls(
             injection=InjectionSettings(
                 authority_host=authority,
@@ -144,7 +169,24 @@ class WebhookSettings:
             tls_dir=tls_dir,
             configuration=configuration or None,
             url_host=get("SWI_WEBHOOK_URL_HOST"),
+            # `kopf run -m swi_operator.webhooks` serves the injection; the operator says itself.
+            inject=env.get("SWI_INJECTION_WEBHOOK", "true").strip().lower() != "false",
+            policy_configuration=(policy_configuration or None) if policy else None,
         )
+
+    @property
+    def targets(self) -> list[WebhookTarget]:
+        """The configurations whose client config this server keeps pointing at itself."""
+        found = []
+        if self.inject and self.configuration:
+            found.append(WebhookTarget("mutating", self.configuration, WEBHOOK_NAME, WEBHOOK_ID))
+        if self.policy_configuration:
+            found.append(
+                WebhookTarget(
+                    "validating", self.policy_configuration, POLICY_WEBHOOK_NAME, POLICY_WEBHOOK_ID
+                )
+            )
+        return found
 
     @property
     def dns_names(self) -> list[str]:
@@ -360,25 +402,30 @@ def write_tls_files(bundle: TlsBundle, directory: Path) -> tuple[Path, Path, Pat
 
 
 def client_config_patch(
-    kopf_config: Mapping[str, Any], settings: WebhookSettings
+    kopf_config: Mapping[str, Any], settings: WebhookSettings, target: WebhookTarget | None = None
 ) -> dict[str, Any]:
     """The strategic-merge patch that points our webhook entry at this server and trusts its CA."""
+    target = target or WebhookTarget("mutating", "", WEBHOOK_NAME, WEBHOOK_ID)
     client_config: dict[str, Any] = {}
     if kopf_config.get("caBundle"):
         client_config["caBundle"] = kopf_config["caBundle"]
     if settings.url_host:
-        client_config["url"] = f"{str(kopf_config['url']).rstrip('/')}/{WEBHOOK_ID}"
+        client_config["url"] = f"{str(kopf_config['url']).rstrip('/')}/{target.handler_id}"
         client_config["service"] = None
-    return {"webhooks": [{"name": WEBHOOK_NAME, "clientConfig": client_config}]}
+    return {"webhooks": [{"name": target.entry, "clientConfig": client_config}]}
 
 
-def patch_configuration(api: ApiClient, settings: WebhookSettings, patch: dict[str, Any]) -> bool:
+def patch_configuration(api: ApiClient, target: WebhookTarget, patch: dict[str, Any]) -> bool:
     """Apply ``patch`` to the configuration; False (and a log line) if it is not installed."""
-    assert settings.configuration is not None
     admission = k8s.AdmissionregistrationV1Api(api)
+    apply = (
+        admission.patch_mutating_webhook_configuration
+        if target.kind == "mutating"
+        else admission.patch_validating_webhook_configuration
+    )
     try:
-        admission.patch_mutating_webhook_configuration(
-            settings.configuration,
+        apply(
+            target.configuration,
             patch,
             _content_type="application/strategic-merge-patch+json",
             _request_timeout=REQUEST_TIMEOUT_S,
@@ -387,9 +434,14 @@ def patch_configuration(api: ApiClient, settings: WebhookSettings, patch: dict[s
         if exc.status != 404:
             raise
         log.error(
-            "MutatingWebhookConfiguration %s not found: install it from deploy/ (the generic "
-            "overlay or the chart with injection enabled); pods are not injected meanwhile",
-            settings.configuration,
+            "%s%sWebhookConfiguration %s not found: install it from deploy/ (or the chart); "
+            "%s meanwhile",
+            target.kind[0].upper(),
+            target.kind[1:],
+            target.configuration,
+            "pods are not injected"
+            if target.kind == "mutating"
+            else "SqlWorkloadIdentities are checked against policies only at reconcile",
         )
         return False
     return True
@@ -412,14 +464,12 @@ class InjectionServer:
     async def __call__(self, fn: Any) -> AsyncIterator[Any]:
         async with self._server as server:
             async for kopf_config in server(fn):
-                if self._settings.configuration is not None:
-                    patch = client_config_patch(kopf_config, self._settings)
-                    if await asyncio.to_thread(
-                        patch_configuration, self._api, self._settings, patch
-                    ):
+                for target in self._settings.targets:
+                    patch = client_config_patch(kopf_config, self._settings, target)
+                    if await asyncio.to_thread(patch_configuration, self._api, target, patch):
                         log.info(
                             "webhook configuration %s points at %s",
-                            self._settings.configuration,
+                            target.configuration,
                             patch["webhooks"][0]["clientConfig"].get("url")
                             or f"service {self._settings.namespace}/{self._settings.service}",
                         )
@@ -487,18 +537,26 @@ def build_server(settings: WebhookSettings, api: ApiClient, state: WebhookState)
 @kopf.on.startup()
 async def start_webhook(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     webhook = WebhookSettings.from_env()
+    config = memo.get("config")  # the operator's, when run by python -m swi_operator
+    if config is not None:
+        policy = os.environ.get("SWI_POLICY_CONFIGURATION", DEFAULT_POLICY_CONFIGURATION).strip()
+        webhook = dataclasses.replace(
+            webhook,
+            inject=config.injection_webhook,
+            policy_configuration=(policy or None) if config.policy_webhook else None,
+        )
     api = await asyncio.to_thread(build_kube_api)
     state = WebhookState(webhook, api)
     settings.admission.server = await asyncio.to_thread(build_server, webhook, api, state)
     memo[MEMO_KEY] = state
     log.info(
-        "pod injection webhook on %s:%s (TLS: %s; configuration: %s)",
+        "admission webhooks on %s:%s (TLS: %s; configurations: %s)",
         webhook.addr,
         webhook.port or "(any)",
         f"provided in {webhook.tls_dir}"
         if webhook.tls_dir
         else f"self-managed in Secret {webhook.namespace}/{webhook.secret}",
-        webhook.configuration or "(not managed)",
+        ", ".join(t.configuration for t in webhook.targets) or "(not managed)",
     )
 
 

@@ -5,14 +5,18 @@ It raises ``errors.ReconcileError`` when it cannot finish; the pipeline then sto
 condition and leaves the later steps' conditions as they were. ``finalize`` undoes what the step
 made, tolerating what is already gone. Steps share a ``Context``: the first step resolves the
 identity and the issuer that later ones use. New capabilities are new steps (database access and
-verification append theirs; an authorisation gate goes first).
+verification append theirs; the authorisation gate, ``steps.authorization``, goes first).
+
+A step that grants access in the cloud (a federated credential, a database user) is also
+``Revocable``: when the gate refuses a resource that already had access, the pipeline asks those
+steps to take it back, whatever ``deletionPolicy`` says.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from swi_operator.cloud import ResolvedIdentity
 from swi_operator.conditions import Condition, Status
@@ -78,3 +82,15 @@ class Step(Protocol):
     async def reconcile(self, ctx: Context) -> StepResult: ...
 
     async def finalize(self, ctx: Context) -> None: ...
+
+
+@runtime_checkable
+class Revocable(Protocol):
+    def holds_grant(self, status: Mapping[str, Any]) -> bool:
+        """Whether the status records access this step granted (no call: a pure check)."""
+        ...
+
+    async def revoke(self, ctx: Context) -> StepResult:
+        """Take the access back; the result's message says what was removed, its fields clear
+        the status fields that recorded it."""
+        ...

@@ -12,13 +12,22 @@ cloud write, and a restart at any point makes no duplicate:
    cluster's credentials) is spent;
 5. a credential recorded in status for another identity or subject (the spec changed) is removed.
 
-Only credentials whose issuer is this cluster's are ever adopted, changed or deleted.
+Only credentials whose issuer is this cluster's are ever adopted, changed or deleted, and only for
+a subject in the resource's own namespace: the status that records the previous subject is a
+subresource someone other than the operator may be able to write, so a recorded subject of another
+namespace is never acted on.
+
+Revocation (a policy no longer allows the resource): the credential recorded in status is deleted,
+whatever ``deletionPolicy`` says, and nothing is called on an identity the resource names now but
+was never granted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from swi_operator.cloud import (
     MAX_CREDENTIALS_PER_IDENTITY,
@@ -64,6 +73,13 @@ def _issuer_error(err: ReconcileError) -> ReconcileError:
 def identity_key(ref: IdentityRef) -> str:
     """How status records the identity a credential lives on."""
     return ref.client_id if isinstance(ref, ApplicationRef) else ref.resource_id
+
+
+def in_namespace(namespace: str, subject: str) -> bool:
+    """Whether ``subject`` is a service account subject of ``namespace`` (and nothing else)."""
+    prefix = subject_for(namespace, "")
+    rest = subject[len(prefix) :]
+    return subject.startswith(prefix) and bool(rest) and ":" not in rest
 
 
 def identity_from_status(value: str) -> IdentityRef | None:
@@ -192,6 +208,8 @@ class FederatedCredentialStep:
         old_subject = str(ctx.status.get("subject") or "")
         if old_ref is None or not recorded.get("name"):
             return
+        if old_subject and not in_namespace(ctx.resource.namespace, old_subject):
+            return  # not a subject this resource can have had: status was written by someone else
         if old_ref.key == identity.ref.key and old_subject == subject:
             return
         try:
@@ -237,5 +255,39 @@ class FederatedCredentialStep:
         recorded = ctx.status.get("federatedCredential") or {}
         old_ref = identity_from_status(str(recorded.get("identity", "")))
         old_subject = str(ctx.status.get("subject") or subject)
-        if old_ref is not None and (old_ref.key, old_subject) != (ctx.spec.identity.key, subject):
+        if (
+            old_ref is not None
+            and in_namespace(res.namespace, old_subject)
+            and (old_ref.key, old_subject) != (ctx.spec.identity.key, subject)
+        ):
             await self._delete_matching(ctx, old_ref, old_subject)
+
+    def holds_grant(self, status: Mapping[str, Any]) -> bool:
+        return bool((status.get("federatedCredential") or {}).get("name"))
+
+    async def revoke(self, ctx: Context) -> StepResult:
+        recorded = ctx.status.get("federatedCredential") or {}
+        ref = identity_from_status(str(recorded.get("identity", "")))
+        subject = str(ctx.status.get("subject") or "")
+        cleared = {"federatedCredential": None}
+        if ref is None or not in_namespace(ctx.resource.namespace, subject):
+            return StepResult("False", Reason.NOT_AUTHORIZED, "no credential to revoke", cleared)
+        ctx.issuer = await self._issuer.get()
+        res = ctx.resource
+        sa = await self._kube.get_service_account(res.namespace, subject.rsplit(":", 1)[1])
+        try:
+            await ensure_not_claimed(self._kube, sa, res)
+        except PermanentError:
+            return StepResult(
+                "False",
+                Reason.NOT_AUTHORIZED,
+                f"the credential for {subject} belongs to the resource that federates it now",
+                cleared,
+            )
+        await self._delete_matching(ctx, ref, subject)
+        return StepResult(
+            "False",
+            Reason.NOT_AUTHORIZED,
+            f"access revoked: the federated credential of {ref.display} for {subject} was removed",
+            cleared,
+        )

@@ -1,0 +1,151 @@
+"""The fleet seen through the policies: each SqlIdentityPolicy's status, and prompt revocation.
+
+Policies change after admission. The pipeline's gate re-checks every resource at each reconcile
+and drift check, but the drift interval can be minutes; so whenever kopf reports a policy change
+(``changed``), and once per drift interval regardless, ``review``:
+
+1. lists the policies and the served SqlWorkloadIdentities, and decides each resource with the same
+   ``policy.authorize`` the gate uses (reading each Namespace at most once, and only if a policy
+   selects namespaces by label);
+2. re-checks at once, through the drift loop (same lock, same pipeline), every resource whose
+   ``Authorized`` condition no longer matches the decision: one that lost its policy is revoked
+   within seconds, one that gained it is reconciled without waiting;
+3. writes each policy's ``status.admitted`` (resources it governs and allows) when it changed, and
+   an invalid policy's reason for granting nothing.
+
+Decisions are pure and cheap; only the resources whose decision flipped cost a reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from swi_operator import conditions
+from swi_operator.drift import DriftLoop, PeeringGate
+from swi_operator.errors import ReconcileError
+from swi_operator.policy import authorize, needs_namespace_labels, parse_policies
+from swi_operator.spec import SpecError, parse_spec
+from swi_operator.steps.authorization import AuthorizationStep
+
+log = logging.getLogger(__name__)
+
+DEBOUNCE_S = 0.5  # a burst of policy events (an apply of several) becomes one review
+
+
+class PolicyKube(Protocol):
+    async def list_policies(self) -> list[dict[str, Any]] | None: ...
+
+    async def namespace_labels(self, namespace: str) -> dict[str, str]: ...
+
+    async def list_resources(self, namespaces: Sequence[str]) -> list[dict[str, Any]]: ...
+
+    async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None: ...
+
+
+def _dig(obj: Mapping[str, Any], *path: str) -> Any:
+    for key in path:
+        obj = obj.get(key) or {}
+    return obj
+
+
+class PolicyReview:
+    def __init__(
+        self,
+        kube: PolicyKube,
+        drift: DriftLoop,
+        gate: PeeringGate,
+        *,
+        namespaces: Sequence[str],
+        require_policy: bool,
+        interval: float,
+    ) -> None:
+        self._kube = kube
+        self._drift = drift
+        self._gate = gate
+        self._namespaces = tuple(namespaces)
+        self._require = require_policy
+        self._interval = interval
+        self._wake = asyncio.Event()
+
+    def changed(self) -> None:
+        """A policy was created, changed or deleted: review soon."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Review after each change (debounced) and every interval, until cancelled."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+                await asyncio.sleep(DEBOUNCE_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.review()
+            except ReconcileError as err:
+                log.warning("policy review skipped: %s", err.message)
+            except Exception:
+                log.exception("policy review failed")
+
+    async def _served(self) -> list[str] | None:
+        """The namespaces this replica serves now ([] = all), or None if it is on standby."""
+        if self._namespaces:
+            served = [ns for ns in self._namespaces if await self._gate.active(ns)]
+            return served or None
+        return [] if await self._gate.active(None) else None
+
+    async def review(self) -> None:
+        served = await self._served()
+        if served is None:
+            return
+        listed = await self._kube.list_policies()
+        if listed is None:
+            return  # no CRD: nothing to report; the gate says so on each resource
+        parsed = parse_policies(listed)
+        admitted: Counter[str] = Counter()
+        flipped: list[Mapping[str, Any]] = []
+        labels: dict[str, Mapping[str, str]] = {}
+        for body in await self._kube.list_resources(served):
+            try:
+                spec = parse_spec(body.get("spec") or {})
+            except SpecError:
+                continue
+            namespace = str(_dig(body, "metadata", "namespace"))
+            if namespace not in labels and needs_namespace_labels(parsed.valid, namespace):
+                labels[namespace] = await self._kube.namespace_labels(namespace)
+            decision = authorize(
+                spec.identity,
+                spec.sql,
+                namespace,
+                labels.get(namespace, {}),
+                parsed.valid,
+                self._require,
+            )
+            if decision.allowed:
+                admitted.update(decision.governing)
+            recorded = conditions.find(
+                _dig(body, "status").get("conditions") or [], AuthorizationStep.condition
+            )
+            if recorded is not None and recorded.is_true != decision.allowed:
+                flipped.append(body)
+        if flipped:
+            log.info("policy change: re-checking %d resource(s) now", len(flipped))
+            await asyncio.gather(*(self._drift.check(body) for body in flipped))
+        for body in listed:
+            name = str(_dig(body, "metadata", "name"))
+            problem = parsed.invalid.get(name)
+            count = 0 if problem else admitted[name]
+            status = {
+                "observedGeneration": _dig(body, "metadata").get("generation"),
+                "admitted": count,
+                "message": f"invalid, grants nothing: {problem}"
+                if problem
+                else f"admits {count} SqlWorkloadIdentit{'y' if count == 1 else 'ies'}",
+            }
+            current = _dig(body, "status")
+            if any(current.get(key) != value for key, value in status.items()):
+                await self._kube.patch_policy_status(name, status)
