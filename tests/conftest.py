@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from sandbox import launcher
 
@@ -86,6 +88,39 @@ def kube(sandbox: Sandbox):  # type: ignore[no-untyped-def]
     client = config.new_client_from_config(config_file=sandbox.kubeconfig)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def admin_graph(sandbox: Sandbox) -> Callable[..., requests.Response]:
+    """Raw Microsoft Graph calls as the world's ``sandbox-admin`` app (Application.ReadWrite.All),
+    for tests that set up or inspect federated credentials outside the code under test."""
+    from sandbox.entra.state import load_world
+
+    admin = next(p for p in load_world(launcher.WORLD_FILE).principals if p.name == "sandbox-admin")
+    env = sandbox.env
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> requests.Response:
+        token = requests.post(
+            f"{env['AZURE_AUTHORITY_HOST']}/{admin.tenant_id}/oauth2/v2.0/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": admin.client_id,
+                "client_secret": admin.secrets[0],
+                "scope": "https://graph.microsoft.com/.default",
+            },
+            verify=str(sandbox.ca),
+            timeout=10,
+        ).json()["access_token"]
+        return requests.request(
+            method,
+            f"{env['SANDBOX_GRAPH_URL']}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            verify=str(sandbox.ca),
+            timeout=10,
+        )
+
+    return call
 
 
 @pytest.fixture

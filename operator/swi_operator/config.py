@@ -55,6 +55,10 @@ class Config:
     cloud_concurrency: int = 8
     retry_backoff_max: float = 120.0
     deletion_timeout: float = 600.0
+    verify_interval: float = 3600.0  # seconds between probes of a Verified resource
+    propagation_timeout: float = 900.0  # AADSTS70021 this long after a credential write: a failure
+    sql_user_form: str = "sid"  # CREATE USER ... WITH SID, or FROM EXTERNAL PROVIDER (object-id)
+    sql_concurrency: int = 4  # ODBC sessions working at once (threads of their own)
     liveness_endpoint: str | None = None
     install_crds: Path | None = None
     injection_webhook: bool = False  # serve the pod injection webhook (swi_operator.webhooks)
@@ -199,6 +203,36 @@ _SETTINGS: tuple[_Setting, ...] = (
         "600",
     ),
     _Setting(
+        "verify_interval",
+        "--verify-interval",
+        "SWI_VERIFY_INTERVAL",
+        "seconds between end-to-end probes of a Verified resource (sooner after any change)",
+        "3600",
+    ),
+    _Setting(
+        "propagation_timeout",
+        "--propagation-timeout",
+        "SWI_PROPAGATION_TIMEOUT",
+        "seconds Entra may keep refusing a new federated credential (Propagating) before "
+        "Verified says NoMatchingFederatedCredential",
+        "900",
+    ),
+    _Setting(
+        "sql_user_form",
+        "--sql-user-form",
+        "SWI_SQL_USER_FORM",
+        "how database users are created: sid (WITH SID, no directory read) or object-id (FROM "
+        "EXTERNAL PROVIDER WITH OBJECT_ID: the server's identity must read the directory)",
+        "sid",
+    ),
+    _Setting(
+        "sql_concurrency",
+        "--sql-concurrency",
+        "SWI_SQL_CONCURRENCY",
+        "Azure SQL sessions working at once (each in a thread of its own)",
+        "4",
+    ),
+    _Setting(
         "ca_bundle",
         "--ca-bundle",
         "SWI_CA_BUNDLE",
@@ -322,6 +356,13 @@ def _number(raw: Mapping[str, object], dest: str, minimum: float) -> float:
     return value
 
 
+def _choice(raw: Mapping[str, object], dest: str, allowed: Sequence[str]) -> str:
+    value = str(raw.get(dest)).lower()
+    if value not in allowed:
+        raise ConfigError(f"{_name(dest)} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
     tenant = _guid(raw, "tenant_id", required=True)
     client = _guid(raw, "client_id", required=True)
@@ -408,6 +449,10 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         cloud_concurrency=int(_number(raw, "cloud_concurrency", 1)),
         retry_backoff_max=_number(raw, "retry_backoff_max", 1),
         deletion_timeout=_number(raw, "deletion_timeout", 0),
+        verify_interval=_number(raw, "verify_interval", 1),
+        propagation_timeout=_number(raw, "propagation_timeout", 0),
+        sql_user_form=_choice(raw, "sql_user_form", ("sid", "object-id")),
+        sql_concurrency=int(_number(raw, "sql_concurrency", 1)),
         liveness_endpoint=str(liveness) if liveness is not None else None,
         install_crds=Path(str(crds)) if crds is not None else None,
         injection_webhook=injection == "true",

@@ -15,6 +15,8 @@ Who owns retries (one loop per failure, never stacked):
   reason. The one exception is the 409 "concurrent federated credential writes" answer: it means
   "someone else is writing this identity right now", so ``cloud.arm`` waits briefly and repeats
   the write itself, a bounded number of times, while holding the identity's lock.
+* Azure SQL: ``swi_workload.SqlClient`` runs with one attempt (``sql``), so a 40613 or a broken
+  connection reaches ``sql_error`` at once and becomes a ``TransientError``.
 * Token acquisition (azure-identity) keeps its own default retries: tokens are cached and shared by
   every reconcile, so one acquisition is not a per-resource loop.
 * The operator's loop is kopf's: a handler that raises ``TransientError`` is re-run after
@@ -30,6 +32,7 @@ import email.utils
 import enum
 import random
 from collections.abc import Mapping
+from typing import Protocol
 
 
 class Reason(enum.StrEnum):
@@ -41,8 +44,14 @@ class Reason(enum.StrEnum):
     CONCURRENT_WRITE = "ConcurrentWrite"
     KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
     ISSUER_UNAVAILABLE = "IssuerUnavailable"
+    DATABASE_UNAVAILABLE = "DatabaseUnavailable"
+    PROPAGATING = "Propagating"  # Verified: Entra does not accept the new credential yet
     # Permanent: someone has to change something; the message says what.
     INVALID_SPEC = "InvalidSpec"
+    OPERATOR_NOT_DATABASE_ADMIN = "OperatorNotDatabaseAdmin"
+    DATABASE_USER_CONFLICT = "DatabaseUserConflict"
+    DATABASE_ROLE_NOT_FOUND = "DatabaseRoleNotFound"
+    DATABASE_REJECTED = "DatabaseRejected"
     PERMISSION_DENIED = "PermissionDenied"
     IDENTITY_NOT_FOUND = "IdentityNotFound"
     TENANT_NOT_MANAGED = "TenantNotManaged"
@@ -255,3 +264,61 @@ def kubernetes_error(status: int | None, text: str, doing: str) -> ReconcileErro
     return TransientError(
         Reason.KUBERNETES_UNAVAILABLE, f"the API server failed to {doing} ({status} {text})", delay
     )
+
+
+class SqlFailureInfo(Protocol):
+    """What decides the fate of an ODBC error (``swi_workload.errors.SqlFailure`` has it)."""
+
+    @property
+    def number(self) -> int | None: ...
+
+    @property
+    def message(self) -> str: ...
+
+    @property
+    def transient(self) -> bool: ...
+
+    @property
+    def unreachable(self) -> bool: ...
+
+
+def sql_error(failure: SqlFailureInfo, where: str, doing: str, operator: str) -> ReconcileError:
+    """Map a failure of the operator's own SQL session (``where``: "database 'd' on server s",
+    ``operator``: how to name the operator's identity in the fix).
+
+    Azure SQL's transient numbers and broken connections are retried (kopf's backoff); a login
+    refused for the operator's token (18456) or a statement refused for lack of rights (15247,
+    15151 on an existing principal, 229, 262) mean the operator is not the server's Entra admin:
+    permanent, with the fix in the message.
+    """
+    what = f"{failure.message} ({failure.number})" if failure.number else failure.message
+    if failure.transient or failure.unreachable:
+        return TransientError(
+            Reason.DATABASE_UNAVAILABLE,
+            f"{where} is unavailable while trying to {doing}: {what}",
+        )
+    if failure.number == 18456 and "Token is expired" in failure.message:
+        return TransientError(
+            Reason.DATABASE_UNAVAILABLE, f"{where} refused an expired token: {what}", 1.0
+        )
+    if failure.number == 18456 and "not currently configured to accept" in failure.message:
+        return PermanentError(
+            Reason.OPERATOR_AUTHENTICATION_FAILED,
+            f"{where} does not accept the operator's token ({what}): the server's Entra admin "
+            f"must be in the operator's tenant; check that {operator} and the server belong to "
+            "the same tenant",
+        )
+    if failure.number in _SQL_DENIED:
+        return PermanentError(
+            Reason.OPERATOR_NOT_DATABASE_ADMIN,
+            f"the operator may not {doing} in {where} ({what}); make {operator} the server's "
+            "Microsoft Entra admin or a member of its admin group (az sql server ad-admin create "
+            "--display-name <name> --object-id <its service principal object id>), or give it a "
+            "user in the database with db_owner (or db_accessadmin and db_securityadmin)",
+        )
+    return PermanentError(Reason.DATABASE_REJECTED, f"failed to {doing} in {where}: {what}")
+
+
+# Login failed (no user for the operator's token), CREATE USER refused, "does not exist or you do
+# not have permission" (asked only about principals just seen to exist), SELECT/CREATE denied.
+_SQL_DENIED = frozenset({18456, 15247, 15151, 229, 262})

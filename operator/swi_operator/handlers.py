@@ -127,6 +127,6 @@ async def finalize(
         "Warning",
         "CleanupAbandoned",
         f"clean-up still failing after {elapsed:.0f}s ({outcome.retry.message}); releasing the "
-        "resource: check the identity's federated credentials by hand",
+        "resource: check the identity's federated credentials and database user by hand",
     )
     await state.events.post(body, [abandoned])

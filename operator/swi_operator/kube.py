@@ -328,6 +328,27 @@ class KubernetesClient:
         )
         return [_pod(item) for item in (found or {}).get("items") or []]
 
+    async def request_token(
+        self, namespace: str, service_account: str, audience: str, expiration_seconds: int
+    ) -> str:
+        """A TokenRequest token for the service account, as the kubelet projects it into pods."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": expiration_seconds},
+        }
+        made = await self._call(
+            f"request a token for service account {namespace}/{service_account}",
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            body=body,
+            content_type="application/json",
+        )
+        token = _dig(made, "status", "token")
+        if not isinstance(token, str) or not token:
+            raise kubernetes_error(None, "the TokenRequest returned no token", "request a token")
+        return token
+
     async def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
         found: dict[str, Any] | None = await self._call(
             f"read SqlWorkloadIdentity {namespace}/{name}",

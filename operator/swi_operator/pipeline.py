@@ -106,6 +106,7 @@ class Pipeline:
                 break
             updates.append(result.condition(step.condition))
             fields.update(result.fields)
+            retry = retry or result.retry
         merged = conditions.merge(old_conditions, updates, ref.generation)
         summary = conditions.ready(
             [c for s in self.steps if (c := conditions.find(merged, s.condition)) is not None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from kubernetes.client import ApiClient
 
 from swi_operator.cloud import CallGate, CredentialStore, IdentityRouter
 from swi_operator.cloud.arm import ArmCredentialStore, arm_client_factory
+from swi_operator.cloud.exchange import EntraTokenExchange, TokenExchange
 from swi_operator.cloud.graph import GraphCredentialStore, build_graph_client
+from swi_operator.cloud.principals import GraphServicePrincipals
 from swi_operator.config import Config
 from swi_operator.drift import DriftLoop, PeeringGate
 from swi_operator.errors import ARM, GRAPH
@@ -31,8 +34,12 @@ from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.locks import KeyedLocks
 from swi_operator.pipeline import Pipeline
+from swi_operator.sql import Database, OdbcDatabase
+from swi_operator.steps import Step
+from swi_operator.steps.database import DatabaseAccessStep, UserForm
 from swi_operator.steps.federation import FederatedCredentialStep, IssuerSource
 from swi_operator.steps.service_account import ServiceAccountStep
+from swi_operator.steps.verification import VerificationStep
 from swi_operator.steps.workloads import WorkloadsStep
 
 FINALIZER = "sqlidentity.io/finalizer"
@@ -88,15 +95,41 @@ def read_crds(directory: Path) -> list[dict[str, Any]]:
 
 
 def build_pipeline(
-    store: CredentialStore, kube: KubeClient, tenant_id: str, issuer: str | None
+    store: CredentialStore,
+    kube: KubeClient,
+    tenant_id: str,
+    issuer: str | None,
+    later: Sequence[Step] = (),
 ) -> Pipeline:
-    """The steps in order. Later capabilities (database access, verification) append theirs."""
-    steps = (
+    """The steps in order; ``later`` ones (database access, verification) come last."""
+    steps: tuple[Step, ...] = (
         FederatedCredentialStep(store, IssuerSource(kube, issuer), kube, KeyedLocks()),
         ServiceAccountStep(kube),
         WorkloadsStep(kube),
+        *later,
     )
     return Pipeline(steps, tenant_id)
+
+
+def build_database_steps(
+    config: Config,
+    kube: KubernetesClient,
+    database: Database,
+    exchange: TokenExchange,
+    principals: GraphServicePrincipals,
+) -> tuple[Step, ...]:
+    """DatabaseAccessReady, then Verified (the probe of everything before it)."""
+    form: UserForm = "object-id" if config.sql_user_form == "object-id" else "sid"
+    return (
+        DatabaseAccessStep(database, KeyedLocks(), form, principals),
+        VerificationStep(
+            kube,
+            exchange,
+            database,
+            interval=config.verify_interval,
+            propagation_timeout=config.propagation_timeout,
+        ),
+    )
 
 
 @dataclass
@@ -111,6 +144,8 @@ class Runtime:
     _graph_http: httpx.AsyncClient
     _arm: ArmCredentialStore
     _kube_api: ApiClient
+    _database: OdbcDatabase
+    _exchange: EntraTokenExchange
 
     @classmethod
     def start(cls, config: Config, peer_identity: str | None = None) -> Runtime:
@@ -118,9 +153,8 @@ class Runtime:
         graph_client, graph_http = build_graph_client(
             credential, config.graph_url, config.graph_scope, config.ca_bundle
         )
-        graph = GraphCredentialStore(
-            graph_client, CallGate(GRAPH, config.cloud_concurrency), config.tenant_id
-        )
+        graph_gate = CallGate(GRAPH, config.cloud_concurrency)
+        graph = GraphCredentialStore(graph_client, graph_gate, config.tenant_id)
         arm = ArmCredentialStore(
             arm_client_factory(
                 credential, config.arm_url, config.arm_scope, _azure_transport_options(config)
@@ -130,7 +164,14 @@ class Runtime:
         )
         kube_api = build_kube_api()
         kube = KubernetesClient(kube_api)
-        pipeline = build_pipeline(IdentityRouter(graph, arm), kube, config.tenant_id, config.issuer)
+        database = OdbcDatabase(credential, config.client_id, config.sql_concurrency)
+        exchange = EntraTokenExchange(config.authority_host, config.ca_bundle)
+        later = build_database_steps(
+            config, kube, database, exchange, GraphServicePrincipals(graph_client, graph_gate)
+        )
+        pipeline = build_pipeline(
+            IdentityRouter(graph, arm), kube, config.tenant_id, config.issuer, later
+        )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
         drift = DriftLoop(
@@ -155,6 +196,8 @@ class Runtime:
             graph_http,
             arm,
             kube_api,
+            database,
+            exchange,
         )
 
     async def install_crds(self, directory: Path) -> None:
@@ -167,6 +210,10 @@ class Runtime:
             await self._graph_http.aclose()
         with contextlib.suppress(Exception):
             await self._arm.close()
+        with contextlib.suppress(Exception):
+            await self._database.close()
+        with contextlib.suppress(Exception):
+            await self._exchange.close()
         with contextlib.suppress(Exception):
             await self._credential.close()
         self._kube_api.close()  # type: ignore[no-untyped-call]

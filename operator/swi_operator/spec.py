@@ -34,6 +34,7 @@ _MANAGED_IDENTITY_ID = re.compile(
 _SQL_SERVER = re.compile(r"^(tcp:)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(,[0-9]{1,5})?$")
 _SQL_DATABASE = re.compile(r"^[^\x00-\x1f\[\]]+$")
 _SQL_ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_@$#-]*$")
+_SQL_USER = re.compile(r"^[^\x00-\x1f\x7f]+$")  # any sysname; quoted wherever it is used
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
@@ -121,6 +122,7 @@ class SqlSpec:
     server: str
     database: str
     roles: tuple[str, ...] = ()
+    user_name: str | None = None  # default: the identity's display name
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,19 @@ def _parse_sql(raw: object, problems: list[tuple[str, str]]) -> SqlSpec | None:
         if not isinstance(role, str) or len(role) > 128 or not _SQL_ROLE.match(role):
             problems.append((f"{path}.roles[{i}]", f"Invalid value {role!r}: not a role name"))
             ok = False
+    user = raw.get("userName")
+    if user is not None and (
+        not isinstance(user, str) or len(user) > 128 or not _SQL_USER.match(user)
+    ):
+        problems.append(
+            (f"{path}.userName", f"Invalid value {user!r}: 1 to 128 characters, no control ones")
+        )
+        ok = False
     if not ok:
         return None
-    return SqlSpec(server=str(server), database=str(database), roles=tuple(roles))
+    return SqlSpec(
+        server=str(server),
+        database=str(database),
+        roles=tuple(roles),
+        user_name=str(user) if user is not None else None,
+    )

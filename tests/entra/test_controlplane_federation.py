@@ -15,7 +15,6 @@ from typing import Any
 
 import jwt
 import pytest
-import requests
 from azure.core.exceptions import ClientAuthenticationError
 from azure.identity import WorkloadIdentityCredential
 from entra_harness import WORLD_FILE
@@ -28,35 +27,13 @@ AUDIENCE = "api://AzureADTokenExchange"
 APP = "customer-api"
 
 
-def _graph(method: str, path: str, body: dict[str, Any] | None = None) -> requests.Response:
-    world = load_world(WORLD_FILE)
-    admin = next(p for p in world.principals if p.name == "sandbox-admin")
-    token = requests.post(
-        f"{os.environ['AZURE_AUTHORITY_HOST']}/{admin.tenant_id}/oauth2/v2.0/token",
-        data={
-            "grant_type": "client_credentials",
-            "client_id": admin.client_id,
-            "client_secret": admin.secrets[0],
-            "scope": "https://graph.microsoft.com/.default",
-        },
-        timeout=10,
-    ).json()["access_token"]
-    return requests.request(
-        method,
-        f"{os.environ['SANDBOX_GRAPH_URL']}{path}",
-        json=body,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
-
-
 @pytest.fixture
-def federated_app(sandbox: Any, namespace: str) -> Iterator[tuple[str, str]]:
+def federated_app(sandbox: Any, namespace: str, admin_graph: Any) -> Iterator[tuple[str, str]]:
     """customer-api federated with ``system:serviceaccount:<ns>:customer-reader`` at the issuer."""
     app = next(p for p in load_world(WORLD_FILE).principals if p.name == APP)
     name = f"test-{uuid.uuid4().hex[:12]}"
     path = f"/applications/{app.app_object_id}/federatedIdentityCredentials"
-    created = _graph(
+    created = admin_graph(
         "POST",
         path,
         {
@@ -70,7 +47,7 @@ def federated_app(sandbox: Any, namespace: str) -> Iterator[tuple[str, str]]:
     try:
         yield app.client_id, app.sp_object_id
     finally:
-        _graph("DELETE", f"{path}(name='{name}')")
+        admin_graph("DELETE", f"{path}(name='{name}')")
 
 
 def _service_account_token(kube: Any, namespace: str, audience: str) -> str:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from deploy_harness import (  # type: ignore[import-not-found]
     NAMESPACE,
     install_generic,
@@ -60,27 +59,6 @@ def _apps(kube: Any) -> Any:
 
 def _principal(name: str) -> Any:
     return next(p for p in load_world(WORLD_FILE).principals if p.name == name)
-
-
-def _graph(method: str, path: str, body: dict[str, Any] | None = None) -> requests.Response:
-    admin = _principal("sandbox-admin")
-    token = requests.post(
-        f"{os.environ['AZURE_AUTHORITY_HOST']}/{admin.tenant_id}/oauth2/v2.0/token",
-        data={
-            "grant_type": "client_credentials",
-            "client_id": admin.client_id,
-            "client_secret": admin.secrets[0],
-            "scope": "https://graph.microsoft.com/.default",
-        },
-        timeout=10,
-    ).json()["access_token"]
-    return requests.request(
-        method,
-        f"{os.environ['SANDBOX_GRAPH_URL']}{path}",
-        json=body,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
 
 
 def _service_account(kube: Any, namespace: str, name: str, **annotations: str) -> None:
@@ -134,12 +112,12 @@ def test_self_managed_certificate_is_in_its_secret_and_trusted(kube: Any, webhoo
 
 
 @pytest.fixture
-def federated_app(sandbox: Any, namespace: str) -> Iterator[str]:
+def federated_app(sandbox: Any, namespace: str, admin_graph: Any) -> Iterator[str]:
     """SP-AZURESQL-USER federated with system:serviceaccount:<namespace>:customer-reader."""
     app = _principal(APP)
     name = f"webhook-test-{uuid.uuid4().hex[:8]}"
     path = f"/applications/{app.app_object_id}/federatedIdentityCredentials"
-    created = _graph(
+    created = admin_graph(
         "POST",
         path,
         {
@@ -153,7 +131,7 @@ def federated_app(sandbox: Any, namespace: str) -> Iterator[str]:
     try:
         yield app.client_id
     finally:
-        _graph("DELETE", f"{path}(name='{name}')")
+        admin_graph("DELETE", f"{path}(name='{name}')")
 
 
 def _deployment(name: str, labels: dict[str, str], env: dict[str, str]) -> Any:

@@ -53,6 +53,8 @@ def test_create_gives_a_credential_the_token_endpoint_accepts(
         "FederatedCredentialReady": "True",
         "ServiceAccountReady": "True",
         "WorkloadsReady": "True",
+        "DatabaseAccessReady": "True",  # NotRequested: no spec.sql
+        "Verified": "True",
     }
 
     annotations = cluster.service_account(SA).metadata.annotations

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from swi_operator.cloud import ResolvedIdentity
 from swi_operator.conditions import Condition, Status
+from swi_operator.errors import TransientError
 from swi_operator.spec import Spec
 
 EventType = Literal["Normal", "Warning"]
@@ -71,6 +72,9 @@ class StepResult:
     reason: str
     message: str
     fields: Mapping[str, Any] = field(default_factory=dict)  # status fields the step owns
+    # Run the pipeline again later, the condition standing meanwhile: for a state that resolves
+    # itself, such as a new federated credential Entra does not accept yet.
+    retry: TransientError | None = None
 
     def condition(self, type_: str) -> Condition:
         return Condition(type_, self.status, self.reason, self.message)

@@ -1,0 +1,361 @@
+"""The Azure SQL side of the operator behind one narrow interface, ``Database``.
+
+Two kinds of session, both through the Microsoft ODBC Driver 18 with an Entra access token
+(``swi_workload.SqlClient``: a token per physical connection, passed as the access-token struct):
+
+* the operator's own, as its Entra identity (it must be the server's Entra admin, or a member of
+  its admin group): one long-lived ``SqlClient`` per (server, database), whose tokens come from the
+  operator's one async credential (``_LoopCredential`` bridges it to the driver's worker thread);
+* the verification probe's, as the federated identity: a short-lived client that logs in with the
+  access token Entra just issued for the service account's token, and is closed at once.
+
+pyodbc blocks, so every call runs in a small thread pool of its own (``concurrency`` threads behind
+a semaphore of the same size), never in the event loop's default executor that the Kubernetes
+client shares. ``SqlClient`` runs with a single attempt: retries belong to kopf (errors.py).
+
+Statements that name principals cannot take parameters in T-SQL (``CREATE USER``, ``ALTER ROLE``,
+``DROP USER``), so names are quoted here, by doubling ``]`` inside brackets, and nothing else is
+ever put in SQL text: lookups take their values as parameters; a SID is written as hex digits of
+bytes; an object id only after it parsed as a GUID. The database name goes into the connection
+string braced (``{...}``, ``}`` doubled), so a ``;`` in it cannot add a keyword.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+import pyodbc
+from azure.core.credentials import AccessToken
+from azure.core.credentials_async import AsyncTokenCredential
+from swi_workload import (
+    Backoff,
+    NoMatchingFederatedCredentialError,
+    NotFederatedError,
+    Settings,
+    SqlClient,
+    TokenServiceError,
+    TokenSource,
+    WorkloadError,
+)
+from swi_workload.errors import SqlFailure, parse_odbc_error
+from swi_workload.tokens import unverified_claims
+
+from swi_operator.errors import operator_authentication_error, sql_error
+
+T = TypeVar("T")
+
+MAX_NAME_LENGTH = 128  # sysname
+LOGIN_TIMEOUT_S = 15
+TOKEN_TIMEOUT_S = 60.0
+PROBE_TOKEN_LIFETIME_S = 3600.0  # for a probe token without "exp" (Entra's always have one)
+
+
+@dataclass(frozen=True)
+class SqlTarget:
+    """One database, with the server as ODBC's ``SERVER=`` takes it (``spec.sql.server``)."""
+
+    server: str
+    database: str
+
+    @property
+    def display(self) -> str:
+        return f"database {self.database!r} on {self.server}"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A database principal found by name or SID, with the roles it is a member of."""
+
+    name: str
+    type: str  # E: external user, X: external group, R: role, S: SQL user, ...
+    sid: bytes | None
+    roles: frozenset[str]
+
+
+class SqlFailed(Exception):
+    """The probe's session failed ``during`` its login or a query (``failure`` says how)."""
+
+    def __init__(self, failure: SqlFailure, during: Literal["login", "query"]) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        self.during = during
+
+
+class Database(Protocol):
+    async def role_names(self, target: SqlTarget) -> set[str]: ...
+
+    async def find_principals(self, target: SqlTarget, name: str, sid: bytes) -> list[Principal]:
+        """Principals named ``name`` (case-insensitively, like the database) or with ``sid``."""
+        ...
+
+    async def create_user(
+        self, target: SqlTarget, name: str, sid: bytes, object_id: str | None
+    ) -> None:
+        """``WITH SID = ..., TYPE = E``; ``FROM EXTERNAL PROVIDER WITH OBJECT_ID`` if given one."""
+        ...
+
+    async def drop_user(self, target: SqlTarget, name: str) -> None: ...
+
+    async def set_role_member(
+        self, target: SqlTarget, role: str, name: str, member: bool
+    ) -> None: ...
+
+    async def probe(self, target: SqlTarget, access_token: str, read_table: bool) -> str:
+        """Log in with ``access_token``, ``SELECT 1``, and with ``read_table`` the column metadata
+        of a dbo table (a SELECT permission check that reads no row). The user's name, or
+        ``SqlFailed``; transient failures leave as ``TransientError``."""
+        ...
+
+
+# -- statements ------------------------------------------------------------------------------------
+
+
+def quote_name(name: str) -> str:
+    """``name`` as a bracketed T-SQL identifier; ValueError if no identifier can hold it."""
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        raise ValueError(f"{name!r} is not 1 to {MAX_NAME_LENGTH} characters long")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        raise ValueError(f"{name!r} contains control characters")
+    return "[" + name.replace("]", "]]") + "]"
+
+
+def sid_of(client_id: str) -> bytes:
+    """Azure SQL's SID of an app or managed identity: its client id's GUID bytes, little-endian."""
+    return uuid.UUID(client_id).bytes_le
+
+
+def create_user_sql(name: str, sid: bytes, object_id: str | None = None) -> str:
+    if object_id is not None:
+        guid = str(uuid.UUID(object_id))  # ValueError unless a GUID
+        return f"CREATE USER {quote_name(name)} FROM EXTERNAL PROVIDER WITH OBJECT_ID = '{guid}'"
+    if len(sid) != 16:
+        raise ValueError("an external user's SID is 16 bytes")
+    return f"CREATE USER {quote_name(name)} WITH SID = 0x{sid.hex().upper()}, TYPE = E"
+
+
+def drop_user_sql(name: str) -> str:
+    return f"DROP USER IF EXISTS {quote_name(name)}"
+
+
+def role_member_sql(role: str, name: str, member: bool) -> str:
+    verb = "ADD" if member else "DROP"
+    return f"ALTER ROLE {quote_name(role)} {verb} MEMBER {quote_name(name)}"
+
+
+ROLES_SQL = "SELECT name FROM sys.database_principals WHERE type = 'R'"
+PRINCIPALS_SQL = (
+    "SELECT p.name, p.type, p.sid, r.name FROM sys.database_principals AS p "
+    "LEFT JOIN sys.database_role_members AS m ON m.member_principal_id = p.principal_id "
+    "LEFT JOIN sys.database_principals AS r ON r.principal_id = m.role_principal_id "
+    "WHERE p.name = ? OR p.sid = ?"
+)
+# A table for the probe's read check: dbo's first, by name (schema_id 1 is dbo).
+PROBE_TABLE_SQL = "SELECT TOP (1) name FROM sys.tables WHERE schema_id = 1 ORDER BY name"
+
+
+def odbc_braced(value: str) -> str:
+    """An ODBC connection-string value that may contain ``;`` or ``}``."""
+    return "{" + value.replace("}", "}}") + "}"
+
+
+class _Settings(Settings):
+    """swi_workload's settings, with the database braced in the connection string (it comes from
+    a resource's spec, and may contain ``;``)."""
+
+    def connection_string(self) -> str:
+        return (
+            f"DRIVER={{{self.driver}}};SERVER={self.server};"
+            f"DATABASE={odbc_braced(self.database)};"
+            f"Encrypt={self.encrypt};TrustServerCertificate=no"
+        )
+
+
+def _settings(target: SqlTarget, client_id: str | None) -> Settings:
+    return _Settings(
+        server=target.server,
+        database=target.database,
+        client_id=client_id,
+        login_timeout_s=LOGIN_TIMEOUT_S,
+        backoff=Backoff(attempts=1),  # one attempt: kopf retries (errors.py)
+    )
+
+
+def failure_of(exc: BaseException) -> SqlFailure:
+    """The ODBC error behind a ``SqlClient`` exception (it chains the pyodbc error)."""
+    cause = exc.__cause__
+    if isinstance(cause, pyodbc.Error):
+        return parse_odbc_error(cause)
+    return SqlFailure("", None, str(exc))
+
+
+# The operator's own token failed (swi_workload's TokenSource translates azure-identity's errors).
+_OWN_TOKEN_ERRORS = (TokenServiceError, NoMatchingFederatedCredentialError, NotFederatedError)
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+
+
+class _LoopCredential:
+    """The operator's async credential, for the worker thread a connection is opened in: the
+    request runs on the event loop (one token cache for the whole operator), the thread waits."""
+
+    def __init__(self, credential: AsyncTokenCredential, loop: asyncio.AbstractEventLoop) -> None:
+        self._credential = credential
+        self._loop = loop
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        request = self._credential.get_token(*scopes, **kwargs)
+        return asyncio.run_coroutine_threadsafe(request, self._loop).result(TOKEN_TIMEOUT_S)
+
+
+class _GivenToken:
+    """An access token obtained elsewhere (the probe's token exchange)."""
+
+    def __init__(self, token: str, expires_on: int) -> None:
+        self._token = AccessToken(token, expires_on)
+
+    def get_token(self, *_scopes: str, **_kwargs: Any) -> AccessToken:
+        return self._token
+
+
+# -- the ODBC implementation -----------------------------------------------------------------------
+
+
+class OdbcDatabase:
+    """``Database`` over pyodbc, as the operator's identity (see the module docstring)."""
+
+    def __init__(
+        self,
+        credential: AsyncTokenCredential,
+        operator_client_id: str,
+        concurrency: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._credential = credential
+        self._client_id = operator_client_id
+        self._operator = f"the operator's identity (client id {operator_client_id})"
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="swi-sql")
+        self._slots = asyncio.Semaphore(concurrency)
+        self._clients: dict[SqlTarget, SqlClient] = {}
+        self._clock = clock
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        async with self._slots:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _client(self, target: SqlTarget) -> SqlClient:
+        """The operator's client for ``target`` (called on the event loop)."""
+        client = self._clients.get(target)
+        if client is None:
+            settings = _settings(target, self._client_id)
+            loop = asyncio.get_running_loop()
+            tokens = TokenSource(settings, credential=_LoopCredential(self._credential, loop))
+            client = SqlClient(settings, tokens=tokens)
+            self._clients[target] = client
+        return client
+
+    async def _query(
+        self, target: SqlTarget, doing: str, sql: str, *params: Any
+    ) -> list[tuple[Any, ...]]:
+        client = self._client(target)
+
+        def run() -> list[tuple[Any, ...]]:
+            try:
+                return client.query(sql, *params).rows
+            except _OWN_TOKEN_ERRORS as exc:
+                raise operator_authentication_error(exc, f"{doing} in {target.display}") from exc
+            except WorkloadError as exc:
+                raise sql_error(failure_of(exc), target.display, doing, self._operator) from exc
+
+        return await self._in_thread(run)
+
+    async def role_names(self, target: SqlTarget) -> set[str]:
+        rows = await self._query(target, "list the database roles", ROLES_SQL)
+        return {str(row[0]) for row in rows}
+
+    async def find_principals(self, target: SqlTarget, name: str, sid: bytes) -> list[Principal]:
+        rows = await self._query(
+            target, f"look up the database user {name!r}", PRINCIPALS_SQL, name, sid
+        )
+        found: dict[str, tuple[str, bytes | None, set[str]]] = {}
+        for principal, type_, principal_sid, role in rows:
+            entry = found.setdefault(
+                str(principal),
+                (str(type_).strip(), bytes(principal_sid) if principal_sid else None, set()),
+            )
+            if role is not None:
+                entry[2].add(str(role))
+        return [Principal(n, t, s, frozenset(r)) for n, (t, s, r) in found.items()]
+
+    async def create_user(
+        self, target: SqlTarget, name: str, sid: bytes, object_id: str | None
+    ) -> None:
+        await self._query(
+            target, f"create the user {name!r}", create_user_sql(name, sid, object_id)
+        )
+
+    async def drop_user(self, target: SqlTarget, name: str) -> None:
+        await self._query(target, f"drop the user {name!r}", drop_user_sql(name))
+
+    async def set_role_member(self, target: SqlTarget, role: str, name: str, member: bool) -> None:
+        doing = f"{'add' if member else 'remove'} {name!r} {'to' if member else 'from'} {role}"
+        await self._query(target, doing, role_member_sql(role, name, member))
+
+    async def probe(self, target: SqlTarget, access_token: str, read_table: bool) -> str:
+        def run() -> str:
+            settings = _settings(target, None)
+            # Its real expiry, or the client would recycle the connection before each query.
+            expires = unverified_claims(access_token).get("exp")
+            if not isinstance(expires, int):
+                expires = int(self._clock() + PROBE_TOKEN_LIFETIME_S)
+            tokens = TokenSource(settings, credential=_GivenToken(access_token, expires))
+            with SqlClient(settings, tokens=tokens) as client:
+                try:
+                    client.connection()
+                except WorkloadError as exc:
+                    raise SqlFailed(failure_of(exc), "login") from exc
+                try:
+                    client.query("SELECT 1")
+                    user = str(client.query("SELECT USER_NAME()").rows[0][0])
+                    if read_table:
+                        tables = client.query(PROBE_TABLE_SQL).rows
+                        if tables:
+                            table = quote_name(str(tables[0][0]))
+                            client.query(f"SELECT TOP (0) * FROM [dbo].{table}")
+                except WorkloadError as exc:
+                    raise SqlFailed(failure_of(exc), "query") from exc
+                return user
+
+        try:
+            return await self._in_thread(run)
+        except SqlFailed as exc:
+            if exc.failure.transient or exc.failure.unreachable:
+                raise sql_error(exc.failure, target.display, "verify", "the identity") from exc
+            raise
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+
+        def close_all() -> None:
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    client.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close_all)
+        self._executor.shutdown(wait=False)
+
+
+def roles_in(names: Sequence[str], existing: set[str]) -> tuple[list[str], list[str]]:
+    """``names`` split into (found, missing) against the database's roles, compared
+    case-insensitively (the database's collation); found ones as the database spells them."""
+    by_lower = {role.lower(): role for role in existing}
+    found = [by_lower[n.lower()] for n in names if n.lower() in by_lower]
+    missing = [n for n in names if n.lower() not in by_lower]
+    return found, missing

@@ -1,0 +1,323 @@
+"""DatabaseAccessReady: the identity has a contained user in ``spec.sql``'s database, with roles.
+
+The operator works in the database as its own Entra identity (the server's Entra admin, or a member
+of the admin group; ``sql.OdbcDatabase``). Read before write, under a lock per database user:
+
+1. the roles asked for must exist in the database (none is granted otherwise:
+   ``DatabaseRoleNotFound``);
+2. the user: one whose SID is the identity's (its client id, as Azure SQL stores it) is the
+   identity's user, whatever its name: kept, or adopted if the operator did not create it. A
+   principal with the wanted name but another SID belongs to someone else: ``DatabaseUserConflict``,
+   nothing is changed. Otherwise the user is created, ``WITH SID = <client id bytes>, TYPE = E``
+   (no directory read needed) or, with ``--sql-user-form object-id``, ``FROM EXTERNAL PROVIDER
+   WITH OBJECT_ID = '<service principal object id>'`` (the server's identity reads the directory).
+   Its name is ``spec.sql.userName``, else the identity's display name;
+3. roles: those listed but missing are added; those the operator added earlier
+   (``status.databaseUser.grantedRoles``) and no longer listed are dropped; roles it did not grant
+   are never touched.
+
+Deletion (``deletionPolicy: Delete``), ``spec.sql`` removed, or moved to another database, user
+name or identity: the user the operator created is dropped; from an adopted user only the roles
+the operator granted are removed. Only a user whose SID is the recorded identity's is ever dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from swi_operator.cloud import ResolvedIdentity
+from swi_operator.errors import PermanentError, Reason
+from swi_operator.locks import KeyedLocks
+from swi_operator.sql import Database, Principal, SqlTarget, quote_name, roles_in, sid_of
+from swi_operator.steps import Context, StepResult
+
+UserForm = Literal["sid", "object-id"]
+PUBLIC_ROLE = "public"  # every user is a member; it cannot be granted or dropped
+
+
+class ServicePrincipals(Protocol):
+    async def object_id(self, identity: ResolvedIdentity) -> str: ...
+
+
+@dataclass(frozen=True)
+class DatabaseUserRecord:
+    """``status.databaseUser``: what the operator made, so it can later undo exactly that."""
+
+    name: str
+    server: str
+    database: str
+    client_id: str
+    roles: tuple[str, ...]
+    granted_roles: tuple[str, ...]
+    created: bool
+
+    @property
+    def target(self) -> SqlTarget:
+        return SqlTarget(self.server, self.database)
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> DatabaseUserRecord | None:
+        raw = status.get("databaseUser")
+        if not isinstance(raw, Mapping) or not all(
+            raw.get(k) for k in ("name", "server", "database", "clientId")
+        ):
+            return None
+        return cls(
+            name=str(raw["name"]),
+            server=str(raw["server"]),
+            database=str(raw["database"]),
+            client_id=str(raw["clientId"]),
+            roles=tuple(str(r) for r in raw.get("roles") or ()),
+            granted_roles=tuple(str(r) for r in raw.get("grantedRoles") or ()),
+            created=bool(raw.get("created")),
+        )
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "server": self.server,
+            "database": self.database,
+            "clientId": self.client_id,
+            "roles": list(self.roles),
+            "grantedRoles": list(self.granted_roles),
+            "created": self.created,
+        }
+
+    def same_user(self, target: SqlTarget, client_id: str) -> bool:
+        """Whether this records the identity's user in ``target`` (a user is its SID: its name
+        may differ from today's spec)."""
+        return (self.target, self.client_id) == (target, client_id)
+
+
+def _lock_key(target: SqlTarget, sid: bytes) -> str:
+    return f"sql:{target.server.lower()}/{target.database}/{sid.hex()}"
+
+
+def _holder(principal: Principal) -> str:
+    kinds = {"R": "role", "X": "group", "E": "user", "S": "SQL user"}
+    sid = f"SID 0x{principal.sid.hex().upper()}" if principal.sid else "no SID"
+    return f"{kinds.get(principal.type, 'principal')} {quote_name(principal.name)} ({sid})"
+
+
+class DatabaseAccessStep:
+    condition = "DatabaseAccessReady"
+
+    def __init__(
+        self,
+        database: Database,
+        locks: KeyedLocks,
+        user_form: UserForm = "sid",
+        principals: ServicePrincipals | None = None,
+    ) -> None:
+        if user_form == "object-id" and principals is None:
+            raise ValueError("the object-id form needs service principal lookups")
+        self._db = database
+        self._locks = locks
+        self._form = user_form
+        self._principals = principals
+
+    async def reconcile(self, ctx: Context) -> StepResult:
+        recorded = DatabaseUserRecord.from_status(ctx.status)
+        sql = ctx.spec.sql
+        if sql is None:
+            if recorded is not None:
+                await self._release_previous(ctx, recorded)
+            return StepResult(
+                "True",
+                "NotRequested",
+                "spec.sql is not set: the operator manages no database access for it",
+                {"databaseUser": None},
+            )
+        identity = ctx.require_identity()
+        target = SqlTarget(sql.server, sql.database)
+        name = sql.user_name or identity.name
+        try:
+            quote_name(name)
+        except ValueError as err:
+            raise PermanentError(
+                Reason.INVALID_SPEC,
+                f"the database user would be named after {identity.ref.display}, but {err}: "
+                "set spec.sql.userName",
+            ) from err
+        sid = sid_of(identity.client_id)
+        async with self._locks.hold(_lock_key(target, sid)):
+            wanted, missing = roles_in(sql.roles, await self._db.role_names(target))
+            if missing:
+                raise PermanentError(
+                    Reason.DATABASE_ROLE_NOT_FOUND,
+                    f"{target.display} has no role {', '.join(map(quote_name, missing))}, so none "
+                    "was granted: use existing roles (db_datareader, db_datawriter, ...) or create "
+                    "the role in the database first",
+                )
+            previous = (
+                recorded
+                if recorded is not None and recorded.same_user(target, identity.client_id)
+                else None
+            )
+            user, created = await self._ensure_user(ctx, target, name, sid, identity, previous)
+            granted = await self._ensure_roles(ctx, target, user, wanted, previous)
+        if recorded is not None and previous is None:
+            await self._release_previous(ctx, recorded)
+        record = DatabaseUserRecord(
+            name=user.name,
+            server=target.server,
+            database=target.database,
+            client_id=identity.client_id,
+            roles=tuple(sorted(wanted)),
+            granted_roles=tuple(sorted(granted)),
+            created=created,
+        )
+        roles = ", ".join(record.roles) or "no roles"
+        renamed = (
+            f"; it is not named {quote_name(name)}: rename it with ALTER USER "
+            f"{quote_name(user.name)} WITH NAME = {quote_name(name)} if that matters"
+            if user.name.lower() != name.lower()
+            else ""
+        )
+        return StepResult(
+            "True",
+            "AccessGranted",
+            f"user {quote_name(user.name)} in {target.display} is {identity.ref.display} with "
+            f"{roles}{renamed}",
+            {"databaseUser": record.to_status()},
+        )
+
+    async def _ensure_user(
+        self,
+        ctx: Context,
+        target: SqlTarget,
+        name: str,
+        sid: bytes,
+        identity: ResolvedIdentity,
+        previous: DatabaseUserRecord | None,
+    ) -> tuple[Principal, bool]:
+        """The identity's user and whether the operator created it (found by SID first)."""
+        found = await self._db.find_principals(target, name, sid)
+        mine = next((p for p in found if p.sid == sid), None)
+        if mine is not None:
+            if previous is not None:
+                return mine, previous.created
+            ctx.record(
+                "DatabaseUserAdopted",
+                f"adopted the existing user {quote_name(mine.name)} of {identity.ref.display} in "
+                f"{target.display}",
+            )
+            return mine, False
+        clash = next((p for p in found if p.name.lower() == name.lower()), None)
+        if clash is not None:
+            raise PermanentError(
+                Reason.DATABASE_USER_CONFLICT,
+                f"{target.display} already has a {_holder(clash)} that is not "
+                f"{identity.ref.display} (SID 0x{sid.hex().upper()}); the operator does not take "
+                "it over: drop it, or set spec.sql.userName to another name",
+            )
+        object_id = None
+        if self._form == "object-id":
+            assert self._principals is not None
+            object_id = await self._principals.object_id(identity)
+        await self._db.create_user(target, name, sid, object_id)
+        again = " again (it had been dropped)" if previous is not None else ""
+        ctx.record(
+            "DatabaseUserCreated",
+            f"created the user {quote_name(name)} for {identity.ref.display} in "
+            f"{target.display}{again}",
+        )
+        return Principal(name, "E", sid, frozenset()), True
+
+    async def _ensure_roles(
+        self,
+        ctx: Context,
+        target: SqlTarget,
+        user: Principal,
+        wanted: list[str],
+        previous: DatabaseUserRecord | None,
+    ) -> set[str]:
+        """Add the missing roles, drop the ones the operator granted and no longer wanted; the
+        roles the operator now holds granted (as the database spells them)."""
+        current = {role.lower() for role in user.roles}
+        granted = {role.lower(): role for role in (previous.granted_roles if previous else ())}
+        wanted_by_lower = {role.lower(): role for role in wanted if role.lower() != PUBLIC_ROLE}
+        for lower, role in sorted(wanted_by_lower.items()):
+            if lower not in current:
+                await self._db.set_role_member(target, role, user.name, member=True)
+                granted[lower] = role
+                ctx.record(
+                    "DatabaseRoleGranted",
+                    f"added {quote_name(user.name)} to {role} in {target.display}",
+                )
+        for lower, role in sorted(granted.items()):
+            if lower not in wanted_by_lower and lower in current:
+                await self._db.set_role_member(target, role, user.name, member=False)
+                ctx.record(
+                    "DatabaseRoleRevoked",
+                    f"removed {quote_name(user.name)} from {role} in {target.display} (no longer "
+                    "in spec.sql.roles)",
+                )
+        return {wanted_by_lower[lower] for lower in granted if lower in wanted_by_lower}
+
+    async def _release(self, ctx: Context, recorded: DatabaseUserRecord) -> str:
+        """Undo what ``recorded`` says the operator did; what was done, for messages."""
+        target, sid = recorded.target, sid_of(recorded.client_id)
+        async with self._locks.hold(_lock_key(target, sid)):
+            found = await self._db.find_principals(target, recorded.name, sid)
+            user = next((p for p in found if p.sid == sid), None)
+            if user is None:
+                return (
+                    f"the user {quote_name(recorded.name)} was already gone from {target.display}"
+                )
+            if recorded.created:
+                await self._db.drop_user(target, user.name)
+                done = f"dropped the user {quote_name(user.name)} from {target.display}"
+                ctx.record("DatabaseUserDropped", done)
+                return done
+            held = {role.lower() for role in user.roles}
+            revoked = [role for role in recorded.granted_roles if role.lower() in held]
+            for role in revoked:
+                await self._db.set_role_member(target, role, user.name, member=False)
+            done = (
+                f"removed {quote_name(user.name)} from {', '.join(revoked)} in {target.display} "
+                "(the user existed before the operator, so it stays)"
+                if revoked
+                else f"left the user {quote_name(user.name)} in {target.display} as it found it"
+            )
+            if revoked:
+                ctx.record("DatabaseRoleRevoked", done)
+            return done
+
+    async def _release_previous(self, ctx: Context, recorded: DatabaseUserRecord) -> None:
+        """After a spec change: a permanent failure is reported and forgotten rather than
+        blocking the new database access (transient ones are retried)."""
+        try:
+            await self._release(ctx, recorded)
+        except PermanentError as err:
+            ctx.record(
+                "DatabaseUserNotRemoved",
+                f"could not remove the previous user {quote_name(recorded.name)} from "
+                f"{recorded.target.display}: {err.message}; remove it by hand",
+                "Warning",
+            )
+
+    async def finalize(self, ctx: Context) -> None:
+        recorded = DatabaseUserRecord.from_status(ctx.status)
+        if recorded is None:
+            return
+        if ctx.spec.retain_cloud_objects:
+            ctx.record(
+                "DatabaseUserRetained",
+                f"deletionPolicy is Retain: the user {quote_name(recorded.name)} stays in "
+                f"{recorded.target.display}",
+            )
+            return
+        await self._release(ctx, recorded)
+
+    # Revocable (swi_operator.steps): a policy that stops allowing the resource takes access back.
+
+    def holds_grant(self, status: Mapping[str, Any]) -> bool:
+        return DatabaseUserRecord.from_status(status) is not None
+
+    async def revoke(self, ctx: Context) -> StepResult:
+        recorded = DatabaseUserRecord.from_status(ctx.status)
+        done = await self._release(ctx, recorded) if recorded else "no database access"
+        return StepResult("False", "Revoked", done, {"databaseUser": None})
