@@ -3,19 +3,33 @@
 One ``GraphServiceClient`` for the process (``build_graph_client``), pointed at the configured
 base URL, with kiota's retry handler switched off: retries belong to the operator (see
 ``swi_operator.errors``). Calls go by the application's object id, found once per app id with
-``GET /applications(appId='...')`` and remembered (an app id never moves to another object).
+``GET /applications(appId='...')`` and remembered (an app id never moves to another object);
+concurrent first lookups of one app id share one request.
+
+msgraph-sdk builds the requests, authenticates them and maps errors to ``ODataError``; responses
+are read as plain JSON. Its model deserializer runs some 2,400 import statements for every
+entity it reads (``Entity.get_field_deserializers``; microsoftgraph/msgraph-sdk-python#584): about
+5 ms of CPU per credential, which made listing an identity's credentials the operator's main cost
+(bench/onboarding.py, docs/benchmarks.md). The builder for ``applications(appId=...)`` is given
+its own path parameters: msgraph's root client hands it the client's shared dict, which the
+builder then writes the app id into, so two concurrent lookups could both ask for the last one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from azure.core.credentials_async import AsyncTokenCredential
 from kiota_abstractions.base_request_configuration import RequestConfiguration
 from kiota_abstractions.default_query_parameters import QueryParameters
+from kiota_abstractions.request_information import RequestInformation
 from kiota_authentication_azure.azure_identity_authentication_provider import (
     AzureIdentityAuthenticationProvider,
 )
@@ -57,14 +71,17 @@ def build_graph_client(
     return GraphServiceClient(request_adapter=GraphRequestAdapter(auth, client=http)), http
 
 
-def _from_graph(item: GraphCredential) -> FederatedCredential:
+_ERRORS: dict[str, Any] = {"XXX": ODataError}  # every error status, as msgraph maps them
+
+
+def _from_graph(item: Mapping[str, Any]) -> FederatedCredential:
     return FederatedCredential(
-        name=item.name or "",
-        issuer=item.issuer or "",
-        subject=item.subject or "",
-        audiences=tuple(item.audiences or ()),
-        description=item.description,
-        id=item.id,
+        name=item.get("name") or "",
+        issuer=item.get("issuer") or "",
+        subject=item.get("subject") or "",
+        audiences=tuple(item.get("audiences") or ()),
+        description=item.get("description"),
+        id=item.get("id"),
     )
 
 
@@ -74,23 +91,39 @@ class GraphCredentialStore:
         self._gate = gate
         self._tenant_id = tenant_id
         self._apps: dict[str, tuple[str, str]] = {}  # app id -> (object id, display name)
+        self._lookups: dict[str, asyncio.Task[tuple[str, str]]] = {}  # app id -> lookup in flight
+
+    async def _json(self, request: RequestInformation) -> Any:
+        """Send through msgraph (auth, middleware, ODataError on failure); the body as JSON."""
+        adapter = self._client.request_adapter
+        # kiota types the result with an unbound TypeVar; "bytes" returns the body as bytes.
+        raw = await adapter.send_primitive_async(request, "bytes", _ERRORS)  # type: ignore[func-returns-value]
+        return json.loads(raw) if raw else None
+
+    async def _look_up(self, client_id: str) -> tuple[str, str]:
+        builder = ApplicationsWithAppIdRequestBuilder(
+            self._client.request_adapter, dict(self._client.path_parameters), client_id
+        )
+        query = _AppQuery(select=["id", "appId", "displayName"])
+        request = builder.to_get_request_information(RequestConfiguration(query_parameters=query))
+        app = await self._gate.call(f"look up application {client_id}", lambda: self._json(request))
+        if not isinstance(app, Mapping) or not app.get("id"):
+            raise PermanentError(
+                Reason.IDENTITY_NOT_FOUND, f"no application with client id {client_id}"
+            )
+        return str(app["id"]), str(app.get("displayName") or client_id)
 
     async def resolve(self, ref: IdentityRef) -> ResolvedIdentity:
         assert isinstance(ref, ApplicationRef)
         known = self._apps.get(ref.client_id)
         if known is None:
-            query = _AppQuery(select=["id", "appId", "displayName"])
-            app = await self._gate.call(
-                f"look up application {ref.client_id}",
-                lambda: self._client.applications_with_app_id(ref.client_id).get(
-                    RequestConfiguration(query_parameters=query)
-                ),
-            )
-            if app is None or not app.id:
-                raise PermanentError(
-                    Reason.IDENTITY_NOT_FOUND, f"no application with client id {ref.client_id}"
-                )
-            known = (app.id, app.display_name or ref.client_id)
+            lookup = self._lookups.get(ref.client_id)
+            if lookup is None:
+                lookup = asyncio.ensure_future(self._look_up(ref.client_id))
+                self._lookups[ref.client_id] = lookup
+                lookup.add_done_callback(lambda _: self._lookups.pop(ref.client_id, None))
+            # shield: one caller's cancellation must not cancel the lookup the others await
+            known = await asyncio.shield(lookup)
             self._apps[ref.client_id] = known
         return ResolvedIdentity(
             ref=ref,
@@ -101,20 +134,21 @@ class GraphCredentialStore:
         )
 
     async def list(self, identity: ResolvedIdentity) -> list[FederatedCredential]:
-        credentials = self._client.applications.by_application_id(
+        request = self._client.applications.by_application_id(
             identity.object_id
-        ).federated_identity_credentials
+        ).federated_identity_credentials.to_get_request_information()
         try:
             page = await self._gate.call(
                 f"list the federated credentials of application {identity.client_id}",
-                credentials.get,
+                lambda: self._json(request),
             )
         except PermanentError as err:
             if err.reason is Reason.IDENTITY_NOT_FOUND:
                 self._apps.pop(identity.client_id, None)  # deleted: look it up afresh next time
             raise
         # An application holds at most 20 credentials: one page.
-        return [_from_graph(item) for item in (page.value if page and page.value else [])]
+        items = page.get("value") if isinstance(page, Mapping) else None
+        return [_from_graph(item) for item in items or []]
 
     async def upsert(
         self, identity: ResolvedIdentity, credential: FederatedCredential
@@ -128,24 +162,30 @@ class GraphCredentialStore:
         )
         config: RequestConfiguration[QueryParameters] = RequestConfiguration()
         config.headers.add("Prefer", "create-if-missing")
-        builder = self._client.applications.by_application_id(
-            identity.object_id
-        ).federated_identity_credentials_with_name(credential.name)
+        request = (
+            self._client.applications.by_application_id(identity.object_id)
+            .federated_identity_credentials_with_name(credential.name)
+            .to_patch_request_information(body, config)
+        )
         written = await self._gate.call(
             f"write federated credential {credential.name} on application {identity.client_id}",
-            lambda: builder.patch(body, config),
+            lambda: self._json(request),
         )
         # 201 returns the object; 204 (updated) returns nothing, and the id did not change.
-        return _from_graph(written) if written is not None and written.id else credential
+        if isinstance(written, Mapping) and written.get("id"):
+            return _from_graph(written)
+        return credential
 
     async def delete(self, identity: ResolvedIdentity, name: str) -> None:
-        builder = self._client.applications.by_application_id(
-            identity.object_id
-        ).federated_identity_credentials_with_name(name)
+        request = (
+            self._client.applications.by_application_id(identity.object_id)
+            .federated_identity_credentials_with_name(name)
+            .to_delete_request_information()
+        )
 
         async def delete_if_present() -> None:
             try:
-                await builder.delete()
+                await self._client.request_adapter.send_no_response_content_async(request, _ERRORS)
             except ODataError as exc:
                 if exc.response_status_code != 404:
                     raise
