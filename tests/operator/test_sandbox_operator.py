@@ -39,15 +39,24 @@ def test_up_with_operator_reconciles_the_examples_and_down_stops_it(tmp_path: Pa
             name, _, value = line.removeprefix("export ").partition("=")
             env[name] = value.strip("'")
 
-        def kubectl(*args: str) -> str:
+        def kubectl(*args: str, stdin: str | None = None) -> str:
             done = subprocess.run(
-                ["kubectl", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+                ["kubectl", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                input=stdin,
             )
             assert done.returncode == 0, done.stderr
             return done.stdout
 
         examples = ROOT / "deploy" / "examples"
-        kubectl("apply", "-f", str(examples / "customer-reader.yaml"))
+        # As the example's own comment says: the sandbox's SQL server instead of Azure's name.
+        reader = (examples / "customer-reader.yaml").read_text()
+        reader = reader.replace("tcp:sandbox-sql.database.windows.net,1433", env["AZ_SERVER"])
+        kubectl("apply", "-f", "-", stdin=reader)
         kubectl(
             "apply",
             "-f",
@@ -73,7 +82,9 @@ def test_up_with_operator_reconciles_the_examples_and_down_stops_it(tmp_path: Pa
             "--timeout=60s",
         )
         table = kubectl("get", "swi", "-A")
-        assert "SP-AZURESQL-USER" in table and "customer-api-identity" in table
+        rows = {line.split()[1]: line for line in table.splitlines()[1:]}
+        assert " customer-api " in rows["customer-reader"] and " mydb " in rows["customer-reader"]
+        assert "customer-api-identity" in rows["customer-api"]
         operator_pid = int((state / "run" / "operator.pid").read_text())
     finally:
         down = sandbox_cli(state, "down")
