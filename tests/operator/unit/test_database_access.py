@@ -1,0 +1,262 @@
+"""DatabaseAccessReady over in-memory fakes, through the whole pipeline: what is created, adopted,
+granted and dropped, and what is never touched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from operator_fakes import APP, TENANT, FakeKube, FakeStore, resource  # type: ignore[import-not-found]
+from sql_fakes import FakeDatabase, FakeExchange, FakeTokens  # type: ignore[import-not-found]
+from swi_operator import conditions
+from swi_operator.cloud import ResolvedIdentity
+from swi_operator.errors import Reason, TransientError
+from swi_operator.locks import KeyedLocks
+from swi_operator.pipeline import Outcome, Pipeline
+from swi_operator.runtime import build_pipeline
+from swi_operator.spec import ApplicationRef
+from swi_operator.sql import SqlTarget, sid_of
+from swi_operator.steps.database import DatabaseAccessStep
+from swi_operator.steps.verification import VerificationStep
+
+TARGET = SqlTarget("tcp:localhost,1433", "mydb")
+SQL = {"server": TARGET.server, "database": TARGET.database, "roles": ["db_datareader"]}
+SID = sid_of(APP)
+
+
+class FakePrincipals:
+    async def object_id(self, identity: ResolvedIdentity) -> str:
+        return "0b5e0c1d-7b3f-4c2e-9a1d-0000000000b2"
+
+
+@pytest.fixture
+def db() -> FakeDatabase:
+    return FakeDatabase()
+
+
+def make_pipeline(db: FakeDatabase, form: str = "sid") -> Pipeline:
+    store = FakeStore()
+    store.add_identity(ApplicationRef(APP))
+    kube = FakeKube()
+    later = (
+        DatabaseAccessStep(db, KeyedLocks(), form, FakePrincipals()),  # type: ignore[arg-type]
+        VerificationStep(
+            FakeTokens(kube.issuer), FakeExchange(), db, interval=3600, propagation_timeout=60
+        ),
+    )
+    return build_pipeline(store, kube, TENANT, None, later)
+
+
+def applied(body: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    status = {**body.get("status", {}), **outcome.status}
+    return {**body, "status": {k: v for k, v in status.items() if v is not None}}
+
+
+def condition(outcome: Outcome, type_: str = "DatabaseAccessReady") -> conditions.Condition:
+    found = conditions.find(outcome.status["conditions"], type_)
+    assert found is not None
+    return found
+
+
+def reasons(outcome: Outcome) -> list[str]:
+    return [e.reason for e in outcome.events]
+
+
+async def test_creates_the_user_with_its_sid_and_grants_the_roles(db):
+    outcome = await make_pipeline(db).reconcile(resource(sql=SQL))
+
+    assert db.writes == ["CREATE USER app-name", "ADD db_datareader app-name"]
+    user = db.user(TARGET, "app-name")
+    assert user is not None and user.sid == SID and user.roles == {"db_datareader"}
+    assert condition(outcome).reason == "AccessGranted"
+    assert outcome.status["databaseUser"] == {
+        "name": "app-name",
+        "server": TARGET.server,
+        "database": "mydb",
+        "clientId": APP,
+        "roles": ["db_datareader"],
+        "grantedRoles": ["db_datareader"],
+        "created": True,
+    }
+    assert {"DatabaseUserCreated", "DatabaseRoleGranted", "Ready"} <= set(reasons(outcome))
+    assert condition(outcome, "Ready").is_true
+
+
+async def test_a_second_pass_reads_and_writes_nothing(db):
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    db.writes.clear()
+
+    again = await pipeline.reconcile(body)
+
+    assert db.writes == []
+    assert not again.changed
+    assert again.events == []
+
+
+async def test_user_name_from_the_spec_is_used(db):
+    await make_pipeline(db).reconcile(resource(sql={**SQL, "userName": "reader]; --"}))
+    assert db.user(TARGET, "reader]; --") is not None
+
+
+async def test_object_id_form(db):
+    await make_pipeline(db, "object-id").reconcile(resource(sql=SQL))
+    assert db.writes[0] == "CREATE USER app-name OBJECT_ID 0b5e0c1d-7b3f-4c2e-9a1d-0000000000b2"
+
+
+async def test_an_existing_user_with_the_identitys_sid_is_adopted_and_kept_on_delete(db):
+    db.add_user(TARGET, "Legacy Reader", SID, {"db_datawriter"})
+    pipeline = make_pipeline(db)
+    spec = {**SQL, "roles": ["db_datareader", "db_datawriter"]}
+
+    outcome = await pipeline.reconcile(resource(sql=spec))
+
+    assert db.writes == ["ADD db_datareader Legacy Reader"]  # no CREATE; db_datawriter was there
+    assert "DatabaseUserAdopted" in reasons(outcome)
+    record = outcome.status["databaseUser"]
+    assert record["name"] == "Legacy Reader" and record["created"] is False
+    assert record["grantedRoles"] == ["db_datareader"]
+    assert "it is not named [app-name]" in condition(outcome).message
+
+    body = applied(resource(sql=spec), outcome)
+    db.writes.clear()
+    finalized = await pipeline.finalize(body)
+    assert db.writes == ["DROP db_datareader Legacy Reader"]  # the user and its own role stay
+    user = db.user(TARGET, "Legacy Reader")
+    assert user is not None and user.roles == {"db_datawriter"}
+    assert "DatabaseRoleRevoked" in reasons(finalized)
+
+
+async def test_a_user_of_that_name_with_another_sid_is_a_conflict(db):
+    db.add_user(TARGET, "app-name", sid_of("00000000-0000-0000-0000-000000000009"))
+
+    outcome = await make_pipeline(db).reconcile(resource(sql=SQL))
+
+    cond = condition(outcome)
+    assert (cond.status, cond.reason) == ("False", Reason.DATABASE_USER_CONFLICT)
+    assert "set spec.sql.userName" in cond.message and "[app-name]" in cond.message
+    assert db.writes == []
+    assert condition(outcome, "Ready").reason == Reason.DATABASE_USER_CONFLICT
+
+
+async def test_unknown_roles_grant_nothing(db):
+    outcome = await make_pipeline(db).reconcile(
+        resource(sql={**SQL, "roles": ["db_datareader", "app_readers"]})
+    )
+    cond = condition(outcome)
+    assert (cond.status, cond.reason) == ("False", Reason.DATABASE_ROLE_NOT_FOUND)
+    assert "[app_readers]" in cond.message
+    assert db.writes == []
+
+
+async def test_roles_are_added_and_dropped_but_never_ones_it_did_not_grant(db):
+    db.add_user(TARGET, "app-name", SID, {"db_ddladmin"})  # a DBA's grant
+    pipeline = make_pipeline(db)
+    spec = {**SQL, "roles": ["db_datareader", "db_datawriter", "db_ddladmin"]}
+    body = applied(resource(sql=spec), await pipeline.reconcile(resource(sql=spec)))
+    assert body["status"]["databaseUser"]["grantedRoles"] == ["db_datareader", "db_datawriter"]
+    db.writes.clear()
+
+    narrower = {**SQL, "roles": ["db_datareader"]}
+    outcome = await pipeline.reconcile(
+        {**body, "spec": {**body["spec"], "sql": narrower}, "metadata": body["metadata"]}
+    )
+
+    assert db.writes == ["DROP db_datawriter app-name"]
+    user = db.user(TARGET, "app-name")
+    assert user is not None and user.roles == {"db_datareader", "db_ddladmin"}
+    assert outcome.status["databaseUser"]["grantedRoles"] == ["db_datareader"]
+
+
+async def test_out_of_band_drop_and_role_removal_are_repaired(db):
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    db.users[TARGET].clear()
+    db.writes.clear()
+
+    outcome = await pipeline.reconcile(body)
+
+    assert db.writes == ["CREATE USER app-name", "ADD db_datareader app-name"]
+    created = next(e for e in outcome.events if e.reason == "DatabaseUserCreated")
+    assert "again" in created.message
+    assert outcome.status["databaseUser"]["created"] is True
+
+
+async def test_delete_drops_the_user_it_created_and_retain_keeps_it(db):
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    retained = {**body, "spec": {**body["spec"], "deletionPolicy": "Retain"}}
+
+    kept = await pipeline.finalize(retained)
+    assert db.user(TARGET, "app-name") is not None
+    assert "DatabaseUserRetained" in reasons(kept)
+
+    dropped = await pipeline.finalize(body)
+    assert db.user(TARGET, "app-name") is None
+    assert "DatabaseUserDropped" in reasons(dropped)
+
+
+async def test_removing_spec_sql_drops_the_user_and_reports_not_requested(db):
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    without = {**body, "spec": {k: v for k, v in body["spec"].items() if k != "sql"}}
+
+    outcome = await pipeline.reconcile(without)
+
+    assert db.user(TARGET, "app-name") is None
+    assert outcome.status["databaseUser"] is None
+    assert condition(outcome).reason == "NotRequested" and condition(outcome).is_true
+
+
+async def test_moving_to_another_database_releases_the_old_user(db):
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    moved = {**SQL, "database": "otherdb"}
+
+    await pipeline.reconcile({**body, "spec": {**body["spec"], "sql": moved}})
+
+    assert db.user(TARGET, "app-name") is None
+    assert db.user(SqlTarget(TARGET.server, "otherdb"), "app-name") is not None
+
+
+async def test_a_user_with_another_sid_is_never_dropped(db):
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    db.users[TARGET].clear()  # dropped out of band, then someone else's user took the name
+    db.add_user(TARGET, "app-name", sid_of("00000000-0000-0000-0000-000000000009"))
+
+    await pipeline.finalize(body)
+
+    assert db.user(TARGET, "app-name") is not None
+
+
+async def test_a_transient_failure_keeps_a_true_condition_and_asks_for_a_retry(db):
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    db.fail["role_names"] = TransientError(Reason.DATABASE_UNAVAILABLE, "40613")
+
+    outcome = await pipeline.reconcile(body)
+
+    assert condition(outcome).is_true
+    assert outcome.retry is not None and outcome.retry.reason == Reason.DATABASE_UNAVAILABLE
+
+
+async def test_a_name_sql_cannot_hold_needs_user_name(db):
+    store = FakeStore()
+    store.add_identity(ApplicationRef(APP))
+    step = DatabaseAccessStep(db, KeyedLocks())
+    pipeline = build_pipeline(store, FakeKube(), TENANT, None, (step,))
+    too_long = {**SQL, "userName": None}
+    store_resolve = store.resolve
+
+    async def long_name(ref):  # type: ignore[no-untyped-def]
+        found = await store_resolve(ref)
+        return ResolvedIdentity(found.ref, found.client_id, found.tenant_id, "x" * 200, "o")
+
+    store.resolve = long_name  # type: ignore[method-assign]
+    outcome = await pipeline.reconcile(
+        resource(sql={k: v for k, v in too_long.items() if v is not None})
+    )
+    cond = condition(outcome)
+    assert (cond.status, cond.reason) == ("False", Reason.INVALID_SPEC)
+    assert "spec.sql.userName" in cond.message
