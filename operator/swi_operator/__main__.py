@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if config.injection_webhook:
         from swi_operator import webhooks  # noqa: F401  (registers the pod injection webhook)
+    if config.policy_webhook:
+        from swi_operator import policy_webhook  # noqa: F401  (the SqlIdentityPolicy check)
 
     kopf.configure(verbose=args.verbose, log_prefix=True)
     for chatty in ("azure", "httpx"):  # one log line per HTTP request otherwise

@@ -6,7 +6,9 @@
   status merged through kopf's patch, its Events posted, a transient failure re-raised as
   ``kopf.TemporaryError`` with the service's Retry-After or a capped backoff;
 * delete: ``Pipeline.finalize``; transient failures are retried until ``--deletion-timeout``,
-  after which the finalizer lets go and an Event says what may be left behind.
+  after which the finalizer lets go and an Event says what may be left behind;
+* any SqlIdentityPolicy event: the policy cache is dropped and ``PolicyReview`` looks at the fleet
+  (prompt revocation, policy status).
 
 Run by ``python -m swi_operator`` (see ``__main__``), or by kopf itself
 (``kopf run -m swi_operator.handlers``, configured from the environment), as the tests do.
@@ -24,7 +26,7 @@ import kopf
 
 from swi_operator import config as config_module
 from swi_operator.errors import TransientError, backoff_delay
-from swi_operator.kube import GROUP, PLURAL, VERSION
+from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION
 from swi_operator.naming import OPERATOR_NAME
 from swi_operator.runtime import FINALIZER, Runtime
 from swi_operator.steps import Event
@@ -68,6 +70,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     if config.install_crds is not None:
         await runtime.install_crds(config.install_crds)
     memo["drift"] = asyncio.create_task(runtime.drift.run(), name="swi-drift")
+    memo["policy_review"] = asyncio.create_task(
+        runtime.policy_review.run(), name="swi-policy-review"
+    )
     log.info("operator started: %s", runtime.config.redacted())
     # The sandbox launcher waits for a line starting with READY on stdout.
     print(f"READY {OPERATOR_NAME} drift_interval={config.drift_interval:g}s", flush=True)
@@ -81,11 +86,12 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    drift: asyncio.Task[None] | None = memo.get("drift")
-    if drift is not None:
-        drift.cancel()
-        with contextlib.suppress(BaseException):  # its failures were logged where they happened
-            await drift
+    for key in ("drift", "policy_review"):
+        task: asyncio.Task[None] | None = memo.get(key)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):  # its failures were logged where they happened
+                await task
     if "runtime" in memo:
         await _runtime(memo).close()
 
@@ -108,6 +114,13 @@ async def reconcile(
     await state.events.post(body, outcome.events)
     if outcome.retry is not None:
         raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
+
+
+@kopf.on.event(GROUP, VERSION, POLICY_PLURAL, id="policy-changed")
+async def policy_changed(memo: kopf.Memo, **_: Any) -> None:
+    state = _runtime(memo)
+    state.policies.invalidate()
+    state.policy_review.changed()
 
 
 @kopf.on.delete(*RESOURCE, id="finalize")

@@ -34,8 +34,10 @@ from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.locks import KeyedLocks
 from swi_operator.pipeline import Pipeline
+from swi_operator.policy_review import PolicyReview
 from swi_operator.sql import Database, OdbcDatabase
 from swi_operator.steps import Step
+from swi_operator.steps.authorization import AuthorizationStep, KubePolicySource
 from swi_operator.steps.database import DatabaseAccessStep, UserForm
 from swi_operator.steps.federation import FederatedCredentialStep, IssuerSource
 from swi_operator.steps.service_account import ServiceAccountStep
@@ -100,9 +102,12 @@ def build_pipeline(
     tenant_id: str,
     issuer: str | None,
     later: Sequence[Step] = (),
+    gate: Step | None = None,
 ) -> Pipeline:
-    """The steps in order; ``later`` ones (database access, verification) come last."""
+    """The steps in order; ``later`` ones (database access, verification) come last. The policy
+    ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out."""
     steps: tuple[Step, ...] = (
+        *([gate] if gate is not None else []),
         FederatedCredentialStep(store, IssuerSource(kube, issuer), kube, KeyedLocks()),
         ServiceAccountStep(kube),
         WorkloadsStep(kube),
@@ -140,6 +145,8 @@ class Runtime:
     resource_locks: KeyedLocks
     kube: KubernetesClient
     events: EventRecorder
+    policies: KubePolicySource
+    policy_review: PolicyReview
     _credential: AsyncTokenCredential
     _graph_http: httpx.AsyncClient
     _arm: ArmCredentialStore
@@ -169,8 +176,14 @@ class Runtime:
         later = build_database_steps(
             config, kube, database, exchange, GraphServicePrincipals(graph_client, graph_gate)
         )
+        policies = KubePolicySource(kube, config.require_policy)
         pipeline = build_pipeline(
-            IdentityRouter(graph, arm), kube, config.tenant_id, config.issuer, later
+            IdentityRouter(graph, arm),
+            kube,
+            config.tenant_id,
+            config.issuer,
+            later,
+            gate=AuthorizationStep(policies, config.require_policy),
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
@@ -185,6 +198,14 @@ class Runtime:
             finalizer=FINALIZER,
             concurrency=config.cloud_concurrency,
         )
+        policy_review = PolicyReview(
+            kube,
+            drift,
+            PeeringGate(kube, config.peering, peer_identity),
+            namespaces=config.namespaces,
+            require_policy=config.require_policy,
+            interval=config.drift_interval,
+        )
         return cls(
             config,
             pipeline,
@@ -192,6 +213,8 @@ class Runtime:
             resource_locks,
             kube,
             events,
+            policies,
+            policy_review,
             credential,
             graph_http,
             arm,

@@ -23,6 +23,7 @@ CHART = REPO / "charts" / "sql-workload-identity-operator"
 NAMESPACE = "sql-workload-identity-system"
 OPERATOR = "sql-workload-identity-operator"
 CONFIGURATION = "sql-workload-identity-operator-injection"
+POLICY_CONFIGURATION = "sql-workload-identity-operator-policy"
 KUBE_VERSION = "1.36.3"
 
 
@@ -75,12 +76,23 @@ def ensure_namespace(sandbox: Any, name: str = NAMESPACE) -> None:
         kubectl(sandbox, "create", "namespace", name)
 
 
-def install_generic(sandbox: Any) -> None:
-    """deploy/overlays/generic, applied for real (its pods stay Pending: there is no kubelet)."""
+def install_generic(sandbox: Any, policy_webhook: bool = False) -> None:
+    """deploy/overlays/generic, applied for real (its pods stay Pending: there is no kubelet).
+
+    Its ValidatingWebhookConfiguration (the SqlIdentityPolicy check, failurePolicy Fail) would
+    refuse every SqlWorkloadIdentity while nothing serves it, so it is removed again unless
+    ``policy_webhook`` (a test that runs the operator with its webhook)."""
     ensure_namespace(sandbox)
     # A webhook run by an earlier test pointed the configuration at a loopback URL (a sandbox-only
     # mode); the manifest's service reference cannot be merged into that, so start it afresh.
     kubectl(sandbox, "delete", "mutatingwebhookconfiguration", CONFIGURATION, "--ignore-not-found")
+    kubectl(
+        sandbox,
+        "delete",
+        "validatingwebhookconfiguration",
+        POLICY_CONFIGURATION,
+        "--ignore-not-found",
+    )
     kubectl(
         sandbox,
         "apply",
@@ -95,14 +107,28 @@ def install_generic(sandbox: Any) -> None:
         "--for=condition=Established",
         "crd/sqlworkloadidentities.sqlidentity.io",
         "crd/clusterkopfpeerings.kopf.dev",
+        "crd/sqlidentitypolicies.sqlidentity.io",
         "--timeout=60s",
     )
+    if not policy_webhook:
+        remove_policy_webhook_configuration(sandbox)
 
 
 def remove_webhook_configuration(sandbox: Any) -> None:
-    """Leave no MutatingWebhookConfiguration behind: with failurePolicy Fail and nothing serving
-    it, every later test's labelled pod would be refused."""
+    """Leave no webhook configuration behind: with failurePolicy Fail and nothing serving it,
+    every later test's labelled pod (or SqlWorkloadIdentity) would be refused."""
     kubectl(sandbox, "delete", "mutatingwebhookconfiguration", CONFIGURATION, "--ignore-not-found")
+    remove_policy_webhook_configuration(sandbox)
+
+
+def remove_policy_webhook_configuration(sandbox: Any) -> None:
+    kubectl(
+        sandbox,
+        "delete",
+        "validatingwebhookconfiguration",
+        POLICY_CONFIGURATION,
+        "--ignore-not-found",
+    )
 
 
 def service_account_token(kube: Any, namespace: str, name: str, audience: str | None = None) -> str:

@@ -35,6 +35,7 @@ CLUSTER_SCOPED = {
     "ClusterRole",
     "ClusterRoleBinding",
     "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
     "ClusterKopfPeering",
 }
 HA_OVERLAY = """\
@@ -61,9 +62,12 @@ def _renderings(sandbox: Any, tmp_path: Any) -> dict[str, list[dict[str, Any]]]:
         "kustomize generic+ha": render_kustomize(sandbox, ha),
         "helm aks": render_helm("aks-values.yaml"),
         "helm generic": render_helm("generic-values.yaml"),
+        "helm aks, no policy webhook": render_helm(
+            "aks-values.yaml", set_values=("policyWebhook.enabled=false", "requirePolicy=false")
+        ),
         "helm generic, provided TLS, 2 replicas": render_helm(
             "generic-values.yaml",
-            set_values=("injectionWebhook.tls.secretName=webhook-cert", "replicaCount=2"),
+            set_values=("webhook.tls.secretName=webhook-cert", "replicaCount=2"),
         ),
     }
 
@@ -130,7 +134,7 @@ def test_chart_and_kustomize_install_the_same_thing(
     for key, k_doc in kustomize.items():
         if key[0] in {"ClusterRole", "Role"}:
             assert helm[key]["rules"] == k_doc["rules"], key
-        if key[0] == "MutatingWebhookConfiguration":
+        if key[0] in {"MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"}:
             assert helm[key]["webhooks"] == k_doc["webhooks"], key
         if key[0] == "CustomResourceDefinition":
             assert helm[key]["spec"] == k_doc["spec"], key

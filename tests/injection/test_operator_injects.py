@@ -11,6 +11,7 @@ resource removes the credential again (the operator's finalizer, still as that S
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
@@ -67,6 +68,17 @@ def operator(
     world = load_world(WORLD_FILE)
     me = _principal("sql-workload-identity-operator")
     demo = _principal("SP-AZURESQL-USER")
+    # As deployed, the operator requires a SqlIdentityPolicy: the platform team's, for this app.
+    policy = {
+        "apiVersion": "sqlidentity.io/v1alpha1",
+        "kind": "SqlIdentityPolicy",
+        "metadata": {"name": f"{app_namespace}-demo"},
+        "spec": {
+            "identity": {"applicationClientId": demo.client_id},
+            "namespaces": {"names": [app_namespace]},
+        },
+    }
+    kubectl(sandbox, "apply", "-f", "-", input=json.dumps(policy))
     # The readiness probe: a service account the webhook would inject for.
     core: Any = client.CoreV1Api(kube)
     core.create_namespaced_service_account(
@@ -103,6 +115,7 @@ def operator(
         argv=[sys.executable, "-m", "swi_operator"],
     ) as port:
         yield port
+    kubectl(sandbox, "delete", "sqlidentitypolicy", f"{app_namespace}-demo", "--ignore-not-found")
 
 
 def _swi(namespace: str, client_id: str) -> dict[str, Any]:
@@ -121,8 +134,6 @@ def _swi(namespace: str, client_id: str) -> dict[str, Any]:
 def test_operator_labels_the_deployment_and_its_new_pods_get_the_token(
     sandbox: Any, kube: Any, app_namespace: str, operator: int, tmp_path: Path
 ) -> None:
-    import json
-
     from kubernetes import client
 
     apps: Any = client.AppsV1Api(kube)

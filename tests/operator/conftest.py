@@ -23,6 +23,8 @@ from operator_harness import (  # type: ignore[import-not-found]
     CRD_FILE,
     GROUP,
     PLURAL,
+    POLICY_CRD_FILE,
+    POLICY_PLURAL,
     ROOT,
     Cluster,
     Entra,
@@ -48,11 +50,12 @@ def entra(sandbox: Any, world: World) -> Entra:
 
 @pytest.fixture(scope="session")
 def crds(sandbox: Any) -> None:
-    subprocess.run(
-        [str(sandbox.kubectl), "apply", "-f", str(ROOT / "crds" / CRD_FILE)],
-        check=True,
-        capture_output=True,
-    )
+    for crd in (CRD_FILE, POLICY_CRD_FILE):
+        subprocess.run(
+            [str(sandbox.kubectl), "apply", "-f", str(ROOT / "crds" / crd)],
+            check=True,
+            capture_output=True,
+        )
     subprocess.run(
         [
             str(sandbox.kubectl),
@@ -60,6 +63,7 @@ def crds(sandbox: Any) -> None:
             "--for=condition=Established",
             "--timeout=30s",
             f"crd/{PLURAL}.{GROUP}",
+            f"crd/{POLICY_PLURAL}.{GROUP}",
         ],
         check=True,
         capture_output=True,

@@ -18,6 +18,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "sqlidentity.io", "v1alpha1", "sqlworkloadidentities"
 CRD_FILE = "sqlidentity.io_sqlworkloadidentities.yaml"
+POLICY_PLURAL = "sqlidentitypolicies"
+POLICY_CRD_FILE = "sqlidentity.io_sqlidentitypolicies.yaml"
 AUDIENCE = "api://AzureADTokenExchange"
 DRIFT_INTERVAL_S = 2.0
 
@@ -184,6 +186,9 @@ def operator_environment(sandbox: Any, world: World, namespace: str) -> dict[str
         "SWI_DRIFT_INTERVAL": str(DRIFT_INTERVAL_S),
         "SWI_RETRY_BACKOFF_MAX": "2",
         "SWI_DELETION_TIMEOUT": "30",
+        # Identities no SqlIdentityPolicy names are unrestricted here; the guardrail tests
+        # (test_policy_*.py) turn requirePolicy on and create the policies they need.
+        "SWI_REQUIRE_POLICY": "false",
     }
 
 

@@ -50,6 +50,7 @@ def test_create_gives_a_credential_the_token_endpoint_accepts(
     types = {c["type"]: c["status"] for c in status["conditions"]}
     assert types == {
         "Ready": "True",
+        "Authorized": "True",  # PolicyNotRequired: these tests run with requirePolicy off
         "FederatedCredentialReady": "True",
         "ServiceAccountReady": "True",
         "WorkloadsReady": "True",
