@@ -22,6 +22,8 @@ EXAMPLES = launcher.REPO_ROOT / "deploy" / "examples"
 DEMO_NAMESPACE = "workload-demo"
 DEMO_SERVICE_ACCOUNT = "workload-demo-service-account"
 AUDIENCE = "api://AzureADTokenExchange"
+# How the examples name the SQL server on Azure; the demo substitutes the sandbox's $AZ_SERVER.
+AZURE_SQL_SERVER = "tcp:sandbox-sql.database.windows.net,1433"
 
 
 class Demo:
@@ -50,6 +52,35 @@ class Demo:
     def kubectl(self, *args: str, show: bool = True) -> str:
         return self.run("kubectl", *args, show=show)
 
+    def example_text(self, name: str) -> str:
+        """An example from deploy/examples/, with the sandbox's SQL endpoint in place of Azure's."""
+        text = (EXAMPLES / name).read_text()
+        return text.replace(AZURE_SQL_SERVER, self.env.get("AZ_SERVER", AZURE_SQL_SERVER))
+
+    def apply_example(self, name: str) -> str:
+        """`kubectl apply` of an example; printed as the sed pipeline a person would type."""
+        path = EXAMPLES / name
+        text = self.example_text(name)
+        shown = f"kubectl apply -f deploy/examples/{name}"
+        if text != path.read_text():
+            shown = (
+                f'sed "s|{AZURE_SQL_SERVER}|$AZ_SERVER|" deploy/examples/{name}'
+                " | kubectl apply -f -"
+            )
+        print(f"$ {shown}", flush=True)
+        proc = subprocess.run(
+            ["kubectl", "apply", "-f", "-"],
+            input=text,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            check=False,
+        )
+        print((proc.stdout or proc.stderr).rstrip(), flush=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: applying deploy/examples/{name} failed")
+        return proc.stdout
+
 
 def _claims(token: str) -> dict[str, object]:
     payload = token.split(".")[1]
@@ -74,20 +105,24 @@ def run_demo(demo: Demo) -> None:
     demo.step("The cluster's service-account issuer, as Entra ID fetches it (no credentials)")
     demo.kubectl("get", "--raw", "/.well-known/openid-configuration")
 
-    demo.step("One resource instead of the seed's ten steps")
-    print((EXAMPLES / "customer-reader.yaml").read_text().split("---", 1)[1].strip(), flush=True)
-    demo.kubectl("apply", "-f", str(EXAMPLES / "customer-reader.yaml"))
+    demo.step("The platform team's guardrails: which namespaces may bind which identities")
+    demo.apply_example("policies.yaml")
+    demo.kubectl("get", "sqlidentitypolicies")
+
+    demo.step("One resource instead of the seed's ten steps (and no manual database step)")
+    print(demo.example_text("customer-reader.yaml").split("---", 1)[1].strip(), flush=True)
+    demo.apply_example("customer-reader.yaml")
     demo.kubectl(
         "wait",
         "--for=condition=Ready",
         "swi/customer-reader",
         "-n",
         DEMO_NAMESPACE,
-        "--timeout=120s",
+        "--timeout=180s",
     )
     demo.kubectl("get", "swi", "-A")
 
-    demo.step("What the operator did: the annotated service account and the federated credential")
+    demo.step("What the operator did: service account, federated credential, database user, proof")
     annotations = json.loads(
         demo.kubectl(
             "get",
@@ -117,6 +152,9 @@ def run_demo(demo: Demo) -> None:
     )
     print(f"issuer:  {status.get('issuer')}\nsubject: {status.get('subject')}", flush=True)
     print(f"federated credential: {status.get('federatedCredential', {}).get('name')}", flush=True)
+    print(f"database user: {json.dumps(status.get('databaseUser'))}", flush=True)
+    for condition in status.get("conditions", []):
+        print(f"  {condition['type']:<26} {condition['status']:<6} {condition.get('reason', '')}")
 
     demo.step("The workload, as a pod of that service account: token file -> Entra -> Azure SQL")
     token = demo.kubectl(
@@ -149,32 +187,37 @@ def run_demo(demo: Demo) -> None:
     )
     demo.run(sys.executable, "-m", "swi_workload")
 
-    demo.step("A deliberate mistake: an app registration the operator does not own")
-    demo.kubectl("apply", "-f", str(EXAMPLES / "payroll-not-owned.yaml"))
-    demo.run(
-        "kubectl",
-        "wait",
-        "--for=jsonpath={.status.conditions[?(@.type=='Ready')].reason}=PermissionDenied",
-        "swi/payroll",
-        "-n",
-        DEMO_NAMESPACE,
-        "--timeout=60s",
+    demo.step(
+        "Deliberate mistakes: an identity no policy grants here, an app the operator doesn't own"
     )
+    demo.apply_example("finance-not-authorized.yaml")
+    demo.apply_example("payroll-not-owned.yaml")
+    for name, reason in (("finance-reports", "NotAuthorized"), ("payroll", "PermissionDenied")):
+        demo.run(
+            "kubectl",
+            "wait",
+            f"--for=jsonpath={{.status.conditions[?(@.type=='Ready')].reason}}={reason}",
+            f"swi/{name}",
+            "-n",
+            DEMO_NAMESPACE,
+            "--timeout=60s",
+        )
     demo.kubectl("get", "swi", "-n", DEMO_NAMESPACE)
-    message = demo.kubectl(
-        "get",
-        "swi",
-        "payroll",
-        "-n",
-        DEMO_NAMESPACE,
-        "-o",
-        "jsonpath={.status.conditions[?(@.type=='FederatedCredentialReady')].message}",
-        show=False,
-    )
-    print(f"why: {message}", flush=True)
+    for name in ("finance-reports", "payroll"):
+        message = demo.kubectl(
+            "get",
+            "swi",
+            name,
+            "-n",
+            DEMO_NAMESPACE,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type=='Ready')].message}",
+            show=False,
+        )
+        print(f"why {name}: {message}", flush=True)
 
-    demo.step("Delete the resources: the finalizer removes the credential and the annotations")
-    demo.kubectl("delete", "swi", "--all", "-n", DEMO_NAMESPACE, "--wait=true", "--timeout=60s")
+    demo.step("Delete: the finalizer removes the credential, the annotations and the database user")
+    demo.kubectl("delete", "swi", "--all", "-n", DEMO_NAMESPACE, "--wait=true", "--timeout=90s")
 
 
 def main(argv: list[str] | None = None) -> int:

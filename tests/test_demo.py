@@ -32,6 +32,11 @@ def test_demo_runs_the_seed_story_end_to_end(sandbox):
         assert any(first in line and last in line for line in out.splitlines())
     assert "(5 rows)" in out
     assert "PermissionDenied" in out
+    assert "NotAuthorized" in out
+    assert "no SqlIdentityPolicy allows namespace workload-demo" in out
+    # The operator created the database user itself and proved the chain.
+    assert any(line.split()[:2] == ["Verified", "True"] for line in out.splitlines())
+    assert any(line.split()[:2] == ["DatabaseAccessReady", "True"] for line in out.splitlines())
     assert "make the operator's app an owner" in out
     # No credential is ever printed in full: the token appears only as its claims.
     assert "eyJ" not in out
