@@ -11,6 +11,7 @@ Nothing here is mocked: the SDKs talk to the emulator, kopf to the API server. T
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -126,3 +127,40 @@ def operator_process(
         if process.poll() is None:
             process.terminate()
             process.wait(timeout=20)
+
+
+@pytest.fixture
+def sql(sandbox: Any, world: World, entra: Entra) -> Iterator[Any]:
+    """The SQL emulator as its Entra admin sees it (``sql_harness.SqlAdmin``). Ask for it before
+    ``operator``: it then outlives the operator's clean-up and puts back the seed's users, the
+    emulator's faults and Entra's controls after the test."""
+    from sql_harness import SqlAdmin  # type: ignore[import-not-found]
+
+    admin = SqlAdmin(
+        sandbox.state_dir, world.tenant, world.operator.client_id, world.operator.secret
+    )
+    admin.restore_seed(world.demo_app.client_id)
+    yield admin
+    admin.fail_logins(0)
+    admin.restore_seed(world.demo_app.client_id)
+    entra.admin.reset(state=False)
+
+
+@pytest.fixture
+def operator_with(
+    operator_env: dict[str, str], cluster: Cluster, entra: Entra, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., contextlib.AbstractContextManager[Any]]:
+    """``operator`` with other settings: ``with operator_with(SWI_ISSUER="https://..."):``."""
+    from kopf.testing import KopfRunner
+
+    @contextlib.contextmanager
+    def run(**settings: str) -> Iterator[Any]:
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
+        args = ["run", "--standalone", "-n", cluster.namespace, "-m", "swi_operator.handlers"]
+        with KopfRunner(args, timeout=60) as runner:
+            yield runner
+            delete_all(cluster)
+        assert runner.exit_code == 0, f"{runner.exception!r}\n{runner.output}"
+
+    return run
