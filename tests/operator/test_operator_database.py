@@ -92,8 +92,14 @@ def test_drift_regrants_after_an_out_of_band_drop(
         DRIFT_INTERVAL_S * 5,
         "the user created again",
     )
-    messages = [e.message for e in cluster.events("customer-api")]
-    assert any("again (it had been dropped)" in m for m in messages)
+    # The drift check posts its Events after writing the status, which follows the SQL.
+    eventually(
+        lambda: any(
+            "again (it had been dropped)" in e.message for e in cluster.events("customer-api")
+        ),
+        10,
+        "an Event saying the user was created again",
+    )
     cluster.wait_condition("customer-api")
 
 
@@ -112,11 +118,14 @@ def test_roles_added_and_removed_but_never_ones_it_did_not_grant(
         20,
         "db_datawriter added",
     )
-    cluster.wait_condition("customer-api")
-    assert database_user(cluster, "customer-api")["grantedRoles"] == [
-        "db_datareader",
-        "db_datawriter",
-    ]
+    eventually(  # the status is written after the SQL
+        lambda: (
+            database_user(cluster, "customer-api")["grantedRoles"]
+            == ["db_datareader", "db_datawriter"]
+        ),
+        10,
+        "status.databaseUser.grantedRoles with db_datawriter",
+    )
 
     cluster.patch_spec("customer-api", {"sql": sql_spec(sql, ["db_datareader"])})
     eventually(lambda: "db_datawriter" not in sql.users()[USER], 20, "db_datawriter dropped")
