@@ -53,7 +53,7 @@ def credential_name(issuer: str, namespace: str, service_account: str) -> str:
 
 
 def is_valid_credential_name(name: str) -> bool:
-    return bool(_CREDENTIAL_NAME.match(name))
+    return bool(_CREDENTIAL_NAME.fullmatch(name))
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ _RANK_WORDS = {
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SERVER = re.compile(
-    r"^(?:tcp:)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)\.?(?:,(?P<port>[0-9]{1,5}))?$"
+    r"^(?:tcp:)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?:,(?P<port>[0-9]{1,5}))?$"
 )
 _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_@$#-]*$")
 _DATABASE = re.compile(r"^[^\x00-\x1f\[\]]+$")
@@ -81,7 +81,7 @@ class ServerKey:
 
 def server_key(server: str) -> ServerKey | None:
     """``myserver.database.windows.net``, ``tcp:host,port`` or ``host,port``; None if invalid."""
-    match = _SERVER.match(server.strip())
+    match = _SERVER.fullmatch(server)
     if match is None:
         return None
     port = int(match["port"]) if match["port"] else DEFAULT_SQL_PORT
@@ -253,7 +253,7 @@ def _scope(raw: object, problems: list[tuple[str, str]]) -> NamespaceScope | Non
         return None
     ok = True
     for i, name in enumerate(names):
-        if not isinstance(name, str) or not _DNS1123_LABEL.match(name):
+        if not isinstance(name, str) or not _DNS1123_LABEL.fullmatch(name):
             problems.append((f"{path}.names[{i}]", f"Invalid value {name!r}: not a namespace name"))
             ok = False
     selector = None
@@ -282,7 +282,7 @@ def _grant(raw: object, problems: list[tuple[str, str]]) -> SqlGrant | None:
         ok = False
     else:
         for i, server in enumerate(raw_servers):
-            key = server_key(server) if isinstance(server, str) else None
+            key = server_key(server) if isinstance(server, str) and len(server) <= 260 else None
             if key is None:
                 problems.append((f"{path}.servers[{i}]", f"Invalid value {server!r}"))
                 ok = False
@@ -293,7 +293,11 @@ def _grant(raw: object, problems: list[tuple[str, str]]) -> SqlGrant | None:
         ok = False
     else:
         for i, database in enumerate(raw_databases):
-            if not isinstance(database, str) or not _DATABASE.match(database):
+            if (
+                not isinstance(database, str)
+                or len(database) > 128
+                or not _DATABASE.fullmatch(database)
+            ):
                 problems.append((f"{path}.databases[{i}]", f"Invalid value {database!r}"))
                 ok = False
             else:
@@ -304,7 +308,7 @@ def _grant(raw: object, problems: list[tuple[str, str]]) -> SqlGrant | None:
         problems.append((f"{path}.roles", "must be a list of role names"))
         return None
     for i, role in enumerate(roles):
-        if not isinstance(role, str) or not _ROLE.match(role):
+        if not isinstance(role, str) or len(role) > 128 or not _ROLE.fullmatch(role):
             problems.append((f"{path}.roles[{i}]", f"Invalid value {role!r}: not a role name"))
             ok = False
     if not ok:

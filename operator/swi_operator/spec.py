@@ -15,11 +15,13 @@ from typing import Any, Literal
 
 DEFAULT_AUDIENCE = "api://AzureADTokenExchange"
 
+# Always fullmatch: a pattern's `$` alone also matches before a trailing newline ("x\n"), where the
+# API server's RE2 does not.
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 def is_guid(value: object) -> bool:
-    return isinstance(value, str) and bool(_GUID.match(value))
+    return isinstance(value, str) and bool(_GUID.fullmatch(value))
 
 
 _DNS1123_SUBDOMAIN = re.compile(
@@ -140,7 +142,7 @@ class Spec:
 
 
 def parse_managed_identity_id(resource_id: str) -> ManagedIdentityRef | None:
-    match = _MANAGED_IDENTITY_ID.match(resource_id)
+    match = _MANAGED_IDENTITY_ID.fullmatch(resource_id)
     if match is None:
         return None
     return ManagedIdentityRef(
@@ -158,7 +160,7 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
     sa = raw.get("serviceAccountName")
     if not isinstance(sa, str) or not sa:
         problems.append(("spec.serviceAccountName", "Required value"))
-    elif len(sa) > 253 or not _DNS1123_SUBDOMAIN.match(sa):
+    elif len(sa) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(sa):
         problems.append(
             (
                 "spec.serviceAccountName",
@@ -285,7 +287,7 @@ def _parse_sql(raw: object, problems: list[tuple[str, str]]) -> SqlSpec | None:
         return None
     server, database, roles = raw.get("server"), raw.get("database"), raw.get("roles") or []
     ok = True
-    if not isinstance(server, str) or len(server) > 260 or not _SQL_SERVER.match(server):
+    if not isinstance(server, str) or len(server) > 260 or not _SQL_SERVER.fullmatch(server):
         problems.append(
             (
                 f"{path}.server",
@@ -293,19 +295,23 @@ def _parse_sql(raw: object, problems: list[tuple[str, str]]) -> SqlSpec | None:
             )
         )
         ok = False
-    if not isinstance(database, str) or len(database) > 128 or not _SQL_DATABASE.match(database):
+    if (
+        not isinstance(database, str)
+        or len(database) > 128
+        or not _SQL_DATABASE.fullmatch(database)
+    ):
         problems.append((f"{path}.database", f"Invalid value {database!r}"))
         ok = False
     if not isinstance(roles, list):
         problems.append((f"{path}.roles", "must be a list of role names"))
         return None
     for i, role in enumerate(roles):
-        if not isinstance(role, str) or len(role) > 128 or not _SQL_ROLE.match(role):
+        if not isinstance(role, str) or len(role) > 128 or not _SQL_ROLE.fullmatch(role):
             problems.append((f"{path}.roles[{i}]", f"Invalid value {role!r}: not a role name"))
             ok = False
     user = raw.get("userName")
     if user is not None and (
-        not isinstance(user, str) or len(user) > 128 or not _SQL_USER.match(user)
+        not isinstance(user, str) or len(user) > 128 or not _SQL_USER.fullmatch(user)
     ):
         problems.append(
             (f"{path}.userName", f"Invalid value {user!r}: 1 to 128 characters, no control ones")
