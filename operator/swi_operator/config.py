@@ -53,6 +53,10 @@ class Config:
     peering: str | None = None  # None: standalone, no peering objects needed
     posting_level: int = logging.INFO
     cloud_concurrency: int = 8
+    # Azure's write quotas (shared/docs/scale.md); writes are paced to them, 0 paces nothing.
+    graph_write_rate: float = 20.0  # per operator app and tenant: ~3,000 per 2.5 minutes
+    arm_write_rate: float = 2.0  # managed identity provider, per subscription
+    arm_identity_write_rate: float = 0.25  # managed identity provider, per identity
     retry_backoff_max: float = 120.0
     deletion_timeout: float = 600.0
     verify_interval: float = 3600.0  # seconds between probes of a Verified resource
@@ -187,6 +191,30 @@ _SETTINGS: tuple[_Setting, ...] = (
         "SWI_CLOUD_CONCURRENCY",
         "Graph/ARM requests in flight at most, each",
         "8",
+    ),
+    _Setting(
+        "graph_write_rate",
+        "--graph-write-rate",
+        "SWI_GRAPH_WRITE_RATE",
+        "Graph credential writes per second at most (Graph's write quota per app and tenant is "
+        "about 3,000 per 2.5 minutes); 0: no pacing",
+        "20",
+    ),
+    _Setting(
+        "arm_write_rate",
+        "--arm-write-rate",
+        "SWI_ARM_WRITE_RATE",
+        "managed identity credential writes per second and subscription at most (ARM's quota: "
+        "about 2); 0: no pacing",
+        "2",
+    ),
+    _Setting(
+        "arm_identity_write_rate",
+        "--arm-identity-write-rate",
+        "SWI_ARM_IDENTITY_WRITE_RATE",
+        "credential writes per second on one managed identity at most (ARM's quota: about "
+        "0.25); 0: no pacing",
+        "0.25",
     ),
     _Setting(
         "retry_backoff_max",
@@ -447,6 +475,9 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         peering=str(peering) if peering is not None else None,
         posting_level=getattr(logging, level),
         cloud_concurrency=int(_number(raw, "cloud_concurrency", 1)),
+        graph_write_rate=_number(raw, "graph_write_rate", 0),
+        arm_write_rate=_number(raw, "arm_write_rate", 0),
+        arm_identity_write_rate=_number(raw, "arm_identity_write_rate", 0),
         retry_backoff_max=_number(raw, "retry_backoff_max", 1),
         deletion_timeout=_number(raw, "deletion_timeout", 0),
         verify_interval=_number(raw, "verify_interval", 1),

@@ -11,6 +11,10 @@ Who owns retries (one loop per failure, never stacked):
 
 * Graph: kiota's RetryHandler is switched off (``max_retries=0``, see ``cloud.graph``): a 429 or
   503 reaches ``classify`` at once, with its ``Retry-After``.
+* 429, Graph and ARM: ``cloud.CallGate`` owns the short ones. It holds every caller of the service
+  until ``Retry-After`` has passed and repeats the throttled call (``THROTTLE_ATTEMPTS`` in all);
+  a ``Retry-After`` over ``THROTTLE_WAIT_MAX_S``, or a call still throttled, goes to kopf as a
+  ``TransientError``. Writes are paced to the quotas, so a 429 is the exception.
 * ARM: azure-core's RetryPolicy is switched off (``retry_total=0``, see ``cloud.arm``), for the same
   reason. The one exception is the 409 "concurrent federated credential writes" answer: it means
   "someone else is writing this identity right now", so ``cloud.arm`` waits briefly and repeats

@@ -22,7 +22,7 @@ from azure.identity.aio import ClientSecretCredential, WorkloadIdentityCredentia
 from kubernetes import config as kube_config
 from kubernetes.client import ApiClient
 
-from swi_operator.cloud import CallGate, CredentialStore, IdentityRouter
+from swi_operator.cloud import CallGate, CredentialStore, IdentityRouter, Pacer
 from swi_operator.cloud.arm import ArmCredentialStore, arm_client_factory
 from swi_operator.cloud.exchange import EntraTokenExchange, TokenExchange
 from swi_operator.cloud.graph import GraphCredentialStore, build_graph_client
@@ -160,7 +160,8 @@ class Runtime:
         graph_client, graph_http = build_graph_client(
             credential, config.graph_url, config.graph_scope, config.ca_bundle
         )
-        graph_gate = CallGate(GRAPH, config.cloud_concurrency)
+        graph_writes = Pacer(config.graph_write_rate, burst=max(config.graph_write_rate, 1.0))
+        graph_gate = CallGate(GRAPH, config.cloud_concurrency, writes=graph_writes)
         graph = GraphCredentialStore(graph_client, graph_gate, config.tenant_id)
         arm = ArmCredentialStore(
             arm_client_factory(
@@ -168,6 +169,8 @@ class Runtime:
             ),
             CallGate(ARM, config.cloud_concurrency),
             config.subscription_id,
+            subscription_write_rate=config.arm_write_rate,
+            identity_write_rate=config.arm_identity_write_rate,
         )
         kube_api = build_kube_api()
         kube = KubernetesClient(kube_api)

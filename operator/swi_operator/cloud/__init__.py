@@ -7,25 +7,38 @@ Contract, as in Crossplane's external clients: ``upsert`` of something that exis
 ``delete`` of something missing succeeds; failures leave as ``errors.ReconcileError``.
 
 ``CallGate`` wraps every call to one service: it bounds the requests in flight (a restart must not
-be a thundering herd), classifies failures (``errors.classify``), and after a 429 holds every
-caller back until the service's ``Retry-After`` has passed instead of letting each of them collect
-its own 429.
+be a thundering herd), classifies failures (``errors.classify``), paces writes to the service's
+write quota (``Pacer``), and after a 429 holds every caller back until the service's
+``Retry-After`` has passed instead of letting each of them collect its own 429. A short pause
+(up to ``THROTTLE_WAIT_MAX_S``) is waited out inside the call, and the throttled call is repeated
+after it (``THROTTLE_ATTEMPTS`` in all): failing the reconcile instead would make kopf run the
+whole pipeline again for every resource that happened to be waiting, which is what a fleet-wide
+onboarding measured (bench/onboarding.py: eight handler runs per resource at N = 1000). A longer
+``Retry-After`` still fails the call, and kopf retries the reconcile after it.
+
+Pacing: Azure's write quotas are known (shared/docs/scale.md: Graph about 20 writes/s per app and
+tenant; managed identities about 2/s per subscription and 0.25/s per identity). Writing faster
+only buys 429s, each of which stops every caller for a whole second (``Retry-After`` has no
+fractions), so writes wait for their turn instead; reads are not paced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from swi_operator.errors import Reason, TransientError, classify
 from swi_operator.spec import ApplicationRef, IdentityRef, ManagedIdentityRef
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 MAX_CREDENTIALS_PER_IDENTITY = 20
+THROTTLE_WAIT_MAX_S = 30.0  # longer Retry-After: the reconcile fails, kopf retries after it
+THROTTLE_ATTEMPTS = 3  # tries of one call that keeps being throttled, before kopf takes over
 
 
 @dataclass(frozen=True)
@@ -69,35 +82,120 @@ class CredentialStore(Protocol):
     async def delete(self, identity: ResolvedIdentity, name: str) -> None: ...
 
 
-class CallGate:
-    """Bounds concurrent calls to one service and honours its Retry-After for everyone."""
+class Lookups(Generic[V]):
+    """Answers of lookups remembered by key; concurrent first lookups of one key share one
+    request (a restart reconciles many resources of one identity at once)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, V] = {}
+        self._pending: dict[str, asyncio.Future[V]] = {}
+
+    async def get(self, key: str, fetch: Callable[[], Awaitable[V]]) -> V:
+        if key in self._known:
+            return self._known[key]
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = asyncio.ensure_future(fetch())
+            pending.add_done_callback(lambda done: self._settle(key, done))
+        # shielded: a caller that is cancelled must not cancel the lookup the others await
+        return await asyncio.shield(pending)
+
+    def _settle(self, key: str, done: asyncio.Future[V]) -> None:
+        self._pending.pop(key, None)
+        if not done.cancelled() and done.exception() is None:
+            self._known[key] = done.result()
+
+    def forget(self, key: str) -> None:
+        self._known.pop(key, None)
+
+
+class Pacer:
+    """At most ``rate`` acquisitions per second, ``burst`` of them back to back (a token bucket,
+    as the generic cell rate algorithm: each caller reserves the next slot and sleeps until it).
+    Callers are served in the order they arrived; ``rate`` 0 paces nothing."""
 
     def __init__(
-        self, service: str, concurrency: int, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.rate = rate
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._tolerance = max(burst - 1.0, 0.0) * self._interval
+        self._clock = clock
+        self._sleep = sleep
+        self._next = 0.0  # when the next acquisition is due, burst aside
+
+    async def acquire(self) -> None:
+        if self._interval == 0:
+            return
+        now = self._clock()
+        due = max(self._next, now)
+        self._next = due + self._interval
+        wait = due - self._tolerance - now
+        if wait > 0:
+            await self._sleep(wait)
+
+
+class CallGate:
+    """Bounds concurrent calls to one service, paces its writes and honours its Retry-After for
+    everyone."""
+
+    def __init__(
+        self,
+        service: str,
+        concurrency: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        writes: Pacer | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.service = service
         self._slots = asyncio.Semaphore(concurrency)
         self._clock = clock
+        self._sleep = sleep
+        self._writes = writes
         self._paused_until = 0.0
 
-    async def call(self, doing: str, request: Callable[[], Awaitable[T]]) -> T:
-        wait = self._paused_until - self._clock()
-        if wait > 0:
-            raise TransientError(
-                Reason.THROTTLED,
-                f"{self.service} asked to slow down; not trying to {doing} yet",
-                wait,
-            )
-        async with self._slots:
-            try:
-                return await request()
-            except Exception as exc:
-                error = classify(exc, doing)
-                if isinstance(error, TransientError) and error.reason is Reason.THROTTLED:
-                    self._paused_until = max(
-                        self._paused_until, self._clock() + (error.delay or 1.0)
-                    )
-                raise error from exc
+    async def _wait_out_pause(self, doing: str) -> None:
+        while (wait := self._paused_until - self._clock()) > 0:
+            if wait > THROTTLE_WAIT_MAX_S:
+                raise TransientError(
+                    Reason.THROTTLED,
+                    f"{self.service} asked to slow down; not trying to {doing} yet",
+                    wait,
+                )
+            await self._sleep(wait)
+
+    async def call(
+        self,
+        doing: str,
+        request: Callable[[], Awaitable[T]],
+        *,
+        write: bool = False,
+        pace: Sequence[Pacer] = (),
+    ) -> T:
+        """Run ``request``; ``write`` paces it with the service's write quota, ``pace`` with
+        others too (one subscription's, one identity's)."""
+        for attempt in range(1, THROTTLE_ATTEMPTS + 1):
+            await self._wait_out_pause(doing)
+            for pacer in (self._writes, *pace) if write else pace:
+                if pacer is not None:
+                    await pacer.acquire()
+            async with self._slots:
+                try:
+                    return await request()
+                except Exception as exc:
+                    error = classify(exc, doing)
+                    if not (isinstance(error, TransientError) and error.reason is Reason.THROTTLED):
+                        raise error from exc
+                    delay = error.delay or 1.0
+                    self._paused_until = max(self._paused_until, self._clock() + delay)
+                    if attempt == THROTTLE_ATTEMPTS or delay > THROTTLE_WAIT_MAX_S:
+                        raise error from exc
+        raise AssertionError("unreachable")
 
 
 class IdentityRouter:

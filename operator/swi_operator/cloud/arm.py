@@ -9,6 +9,10 @@ ARM answers 409 when two credential writes on one identity overlap. Callers seri
 identity (``steps.federation`` holds the identity's lock), so a 409 can only come from another
 writer (another cluster's operator, a person): the write is repeated here a few times, briefly,
 before it is reported as transient.
+
+Writes are paced (``cloud.Pacer``) with the managed identity provider's quotas: one pacer per
+subscription and one per identity (shared/docs/scale.md: about 2/s and 0.25/s); the identity is
+looked up once, however many resources ask for it at the same time.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from azure.mgmt.msi.v2024_11_30.models import (
     FederatedIdentityCredential as ArmCredential,
 )
 
-from swi_operator.cloud import CallGate, FederatedCredential, ResolvedIdentity
+from swi_operator.cloud import CallGate, FederatedCredential, Lookups, Pacer, ResolvedIdentity
 from swi_operator.spec import IdentityRef, ManagedIdentityRef
 
 API_VERSION = "2024-11-30"
@@ -63,14 +67,33 @@ def _mi(ref: IdentityRef) -> ManagedIdentityRef:
 
 class ArmCredentialStore:
     def __init__(
-        self, build_client: ClientFactory, gate: CallGate, default_subscription: str | None
+        self,
+        build_client: ClientFactory,
+        gate: CallGate,
+        default_subscription: str | None,
+        *,
+        subscription_write_rate: float = 0.0,
+        identity_write_rate: float = 0.0,
     ) -> None:
         self._build = build_client
         self._gate = gate
         self._clients: dict[str, ManagedServiceIdentityClient] = {}
-        self._identities: dict[str, ResolvedIdentity] = {}
+        self._identities: Lookups[ResolvedIdentity] = Lookups()
+        self._subscription_rate = subscription_write_rate
+        self._identity_rate = identity_write_rate
+        self._pacers: dict[str, Pacer] = {}  # per subscription and per identity, by key
         if default_subscription:
             self._client(default_subscription)
+
+    def _paces(self, mi: ManagedIdentityRef) -> tuple[Pacer, ...]:
+        wanted = (
+            (f"subscription {mi.subscription_id}", self._subscription_rate),
+            (mi.key, self._identity_rate),
+        )
+        for key, rate in wanted:
+            if key not in self._pacers:
+                self._pacers[key] = Pacer(rate, burst=max(rate, 1.0))  # a second's worth
+        return tuple(self._pacers[key] for key, _ in wanted)
 
     def _client(self, subscription_id: str) -> ManagedServiceIdentityClient:
         client = self._clients.get(subscription_id)
@@ -85,23 +108,22 @@ class ArmCredentialStore:
 
     async def resolve(self, ref: IdentityRef) -> ResolvedIdentity:
         mi = _mi(ref)
-        known = self._identities.get(mi.key)
-        if known is not None:
-            return known
         client = self._client(mi.subscription_id)
-        found = await self._gate.call(
-            f"look up {mi.display}",
-            lambda: client.user_assigned_identities.get(mi.resource_group, mi.name),
-        )
-        resolved = ResolvedIdentity(
-            ref=mi,
-            client_id=str(found.client_id),
-            tenant_id=str(found.tenant_id),
-            name=found.name or mi.name,
-            object_id=str(found.principal_id),
-        )
-        self._identities[mi.key] = resolved
-        return resolved
+
+        async def look_up() -> ResolvedIdentity:
+            found = await self._gate.call(
+                f"look up {mi.display}",
+                lambda: client.user_assigned_identities.get(mi.resource_group, mi.name),
+            )
+            return ResolvedIdentity(
+                ref=mi,
+                client_id=str(found.client_id),
+                tenant_id=str(found.tenant_id),
+                name=found.name or mi.name,
+                object_id=str(found.principal_id),
+            )
+
+        return await self._identities.get(mi.key, look_up)
 
     async def list(self, identity: ResolvedIdentity) -> list[FederatedCredential]:
         mi = _mi(identity.ref)
@@ -123,11 +145,14 @@ class ArmCredentialStore:
         try:
             return await self._gate.call(f"list the federated credentials of {mi.display}", collect)
         except Exception:
-            self._identities.pop(mi.key, None)  # maybe deleted: look it up afresh next time
+            self._identities.forget(mi.key)  # maybe deleted: look it up afresh next time
             raise
 
-    async def _write(self, doing: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one credential write, repeating it briefly while ARM reports a concurrent one."""
+    async def _write(
+        self, mi: ManagedIdentityRef, doing: str, operation: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run one credential write, paced, repeating it briefly while ARM reports a concurrent
+        one."""
 
         async def attempts() -> T:
             for attempt in range(CONCURRENT_WRITE_ATTEMPTS):
@@ -139,7 +164,7 @@ class ArmCredentialStore:
                     await asyncio.sleep(CONCURRENT_WRITE_PAUSE_S * (1 + random.random()))
             raise AssertionError("unreachable")
 
-        return await self._gate.call(doing, attempts)
+        return await self._gate.call(doing, attempts, write=True, pace=self._paces(mi))
 
     async def upsert(
         self, identity: ResolvedIdentity, credential: FederatedCredential
@@ -152,6 +177,7 @@ class ArmCredentialStore:
             audiences=list(credential.audiences),
         )
         written = await self._write(
+            mi,
             f"write federated credential {credential.name} on {mi.display}",
             lambda: client.federated_identity_credentials.create_or_update(
                 mi.resource_group, mi.name, credential.name, body
@@ -177,5 +203,5 @@ class ArmCredentialStore:
                     raise
 
         await self._write(
-            f"delete federated credential {name} from {mi.display}", delete_if_present
+            mi, f"delete federated credential {name} from {mi.display}", delete_if_present
         )

@@ -17,7 +17,6 @@ builder then writes the app id into, so two concurrent lookups could both ask fo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 from collections.abc import Mapping
@@ -45,7 +44,7 @@ from msgraph.graph_request_adapter import GraphRequestAdapter
 from msgraph.graph_service_client import GraphServiceClient
 from msgraph_core import GraphClientFactory  # type: ignore[import-untyped]
 
-from swi_operator.cloud import CallGate, FederatedCredential, ResolvedIdentity
+from swi_operator.cloud import CallGate, FederatedCredential, Lookups, ResolvedIdentity
 from swi_operator.errors import PermanentError, Reason
 from swi_operator.spec import ApplicationRef, IdentityRef
 
@@ -90,8 +89,7 @@ class GraphCredentialStore:
         self._client = client
         self._gate = gate
         self._tenant_id = tenant_id
-        self._apps: dict[str, tuple[str, str]] = {}  # app id -> (object id, display name)
-        self._lookups: dict[str, asyncio.Task[tuple[str, str]]] = {}  # app id -> lookup in flight
+        self._apps: Lookups[tuple[str, str]] = Lookups()  # app id -> (object id, display name)
 
     async def _json(self, request: RequestInformation) -> Any:
         """Send through msgraph (auth, middleware, ODataError on failure); the body as JSON."""
@@ -115,16 +113,7 @@ class GraphCredentialStore:
 
     async def resolve(self, ref: IdentityRef) -> ResolvedIdentity:
         assert isinstance(ref, ApplicationRef)
-        known = self._apps.get(ref.client_id)
-        if known is None:
-            lookup = self._lookups.get(ref.client_id)
-            if lookup is None:
-                lookup = asyncio.ensure_future(self._look_up(ref.client_id))
-                self._lookups[ref.client_id] = lookup
-                lookup.add_done_callback(lambda _: self._lookups.pop(ref.client_id, None))
-            # shield: one caller's cancellation must not cancel the lookup the others await
-            known = await asyncio.shield(lookup)
-            self._apps[ref.client_id] = known
+        known = await self._apps.get(ref.client_id, lambda: self._look_up(ref.client_id))
         return ResolvedIdentity(
             ref=ref,
             client_id=ref.client_id,
@@ -144,7 +133,7 @@ class GraphCredentialStore:
             )
         except PermanentError as err:
             if err.reason is Reason.IDENTITY_NOT_FOUND:
-                self._apps.pop(identity.client_id, None)  # deleted: look it up afresh next time
+                self._apps.forget(identity.client_id)  # deleted: look it up afresh next time
             raise
         # An application holds at most 20 credentials: one page.
         items = page.get("value") if isinstance(page, Mapping) else None
@@ -170,6 +159,7 @@ class GraphCredentialStore:
         written = await self._gate.call(
             f"write federated credential {credential.name} on application {identity.client_id}",
             lambda: self._json(request),
+            write=True,
         )
         # 201 returns the object; 204 (updated) returns nothing, and the id did not change.
         if isinstance(written, Mapping) and written.get("id"):
@@ -193,4 +183,5 @@ class GraphCredentialStore:
         await self._gate.call(
             f"delete federated credential {name} from application {identity.client_id}",
             delete_if_present,
+            write=True,
         )
