@@ -280,3 +280,20 @@ def test_the_crd_documents_spec_sql(cluster: Cluster):
     explained = cluster.kubectl("explain", "swi.spec.sql").stdout
     for field in ("server", "database", "roles", "userName"):
         assert field in explained
+
+
+def test_object_id_form_lets_the_server_resolve_the_service_principal(
+    sql: SqlAdmin, operator_with, cluster: Cluster, world: World
+):
+    since = time.time()
+    with operator_with(SWI_SQL_USER_FORM="object-id"):
+        cluster.create("customer-api", spec(world, sql))
+        cluster.wait_condition("customer-api")
+
+        sp_object_id = "5e0c1d9a-7b3f-4c2e-9a1d-0000000000b3"  # customer-api's, in the world
+        created = [e["text"] for e in sql.log(since) if e["text"].startswith("CREATE USER")]
+        assert created == [
+            f"CREATE USER [{USER}] FROM EXTERNAL PROVIDER WITH OBJECT_ID = '{sp_object_id}'"
+        ]
+        # The server stores the app's client id as the SID either way.
+        assert sql.sid(USER) == uuid.UUID(world.customer_api.client_id).bytes_le
