@@ -27,7 +27,17 @@ PUBLIC_ARM_URL = "https://management.azure.com"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 ARM_SCOPE = "https://management.azure.com/.default"
 
+# Azure SQL's host suffixes (public, US Government, China) and the operator's own loopback.
+DEFAULT_SQL_SERVERS = (
+    ".database.windows.net",
+    ".database.usgovcloudapi.net",
+    ".database.chinacloudapi.cn",
+    "localhost",
+    "127.0.0.1",
+)
+
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_HOST_OR_SUFFIX = re.compile(r"^\.?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -63,6 +73,8 @@ class Config:
     propagation_timeout: float = 900.0  # AADSTS70021 this long after a credential write: a failure
     sql_user_form: str = "sid"  # CREATE USER ... WITH SID, or FROM EXTERNAL PROVIDER (object-id)
     sql_concurrency: int = 4  # ODBC sessions working at once (threads of their own)
+    # Where an Entra token for Azure SQL may be sent (spec.sql.server comes from users).
+    allowed_sql_servers: tuple[str, ...] = DEFAULT_SQL_SERVERS
     liveness_endpoint: str | None = None
     install_crds: Path | None = None
     injection_webhook: bool = False  # serve the pod injection webhook (swi_operator.webhooks)
@@ -261,6 +273,15 @@ _SETTINGS: tuple[_Setting, ...] = (
         "4",
     ),
     _Setting(
+        "allowed_sql_servers",
+        "--allowed-sql-server",
+        "SWI_ALLOWED_SQL_SERVERS",
+        "host name, or .suffix, of the SQL servers spec.sql.server may name: the operator's "
+        "token (and the probe's) is sent to no other (repeatable; default: "
+        f"{','.join(DEFAULT_SQL_SERVERS)})",
+        repeat=True,
+    ),
+    _Setting(
         "ca_bundle",
         "--ca-bundle",
         "SWI_CA_BUNDLE",
@@ -391,6 +412,19 @@ def _choice(raw: Mapping[str, object], dest: str, allowed: Sequence[str]) -> str
     return value
 
 
+def _sql_servers(raw: Mapping[str, object]) -> tuple[str, ...]:
+    listed = raw.get("allowed_sql_servers")
+    if not isinstance(listed, list):
+        return DEFAULT_SQL_SERVERS
+    servers = tuple(str(entry).lower() for entry in listed)
+    for entry in servers:
+        if not _HOST_OR_SUFFIX.match(entry):
+            raise ConfigError(
+                f"{_name('allowed_sql_servers')}: {entry!r} is not a host name or .suffix"
+            )
+    return servers
+
+
 def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
     tenant = _guid(raw, "tenant_id", required=True)
     client = _guid(raw, "client_id", required=True)
@@ -484,6 +518,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         propagation_timeout=_number(raw, "propagation_timeout", 0),
         sql_user_form=_choice(raw, "sql_user_form", ("sid", "object-id")),
         sql_concurrency=int(_number(raw, "sql_concurrency", 1)),
+        allowed_sql_servers=_sql_servers(raw),
         liveness_endpoint=str(liveness) if liveness is not None else None,
         install_crds=Path(str(crds)) if crds is not None else None,
         injection_webhook=injection == "true",

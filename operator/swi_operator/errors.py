@@ -56,6 +56,7 @@ class Reason(enum.StrEnum):
     DATABASE_USER_CONFLICT = "DatabaseUserConflict"
     DATABASE_ROLE_NOT_FOUND = "DatabaseRoleNotFound"
     DATABASE_REJECTED = "DatabaseRejected"
+    SQL_SERVER_NOT_ALLOWED = "SqlServerNotAllowed"
     PERMISSION_DENIED = "PermissionDenied"
     IDENTITY_NOT_FOUND = "IdentityNotFound"
     TENANT_NOT_MANAGED = "TenantNotManaged"

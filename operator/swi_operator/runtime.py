@@ -174,7 +174,9 @@ class Runtime:
         )
         kube_api = build_kube_api()
         kube = KubernetesClient(kube_api)
-        database = OdbcDatabase(credential, config.client_id, config.sql_concurrency)
+        database = OdbcDatabase(
+            credential, config.client_id, config.sql_concurrency, config.allowed_sql_servers
+        )
         exchange = EntraTokenExchange(config.authority_host, config.ca_bundle)
         later = build_database_steps(
             config, kube, database, exchange, GraphServicePrincipals(graph_client, graph_gate)

@@ -18,6 +18,10 @@ Statements that name principals cannot take parameters in T-SQL (``CREATE USER``
 ever put in SQL text: lookups take their values as parameters; a SID is written as hex digits of
 bytes; an object id only after it parsed as a GUID. The database name goes into the connection
 string braced (``{...}``, ``}`` doubled), so a ``;`` in it cannot add a keyword.
+
+``spec.sql.server`` is user input too, and a login hands the server an Entra token that works on
+every server its principal may use (the operator's is an admin's): no session is opened to a host
+outside ``--allowed-sql-server`` (Azure SQL's suffixes and loopback by default).
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ from swi_workload import (
 from swi_workload.errors import SqlFailure, parse_odbc_error
 from swi_workload.tokens import unverified_claims
 
-from swi_operator.errors import operator_authentication_error, sql_error
+from swi_operator.errors import (
+    PermanentError,
+    Reason,
+    operator_authentication_error,
+    sql_error,
+)
 
 T = TypeVar("T")
 
@@ -124,6 +133,19 @@ def quote_name(name: str) -> str:
     if any(ord(c) < 0x20 or c == "\x7f" for c in name):
         raise ValueError(f"{name!r} contains control characters")
     return "[" + name.replace("]", "]]") + "]"
+
+
+def server_host(server: str) -> str:
+    """The host of an ODBC ``SERVER=`` value (``tcp:host,port``, ``host,port`` or ``host``)."""
+    return server.strip().removeprefix("tcp:").split(",", 1)[0].strip().lower()
+
+
+def server_allowed(server: str, allowed: Sequence[str]) -> bool:
+    """Whether ``server``'s host is one of ``allowed`` (host names, or ``.suffixes``)."""
+    host = server_host(server)
+    return any(
+        host.endswith(entry) if entry.startswith(".") else host == entry for entry in allowed
+    )
 
 
 def sid_of(client_id: str) -> bytes:
@@ -236,9 +258,11 @@ class OdbcDatabase:
         credential: AsyncTokenCredential,
         operator_client_id: str,
         concurrency: int,
+        allowed_servers: Sequence[str],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._credential = credential
+        self._allowed = tuple(allowed_servers)
         self._client_id = operator_client_id
         self._operator = f"the operator's identity (client id {operator_client_id})"
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="swi-sql")
@@ -250,8 +274,20 @@ class OdbcDatabase:
         async with self._slots:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    def _check_server(self, target: SqlTarget) -> None:
+        """An Entra token for Azure SQL works on every server its principal may use, and a login
+        hands it to the server: never to one outside ``--allowed-sql-server``."""
+        if not server_allowed(target.server, self._allowed):
+            raise PermanentError(
+                Reason.SQL_SERVER_NOT_ALLOWED,
+                f"spec.sql.server {target.server!r} is not a server this operator logs in to "
+                f"(its host must be one of, or end in one of: {', '.join(self._allowed)}); "
+                "use the server's Azure name, or add it with --allowed-sql-server",
+            )
+
     def _client(self, target: SqlTarget) -> SqlClient:
         """The operator's client for ``target`` (called on the event loop)."""
+        self._check_server(target)
         client = self._clients.get(target)
         if client is None:
             settings = _settings(target, self._client_id)
@@ -309,6 +345,8 @@ class OdbcDatabase:
         await self._query(target, doing, role_member_sql(role, name, member))
 
     async def probe(self, target: SqlTarget, access_token: str, read_table: bool) -> str:
+        self._check_server(target)
+
         def run() -> str:
             settings = _settings(target, None)
             # Its real expiry, or the client would recycle the connection before each query.

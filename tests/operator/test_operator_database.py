@@ -265,6 +265,15 @@ def test_hostile_names_are_quoted_or_rejected(
     )
     assert 'Cannot open database "mydb;Encrypt=no"' in cond["message"]
 
+    # A server outside the allowed ones never gets the operator's token (no connection at all).
+    elsewhere = {**spec(world, sql), "serviceAccountName": "elsewhere"}
+    elsewhere["sql"] = {**elsewhere["sql"], "server": "tcp:sql.attacker.example,1433"}
+    cluster.create("elsewhere", elsewhere)
+    cond = cluster.wait_condition(
+        "elsewhere", "False", "DatabaseAccessReady", "SqlServerNotAllowed"
+    )
+    assert "--allowed-sql-server" in cond["message"]
+
     # Role names are checked by the CRD (and again by the operator): refused at the API.
     with pytest.raises(Exception, match="roles") as refused:
         cluster.create("role", spec(world, sql, roles=["db_datareader]; DROP USER x; --"]))

@@ -8,10 +8,11 @@ import uuid
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from swi_operator.config import ConfigError, load
+from swi_operator.config import DEFAULT_SQL_SERVERS, ConfigError, load
 from swi_operator.errors import PermanentError, Reason, TransientError, sql_error
 from swi_operator.spec import SpecError, parse_spec
 from swi_operator.sql import (
+    OdbcDatabase,
     SqlTarget,
     _settings,
     create_user_sql,
@@ -19,6 +20,7 @@ from swi_operator.sql import (
     quote_name,
     role_member_sql,
     roles_in,
+    server_allowed,
     sid_of,
 )
 from swi_workload.errors import SqlFailure
@@ -147,3 +149,48 @@ def test_spec_user_name():
         parse_spec({**base, "sql": {**sql, "userName": "a\nb"}})
     with pytest.raises(SpecError, match=r"spec\.sql\.roles\[0\]"):
         parse_spec({**base, "sql": {**sql, "roles": ["db_datareader]; DROP USER x; --"]}})
+
+
+@pytest.mark.parametrize(
+    ("server", "allowed"),
+    [
+        ("myserver.database.windows.net", True),
+        ("tcp:myserver.database.windows.net,1433", True),
+        ("MyServer.Database.Windows.Net,1433", True),
+        ("tcp:localhost,50123", True),
+        ("gov.database.usgovcloudapi.net", True),
+        ("database.windows.net.attacker.example", False),
+        ("tcp:attacker.example,1433", False),
+        ("evildatabase.windows.net", False),
+        ("10.0.0.8,1433", False),
+    ],
+)
+def test_allowed_servers(server, allowed):
+    assert server_allowed(server, DEFAULT_SQL_SERVERS) is allowed
+
+
+async def test_no_session_to_a_server_outside_the_allowed_ones():
+    database = OdbcDatabase(None, CLIENT, 1, DEFAULT_SQL_SERVERS)  # type: ignore[arg-type]
+    target = SqlTarget("tcp:attacker.example,1433", "mydb")
+    try:
+        with pytest.raises(PermanentError) as refused:
+            await database.role_names(target)
+        assert refused.value.reason == Reason.SQL_SERVER_NOT_ALLOWED
+        assert "--allowed-sql-server" in refused.value.message
+        with pytest.raises(PermanentError):
+            await database.probe(target, "token", read_table=False)
+    finally:
+        await database.close()
+
+
+def test_allowed_servers_setting():
+    env = {
+        "AZURE_TENANT_ID": str(uuid.uuid4()),
+        "AZURE_CLIENT_ID": CLIENT,
+        "AZURE_CLIENT_SECRET": "s",
+    }
+    assert load([], env)[0].allowed_sql_servers == DEFAULT_SQL_SERVERS
+    config, _ = load([], {**env, "SWI_ALLOWED_SQL_SERVERS": ".corp.example, Sql1"})
+    assert config.allowed_sql_servers == (".corp.example", "sql1")
+    with pytest.raises(ConfigError, match="SWI_ALLOWED_SQL_SERVERS"):
+        load([], {**env, "SWI_ALLOWED_SQL_SERVERS": "*.example"})
