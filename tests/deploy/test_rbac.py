@@ -18,10 +18,14 @@ import pytest
 from deploy_harness import (  # type: ignore[import-not-found]
     CONFIGURATION,
     NAMESPACE,
+    POLICY_CONFIGURATION,
+    REPO,
     install_generic,
     kubectl,
     operator_kubeconfig,
+    remove_policy_webhook_configuration,
     remove_webhook_configuration,
+    render_kustomize,
 )
 
 pytestmark = pytest.mark.controlplane
@@ -45,13 +49,21 @@ def as_operator(sandbox: Any, kube: Any, tmp_path_factory: pytest.TempPathFactor
     def run(*args: str, stdin: str | None = None, check: bool = True) -> Any:
         return kubectl(sandbox, *args, kubeconfig=config, check=check, input=stdin)
 
+    # kubectl reads an object before it patches it; the operator only patches. Its own calls,
+    # with the same token, go through the client library instead.
+    from kubernetes import config as kube_config
+
+    run.api = kube_config.new_client_from_config(config_file=str(config))  # type: ignore[attr-defined]
     yield run
+    run.api.close()  # type: ignore[attr-defined]
     remove_webhook_configuration(sandbox)
 
 
 def test_the_operator_can_do_its_job(
     sandbox: Any, namespace: str, as_operator: Any, tmp_path: Path
 ) -> None:
+    from kubernetes import client
+
     admin = kubectl
     admin(sandbox, "apply", "-n", namespace, "-f", "-", input=json.dumps(SWI))
     admin(sandbox, "create", "deployment", "customer-api", "--image=app:1", "-n", namespace)
@@ -59,7 +71,7 @@ def test_the_operator_can_do_its_job(
 
     # kopf: discovery, CRDs, the resource (list/watch/patch), its status, peering, Events.
     as_operator("api-resources", "--api-group=sqlidentity.io")
-    as_operator("get", "crd", "sqlworkloadidentities.sqlidentity.io")
+    as_operator("get", "crd")
     as_operator("get", "swi", "-A")
     as_operator("get", "swi", "-A", "--watch", "--request-timeout=1s", check=False)
     assert as_operator("auth", "can-i", "watch", "sqlworkloadidentities", "-A").returncode == 0
@@ -68,10 +80,10 @@ def test_the_operator_can_do_its_job(
         "-p", '{"metadata":{"finalizers":["sqlidentity.io/finalizer"],'
         '"annotations":{"sqlidentity.io/last-handled-configuration":"{}"}}}',
     )  # fmt: skip
-    as_operator(
-        "patch", "swi", "customer-reader", *ns, "--subresource=status", "--type=merge",
-        "-p", '{"status":{"observedGeneration":1}}',
-    )  # fmt: skip
+    # (kubectl reads a status before it patches it; the operator only patches: can-i, here.)
+    assert as_operator(
+        "auth", "can-i", "patch", "sqlworkloadidentities", "--subresource=status", *ns
+    ).returncode == 0  # fmt: skip
     as_operator("get", "clusterkopfpeerings")
     event = {
         "apiVersion": "v1",
@@ -98,23 +110,62 @@ def test_the_operator_can_do_its_job(
     as_operator("get", "serviceaccount", "customer-reader", *ns)
     for kind in ("deployments", "statefulsets", "daemonsets", "jobs", "cronjobs"):
         as_operator("get", kind, *ns)
-    as_operator(
-        "patch", "deployment", "customer-api", *ns, "--type=merge",
-        "-p", '{"spec":{"template":{"metadata":{"labels":'
-        '{"azure.workload.identity/use":"true"}}}}}',
-    )  # fmt: skip
+    apps: Any = client.AppsV1Api(as_operator.api)
+    apps.patch_namespaced_deployment(
+        "customer-api",
+        namespace,
+        {"spec": {"template": {"metadata": {"labels": {"azure.workload.identity/use": "true"}}}}},
+    )
     as_operator("get", "pods", *ns)
     # The Verified probe: a token of the resource's service account (TokenRequest).
     as_operator("create", "token", "customer-reader", *ns, "--audience=api://AzureADTokenExchange")
     as_operator("delete", "serviceaccount", "customer-reader", *ns)
 
-    # The injection webhook: its configuration and its certificate Secret.
-    as_operator("get", "mutatingwebhookconfiguration", CONFIGURATION)
-    as_operator(
-        "patch", "mutatingwebhookconfiguration", CONFIGURATION, "--type=strategic",
-        "-p", '{"webhooks":[{"name":"inject-workload-identity.sqlidentity.io",'
-        '"timeoutSeconds":10}]}',
-    )  # fmt: skip
+    # The guardrails: policies read (and watched), their status written, a Namespace's labels.
+    policy = {
+        "apiVersion": "sqlidentity.io/v1alpha1",
+        "kind": "SqlIdentityPolicy",
+        "metadata": {"name": f"{namespace}-rbac"},
+        "spec": {
+            "identity": {"applicationClientId": SWI["spec"]["identity"]["applicationClientId"]},
+            "namespaces": {"names": [namespace]},
+        },
+    }
+    admin(sandbox, "apply", "-f", "-", input=json.dumps(policy))
+    as_operator("get", "sip")
+    assert as_operator("auth", "can-i", "watch", "sqlidentitypolicies").returncode == 0
+    assert as_operator(
+        "auth", "can-i", "patch", "sqlidentitypolicies", "--subresource=status"
+    ).returncode == 0  # fmt: skip
+    as_operator("get", "namespace", namespace)
+    admin(sandbox, "delete", "sip", f"{namespace}-rbac")
+
+    # The webhooks: their configurations (client config only) and the certificate Secret.
+    admission: Any = client.AdmissionregistrationV1Api(as_operator.api)
+    strategic = "application/strategic-merge-patch+json"
+    (validating,) = [
+        d
+        for d in render_kustomize(sandbox, REPO / "deploy/overlays/generic")
+        if d["kind"] == "ValidatingWebhookConfiguration"
+    ]
+    admin(sandbox, "apply", "-f", "-", input=json.dumps(validating))  # nothing serves it: briefly
+    try:
+        for patch, name, entry in (
+            (
+                admission.patch_validating_webhook_configuration,
+                POLICY_CONFIGURATION,
+                "validate-sqlworkloadidentity.sqlidentity.io",
+            ),
+            (
+                admission.patch_mutating_webhook_configuration,
+                CONFIGURATION,
+                "inject-workload-identity.sqlidentity.io",
+            ),
+        ):
+            body = {"webhooks": [{"name": entry, "timeoutSeconds": 10}]}
+            patch(name, body, _content_type=strategic)
+    finally:
+        remove_policy_webhook_configuration(sandbox)
     assert as_operator("auth", "can-i", "create", "secrets", "-n", NAMESPACE).returncode == 0
     assert as_operator(
         "auth", "can-i", "update", "secret/sql-workload-identity-operator-webhook-tls",
@@ -135,6 +186,14 @@ def test_the_operator_can_do_its_job(
         ("patch", "mutatingwebhookconfiguration/someone-elses"),
         ("create", "mutatingwebhookconfigurations"),
         ("create", "clusterrolebindings"),
+        # It must never be able to authorise itself: policies are the platform team's.
+        ("create", "sqlidentitypolicies"),
+        ("update", "sqlidentitypolicies"),
+        ("patch", "sqlidentitypolicies"),
+        ("delete", "sqlidentitypolicies"),
+        ("patch", "validatingwebhookconfiguration/someone-elses"),
+        ("get", "mutatingwebhookconfigurations"),  # it only writes its client config
+        ("get", "deployments", "-A"),  # lists workloads; reads no single one
     ],
 )
 def test_the_operator_cannot_do_more(as_operator: Any, verb_and_resource: tuple[str, ...]) -> None:
