@@ -96,8 +96,11 @@ class FakeCursor:
     description: list[tuple[str, type]] | None = None
     rowcount: int = -1
     _rows: list[tuple[Any, ...]] = field(default_factory=list)
+    closed: bool = False
 
     def execute(self, sql: str, *params: Any) -> FakeCursor:
+        if any(not c.closed for c in self.owner.cursors if c is not self):
+            raise AssertionError("Connection is busy with results for another command")
         self.owner.executed.append((sql, params))
         if self.owner.query_failures:
             raise self.owner.query_failures.pop(0)
@@ -114,6 +117,9 @@ class FakeCursor:
     def fetchone(self) -> tuple[Any, ...] | None:
         return self._rows[0] if self._rows else None
 
+    def close(self) -> None:
+        self.closed = True
+
 
 @dataclass
 class FakeConnection:
@@ -121,9 +127,12 @@ class FakeConnection:
     query_failures: list[Exception]
     executed: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     closed: bool = False
+    cursors: list[FakeCursor] = field(default_factory=list)
 
     def cursor(self) -> FakeCursor:
-        return FakeCursor(self)
+        # Like the ODBC driver without MARS: one open statement per connection.
+        self.cursors.append(FakeCursor(self))
+        return self.cursors[-1]
 
     def close(self) -> None:
         self.closed = True
@@ -182,6 +191,16 @@ def test_one_token_per_physical_connection_never_per_query(clock: Clock) -> None
         and "Authentication" not in kwargs["connection_string"]
     )
     assert kwargs["autocommit"] is True and kwargs["timeout"] == 30
+
+
+def test_each_query_closes_its_cursor_before_the_next_can_start(clock: Clock) -> None:
+    """Found by bench/onboarding.py: threads sharing a client got "Connection is busy with
+    results for another command" when a finished query's cursor was still open."""
+    driver, credential = FakeDriver(), FakeCredential(clock)
+    client = _client(driver, credential, clock)
+    kept = [client.query("SELECT id FROM t") for _ in range(3)]  # results outlive their cursors
+    assert [r.rows for r in kept] == [[(1,), (2,)]] * 3
+    assert all(c.closed for c in driver.connections[0].cursors)
 
 
 def test_connection_is_recycled_before_the_token_expires(clock: Clock) -> None:

@@ -155,12 +155,16 @@ class SqlClient:
             for attempt in range(len(delays) + 1):
                 conn = self.connection()
                 try:
-                    cursor = conn.cursor()
-                    cursor.execute(sql, *params)
-                    columns = [d[0] for d in cursor.description or []]
-                    rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
-                    self.stats.queries += 1
-                    return QueryResult(columns, rows, cursor.rowcount)
+                    # Closed before the lock is released: the driver allows one active statement
+                    # per connection, and a cursor left to the garbage collector would still be
+                    # open when another thread's query starts ("Connection is busy with results
+                    # for another command").
+                    with contextlib.closing(conn.cursor()) as cursor:
+                        cursor.execute(sql, *params)
+                        columns = [d[0] for d in cursor.description or []]
+                        rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+                        self.stats.queries += 1
+                        return QueryResult(columns, rows, cursor.rowcount)
                 except pyodbc.Error as exc:
                     failure = parse_odbc_error(exc)
                     if failure.transient or failure.unreachable or failure.sqlstate == "08S01":
