@@ -26,6 +26,7 @@ from deploy_harness import (  # type: ignore[import-not-found]
     remove_policy_webhook_configuration,
     remove_webhook_configuration,
     render_kustomize,
+    wait_for,
 )
 
 pytestmark = pytest.mark.controlplane
@@ -199,3 +200,42 @@ def test_the_operator_can_do_its_job(
 def test_the_operator_cannot_do_more(as_operator: Any, verb_and_resource: tuple[str, ...]) -> None:
     result = as_operator("auth", "can-i", *verb_and_resource, check=False)
     assert result.stdout.strip() == "no", verb_and_resource
+
+
+@pytest.mark.parametrize(
+    ("verb_and_resource", "allowed"),
+    [
+        (("create", "sqlworkloadidentities"), "yes"),
+        (("patch", "sqlworkloadidentities"), "yes"),
+        (("delete", "sqlworkloadidentities"), "yes"),
+        # The status is the operator's record of what it made, and later removes: not theirs.
+        (("patch", "sqlworkloadidentities", "--subresource=status"), "no"),
+        (("update", "sqlworkloadidentities", "--subresource=status"), "no"),
+        # Policies are the platform team's.
+        (("create", "sqlidentitypolicies"), "no"),
+        (("patch", "sqlidentitypolicies"), "no"),
+        (("delete", "sqlidentitypolicies"), "no"),
+    ],
+)
+def test_a_namespace_editor_manages_resources_but_not_status_or_policies(
+    sandbox: Any,
+    namespace: str,
+    as_operator: Any,
+    verb_and_resource: tuple[str, ...],
+    allowed: str,
+) -> None:
+    """What a team with the built-in edit role in its namespace may do (deploy/base/tenant-rbac)."""
+    kubectl(
+        sandbox, "create", "rolebinding", "team-edit", "--clusterrole=edit", "--user=alice",
+        "-n", namespace,
+    )  # fmt: skip
+
+    def can_i() -> str:
+        result = kubectl(
+            sandbox, "auth", "can-i", *verb_and_resource, "-n", namespace, "--as=alice", check=False
+        )
+        return str(result.stdout.strip())
+
+    # The aggregation controller folds the ClusterRoles into edit shortly after they appear.
+    wait_for("the edit role's aggregation", lambda: can_i() == allowed or None, timeout=20)
+    assert can_i() == allowed, verb_and_resource
