@@ -3,9 +3,12 @@ properties over generated policies and resources (Hypothesis)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from swi_operator.policy import (
@@ -410,3 +413,57 @@ def test_arbitrary_policy_input_never_crashes(spec: dict[str, Any]) -> None:
 
 def test_default_roles_are_reader_and_writer_only() -> None:
     assert DEFAULT_ROLES == ("db_datareader", "db_datawriter")
+
+
+# --- the CRD and the examples -------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _walk(schema: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, schema
+    for name, child in (schema.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{name}")
+    if "items" in schema:
+        yield from _walk(schema["items"], f"{path}[]")
+
+
+def test_policy_crd_is_cluster_scoped_structural_and_documented() -> None:
+    crd = yaml.safe_load((ROOT / "crds" / "sqlidentity.io_sqlidentitypolicies.yaml").read_text())
+    assert crd["spec"]["scope"] == "Cluster"
+    assert crd["spec"]["names"]["shortNames"] == ["sip"]
+    version = crd["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    assert [p for p, s in _walk(schema, "") if p and "type" not in s] == []
+    spec = schema["properties"]["spec"]
+    undocumented = [p for p, s in _walk(spec, "spec") if "description" not in s and "[]" not in p]
+    assert undocumented == []
+    rules = [v["rule"] for v in spec["properties"]["identity"]["x-kubernetes-validations"]]
+    assert "self == oldSelf" in rules  # the identity of a policy never changes
+    assert spec["properties"]["sql"]["properties"]["roles"]["default"] == list(DEFAULT_ROLES)
+
+
+def test_example_policies_parse_and_admit_the_examples() -> None:
+    from swi_operator.spec import parse_spec
+
+    docs = [
+        doc
+        for path in sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+    parsed = parse_policies([d for d in docs if d["kind"] == "SqlIdentityPolicy"])
+    assert parsed.valid and not parsed.invalid
+    decisions = {
+        d["metadata"]["name"]: authorize(
+            (spec := parse_spec(d["spec"])).identity,
+            spec.sql,
+            d["metadata"]["namespace"],
+            {},
+            parsed.valid,
+        )
+        for d in docs
+        if d["kind"] == "SqlWorkloadIdentity"
+    }
+    assert not decisions.pop("finance-reports").allowed  # the deliberate mistake
+    assert all(d.allowed for d in decisions.values()), decisions
