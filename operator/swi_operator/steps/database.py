@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 from swi_operator.cloud import ResolvedIdentity
 from swi_operator.errors import PermanentError, Reason
 from swi_operator.locks import KeyedLocks
+from swi_operator.spec import ApplicationRef
 from swi_operator.sql import Database, Principal, SqlTarget, quote_name, roles_in, sid_of
 from swi_operator.steps import Context, StepResult
 
@@ -259,6 +260,18 @@ class DatabaseAccessStep:
 
     async def _release(self, ctx: Context, recorded: DatabaseUserRecord) -> str:
         """Undo what ``recorded`` says the operator did; what was done, for messages."""
+        expected = _own_client_id(ctx)
+        if expected is not None and expected.lower() != recorded.client_id.lower():
+            # status.databaseUser is written through the status subresource, which is not proof
+            # that this resource's identity owns that user: never let it steer a DROP USER at a
+            # user of another identity (another tenant's).
+            done = (
+                f"left the user {quote_name(recorded.name)} in {recorded.target.display} alone: "
+                f"status.databaseUser names client id {recorded.client_id}, which is not this "
+                "resource's identity; remove it by hand if it is really unused"
+            )
+            ctx.record("DatabaseUserNotRemoved", done, "Warning")
+            return done
         target, sid = recorded.target, sid_of(recorded.client_id)
         async with self._locks.hold(_lock_key(target, sid)):
             found = await self._db.find_principals(target, recorded.name, sid)
@@ -321,3 +334,15 @@ class DatabaseAccessStep:
         recorded = DatabaseUserRecord.from_status(ctx.status)
         done = await self._release(ctx, recorded) if recorded else "no database access"
         return StepResult("False", "Revoked", done, {"databaseUser": None})
+
+
+def _own_client_id(ctx: Context) -> str | None:
+    """This resource's identity's client id: resolved when the pipeline ran the federation step,
+    else straight from the spec for an app registration. None for a managed identity not looked
+    up yet (at deletion): its record is then trusted, as the shipped roles never let a namespace
+    team write status (docs/security.md)."""
+    if ctx.identity is not None:
+        return ctx.identity.client_id
+    if isinstance(ctx.spec.identity, ApplicationRef):
+        return ctx.spec.identity.client_id
+    return None

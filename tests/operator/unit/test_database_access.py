@@ -260,3 +260,18 @@ async def test_a_name_sql_cannot_hold_needs_user_name(db):
     cond = condition(outcome)
     assert (cond.status, cond.reason) == ("False", Reason.INVALID_SPEC)
     assert "spec.sql.userName" in cond.message
+
+
+async def test_a_forged_status_cannot_steer_a_drop_at_another_identitys_user(db):
+    """status.databaseUser naming another tenant's user (its client id and name) is not obeyed."""
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    victim_client = "00000000-0000-0000-0000-00000000beef"
+    db.add_user(TARGET, "victim", sid_of(victim_client))
+    forged_record = {**body["status"]["databaseUser"], "clientId": victim_client, "name": "victim"}
+    forged = {**body, "status": {**body["status"], "databaseUser": forged_record}}
+
+    outcome = await pipeline.finalize(forged)
+
+    assert db.user(TARGET, "victim") is not None
+    assert "DatabaseUserNotRemoved" in reasons(outcome)
