@@ -4,8 +4,11 @@ Two kinds of session, both through the Microsoft ODBC Driver 18 with an Entra ac
 (``swi_workload.SqlClient``: a token per physical connection, passed as the access-token struct):
 
 * the operator's own, as its Entra identity (it must be the server's Entra admin, or a member of
-  its admin group): one long-lived ``SqlClient`` per (server, database), whose tokens come from the
-  operator's one async credential (``_LoopCredential`` bridges it to the driver's worker thread);
+  its admin group): long-lived ``SqlClient`` sessions per (server, database), as many as queries
+  run at once (``concurrency``) and reused, whose tokens come from the operator's one async
+  credential (``_LoopCredential`` bridges it to the driver's worker thread). One shared session
+  ran every resource's statements one after another: onboarding 1000 resources is some 3,000
+  statements (bench/onboarding.py), tens of seconds in a queue at Azure SQL's round trips;
 * the verification probe's, as the federated identity: a short-lived client that logs in with the
   access token Entra just issued for the service account's token, and is closed at once.
 
@@ -267,7 +270,8 @@ class OdbcDatabase:
         self._operator = f"the operator's identity (client id {operator_client_id})"
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="swi-sql")
         self._slots = asyncio.Semaphore(concurrency)
-        self._clients: dict[SqlTarget, SqlClient] = {}
+        self._clients: dict[SqlTarget, list[SqlClient]] = {}  # every session opened
+        self._idle: dict[SqlTarget, list[SqlClient]] = {}  # those no query is using
         self._clock = clock
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
@@ -285,24 +289,25 @@ class OdbcDatabase:
                 "use the server's Azure name, or add it with --allowed-sql-server",
             )
 
-    def _client(self, target: SqlTarget) -> SqlClient:
-        """The operator's client for ``target`` (called on the event loop)."""
-        self._check_server(target)
-        client = self._clients.get(target)
-        if client is None:
-            settings = _settings(target, self._client_id)
-            loop = asyncio.get_running_loop()
-            tokens = TokenSource(settings, credential=_LoopCredential(self._credential, loop))
-            client = SqlClient(settings, tokens=tokens)
-            self._clients[target] = client
+    def _take(self, target: SqlTarget) -> SqlClient:
+        """An idle session of the operator's for ``target``, or a new one (on the event loop, once
+        a slot is held: never more sessions per target than ``concurrency``)."""
+        idle = self._idle.setdefault(target, [])
+        if idle:
+            return idle.pop()
+        settings = _settings(target, self._client_id)
+        loop = asyncio.get_running_loop()
+        tokens = TokenSource(settings, credential=_LoopCredential(self._credential, loop))
+        client = SqlClient(settings, tokens=tokens)
+        self._clients.setdefault(target, []).append(client)
         return client
 
     async def _query(
         self, target: SqlTarget, doing: str, sql: str, *params: Any
     ) -> list[tuple[Any, ...]]:
-        client = self._client(target)
+        self._check_server(target)
 
-        def run() -> list[tuple[Any, ...]]:
+        def run(client: SqlClient) -> list[tuple[Any, ...]]:
             try:
                 return client.query(sql, *params).rows
             except _OWN_TOKEN_ERRORS as exc:
@@ -310,7 +315,13 @@ class OdbcDatabase:
             except WorkloadError as exc:
                 raise sql_error(failure_of(exc), target.display, doing, self._operator) from exc
 
-        return await self._in_thread(run)
+        async with self._slots:
+            client = self._take(target)
+            try:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._executor, run, client)
+            finally:
+                self._idle[target].append(client)
 
     async def role_names(self, target: SqlTarget) -> set[str]:
         rows = await self._query(target, "list the database roles", ROLES_SQL)
@@ -379,7 +390,8 @@ class OdbcDatabase:
             raise
 
     async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
+        clients = [client for opened in self._clients.values() for client in opened]
+        self._clients, self._idle = {}, {}
 
         def close_all() -> None:
             for client in clients:
