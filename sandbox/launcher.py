@@ -182,9 +182,9 @@ def _operator_env(state_dir: Path) -> dict[str, str]:
         "AZURE_SUBSCRIPTION_ID": sandbox["SANDBOX_SUBSCRIPTION_ID"],
         "SWI_CA_BUNDLE": str(state_dir / "ca.crt"),
         "SWI_DRIFT_INTERVAL": os.environ.get("SWI_DRIFT_INTERVAL", "30"),
-        # Identities no SqlIdentityPolicy names stay unrestricted here until the demo applies
-        # deploy/examples/policies.yaml first (docs/security.md); deployed operators require one.
-        "SWI_REQUIRE_POLICY": os.environ.get("SWI_REQUIRE_POLICY", "false"),
+        # As deployed: a resource needs a SqlIdentityPolicy (deploy/examples/policies.yaml);
+        # SWI_REQUIRE_POLICY=false leaves identities no policy names unrestricted.
+        "SWI_REQUIRE_POLICY": os.environ.get("SWI_REQUIRE_POLICY", "true"),
         # The ODBC driver's registration: database users and the Verified probe log in to the
         # SQL emulator (what /etc/odbcinst.ini does in the operator's image).
         **{k: v for k, v in sandbox.items() if k == "ODBCSYSINI"},

@@ -53,10 +53,12 @@ def test_up_with_operator_reconciles_the_examples_and_down_stops_it(tmp_path: Pa
             return done.stdout
 
         examples = ROOT / "deploy" / "examples"
-        # As the example's own comment says: the sandbox's SQL server instead of Azure's name.
-        reader = (examples / "customer-reader.yaml").read_text()
-        reader = reader.replace("tcp:sandbox-sql.database.windows.net,1433", env["AZ_SERVER"])
-        kubectl("apply", "-f", "-", stdin=reader)
+        # As the examples' own comments say: the sandbox's SQL server instead of Azure's name.
+        # The platform team's policies come first: the sandbox's operator requires them.
+        for name in ("policies.yaml", "customer-reader.yaml"):
+            text = (examples / name).read_text()
+            text = text.replace("tcp:sandbox-sql.database.windows.net,1433", env["AZ_SERVER"])
+            kubectl("apply", "-f", "-", stdin=text)
         kubectl(
             "apply",
             "-f",
