@@ -970,16 +970,15 @@ class Database:
             self.path = final
 
     def insert_user(self, conn: sqlite3.Connection, name: str, sid: bytes, user_type: str) -> None:
-        row = conn.execute(
-            "SELECT MAX(principal_id) FROM __swi_principals WHERE principal_id < 16384"
-        ).fetchone()
-        principal_id = max(int(row[0] or 0) + 1, FIRST_USER_ID)
         now = _now()
         type_desc = "EXTERNAL_GROUP" if user_type == "X" else "EXTERNAL_USER"
+        # The next principal_id is chosen in the INSERT itself, one atomic statement: sessions in
+        # autocommit mode creating users at the same moment would otherwise pick the same id.
         conn.execute(
-            "INSERT INTO __swi_principals VALUES (?, ?, ?, ?, 'dbo', ?, ?, NULL, ?, 0, "
-            "4, 'EXTERNAL')",
-            (principal_id, name, user_type, type_desc, now, now, sid),
+            "INSERT INTO __swi_principals SELECT MAX(COALESCE(MAX(principal_id), 0) + 1, ?), "
+            "?, ?, ?, 'dbo', ?, ?, NULL, ?, 0, 4, 'EXTERNAL' "
+            "FROM __swi_principals WHERE principal_id < 16384",
+            (FIRST_USER_ID, name, user_type, type_desc, now, now, sid),
         )
 
     def find_user(self, principal: TokenPrincipal) -> DbUser:

@@ -204,6 +204,33 @@ def test_concurrent_admin_sessions_with_autocommit_off(sqlbox: SqlBox) -> None:
     assert errors == []
 
 
+def test_concurrent_admin_sessions_in_autocommit_create_users(sqlbox: SqlBox) -> None:
+    # The operator's sessions (autocommit on) creating users at the same moment each get their
+    # own principal id (bench/onboarding.py once got connections reset here).
+    token = sqlbox.token(OPERATOR)
+    errors: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def create(index: int) -> None:
+        conn = sqlbox.connect(token, autocommit=True)
+        try:
+            barrier.wait(timeout=10)
+            name = f"autocommit-{index}"
+            conn.execute(f"CREATE USER [{name}] WITH SID = 0x{0xD000 + index:04X}, TYPE = E")
+            conn.execute(f"DROP USER [{name}]")
+        except (pyodbc.Error, threading.BrokenBarrierError) as exc:
+            errors.append(str(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+
+
 def test_the_seeds_step_2_as_one_batch(clean: Any) -> None:
     # shared/seed Step 2, for the second app: users, roles, then the check, in one batch.
     step2 = """CREATE USER [customer-api] FROM EXTERNAL PROVIDER;
