@@ -63,6 +63,7 @@ class Config:
     peering: str | None = None  # None: standalone, no peering objects needed
     posting_level: int = logging.INFO
     cloud_concurrency: int = 8
+    max_reconciles: int = 64  # reconciles running at once; kopf starts one per resource at once
     # Azure's write quotas (shared/docs/scale.md); writes are paced to them, 0 paces nothing.
     graph_write_rate: float = 20.0  # per operator app and tenant: ~3,000 per 2.5 minutes
     arm_write_rate: float = 2.0  # managed identity provider, per subscription
@@ -203,6 +204,14 @@ _SETTINGS: tuple[_Setting, ...] = (
         "SWI_CLOUD_CONCURRENCY",
         "Graph/ARM requests in flight at most, each",
         "8",
+    ),
+    _Setting(
+        "max_reconciles",
+        "--max-reconciles",
+        "SWI_MAX_RECONCILES",
+        "reconciles (and clean-ups) running at once; the others wait their turn, first come first "
+        "served",
+        "64",
     ),
     _Setting(
         "graph_write_rate",
@@ -509,6 +518,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         peering=str(peering) if peering is not None else None,
         posting_level=getattr(logging, level),
         cloud_concurrency=int(_number(raw, "cloud_concurrency", 1)),
+        max_reconciles=int(_number(raw, "max_reconciles", 1)),
         graph_write_rate=_number(raw, "graph_write_rate", 0),
         arm_write_rate=_number(raw, "arm_write_rate", 0),
         arm_identity_write_rate=_number(raw, "arm_identity_write_rate", 0),

@@ -108,7 +108,7 @@ async def reconcile(
     body: kopf.Body, patch: kopf.Patch, retry: int, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _runtime(memo)
-    async with state.resource_locks.hold(str(body.metadata.uid)):
+    async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
         outcome = await state.pipeline.reconcile(body)
     patch.status.update(outcome.status)
     await state.events.post(body, outcome.events)
@@ -128,7 +128,7 @@ async def finalize(
     body: kopf.Body, retry: int, runtime: dt.timedelta, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _runtime(memo)
-    async with state.resource_locks.hold(str(body.metadata.uid)):
+    async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
         outcome = await state.pipeline.finalize(body)
     await state.events.post(body, outcome.events)
     if outcome.retry is None:

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ VERSION = "v1alpha1"
 PLURAL = "sqlworkloadidentities"
 POLICY_PLURAL = "sqlidentitypolicies"  # cluster-scoped: swi_operator.policy
 REQUEST_TIMEOUT_S = 30.0
+KUBE_THREADS = 16  # API requests in flight at most
 MERGE_PATCH = "application/merge-patch+json"
 CRD_ESTABLISH_TIMEOUT_S = 30.0
 
@@ -182,8 +184,13 @@ def _pod(obj: Mapping[str, Any]) -> Pod:
 
 
 class KubernetesClient:
-    def __init__(self, api: ApiClient) -> None:
+    def __init__(self, api: ApiClient, threads: int = KUBE_THREADS) -> None:
         self._api = api
+        # Threads of its own, and as many pooled connections: asyncio's default executor has
+        # min(32, CPUs + 4) threads, 6 on two cores, and every reconcile's calls queued there
+        # (bench/onboarding.py: ~20 calls per resource, 1000 resources at once).
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="swi-kube")
+        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = threads
 
     def _send(
         self,
@@ -222,7 +229,9 @@ class KubernetesClient:
         missing_ok: bool = False,
     ) -> Any:
         try:
-            return await asyncio.to_thread(self._send, method, path, query, body, content_type)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._send, method, path, query, body, content_type
+            )
         except ApiException as exc:
             if missing_ok and exc.status == 404:
                 return None

@@ -153,6 +153,9 @@ class Runtime:
     _kube_api: ApiClient
     _database: OdbcDatabase
     _exchange: EntraTokenExchange
+    # kopf starts a handler for every resource at once (a thousand at a restart): past this many,
+    # they wait their turn instead of queueing one call each at every service.
+    reconcile_slots: asyncio.Semaphore
 
     @classmethod
     def start(cls, config: Config, peer_identity: str | None = None) -> Runtime:
@@ -226,6 +229,7 @@ class Runtime:
             kube_api,
             database,
             exchange,
+            asyncio.Semaphore(config.max_reconciles),
         )
 
     async def install_crds(self, directory: Path) -> None:
