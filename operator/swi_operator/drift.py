@@ -23,6 +23,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from swi_operator.cycle import drift_cycle
 from swi_operator.errors import ReconcileError
 from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient
@@ -106,7 +107,8 @@ class DriftLoop:
                 return
             served = []  # every namespace
         resources = await self._kube.list_resources(served)
-        await asyncio.gather(*(self._check(body) for body in resources))
+        with drift_cycle():  # one read per identity, namespace and database (cycle.py)
+            await asyncio.gather(*(self._check(body) for body in resources))
 
     def _settled(self, body: Mapping[str, Any]) -> bool:
         meta = body.get("metadata") or {}

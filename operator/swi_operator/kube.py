@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from swi_operator.cycle import changed, shared_read
 from swi_operator.errors import ReconcileError, kubernetes_error
 
 GROUP = "sqlidentity.io"
@@ -255,15 +256,18 @@ class KubernetesClient:
         return issuer
 
     async def get_service_account(self, namespace: str, name: str) -> ServiceAccount | None:
-        obj = await self._call(
-            f"read service account {namespace}/{name}",
-            "GET",
-            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
-            missing_ok=True,
-        )
-        if obj is None:
-            return None
-        return ServiceAccount(name, _dig(obj, "metadata", "annotations") or {})
+        async def fetch() -> ServiceAccount | None:
+            obj = await self._call(
+                f"read service account {namespace}/{name}",
+                "GET",
+                f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+                missing_ok=True,
+            )
+            if obj is None:
+                return None
+            return ServiceAccount(name, dict(_dig(obj, "metadata", "annotations") or {}))
+
+        return await shared_read(("serviceaccount", namespace, name), fetch)
 
     async def create_service_account(
         self, namespace: str, name: str, annotations: Mapping[str, str]
@@ -273,32 +277,41 @@ class KubernetesClient:
             "kind": "ServiceAccount",
             "metadata": {"name": name, "namespace": namespace, "annotations": dict(annotations)},
         }
-        await self._call(
-            f"create service account {namespace}/{name}",
-            "POST",
-            f"/api/v1/namespaces/{namespace}/serviceaccounts",
-            body=body,
-            content_type="application/json",
-        )
+        try:
+            await self._call(
+                f"create service account {namespace}/{name}",
+                "POST",
+                f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                body=body,
+                content_type="application/json",
+            )
+        finally:
+            changed(("serviceaccount", namespace, name))
 
     async def patch_service_account(
         self, namespace: str, name: str, annotations: Mapping[str, str | None]
     ) -> None:
-        await self._call(
-            f"annotate service account {namespace}/{name}",
-            "PATCH",
-            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
-            body={"metadata": {"annotations": dict(annotations)}},
-            content_type=MERGE_PATCH,
-        )
+        try:
+            await self._call(
+                f"annotate service account {namespace}/{name}",
+                "PATCH",
+                f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+                body={"metadata": {"annotations": dict(annotations)}},
+                content_type=MERGE_PATCH,
+            )
+        finally:
+            changed(("serviceaccount", namespace, name))
 
     async def delete_service_account(self, namespace: str, name: str) -> None:
-        await self._call(
-            f"delete service account {namespace}/{name}",
-            "DELETE",
-            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
-            missing_ok=True,
-        )
+        try:
+            await self._call(
+                f"delete service account {namespace}/{name}",
+                "DELETE",
+                f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+                missing_ok=True,
+            )
+        finally:
+            changed(("serviceaccount", namespace, name))
 
     async def list_workloads(self, namespace: str) -> list[Workload]:
         async def of_kind(kind: WorkloadKind) -> list[Workload]:
@@ -309,8 +322,11 @@ class KubernetesClient:
             )
             return [_workload(kind, item) for item in (found or {}).get("items") or []]
 
-        lists = await asyncio.gather(*(of_kind(kind) for kind in WORKLOAD_KINDS))
-        return [w for items in lists for w in items]
+        async def every_kind() -> list[Workload]:
+            lists = await asyncio.gather(*(of_kind(kind) for kind in WORKLOAD_KINDS))
+            return [w for items in lists for w in items]
+
+        return list(await shared_read(("workloads", namespace), every_kind))
 
     async def patch_workload(
         self,
@@ -322,20 +338,26 @@ class KubernetesClient:
         body = _nest(workload.kind.template_path, {"metadata": {"labels": dict(template_labels)}})
         body["metadata"] = {"annotations": dict(annotations)}
         kind = workload.kind
-        await self._call(
-            f"label the pod template of {workload.ref} in {namespace}",
-            "PATCH",
-            f"{kind.api}/namespaces/{namespace}/{kind.plural}/{workload.name}",
-            body=body,
-            content_type=MERGE_PATCH,
-            missing_ok=True,
-        )
+        try:
+            await self._call(
+                f"label the pod template of {workload.ref} in {namespace}",
+                "PATCH",
+                f"{kind.api}/namespaces/{namespace}/{kind.plural}/{workload.name}",
+                body=body,
+                content_type=MERGE_PATCH,
+                missing_ok=True,
+            )
+        finally:
+            changed(("workloads", namespace))  # what a drift cycle read is stale
 
     async def list_pods(self, namespace: str) -> list[Pod]:
-        found = await self._call(
-            f"list pods in {namespace}", "GET", f"/api/v1/namespaces/{namespace}/pods"
-        )
-        return [_pod(item) for item in (found or {}).get("items") or []]
+        async def fetch() -> list[Pod]:
+            found = await self._call(
+                f"list pods in {namespace}", "GET", f"/api/v1/namespaces/{namespace}/pods"
+            )
+            return [_pod(item) for item in (found or {}).get("items") or []]
+
+        return list(await shared_read(("pods", namespace), fetch))
 
     async def request_token(
         self, namespace: str, service_account: str, audience: str, expiration_seconds: int
@@ -448,10 +470,17 @@ class KubernetesClient:
 
     async def namespace_labels(self, namespace: str) -> dict[str, str]:
         """The labels of a Namespace (policies select namespaces by them); {} if it is gone."""
-        found = await self._call(
-            f"read namespace {namespace}", "GET", f"/api/v1/namespaces/{namespace}", missing_ok=True
-        )
-        return dict(_dig(found, "metadata", "labels") or {})
+
+        async def fetch() -> dict[str, str]:
+            found = await self._call(
+                f"read namespace {namespace}",
+                "GET",
+                f"/api/v1/namespaces/{namespace}",
+                missing_ok=True,
+            )
+            return dict(_dig(found, "metadata", "labels") or {})
+
+        return dict(await shared_read(("namespace", namespace), fetch))
 
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
         await self._call(

@@ -54,6 +54,7 @@ from swi_workload import (
 from swi_workload.errors import SqlFailure, parse_odbc_error
 from swi_workload.tokens import unverified_claims
 
+from swi_operator.cycle import changed, shared_read
 from swi_operator.errors import (
     PermanentError,
     Reason,
@@ -324,12 +325,17 @@ class OdbcDatabase:
                 self._idle[target].append(client)
 
     async def role_names(self, target: SqlTarget) -> set[str]:
-        rows = await self._query(target, "list the database roles", ROLES_SQL)
+        rows = await shared_read(
+            ("roles", target), lambda: self._query(target, "list the database roles", ROLES_SQL)
+        )
         return {str(row[0]) for row in rows}
 
     async def find_principals(self, target: SqlTarget, name: str, sid: bytes) -> list[Principal]:
-        rows = await self._query(
-            target, f"look up the database user {name!r}", PRINCIPALS_SQL, name, sid
+        rows = await shared_read(
+            ("principals", target, name.lower(), sid),
+            lambda: self._query(
+                target, f"look up the database user {name!r}", PRINCIPALS_SQL, name, sid
+            ),
         )
         found: dict[str, tuple[str, bytes | None, set[str]]] = {}
         for principal, type_, principal_sid, role in rows:
@@ -344,16 +350,25 @@ class OdbcDatabase:
     async def create_user(
         self, target: SqlTarget, name: str, sid: bytes, object_id: str | None
     ) -> None:
-        await self._query(
-            target, f"create the user {name!r}", create_user_sql(name, sid, object_id)
-        )
+        try:
+            await self._query(
+                target, f"create the user {name!r}", create_user_sql(name, sid, object_id)
+            )
+        finally:
+            changed(("principals", target))
 
     async def drop_user(self, target: SqlTarget, name: str) -> None:
-        await self._query(target, f"drop the user {name!r}", drop_user_sql(name))
+        try:
+            await self._query(target, f"drop the user {name!r}", drop_user_sql(name))
+        finally:
+            changed(("principals", target))
 
     async def set_role_member(self, target: SqlTarget, role: str, name: str, member: bool) -> None:
         doing = f"{'add' if member else 'remove'} {name!r} {'to' if member else 'from'} {role}"
-        await self._query(target, doing, role_member_sql(role, name, member))
+        try:
+            await self._query(target, doing, role_member_sql(role, name, member))
+        finally:
+            changed(("principals", target))
 
     async def probe(self, target: SqlTarget, access_token: str, read_table: bool) -> str:
         self._check_server(target)

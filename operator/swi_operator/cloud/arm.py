@@ -30,6 +30,7 @@ from azure.mgmt.msi.v2024_11_30.models import (
 )
 
 from swi_operator.cloud import CallGate, FederatedCredential, Lookups, Pacer, ResolvedIdentity
+from swi_operator.cycle import changed, shared_read
 from swi_operator.spec import IdentityRef, ManagedIdentityRef
 
 API_VERSION = "2024-11-30"
@@ -143,7 +144,11 @@ class ArmCredentialStore:
             ]
 
         try:
-            return await self._gate.call(f"list the federated credentials of {mi.display}", collect)
+            found = await shared_read(
+                ("credentials", mi.key),
+                lambda: self._gate.call(f"list the federated credentials of {mi.display}", collect),
+            )
+            return list(found)
         except Exception:
             self._identities.forget(mi.key)  # maybe deleted: look it up afresh next time
             raise
@@ -164,7 +169,10 @@ class ArmCredentialStore:
                     await asyncio.sleep(CONCURRENT_WRITE_PAUSE_S * (1 + random.random()))
             raise AssertionError("unreachable")
 
-        return await self._gate.call(doing, attempts, write=True, pace=self._paces(mi))
+        try:
+            return await self._gate.call(doing, attempts, write=True, pace=self._paces(mi))
+        finally:
+            changed(("credentials", mi.key))  # what a drift cycle read is stale
 
     async def upsert(
         self, identity: ResolvedIdentity, credential: FederatedCredential

@@ -45,6 +45,7 @@ from msgraph.graph_service_client import GraphServiceClient
 from msgraph_core import GraphClientFactory  # type: ignore[import-untyped]
 
 from swi_operator.cloud import CallGate, FederatedCredential, Lookups, ResolvedIdentity
+from swi_operator.cycle import changed, shared_read
 from swi_operator.errors import PermanentError, Reason
 from swi_operator.spec import ApplicationRef, IdentityRef
 
@@ -127,9 +128,12 @@ class GraphCredentialStore:
             identity.object_id
         ).federated_identity_credentials.to_get_request_information()
         try:
-            page = await self._gate.call(
-                f"list the federated credentials of application {identity.client_id}",
-                lambda: self._json(request),
+            page = await shared_read(
+                ("credentials", identity.object_id),
+                lambda: self._gate.call(
+                    f"list the federated credentials of application {identity.client_id}",
+                    lambda: self._json(request),
+                ),
             )
         except PermanentError as err:
             if err.reason is Reason.IDENTITY_NOT_FOUND:
@@ -156,11 +160,14 @@ class GraphCredentialStore:
             .federated_identity_credentials_with_name(credential.name)
             .to_patch_request_information(body, config)
         )
-        written = await self._gate.call(
-            f"write federated credential {credential.name} on application {identity.client_id}",
-            lambda: self._json(request),
-            write=True,
-        )
+        try:
+            written = await self._gate.call(
+                f"write federated credential {credential.name} on application {identity.client_id}",
+                lambda: self._json(request),
+                write=True,
+            )
+        finally:
+            changed(("credentials", identity.object_id))  # what a drift cycle read is stale
         # 201 returns the object; 204 (updated) returns nothing, and the id did not change.
         if isinstance(written, Mapping) and written.get("id"):
             return _from_graph(written)
@@ -180,8 +187,11 @@ class GraphCredentialStore:
                 if exc.response_status_code != 404:
                     raise
 
-        await self._gate.call(
-            f"delete federated credential {name} from application {identity.client_id}",
-            delete_if_present,
-            write=True,
-        )
+        try:
+            await self._gate.call(
+                f"delete federated credential {name} from application {identity.client_id}",
+                delete_if_present,
+                write=True,
+            )
+        finally:
+            changed(("credentials", identity.object_id))
