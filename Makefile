@@ -24,8 +24,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# About 15 minutes on 2 cores; docs/benchmarks.md records a full run (N up to 1000) and how to repeat it.
 bench: system-deps $(STAMP) sandbox-build
-	$(PY) bench/controlplane.py
+	$(PY) bench/controlplane.py --runs 1
+	$(PY) bench/onboarding.py --n 100
+	$(PY) bench/fleet.py --n 200 --control 30 --steady 120 --restart-window 60 --probe-window 120 --churn-minutes 2
+	$(PY) bench/workload.py --rounds 50
+	$(PY) bench/plot.py --onboarding bench/results/onboarding-app.json --fleet bench/results/fleet-app-200.json --out bench/results/benchmarks.png
 
 sandbox-build: $(STAMP)
 	$(PY) -m sandbox build

@@ -1,0 +1,66 @@
+"""The onboarding benchmark still runs end to end: bench/onboarding.py at N=5, no injected
+latency, its own sandbox with the bench world. Checks that the output is sane (every resource
+Ready, counts that add up), never how fast anything was: benchmarks print, tests do not time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+N = 5
+
+pytestmark = pytest.mark.controlplane
+
+
+def test_onboarding_driver_at_tiny_n(tmp_path: Path) -> None:
+    out = tmp_path / "onboarding.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "onboarding.py"),
+            "--n",
+            str(N),
+            "--no-limits",
+            "--state-dir",
+            str(tmp_path / "sandbox"),
+            "--name",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    stopped = subprocess.run(
+        [sys.executable, "-m", "sandbox", "--state-dir", str(tmp_path / "sandbox"), "down"],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stopped.returncode == 0
+    results = json.loads(out.read_text())
+    (run,) = results["runs"]
+    assert run["n"] == N and run["identities"] == 2 and run["namespaces"] == N
+
+    baseline, operator = run["baseline"], run["operator"]
+    assert baseline["credentials"] == N  # one federated credential per service account
+    assert baseline["entra_calls"]["graph.fic.create"] == N
+    assert baseline["sql"].get("operator write", 0) >= 2  # the seed's Step 2: users, roles
+
+    assert operator["ready"] == N and operator["not_ready"] == {}
+    assert operator["seconds"] is not None and operator["seconds"] > 0
+    assert len(operator["ready_curve_s"]) == N
+    assert operator["credentials"] == N
+    calls = operator["entra_calls"]
+    assert calls["graph.fic.update"] == N  # one write each, no retries with nothing injected
+    assert calls["graph.fic.list"] >= N
+    assert calls.get("graph.applications.get", 0) <= 2  # one lookup per app, however many ask
+    assert operator["throttled"] == 0
+    assert operator["sql"].get("identity login", 0) >= N  # every resource's Verified probe
+    assert operator["api_requests"] > 0 and operator["operator_rss_mib"] > 0
+    assert "| N |" in done.stdout  # the printed table
