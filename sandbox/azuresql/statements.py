@@ -19,7 +19,7 @@ from sqlglot.tokens import Token, TokenType  # type: ignore[attr-defined]
 
 from sandbox.azuresql.results import SqlError, syntax_error
 
-_TOKENIZER = TSQL().tokenizer_class()
+_DIALECT = TSQL()
 
 
 @dataclass
@@ -88,7 +88,9 @@ def split_batch(sql: str) -> list[Statement]:
     """Statements of a batch: split at top-level semicolons, ``GO`` lines and statement keywords
     that open a line (``CREATE USER ...`` then ``ALTER ROLE ...`` on the next line)."""
     try:
-        tokens = _TOKENIZER.tokenize(sql)
+        # A tokenizer per batch: one keeps its position while it works, and sessions run their
+        # batches in threads at the same time (a shared one mixed two batches' text).
+        tokens = _DIALECT.tokenizer_class().tokenize(sql)
     except TokenError as exc:
         raise SqlError(
             105, f"Unclosed quotation mark after the character string '{sql[-20:]}'.", severity=15

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import struct
+import threading
 import uuid
 from pathlib import Path
 
@@ -114,6 +115,26 @@ def test_login7_carries_the_access_token() -> None:
         "eyJ.token.sig",
     )
     assert login.fedauth_echo and login.fedauth_library == tds.FEDAUTH_LIBRARY_SECURITY_TOKEN
+
+
+def test_split_batch_in_threads_at_once() -> None:
+    # Sessions split their batches in threads at the same time (found by bench/onboarding.py:
+    # one shared tokenizer mixed two batches, "Unclosed quotation mark").
+    errors: list[str] = []
+
+    def split(index: int) -> None:
+        for _ in range(200):
+            batch = f"SELECT name FROM sys.database_principals WHERE name = 'user-{index}'"
+            statements = split_batch(batch)
+            if [s.text for s in statements] != [batch]:
+                errors.append(repr(statements))
+
+    threads = [threading.Thread(target=split, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
 
 
 def test_split_batch_respects_strings_and_parentheses() -> None:
