@@ -9,7 +9,8 @@ When a step fails, the steps after it do not run and keep their previous conditi
 observedGeneration then shows it was not re-checked); those never set get ``Unknown/Waiting``. A
 transient failure of a step whose condition was True leaves it True: a throttled read is not
 evidence that the credential broke. Events: every change a step makes (Normal), every condition
-that turns or stays False with a new reason (Warning), transient failures (Warning), and Ready
+that turns or stays False with a new reason (Warning; Normal for Propagating, which is Entra's
+usual delay after a new credential rather than trouble), transient failures (Warning), and Ready
 turning True.
 
 ``Pipeline.finalize`` runs every step's clean-up, last step first; permanent failures become
@@ -167,7 +168,11 @@ class Pipeline:
                 if cond.is_true:
                     all_events.append(Event("Normal", "Ready", cond.message))
             elif cond.status == "False":
-                all_events.append(Event("Warning", cond.reason, f"{cond.type}: {cond.message}"))
+                if any(e.type == "Warning" and e.reason == cond.reason for e in events):
+                    continue  # a step's failure already said it, with "retrying" where it is
+                # Propagating is Entra taking its usual seconds after a new credential, not trouble
+                kind = "Normal" if cond.reason == Reason.PROPAGATING else "Warning"
+                all_events.append(Event(kind, cond.reason, f"{cond.type}: {cond.message}"))
         changed = any(previous.get(key) != value for key, value in status.items())
         return Outcome(status, all_events, retry, changed)
 

@@ -195,6 +195,9 @@ async def test_transient_failure_before_ready_sets_condition_and_asks_for_retry(
     cred = condition(outcome, "FederatedCredentialReady")
     assert (cred.status, cred.reason) == ("False", "Throttled")
     assert outcome.retry is not None and outcome.retry.delay == 7
+    # one Warning says it (with "retrying"), not one for the failure and one for the condition
+    throttled = [e for e in outcome.events if e.reason == "Throttled"]
+    assert [e.type for e in throttled] == ["Warning"] and "retrying" in throttled[0].message
 
 
 async def test_transient_failure_after_ready_keeps_ready(pipeline, store):

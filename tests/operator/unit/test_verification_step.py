@@ -124,6 +124,8 @@ async def test_propagating_then_verified(rig):
     assert first.retry is not None and first.retry.reason == Reason.PROPAGATING
     assert body["status"]["verification"]["propagatingSince"]
     assert conditions.find(first.status["conditions"], "Ready").reason == "Propagating"  # type: ignore[union-attr]
+    propagating = [e for e in first.events if e.reason == "Propagating"]
+    assert propagating and all(e.type == "Normal" for e in propagating)  # expected, not trouble
 
     rig.clock.now += 10
     second, body = await rig.run(body)
