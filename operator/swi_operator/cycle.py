@@ -4,13 +4,13 @@ namespace and database instead of one per resource.
 A drift cycle runs the pipeline for every resource; most share an identity (up to 20 resources
 federate one app or managed identity), a namespace and a database. Inside ``drift_cycle()`` the
 clients answer a repeated read (an identity's credentials, a namespace's workloads, pods or
-labels, a service account, a database's roles or a user's memberships) with what the cycle
+labels, its service accounts, a database's roles or a user's memberships) with what the cycle
 already read, and a write through them drops what it changes (``changed``), so the resource after
 it reads afresh. Anything else that changes during the cycle, a person's edit say, is seen by the
 next cycle: the same lag a drift check has anyway. Outside a cycle (kopf's handlers, a probe) every
 read goes to the service. bench/fleet.py (docs/benchmarks.md): a cycle over N resources on 50
-namespaces and N/14 identities made one credential list and six Kubernetes lists per resource;
-now one per identity and per namespace.
+namespaces and N/14 identities made one credential list, six Kubernetes lists and a service
+account read per resource; now one per identity and per namespace.
 
 The cycle travels in a ``ContextVar``: tasks started inside ``drift_cycle()`` (the loop's gather)
 see it, concurrent handlers do not.
@@ -60,6 +60,12 @@ def drift_cycle() -> Iterator[Cycle]:
         yield cycle
     finally:
         _current.reset(token)
+
+
+def in_drift_cycle() -> bool:
+    """Whether the caller runs inside ``drift_cycle()``: a read may then cover more than it needs
+    (a namespace's list for one of its objects), since the cycle shares it with the others."""
+    return _current.get() is not None
 
 
 async def shared_read(key: tuple[Hashable, ...], fetch: Callable[[], Awaitable[T]]) -> T:

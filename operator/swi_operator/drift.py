@@ -7,6 +7,11 @@ kopf's update handler). A resource whose handler is running right now is skipped
 lock is shared with the handlers. The pipeline reads before it writes, so a check that finds
 nothing to repair writes nothing, neither to the cloud nor to the status.
 
+The listed body is what the check reconciles, unless a handler started on that resource after the
+list was taken (handlers say so through ``handling``): then the list may predate a spec the handler
+reconciled, and the check reads the resource afresh under the lock. So a fleet at rest costs one
+paged LIST per cycle, not a read per resource (bench/fleet.py, docs/benchmarks.md).
+
 This is also what lifts permanent conditions once their cause is gone (a freed credential slot, a
 granted permission), without a retry loop per resource.
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,6 +91,16 @@ class DriftLoop:
         self._interval = interval
         self._finalizer = finalizer
         self._slots = asyncio.Semaphore(concurrency)
+        self._ticks = itertools.count()
+        self._handled: dict[str, int] = {}  # uid -> tick at which a handler last started on it
+
+    def handling(self, uid: str) -> None:
+        """A kopf handler starts on this resource: a list taken before now may be stale for it."""
+        self._handled[uid] = next(self._ticks)
+
+    def forget(self, uid: str) -> None:
+        """The resource is gone (its finalizer released)."""
+        self._handled.pop(uid, None)
 
     async def run(self) -> None:
         """Check every interval until cancelled; one bad cycle never ends the loop."""
@@ -106,9 +122,10 @@ class DriftLoop:
             if not await self._gate.active(None):
                 return
             served = []  # every namespace
+        listed_at = next(self._ticks)
         resources = await self._kube.list_resources(served)
         with drift_cycle():  # one read per identity, namespace and database (cycle.py)
-            await asyncio.gather(*(self._check(body) for body in resources))
+            await asyncio.gather(*(self._check(body, listed_at) for body in resources))
 
     def _settled(self, body: Mapping[str, Any]) -> bool:
         meta = body.get("metadata") or {}
@@ -120,21 +137,24 @@ class DriftLoop:
         )
 
     async def check(self, listed: Mapping[str, Any]) -> None:
-        """Re-check one listed resource now, as a cycle would (e.g. after a policy change)."""
-        await self._check(listed)
+        """Re-check one listed resource now, as a cycle would (e.g. after a policy change); it is
+        read afresh first, since nothing says when it was listed."""
+        await self._check(listed, None)
 
-    async def _check(self, listed: Mapping[str, Any]) -> None:
+    async def _check(self, listed: Mapping[str, Any], listed_at: int | None) -> None:
         meta = listed.get("metadata") or {}
         uid = str(meta.get("uid"))
         if not self._settled(listed) or self._locks.locked(uid):
             return
         async with self._slots, self._locks.hold(uid):
             try:
-                # Read again under the lock: the list may predate a spec change a handler has
-                # just reconciled, and reconciling the old spec would undo it.
-                body = await self._kube.get_resource(
-                    str(meta.get("namespace")), str(meta.get("name"))
-                )
+                body: Mapping[str, Any] | None = listed
+                if listed_at is None or self._handled.get(uid, -1) > listed_at:
+                    # Read again under the lock: the list may predate a spec change a handler
+                    # has just reconciled, and reconciling the old spec would undo it.
+                    body = await self._kube.get_resource(
+                        str(meta.get("namespace")), str(meta.get("name"))
+                    )
                 if body is None or not self._settled(body) or body["metadata"].get("uid") != uid:
                     return
                 outcome = await self._pipeline.reconcile(body)

@@ -108,6 +108,7 @@ async def reconcile(
     body: kopf.Body, patch: kopf.Patch, retry: int, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _runtime(memo)
+    state.drift.handling(str(body.metadata.uid))
     async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
         outcome = await state.pipeline.reconcile(body)
     patch.status.update(outcome.status)
@@ -128,10 +129,12 @@ async def finalize(
     body: kopf.Body, retry: int, runtime: dt.timedelta, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _runtime(memo)
+    state.drift.handling(str(body.metadata.uid))
     async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
         outcome = await state.pipeline.finalize(body)
     await state.events.post(body, outcome.events)
     if outcome.retry is None:
+        state.drift.forget(str(body.metadata.uid))
         return
     elapsed = runtime.total_seconds()  # since the first attempt of this handler
     if elapsed < state.config.deletion_timeout:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from swi_operator.cycle import changed, shared_read
+from swi_operator.cycle import changed, in_drift_cycle, shared_read
 from swi_operator.errors import ReconcileError, kubernetes_error
 
 GROUP = "sqlidentity.io"
@@ -256,18 +256,38 @@ class KubernetesClient:
         return issuer
 
     async def get_service_account(self, namespace: str, name: str) -> ServiceAccount | None:
-        async def fetch() -> ServiceAccount | None:
-            obj = await self._call(
-                f"read service account {namespace}/{name}",
-                "GET",
-                f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
-                missing_ok=True,
+        if in_drift_cycle():
+            # One list per namespace and cycle instead of a read per resource (bench/fleet.py)
+            accounts = await shared_read(
+                ("serviceaccount", namespace), lambda: self._service_accounts(namespace)
             )
-            if obj is None:
-                return None
-            return ServiceAccount(name, dict(_dig(obj, "metadata", "annotations") or {}))
+            return accounts.get(name)
+        obj = await self._call(
+            f"read service account {namespace}/{name}",
+            "GET",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
+            missing_ok=True,
+        )
+        if obj is None:
+            return None
+        return ServiceAccount(name, dict(_dig(obj, "metadata", "annotations") or {}))
 
-        return await shared_read(("serviceaccount", namespace, name), fetch)
+    async def _service_accounts(self, namespace: str) -> dict[str, ServiceAccount]:
+        found: dict[str, ServiceAccount] = {}
+        path = f"/api/v1/namespaces/{namespace}/serviceaccounts"
+        token = ""
+        while True:
+            query = [("limit", "500")] + ([("continue", token)] if token else [])
+            page = await self._call(
+                f"list service accounts in {namespace}", "GET", path, query=query
+            )
+            for item in (page or {}).get("items") or []:
+                name = str(_dig(item, "metadata", "name") or "")
+                annotations = dict(_dig(item, "metadata", "annotations") or {})
+                found[name] = ServiceAccount(name, annotations)
+            token = _dig(page or {}, "metadata", "continue") or ""
+            if not token:
+                return found
 
     async def create_service_account(
         self, namespace: str, name: str, annotations: Mapping[str, str]
@@ -286,7 +306,7 @@ class KubernetesClient:
                 content_type="application/json",
             )
         finally:
-            changed(("serviceaccount", namespace, name))
+            changed(("serviceaccount", namespace))  # the cycle's list of the namespace
 
     async def patch_service_account(
         self, namespace: str, name: str, annotations: Mapping[str, str | None]
@@ -300,7 +320,7 @@ class KubernetesClient:
                 content_type=MERGE_PATCH,
             )
         finally:
-            changed(("serviceaccount", namespace, name))
+            changed(("serviceaccount", namespace))  # the cycle's list of the namespace
 
     async def delete_service_account(self, namespace: str, name: str) -> None:
         try:
@@ -311,7 +331,7 @@ class KubernetesClient:
                 missing_ok=True,
             )
         finally:
-            changed(("serviceaccount", namespace, name))
+            changed(("serviceaccount", namespace))  # the cycle's list of the namespace
 
     async def list_workloads(self, namespace: str) -> list[Workload]:
         async def of_kind(kind: WorkloadKind) -> list[Workload]:

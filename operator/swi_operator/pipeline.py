@@ -171,8 +171,9 @@ class Pipeline:
                 if any(e.type == "Warning" and e.reason == cond.reason for e in events):
                     continue  # a step's failure already said it, with "retrying" where it is
                 # Propagating is Entra taking its usual seconds after a new credential, not trouble
-                kind = "Normal" if cond.reason == Reason.PROPAGATING else "Warning"
-                all_events.append(Event(kind, cond.reason, f"{cond.type}: {cond.message}"))
+                expected = cond.reason == Reason.PROPAGATING
+                message = f"{cond.type}: {cond.message}"
+                all_events.append(Event("Normal" if expected else "Warning", cond.reason, message))
         changed = any(previous.get(key) != value for key, value in status.items())
         return Outcome(status, all_events, retry, changed)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from swi_operator.cycle import changed, drift_cycle, shared_read
+from swi_operator.kube import KubernetesClient
 
 
 class Source:
@@ -82,3 +84,45 @@ async def test_a_handler_running_beside_a_cycle_reads_for_itself():
     cycle_done.set()
     await task
     assert source.reads == 3
+
+
+class RecordingKube(KubernetesClient):
+    """The real client's read logic over recorded calls instead of an API server."""
+
+    def __init__(self, accounts: dict[str, dict[str, str]]) -> None:  # no ApiClient needed
+        self.accounts = accounts
+        self.calls: list[tuple[str, str]] = []
+
+    async def _call(self, doing: str, method: str, path: str, **kwargs: Any) -> Any:
+        self.calls.append((method, path))
+        if method == "GET" and path.endswith("/serviceaccounts"):
+            items = [{"metadata": {"name": n, "annotations": a}} for n, a in self.accounts.items()]
+            return {"metadata": {}, "items": items}
+        if method == "GET":
+            name = path.rsplit("/", 1)[1]
+            if name not in self.accounts:
+                return None
+            return {"metadata": {"name": name, "annotations": self.accounts[name]}}
+        return {}
+
+
+async def test_a_cycle_lists_a_namespaces_service_accounts_once():
+    kube = RecordingKube({"sa-a": {"x": "1"}, "sa-b": {}})
+    with drift_cycle():
+        found = await asyncio.gather(
+            *(kube.get_service_account("ns", n) for n in ("sa-a", "sa-b", "sa-missing"))
+        )
+        assert [sa.annotations if sa else None for sa in found] == [{"x": "1"}, {}, None]
+        assert kube.calls == [("GET", "/api/v1/namespaces/ns/serviceaccounts")]
+
+        await kube.patch_service_account("ns", "sa-b", {"y": "2"})  # a write drops the list
+        kube.accounts["sa-b"] = {"y": "2"}
+        sa = await kube.get_service_account("ns", "sa-b")
+        assert sa is not None and sa.annotations == {"y": "2"}
+        assert [c for c in kube.calls if c[0] == "GET"] == [
+            ("GET", "/api/v1/namespaces/ns/serviceaccounts")
+        ] * 2
+
+    kube.calls.clear()
+    sa = await kube.get_service_account("ns", "sa-a")  # outside a cycle: one GET of that one
+    assert sa is not None and kube.calls == [("GET", "/api/v1/namespaces/ns/serviceaccounts/sa-a")]

@@ -64,6 +64,54 @@ async def test_repairs_and_then_writes_nothing(setup):
     assert kube.events == []
 
 
+def count_reads(kube: FakeKube, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    reads: list[str] = []
+    original = kube.get_resource
+
+    async def get_resource(namespace: str, name: str) -> dict[str, Any] | None:
+        reads.append(name)
+        return await original(namespace, name)
+
+    monkeypatch.setattr(kube, "get_resource", get_resource)
+    return reads
+
+
+async def test_a_cycle_reconciles_what_it_listed_without_reading_each_resource(setup, monkeypatch):
+    loop, store, kube, _ = setup
+    for name in ("a", "b"):
+        kube.resources[(NS, name)] = settled(name)
+    loop.handling("uid-workload-demo-a")  # a handler ran on it before the cycle's list
+    reads = count_reads(kube, monkeypatch)
+
+    await loop.check_all()
+
+    assert reads == []  # one LIST for the fleet, no GET per resource
+    assert len(store.of(ApplicationRef(APP))) == 2
+
+
+async def test_a_handler_after_the_list_makes_the_check_read_afresh(setup, monkeypatch):
+    loop, store, kube, _ = setup
+    kube.resources[(NS, "a")] = settled("a")
+    stale = settled("a")  # what the list returned, before the user's change
+    kube.resources[(NS, "a")]["spec"]["serviceAccountName"] = "sa-renamed"
+    reads = count_reads(kube, monkeypatch)
+
+    async def list_resources(namespaces: Any) -> list[dict[str, Any]]:
+        loop.handling("uid-workload-demo-a")  # kopf's handler starts right after the list
+        return [stale]
+
+    monkeypatch.setattr(kube, "list_resources", list_resources)
+    await loop.check_all()
+
+    assert reads == ["a"]
+    (credential,) = store.of(ApplicationRef(APP))
+    assert credential.subject.endswith(":sa-renamed")  # the fresh spec, not the listed one
+
+    reads.clear()
+    await loop.check(stale)  # a re-check from outside a cycle always reads afresh
+    assert reads == ["a"]
+
+
 async def test_leaves_unsettled_and_busy_resources_to_kopf(setup):
     loop, store, kube, locks = setup
     pending = settled("pending")
