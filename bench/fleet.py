@@ -10,8 +10,9 @@ One sandbox, in this order:
    server's own background traffic (controller-manager, leases), later subtracted;
 2. setup: the operator onboards N resources (no injected latency, so that it is quick) until all
    are Ready; from here on the cloud has its latency and quotas (bench/harness.py CloudProfile);
-3. steady: ``--steady`` seconds with nothing changing, drift check every 60 s and probes at their
-   default hourly interval (none falls due): the cost of one drift cycle;
+3. steady: ``--steady`` seconds with nothing changing, a drift check every ``--drift-interval``
+   seconds (60) and probes at their default hourly interval (none falls due): the cost of one
+   drift cycle, over the cycles the operator's log says it finished;
 4. restart: a new operator process with the default settings; its resume pass over N resources,
    over ``--restart-window`` seconds;
 5. churn: 10% of the resources a minute, spread evenly, move to the other identity of their pair
@@ -30,6 +31,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,36 +91,33 @@ def totals(delta: Delta, cpu: float) -> dict[str, float]:
     }
 
 
-def drift_cycles(delta: Delta, n: int) -> float:
-    """Drift checks that ran: each reads every resource once more (under its lock)."""
-    return delta.apiserver.get(("GET", "sqlworkloadidentities"), 0) / n
-
-
 def probes(delta: Delta) -> int:
     """Verified probes that ran: each makes one TokenRequest."""
     return delta.apiserver.get(("POST", "serviceaccounts/token"), 0)
 
 
-def record(delta: Delta, cpu: float) -> dict[str, Any]:
+def record(measured: Window) -> dict[str, Any]:
+    delta = measured.delta
     return {
         "seconds": delta.seconds,
-        "totals": totals(delta, cpu),
+        "drift_cycles": measured.cycles,
+        "totals": totals(delta, measured.cpu),
         "entra": dict(delta.entra),
         "sql": {f"{who} {kind}": v for (who, kind), v in delta.sql.items()},
         "api": {f"{verb} {res}": v for (verb, res), v in delta.apiserver.items() if v},
     }
 
 
-def per_hour(
-    steady: Delta, steady_cpu: float, probing: Delta, probing_cpu: float, n: int
-) -> dict[str, Any]:
+def per_hour(steady: Window, probing: Window, n: int) -> dict[str, Any]:
     """Per resource per hour at the defaults: six drift cycles and one probe. A drift cycle's cost
     comes from the steady window; a probe's from the probing window, less its drift cycles."""
-    cycles = drift_cycles(steady, n)
-    base = totals(steady, steady_cpu)
-    per_cycle = {k: v / (n * cycles) for k, v in base.items()} if cycles else {}
-    mixed = totals(probing, probing_cpu)
-    ran, probe_cycles = probes(probing), drift_cycles(probing, n)
+    cycles = steady.cycles
+    if not cycles:
+        raise SystemExit("error: no drift check finished in the steady window; make it longer")
+    base = totals(steady.delta, steady.cpu)
+    per_cycle = {k: v / (n * cycles) for k, v in base.items()}
+    mixed = totals(probing.delta, probing.cpu)
+    ran, probe_cycles = probes(probing.delta), probing.cycles
     per_probe = {
         k: max(0.0, mixed[k] - per_cycle.get(k, 0.0) * n * probe_cycles) / ran if ran else 0.0
         for k in mixed
@@ -137,25 +136,31 @@ def per_hour(
     }
 
 
-def window(
-    sandbox: Sandbox, operator: OperatorProcess, seconds: float, control: Delta
-) -> tuple[Delta, float]:
+@dataclass
+class Window:
+    delta: Delta  # less the control window's background traffic
+    cpu: float  # the operator's CPU seconds
+    cycles: int  # drift checks the operator finished in it
+
+
+def window(sandbox: Sandbox, operator: OperatorProcess, seconds: float, control: Delta) -> Window:
     meters = Meters(sandbox)
     try:
-        before, cpu = meters.read(), operator.cpu_seconds()
+        before, cpu, cycles = meters.read(), operator.cpu_seconds(), operator.drift_checks()
         time.sleep(seconds)
         delta = meters.since(before).minus(control)
-        return delta, operator.cpu_seconds() - cpu
+        return Window(delta, operator.cpu_seconds() - cpu, operator.drift_checks() - cycles)
     finally:
         meters.close()
 
 
 def onboard(
-    sandbox: Sandbox, members: list[Member], sql: bool, timeout: float
+    sandbox: Sandbox, members: list[Member], sql: bool, timeout: float, drift_interval: float
 ) -> tuple[OperatorProcess, float]:
-    """The fleet, Ready, under an operator with a 60 s drift interval (returned, running)."""
+    """The fleet, Ready, under an operator checking drift every ``drift_interval`` s (returned,
+    running)."""
     CloudProfile.none().apply(sandbox.admin)
-    env = sandbox.operator_env(drift_interval=STEADY_DRIFT_S)
+    env = sandbox.operator_env(drift_interval=drift_interval)
     operator = OperatorProcess(env, sandbox.state_dir / "operator-fleet-1.log").__enter__()
     with ReadyTracker(sandbox, PHASE) as tracker:
         started = time.monotonic()
@@ -240,6 +245,13 @@ def main() -> int:
     parser.add_argument("--restart-window", type=float, default=90)
     parser.add_argument("--probe-window", type=float, default=180)
     parser.add_argument("--churn-minutes", type=float, default=3)
+    parser.add_argument(
+        "--drift-interval",
+        type=float,
+        default=STEADY_DRIFT_S,
+        help="seconds between the measured operators' drift checks (the hourly figures assume "
+        "the default 600 s either way)",
+    )
     parser.add_argument("--no-sql", dest="sql", action="store_false")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--name", default=None)
@@ -268,14 +280,16 @@ def main() -> int:
             meters.close()
 
             step(f"setup: onboarding {args.n} resources", None)
-            operator, onboarded = onboard(sandbox, members, args.sql, args.timeout)
+            operator, onboarded = onboard(
+                sandbox, members, args.sql, args.timeout, args.drift_interval
+            )
             results["setup_s"] = onboarded
             profile.apply(sandbox.admin)
-            time.sleep(STEADY_DRIFT_S)  # the first drift check after onboarding, not measured
+            time.sleep(args.drift_interval)  # the first drift check after onboarding, not measured
             step("steady: nothing changes", args.steady)
             rss_before = operator.memory_mib()
-            steady, steady_cpu = window(sandbox, operator, args.steady, control)
-            results["steady"] = record(steady, steady_cpu)
+            steady = window(sandbox, operator, args.steady, control)
+            results["steady"] = record(steady)
             memory = operator.memory_mib()
             results["operator_memory_mib"] = {"start": rss_before, **memory}
             operator.stop()
@@ -284,23 +298,23 @@ def main() -> int:
             env = sandbox.operator_env(drift_interval=DEFAULT_DRIFT_S)
             log = sandbox.state_dir / "operator-fleet-2.log"
             with OperatorProcess(env, log) as restarted:
-                resumed, cpu = window(sandbox, restarted, args.restart_window, control)
-                results["restart"] = record(resumed, cpu)
+                resumed = window(sandbox, restarted, args.restart_window, control)
+                results["restart"] = record(resumed)
                 results["restart"]["rss_mib"] = restarted.memory_mib()
                 step(f"churn: {CHURN_SHARE_PER_MINUTE:.0%} a minute", args.churn_minutes * 60)
                 results["churn"] = churn(sandbox, members, args.churn_minutes, pairs, args.timeout)
                 results["churn"]["lower_bound_s"] = churn_bound(profile, kind)
 
             step("probes: a probe at every drift check", args.probe_window)
-            env = sandbox.operator_env(drift_interval=STEADY_DRIFT_S, SWI_VERIFY_INTERVAL="1")
+            env = sandbox.operator_env(drift_interval=args.drift_interval, SWI_VERIFY_INTERVAL="1")
             log = sandbox.state_dir / "operator-fleet-3.log"
             with OperatorProcess(env, log) as probing:
                 time.sleep(args.restart_window)  # its resume pass probes everything once
-                probed, probed_cpu = window(sandbox, probing, args.probe_window, control)
-                results["probe"] = record(probed, probed_cpu)
+                probed = window(sandbox, probing, args.probe_window, control)
+                results["probe"] = record(probed)
         finally:
             sandbox.retire()
-    results.update(per_hour(steady, steady_cpu, probed, probed_cpu, args.n))
+    results.update(per_hour(steady, probed, args.n))
     path = save(args.name or f"fleet-{kind}-{args.n}", results)
     print(f"\nresults: {path}")
     print(report(results))

@@ -585,6 +585,11 @@ class OperatorProcess:
     def memory_mib(self) -> dict[str, float]:
         return proc_memory_mib(self.pid)
 
+    def drift_checks(self) -> int:
+        """Drift cycles the operator has finished (it logs one line for each)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return len(re.findall(r"drift check of \d+ resources done", text))
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return

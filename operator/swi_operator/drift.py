@@ -26,6 +26,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -123,9 +124,13 @@ class DriftLoop:
                 return
             served = []  # every namespace
         listed_at = next(self._ticks)
+        started = time.monotonic()
         resources = await self._kube.list_resources(served)
         with drift_cycle():  # one read per identity, namespace and database (cycle.py)
             await asyncio.gather(*(self._check(body, listed_at) for body in resources))
+        log.info(
+            "drift check of %d resources done in %.1f s", len(resources), time.monotonic() - started
+        )
 
     def _settled(self, body: Mapping[str, Any]) -> bool:
         meta = body.get("metadata") or {}

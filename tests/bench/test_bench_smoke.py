@@ -64,3 +64,37 @@ def test_onboarding_driver_at_tiny_n(tmp_path: Path) -> None:
     assert operator["sql"].get("identity login", 0) >= N  # every resource's Verified probe
     assert operator["api_requests"] > 0 and operator["operator_rss_mib"] > 0
     assert "| N |" in done.stdout  # the printed table
+
+
+def test_fleet_driver_at_tiny_n(tmp_path: Path) -> None:
+    """bench/fleet.py's windows at N=4 with a 4 s drift interval: every phase runs, the drift
+    cycles are counted from the operator's log, and a fleet at rest writes nothing to the cloud."""
+    out = tmp_path / "fleet.json"
+    state = tmp_path / "sandbox"
+    windows = ["--control", "2", "--steady", "10", "--restart-window", "6"]
+    windows += ["--probe-window", "10", "--churn-minutes", "0.25", "--drift-interval", "4"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fleet.py"), "--n", "4", "--state-dir", str(state)]
+        + windows
+        + ["--name", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "sandbox", "--state-dir", str(state), "down"],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["steady"]["drift_cycles"] >= 1  # counted, not guessed
+    assert results["probe"]["drift_cycles"] >= 1 and results["probes_measured"] >= 4
+    hour = results["per_hour"]
+    assert hour["graph_writes"] == 0 and hour["arm_writes"] == 0 and hour["sql_writes"] == 0
+    assert hour["sql_logins"] > 0  # the hourly probe logs in as the identity
+    churn = results["churn"]
+    assert churn["changes"] >= 2 and churn["converged"] == churn["changes"]
+    assert results["operator_memory_mib"]["rss"] > 0
+    assert "per resource per hour" in done.stdout
