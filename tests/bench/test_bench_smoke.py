@@ -73,10 +73,9 @@ def test_fleet_driver_at_tiny_n(tmp_path: Path) -> None:
     state = tmp_path / "sandbox"
     windows = ["--control", "2", "--steady", "10", "--restart-window", "6"]
     windows += ["--probe-window", "10", "--churn-minutes", "0.25", "--drift-interval", "4"]
+    fleet = [sys.executable, str(ROOT / "bench" / "fleet.py"), "--n", "4"]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "fleet.py"), "--n", "4", "--state-dir", str(state)]
-        + windows
-        + ["--name", str(out)],
+        [*fleet, "--state-dir", str(state), *windows, "--name", str(out)],
         capture_output=True,
         text=True,
         timeout=280,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,6 +216,37 @@ def _updates(entra: Entra, namespace: str) -> list[dict[str, Any]]:
 
 def _write_returned(entra: Entra, namespace: str) -> bool:
     return any(r["status"] in (200, 201, 204) for r in _updates(entra, namespace))
+
+
+def test_a_restart_over_a_settled_resource_writes_nothing(
+    operator_process, cluster: Cluster, entra: Entra, world: World, tmp_path: Path
+):
+    first = operator_process()
+    cluster.create("reader", app_spec(world))
+    cluster.wait_condition("reader", timeout=30)
+
+    def settled_version() -> str | None:  # kopf's own last patches land just after Ready
+        version = (cluster.get("reader") or {})["metadata"]["resourceVersion"]
+        time.sleep(1)
+        return (
+            version
+            if version == (cluster.get("reader") or {})["metadata"]["resourceVersion"]
+            else None
+        )
+
+    version = eventually(settled_version, 20, "the resource to settle")
+    first.terminate()
+    first.wait(timeout=20)
+    writes = len(_updates(entra, cluster.namespace))
+
+    operator_process()
+    log = tmp_path / "operator-1.log"
+    eventually(
+        lambda: "Handler 'reconcile-resume' succeeded" in log.read_text(), 30, "the resume pass"
+    )
+    time.sleep(2)  # what kopf would patch after the handler has had time to land
+    assert (cluster.get("reader") or {})["metadata"]["resourceVersion"] == version
+    assert len(_updates(entra, cluster.namespace)) == writes
 
 
 @pytest.mark.parametrize("moment", ["write in flight", "write returned"])
