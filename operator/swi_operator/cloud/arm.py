@@ -66,6 +66,9 @@ def _mi(ref: IdentityRef) -> ManagedIdentityRef:
     return ref
 
 
+ARM_HEADROOM = 0.05  # share of ARM's write quotas left unused (``Pacer``)
+
+
 class ArmCredentialStore:
     def __init__(
         self,
@@ -93,7 +96,8 @@ class ArmCredentialStore:
         )
         for key, rate in wanted:
             if key not in self._pacers:
-                self._pacers[key] = Pacer(rate, burst=max(rate, 1.0))  # a second's worth
+                # a second's worth of burst; 5% of the rate left unused against arrival jitter
+                self._pacers[key] = Pacer(rate, burst=max(rate, 1.0), headroom=ARM_HEADROOM)
         return tuple(self._pacers[key] for key, _ in wanted)
 
     def _client(self, subscription_id: str) -> ManagedServiceIdentityClient:

@@ -171,3 +171,47 @@ async def test_lookups_share_one_request_and_remember_only_answers():
     for _ in range(2):
         with pytest.raises(PermanentError):
             await lookups.get("missing", fails)
+
+
+async def test_a_429_on_one_identitys_paced_write_holds_back_that_identity_only():
+    clock = Clock()
+    gate = CallGate("Azure Resource Manager", 4, clock, sleep=clock.sleep)
+    subscription = Pacer(2.0, burst=2.0, clock=clock, sleep=clock.sleep)
+    busy = Pacer(0.25, clock=clock, sleep=clock.sleep)
+    other = Pacer(0.25, clock=clock, sleep=clock.sleep)
+
+    async def throttled() -> None:
+        raise throttle("3")
+
+    async def fine() -> str:
+        return "ok"
+
+    with pytest.raises(TransientError):  # each try waits for the identity's next slot
+        await gate.call("write", throttled, write=True, pace=(subscription, busy))
+    assert clock.slept == [4.0, 4.0]  # its 4 s slots, each at least the Retry-After away
+    gave_up = clock.now
+
+    # nothing else is held: a read and another identity's write go at once
+    assert await gate.call("read", fine) == "ok"
+    assert await gate.call("write", fine, write=True, pace=(subscription, other)) == "ok"
+    assert clock.now == gave_up
+    # the throttled identity's next write waits for its deferred slot
+    assert await gate.call("write", fine, write=True, pace=(subscription, busy)) == "ok"
+    assert clock.now == pytest.approx(gave_up + 4.0)
+
+
+async def test_a_pacer_deferred_by_a_retry_after_waits_longer_than_its_interval():
+    clock = Clock()
+    pacer = Pacer(2.0, burst=2.0, clock=clock, sleep=clock.sleep)
+    await pacer.acquire()
+    pacer.defer(3)  # Retry-After 3 s: longer than the 0.5 s interval and the burst allowance
+    await pacer.acquire()
+    assert clock.now == pytest.approx(103.0)
+
+
+async def test_headroom_leaves_a_share_of_the_rate_unused():
+    clock = Clock()
+    pacer = Pacer(0.25, clock=clock, sleep=clock.sleep, headroom=0.05)
+    for _ in range(3):
+        await pacer.acquire()
+    assert clock.slept == [pytest.approx(4 / 0.95)] * 2  # 4.21 s apart, not exactly 4
