@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint format bench sandbox-build system-deps venv up down clean
+.PHONY: test demo lint format bench bench-quick sandbox-build system-deps venv up down clean
 
 test: system-deps $(STAMP) sandbox-build
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -24,9 +24,20 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# About 15 minutes on 2 cores; docs/benchmarks.md records a full run (N up to 1000) and how to repeat it.
+# The recorded run of docs/benchmarks.md: onboarding at N = 100, 500, 1000 against the one-shot
+# way (and at N = 100 on managed identities), the fleet of 1000 at rest, restarted and churned,
+# the workload's latency; then the PNG. About 50 minutes on 2 cores. Writes
+# bench/results/full-*.json and docs/benchmarks.png.
 bench: system-deps $(STAMP) sandbox-build
 	$(PY) bench/controlplane.py --runs 1
+	$(PY) bench/onboarding.py --n 100 --n 500 --n 1000 --name full-onboarding-app
+	$(PY) bench/onboarding.py --kind mi --n 100 --name full-onboarding-mi
+	$(PY) bench/fleet.py --n 1000 --name full-fleet-app-1000
+	$(PY) bench/workload.py --rounds 50 --name full-workload
+	$(PY) bench/plot.py
+
+# The same kinds of measurement, smaller (about 15 minutes): results under bench/results/.
+bench-quick: system-deps $(STAMP) sandbox-build
 	$(PY) bench/onboarding.py --n 100
 	$(PY) bench/fleet.py --n 200 --control 30 --steady 120 --restart-window 60 --probe-window 120 --churn-minutes 2
 	$(PY) bench/workload.py --rounds 50
