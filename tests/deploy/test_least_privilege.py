@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -340,6 +341,14 @@ def _story(
             kubectl(sandbox, "get", "sip", tenant, "-o", "jsonpath={.status.admitted}").stdout
             == "2"  # customer-reader and batch-reader
         ),
+        timeout=20,
+    )
+    # A drift cycle over the settled resources (it lists the namespace's service accounts).
+    done = re.compile(r"drift check of [1-9]\d* resources done")
+    before = len(done.findall(log_path.read_text(errors="replace")))
+    wait_for(
+        "a drift check",
+        lambda: len(done.findall(log_path.read_text(errors="replace"))) > before,
         timeout=20,
     )
 
