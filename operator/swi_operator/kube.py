@@ -275,19 +275,22 @@ class KubernetesClient:
     async def _service_accounts(self, namespace: str) -> dict[str, ServiceAccount]:
         found: dict[str, ServiceAccount] = {}
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts"
+        for item in await self._list_pages(f"list service accounts in {namespace}", path):
+            name = str(_dig(item, "metadata", "name") or "")
+            found[name] = ServiceAccount(name, dict(_dig(item, "metadata", "annotations") or {}))
+        return found
+
+    async def _list_pages(self, doing: str, path: str) -> list[dict[str, Any]]:
+        """Every item of a LIST, 500 a page."""
+        items: list[dict[str, Any]] = []
         token = ""
         while True:
             query = [("limit", "500")] + ([("continue", token)] if token else [])
-            page = await self._call(
-                f"list service accounts in {namespace}", "GET", path, query=query
-            )
-            for item in (page or {}).get("items") or []:
-                name = str(_dig(item, "metadata", "name") or "")
-                annotations = dict(_dig(item, "metadata", "annotations") or {})
-                found[name] = ServiceAccount(name, annotations)
+            page = await self._call(doing, "GET", path, query=query)
+            items.extend((page or {}).get("items") or [])
             token = _dig(page or {}, "metadata", "continue") or ""
             if not token:
-                return found
+                return items
 
     async def create_service_account(
         self, namespace: str, name: str, annotations: Mapping[str, str]
@@ -415,14 +418,7 @@ class KubernetesClient:
         ]
         items: list[dict[str, Any]] = []
         for path in paths:
-            token = ""
-            while True:
-                query = [("limit", "500")] + ([("continue", token)] if token else [])
-                page = await self._call("list SqlWorkloadIdentities", "GET", path, query=query)
-                items.extend((page or {}).get("items") or [])
-                token = _dig(page or {}, "metadata", "continue") or ""
-                if not token:
-                    break
+            items.extend(await self._list_pages("list SqlWorkloadIdentities", path))
         return items
 
     async def patch_resource_status(
