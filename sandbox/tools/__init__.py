@@ -1,8 +1,13 @@
 """CLI tools the tests need, built from their Go modules and cached like the control plane.
 
-``helm_binary()`` builds ``helm`` from ``sandbox/tools/helm`` (go.mod/go.sum pin the version)
-once, into ``~/.cache/swi-sandbox/helm-<hash of go.mod, go.sum and build.sh>/helm``, and returns
-its path; later calls find it there. A warm Go module cache makes the build take a minute or two.
+Each tool is a folder here with its pinned Go module (go.mod, go.sum) and a ``build.sh OUTDIR``
+that builds it into OUTDIR. ``go_tool(folder, binary)`` runs that script once, into
+``~/.cache/swi-sandbox/<folder>-<hash of the folder's sources>/``, and returns the binary's path;
+later calls find it there. A warm Go module cache makes a build take a minute or two.
+
+* ``helm_binary()``: helm, for ``helm lint``/``helm template`` of the chart (``helm/``).
+* ``gitops_health_binary()``: ``gitops-health`` (``gitops-health/``), which reads a resource's
+  health as kstatus (Flux) and an Argo CD Lua health check do.
 """
 
 from __future__ import annotations
@@ -14,29 +19,40 @@ from pathlib import Path
 
 from sandbox.launcher import SandboxError, _cache_root
 
-HELM_SRC = Path(__file__).resolve().parent / "helm"
+TOOLS = Path(__file__).resolve().parent
+HELM_SRC = TOOLS / "helm"
+GITOPS_HEALTH_SRC = TOOLS / "gitops-health"
+
+# Hashed first, in this order (so helm's cache key is what it was before there were other tools),
+# then every other file of the folder by name.
+_FIRST = ("go.mod", "go.sum", "build.sh")
 
 
-def helm_source_hash() -> str:
+def tool_source_hash(src: Path) -> str:
     digest = hashlib.sha256()
-    for name in ("go.mod", "go.sum", "build.sh"):
+    rest = sorted(p.name for p in src.iterdir() if p.is_file() and p.name not in _FIRST)
+    for name in (*_FIRST, *rest):
         digest.update(name.encode())
-        digest.update((HELM_SRC / name).read_bytes())
+        digest.update((src / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def helm_binary() -> Path:
-    """The cached helm CLI for the pinned version, built first if needed."""
-    out = _cache_root() / f"helm-{helm_source_hash()}"
-    binary = out / "helm"
-    if binary.exists():
-        return binary
+def go_tool(src: Path, binary: str) -> Path:
+    """The cached ``binary`` built by ``src/build.sh`` from the pinned sources, built first if
+    needed. A failed build raises ``SandboxError`` with the script's last line (for a module the
+    proxy refused, that line names it)."""
+    out = _cache_root() / f"{src.name}-{tool_source_hash(src)}"
+    path = out / binary
+    if path.exists():
+        return path
     if shutil.which("go") is None:
-        raise SandboxError("Go toolchain not found: install Go 1.26+ to build helm for the tests")
+        raise SandboxError(
+            f"Go toolchain not found: install Go 1.26+ to build {binary} for the tests"
+        )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     proc = subprocess.run(
-        ["bash", str(HELM_SRC / "build.sh"), str(tmp)],
+        ["bash", str(src / "build.sh"), str(tmp)],
         capture_output=True,
         text=True,
         check=False,
@@ -44,8 +60,22 @@ def helm_binary() -> Path:
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SandboxError(
-            f"building helm failed ({tail}): run `bash {HELM_SRC / 'build.sh'} /tmp/helm`"
+            f"building {binary} failed ({tail}): run `bash {src / 'build.sh'} /tmp/{binary}`"
         )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return binary
+    return path
+
+
+def helm_source_hash() -> str:
+    return tool_source_hash(HELM_SRC)
+
+
+def helm_binary() -> Path:
+    """The cached helm CLI for the pinned version, built first if needed."""
+    return go_tool(HELM_SRC, "helm")
+
+
+def gitops_health_binary() -> Path:
+    """The cached gitops-health helper (kstatus and Argo CD's Lua), built first if needed."""
+    return go_tool(GITOPS_HEALTH_SRC, "gitops-health")
