@@ -2,8 +2,9 @@
 
 ``Pipeline.reconcile`` takes a SqlWorkloadIdentity as the API server returned it and gives back an
 ``Outcome``: the status to merge (conditions with Ready summarised and Reconciling/Stalled
-derived from it by ``conditions.progress``, plus the fields each step owns), the Events to post, and the transient error to retry after, if any. It is called by kopf's
-handlers and by the fleet-wide drift check alike; neither it nor the steps know kopf.
+derived from it by ``conditions.progress``, plus the fields each step owns), the Events to post,
+and the transient error to retry after, if any. It is called by kopf's handlers and by the
+fleet-wide drift check alike; neither it nor the steps know kopf.
 
 When a step fails, the steps after it do not run and keep their previous condition (a condition's
 observedGeneration then shows it was not re-checked); those never set get ``Unknown/Waiting``. A

@@ -7,21 +7,30 @@ later calls find it there. A warm Go module cache makes a build take a minute or
 
 * ``helm_binary()``: helm, for ``helm lint``/``helm template`` of the chart (``helm/``).
 * ``gitops_health_binary()``: ``gitops-health`` (``gitops-health/``), which reads a resource's
-  health as kstatus (Flux) and an Argo CD Lua health check do.
+  health as kstatus (Flux) and an Argo CD Lua health check do; ``kstatus(obj)`` and
+  ``argocd_health(obj)`` run it (the latter with the script deploy/argocd/ ships).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from sandbox.launcher import SandboxError, _cache_root
 
 TOOLS = Path(__file__).resolve().parent
 HELM_SRC = TOOLS / "helm"
 GITOPS_HEALTH_SRC = TOOLS / "gitops-health"
+# The Argo CD health checks we ship (a patch for Argo CD's argocd-cm ConfigMap).
+ARGOCD_HEALTH = TOOLS.parents[1] / "deploy" / "argocd" / "argocd-cm-health.yaml"
 
 # Hashed first, in this order (so helm's cache key is what it was before there were other tools),
 # then every other file of the folder by name.
@@ -79,3 +88,37 @@ def helm_binary() -> Path:
 def gitops_health_binary() -> Path:
     """The cached gitops-health helper (kstatus and Argo CD's Lua), built first if needed."""
     return go_tool(GITOPS_HEALTH_SRC, "gitops-health")
+
+
+def _gitops_health(args: list[str], obj: Mapping[str, Any]) -> tuple[str, str]:
+    proc = subprocess.run(
+        [str(gitops_health_binary()), *args],
+        input=json.dumps(obj),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SandboxError(f"gitops-health {args[0]} failed: {proc.stderr.strip()}")
+    verdict = json.loads(proc.stdout)
+    return str(verdict["status"]), str(verdict["message"])
+
+
+def kstatus(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """kstatus's status (Current, InProgress, Failed, ...) and message for the object ``obj``."""
+    return _gitops_health(["kstatus"], obj)
+
+
+def argocd_health(obj: Mapping[str, Any], config: Path = ARGOCD_HEALTH) -> tuple[str, str]:
+    """The health status (Healthy, Progressing, Degraded, ...) and message Argo CD gives ``obj``
+    with the argocd-cm patch ``config``: the script under the key Argo CD looks up for the
+    object's kind (``resource.customizations.health.<group>_<Kind>``)."""
+    group = str(obj.get("apiVersion", "")).rpartition("/")[0]
+    key = f"resource.customizations.health.{group}_{obj.get('kind')}"
+    script = (yaml.safe_load(config.read_text()).get("data") or {}).get(key)
+    if not isinstance(script, str):
+        raise SandboxError(f"{config} has no {key}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "health.lua"
+        path.write_text(script)
+        return _gitops_health(["argocd", str(path)], obj)
