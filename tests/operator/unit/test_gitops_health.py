@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from swi_operator.steps import Context, StepResult
 
 from sandbox.tools import argocd_health, kstatus
 
-OPERATOR = Path(__file__).resolve().parents[3] / "operator" / "swi_operator"
+REPO = Path(__file__).resolve().parents[3]
+OPERATOR = REPO / "operator" / "swi_operator"
 TENANT = "00000000-0000-0000-0000-0000000000aa"
 
 
@@ -238,3 +240,17 @@ def test_every_raise_carries_a_reason_of_its_class() -> None:
     assert not wrong, (
         f"raised with a reason of the other class (see errors.TRANSIENT_REASONS): {wrong}"
     )
+
+
+def _listed(doc: str, heading: str) -> set[str]:
+    """The backticked names in the paragraph of ``doc`` that starts with ``heading``."""
+    paragraph = doc[doc.index(heading) :].split("\n\n", 1)[0]
+    return set(re.findall(r"`([A-Z][A-Za-z]+)`", paragraph))
+
+
+def test_docs_list_each_reason_as_the_code_classifies_it() -> None:
+    doc = (REPO / "docs" / "operator.md").read_text()
+    assert _listed(doc, "Transient reasons") == {str(r) for r in TRANSIENT}
+    assert _listed(doc, "Permanent reasons") - {"WorkloadNotLabelled"} == {
+        str(r) for r in PERMANENT
+    }
