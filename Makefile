@@ -46,7 +46,7 @@ bench-quick: system-deps $(STAMP) sandbox-build
 sandbox-build: $(STAMP)
 	$(PY) -m sandbox build
 
-# The CLI tools only the tests use (helm for the chart tests), built from Go modules and cached.
+# The CLI tools only the tests use (helm for the chart tests, gitops-health for kstatus/Argo CD), built from Go modules and cached.
 tools-build: $(STAMP)
 	$(PY) -m sandbox build --tools
 

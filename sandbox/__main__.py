@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="print `export NAME=value` lines for a shell (eval them)")
     build = sub.add_parser("build", help="build (or find cached) the control plane and kubectl")
     build.add_argument(
-        "--tools", action="store_true", help="also the CLI tools only the tests use (helm)"
+        "--tools",
+        action="store_true",
+        help="also the CLI tools only the tests use (helm, gitops-health)",
     )
     ctl = sub.add_parser(
         "ctl",
@@ -91,9 +93,10 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
     if args.command == "build":
         print(launcher.build_controlplane())
         if args.tools:
-            from sandbox.tools import helm_binary
+            from sandbox.tools import gitops_health_binary, helm_binary
 
             print(helm_binary())
+            print(gitops_health_binary())
         return 0
     if args.command == "up":
         comps = [c for c in launcher.available_components() if not args.only or c.name in args.only]
