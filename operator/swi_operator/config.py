@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 class Config:
     tenant_id: str
     client_id: str
-    client_secret: str | None = None
+    client_secret: str | None = field(default=None, repr=False)  # never in a repr or a log
     federated_token_file: Path | None = None
     authority_host: str = PUBLIC_AUTHORITY
     graph_url: str = PUBLIC_GRAPH_URL
@@ -60,6 +60,7 @@ class Config:
     issuer: str | None = None
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     drift_interval: float = 600.0
+    sweep_interval: float = 300.0  # seconds between sweeps of this cluster's credentials (sweep.py)
     peering: str | None = None  # None: standalone, no peering objects needed
     posting_level: int = logging.INFO
     cloud_concurrency: int = 8
@@ -103,6 +104,7 @@ class Config:
             "issuer": self.issuer or "(discovered)",
             "namespaces": ",".join(self.namespaces) or "(all)",
             "drift_interval": self.drift_interval,
+            "sweep_interval": self.sweep_interval,
             "peering": self.peering or "(standalone)",
             "require_policy": self.require_policy,
         }
@@ -184,6 +186,14 @@ _SETTINGS: tuple[_Setting, ...] = (
         "SWI_DRIFT_INTERVAL",
         "seconds between drift checks",
         "600",
+    ),
+    _Setting(
+        "sweep_interval",
+        "--sweep-interval",
+        "SWI_SWEEP_INTERVAL",
+        "seconds between sweeps that delete this cluster's federated credentials no live, "
+        "allowed SqlWorkloadIdentity backs (also run after each policy change and deletion)",
+        "300",
     ),
     _Setting(
         "peering",
@@ -515,6 +525,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         issuer=str(issuer) if issuer is not None else None,
         namespaces=namespaces,
         drift_interval=_number(raw, "drift_interval", 1),
+        sweep_interval=_number(raw, "sweep_interval", 1),
         peering=str(peering) if peering is not None else None,
         posting_level=getattr(logging, level),
         cloud_concurrency=int(_number(raw, "cloud_concurrency", 1)),

@@ -121,6 +121,7 @@ class Policy:
     namespaces: NamespaceScope
     sql: SqlGrant | None = None
     generation: int = 0
+    identity: IdentityRef | None = field(default=None, compare=False)  # what identity_key names
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def parse_policy(body: Mapping[str, Any]) -> Policy:
         namespaces=scope,
         sql=sql,
         generation=int(meta.get("generation") or 0),
+        identity=identity,
     )
 
 
