@@ -97,6 +97,7 @@ async def backed_grants(
                 labels.get(namespace, {}),
                 parsed.valid,
                 require_policy,
+                retain=spec.retain_cloud_objects,
             )
             if not decision.allowed:
                 continue

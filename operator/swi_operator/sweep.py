@@ -14,7 +14,9 @@ resource (debounced), and every ``interval`` regardless, the sweep:
    created just before is seen with its resource) and computes the grants live, allowed resources
    back (``backing.backed_grants``: specs in their own namespace and the policies only);
 4. deletes every credential from step 2 that no such grant backs, under the identity's lock (the
-   one the federated credential step holds), and logs it.
+   one the federated credential step holds), and logs it; unless a policy that sets
+   ``allowRetain`` lets the credential's namespace bind the identity (what a ``Retain`` resource
+   left behind stays while such a policy allows it, and no longer).
 
 Nothing tenant-writable besides a resource's spec takes part: not status, annotations, finalizers
 or ``deletionPolicy``. With ``--peering`` only the active replica sweeps (``PeeringGate``).
@@ -33,7 +35,7 @@ from swi_operator.cloud import CredentialStore, FederatedCredential, ResolvedIde
 from swi_operator.drift import PeeringGate
 from swi_operator.errors import PermanentError, Reason, ReconcileError
 from swi_operator.locks import KeyedLocks
-from swi_operator.policy import ParsedPolicies
+from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels
 from swi_operator.spec import IdentityRef, SpecError, parse_spec
 from swi_operator.steps.federation import IssuerSource, identity_from_status
 
@@ -162,6 +164,17 @@ class CredentialSweep:
             ours.append(credential)
         return identity, ours
 
+    async def _retention_allowed(
+        self, parsed: ParsedPolicies, ref: IdentityRef, namespace: str
+    ) -> bool:
+        """Whether the policies would let a resource of ``namespace`` bind ``ref`` with
+        ``deletionPolicy: Retain``: what such a resource left behind may stay, while they do."""
+        labels: Mapping[str, str] = {}
+        if needs_namespace_labels(parsed.valid, namespace):
+            labels = await self._policies.namespace_labels(namespace)
+        decision = authorize(ref, None, namespace, labels, parsed.valid, self._require, retain=True)
+        return decision.allowed
+
     async def sweep(self) -> list[Removed]:
         """One pass; what it removed."""
         served = await self._served()
@@ -181,12 +194,13 @@ class CredentialSweep:
         backed = await backed_grants(resources, _Fixed(parsed, self._policies), self._require)
         removed: list[Removed] = []
         for identity, credentials in candidates:
-            stale = [
-                c
-                for c in credentials
-                if (subject := parse_subject(c.subject)) is not None
-                and Grant(identity.ref.key, *subject) not in backed
-            ]
+            stale = []
+            for c in credentials:
+                subject = parse_subject(c.subject)
+                if subject is None or Grant(identity.ref.key, *subject) in backed:
+                    continue
+                if not await self._retention_allowed(parsed, identity.ref, subject[0]):
+                    stale.append(c)
             if not stale:
                 continue
             async with self._locks.hold(identity.ref.key):
