@@ -75,6 +75,8 @@ class Config:
     propagation_timeout: float = 900.0  # AADSTS70021 this long after a credential write: a failure
     sql_user_form: str = "sid"  # CREATE USER ... WITH SID, or FROM EXTERNAL PROVIDER (object-id)
     sql_concurrency: int = 4  # ODBC sessions working at once (threads of their own)
+    sql_lock_timeout: float = 5.0  # SET LOCK_TIMEOUT of every operator statement, in seconds
+    sql_statement_timeout: float = 30.0  # ODBC query timeout of every operator statement
     # Where an Entra token for Azure SQL may be sent (spec.sql.server comes from users).
     allowed_sql_servers: tuple[str, ...] = DEFAULT_SQL_SERVERS
     liveness_endpoint: str | None = None
@@ -290,6 +292,21 @@ _SETTINGS: tuple[_Setting, ...] = (
         "SWI_SQL_CONCURRENCY",
         "Azure SQL sessions working at once (each in a thread of its own)",
         "4",
+    ),
+    _Setting(
+        "sql_lock_timeout",
+        "--sql-lock-timeout",
+        "SWI_SQL_LOCK_TIMEOUT",
+        "seconds each of the operator's SQL statements waits for a lock another session holds "
+        "(SET LOCK_TIMEOUT) before it fails with 1222 and is retried later",
+        "5",
+    ),
+    _Setting(
+        "sql_statement_timeout",
+        "--sql-statement-timeout",
+        "SWI_SQL_STATEMENT_TIMEOUT",
+        "seconds each of the operator's SQL statements may run (the ODBC query timeout)",
+        "30",
     ),
     _Setting(
         "allowed_sql_servers",
@@ -539,6 +556,8 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         propagation_timeout=_number(raw, "propagation_timeout", 0),
         sql_user_form=_choice(raw, "sql_user_form", ("sid", "object-id")),
         sql_concurrency=int(_number(raw, "sql_concurrency", 1)),
+        sql_lock_timeout=_number(raw, "sql_lock_timeout", 0),
+        sql_statement_timeout=_number(raw, "sql_statement_timeout", 1),
         allowed_sql_servers=_sql_servers(raw),
         liveness_endpoint=str(liveness) if liveness is not None else None,
         install_crds=Path(str(crds)) if crds is not None else None,

@@ -23,9 +23,10 @@ The decision for a SqlWorkloadIdentity in namespace N with identity I (``authori
    every one of them (so between equals, the stricter grant holds).
 4. With ``spec.sql``, every governing policy must allow its server, its database and each of its
    roles; with ``deletionPolicy: Retain``, every governing policy must set ``allowRetain`` (the
-   sweep keeps what a deleted resource retained only while such a policy allows it). Names compare as Azure SQL does: server host names and database and role names
-   case-insensitively, the server's ``tcp:`` prefix and default port 1433 aside. Matching is exact:
-   no prefixes, no patterns.
+   sweep keeps what a deleted resource retained only while such a policy allows it). Names
+   compare as Azure SQL does: server host names and database and role names case-insensitively,
+   the server's ``tcp:`` prefix and default port 1433 aside. Matching is exact: no prefixes, no
+   patterns.
 
 Every refusal names what is missing (the identity, the namespace, the server, the database, the
 roles) and the policies consulted, so a tenant knows what to ask the platform team for.
@@ -133,6 +134,7 @@ class Decision:
     message: str
     governing: tuple[str, ...] = ()  # names of the policies that decided
     checked_identity: bool = True  # False: no policy mentions the identity (requirePolicy off)
+    allow_ddl_triggers: bool = False  # every governing policy's sql.allowDdlTriggers
 
 
 @dataclass(frozen=True)
@@ -440,4 +442,5 @@ def authorize(
         f"SqlIdentityPolic{plural} {', '.join(names)} allow{'' if len(names) > 1 else 's'} {what}"
         f" ({_RANK_WORDS[narrowest]})",
         names,
+        allow_ddl_triggers=all(p.sql is not None and p.sql.allow_ddl_triggers for p in governing),
     )

@@ -187,7 +187,12 @@ class Runtime:
         kube_api = build_kube_api()
         kube = KubernetesClient(kube_api)
         database = OdbcDatabase(
-            credential, config.client_id, config.sql_concurrency, config.allowed_sql_servers
+            credential,
+            config.client_id,
+            config.sql_concurrency,
+            config.allowed_sql_servers,
+            lock_timeout=config.sql_lock_timeout,
+            statement_timeout=config.sql_statement_timeout,
         )
         exchange = EntraTokenExchange(config.authority_host, config.ca_bundle)
         later = build_database_steps(

@@ -92,9 +92,7 @@ async def decide(
     about = [p for p in parsed.valid if p.identity_key == identity.key]
     needs = needs_namespace_labels(about, namespace)
     labels = await source.namespace_labels(namespace) if needs else {}
-    return authorize(
-        identity, sql, namespace, labels, parsed.valid, require_policy, retain=retain
-    )
+    return authorize(identity, sql, namespace, labels, parsed.valid, require_policy, retain=retain)
 
 
 class AuthorizationStep:
@@ -115,6 +113,7 @@ class AuthorizationStep:
         )
         if not decision.allowed:
             raise NotAuthorizedError(decision.message)
+        ctx.allow_ddl_triggers = decision.allow_ddl_triggers
         reason = "PolicyAllows" if decision.checked_identity else "PolicyNotRequired"
         return StepResult("True", reason, decision.message)
 

@@ -1,6 +1,6 @@
-"""Issue 18, over fakes: revocation and deletion are decided by live, allowed resources' specs, never
-by a service account annotation; the sweep deletes this cluster's credentials that nothing allowed
-backs, whatever status, finalizers or ``deletionPolicy`` say, and only those."""
+"""Issue 18, over fakes: revocation and deletion are decided by live, allowed resources' specs,
+never by a service account annotation; the sweep deletes this cluster's credentials that nothing
+allowed backs, whatever status, finalizers or ``deletionPolicy`` say, and only those."""
 
 from __future__ import annotations
 
