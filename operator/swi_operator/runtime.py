@@ -108,6 +108,7 @@ def build_pipeline(
     *,
     backing: Backing | None = None,
     identity_locks: KeyedLocks | None = None,
+    operator_client_id: str | None = None,
 ) -> Pipeline:
     """The steps in order; ``later`` ones (database access, verification) come last. The policy
     ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out.
@@ -115,7 +116,12 @@ def build_pipeline(
     steps: tuple[Step, ...] = (
         *([gate] if gate is not None else []),
         FederatedCredentialStep(
-            store, IssuerSource(kube, issuer), kube, identity_locks or KeyedLocks(), backing
+            store,
+            IssuerSource(kube, issuer),
+            kube,
+            identity_locks or KeyedLocks(),
+            backing,
+            operator_client_id,
         ),
         ServiceAccountStep(kube),
         WorkloadsStep(kube),
@@ -211,6 +217,7 @@ class Runtime:
             gate=AuthorizationStep(policies, config.require_policy),
             backing=Backing(kube, policies, config.require_policy),
             identity_locks=identity_locks,
+            operator_client_id=config.client_id,
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)

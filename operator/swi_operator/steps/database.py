@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 from swi_operator.cloud import ResolvedIdentity
 from swi_operator.errors import PermanentError, Reason
 from swi_operator.locks import KeyedLocks
+from swi_operator.policy import server_key
 from swi_operator.spec import ApplicationRef
 from swi_operator.sql import Database, Principal, SqlTarget, quote_name, roles_in, sid_of
 from swi_operator.steps import Context, StepResult
@@ -65,6 +66,8 @@ class DatabaseUserRecord:
             raw.get(k) for k in ("name", "server", "database", "clientId")
         ):
             return None
+        if server_key(str(raw["server"])) is None:
+            return None  # not a server spec.sql could name (a forged ";..." keyword): ignored
         return cls(
             name=str(raw["name"]),
             server=str(raw["server"]),

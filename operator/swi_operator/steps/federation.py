@@ -102,7 +102,9 @@ class FederatedCredentialStep:
         kube: KubeClient,
         locks: KeyedLocks,
         backing: Backing | None = None,
+        operator_client_id: str | None = None,
     ) -> None:
+        self._operator_client_id = (operator_client_id or "").lower()
         self._store = store
         self._issuer = issuer
         self._kube = kube
@@ -121,6 +123,13 @@ class FederatedCredentialStep:
         sa = await self._kube.get_service_account(res.namespace, ctx.spec.service_account_name)
         await ensure_not_claimed(self._kube, sa, res)
         identity = ctx.identity = await self._store.resolve(ref)
+        if identity.client_id.lower() == self._operator_client_id:
+            raise PermanentError(
+                Reason.INVALID_SPEC,
+                f"spec.identity is {identity.ref.display}, the operator's own identity: no "
+                "workload may borrow it (it administers every SQL server and identity the "
+                "operator manages); use an identity of its own",
+            )
         subject = subject_for(res.namespace, ctx.spec.service_account_name)
         desired = FederatedCredential(
             name=credential_name(ctx.issuer, res.namespace, ctx.spec.service_account_name),

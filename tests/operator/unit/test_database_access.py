@@ -319,3 +319,20 @@ def pipeline_resource_ref(body: dict[str, Any]) -> Any:
     from swi_operator.pipeline import resource_ref
 
     return resource_ref(body)
+
+
+async def test_a_forged_server_with_an_odbc_keyword_is_never_used(db):
+    """Issue 18, low: status.databaseUser.server reaches ODBC's SERVER=; ';' adds keywords."""
+    from swi_operator.errors import PermanentError, Reason
+
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    forged = {**body["status"]["databaseUser"], "server": "evil;Authentication=x"}
+    body["status"]["databaseUser"] = forged
+    body["spec"].pop("sql")
+    db.writes.clear()
+    # Any session to the forged server would show up as this failure, reported as a Warning.
+    db.fail["find_principals"] = PermanentError(Reason.DATABASE_REJECTED, "connected")
+    outcome = await pipeline.reconcile(body)
+    assert "DatabaseUserNotRemoved" not in reasons(outcome), "a session was opened"
+    assert db.writes == []

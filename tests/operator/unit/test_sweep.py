@@ -188,3 +188,14 @@ async def test_what_a_retain_resource_left_stays_only_while_a_policy_allows_reta
     assert await sweep.sweep() == []
     world.reader.bodies = [policy_body("demo", {"names": [NS]})]  # allowRetain withdrawn
     assert [r.subject for r in await sweep.sweep()] == [subject_for(NS, "retained")]
+
+
+async def test_a_resource_may_not_federate_the_operators_own_identity(world: World) -> None:
+    pipeline = build_pipeline(world.store, world.kube, TENANT, None, operator_client_id=APP)
+    outcome = await pipeline.reconcile(resource("borrow", NS, service_account="borrow"))
+    federation = next(c for c in outcome.status["conditions"] if c["type"] != "Ready")
+    assert (
+        federation["reason"] == "InvalidSpec"
+        and "operator's own identity" in (federation["message"])
+    )
+    assert world.store.of(APP_REF) == [] and world.store.writes["upsert"] == 0
