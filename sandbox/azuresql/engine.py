@@ -326,9 +326,9 @@ class Session:
             if "locked" in str(exc) or "busy" in str(exc):
                 # Another session's open transaction holds the lock past this session's
                 # LOCK_TIMEOUT, wherever in the statement SQLite met it.
-                error = SqlError(1222, "Lock request time out period exceeded.")
-                error.events = events
-                raise error from exc
+                timed_out = SqlError(1222, "Lock request time out period exceeded.")
+                timed_out.events = events
+                raise timed_out from exc
             raise
         return events
 
