@@ -36,7 +36,7 @@ from test_policy_guardrails import (  # type: ignore[import-not-found]  # noqa: 
 
 pytestmark = pytest.mark.controlplane
 
-SWEEP_INTERVAL_S = 30.0
+SWEEP_INTERVAL_S = 10.0
 BOUND_S = SWEEP_INTERVAL_S + 30.0  # one sweep, plus a generous margin for a loaded machine
 
 
@@ -66,14 +66,19 @@ def demo_policy(policies: Policies, world: World, cluster: Cluster, **spec: Any)
 
 
 def revoked_within(
-    entra: Entra, world: World, subject: str, what: str, bound: float = BOUND_S
+    entra: Entra,
+    world: World,
+    subject: str,
+    what: str,
+    bound: float = BOUND_S,
+    since: str = "the policy was withdrawn",
 ) -> float:
     started = time.monotonic()
     eventually(lambda: subject not in subjects(entra, world), bound, f"{what}: credential gone")
     took = time.monotonic() - started
     # KopfRunner redirects stdout to its own buffer while the operator runs.
     print(
-        f"\n{what}: credential revoked {took:.1f}s after the policy was withdrawn",
+        f"\n{what}: credential revoked {took:.1f}s after {since}",
         file=sys.__stderr__,
     )
     return took
@@ -152,7 +157,7 @@ def test_removing_the_finalizer_before_deleting_does_not_keep_the_credential(
     cluster.wait_gone("escapee")
     # Nothing allowed backs the credential any more: the sweep the deletion woke removes it,
     # policy or not.
-    revoked_within(entra, world, subject, "finalizer removed, then delete")
+    revoked_within(entra, world, subject, "finalizer removed, then delete", since="the deletion")
     policies.delete(policy)
 
 
@@ -187,3 +192,21 @@ def test_a_patched_kopf_annotation_does_not_take_the_resource_out_of_view(
 
     revoked_within(entra, world, subject, "kopf annotations patched (common path)", bound=20)
     cluster.wait_condition("reader", "False", reason="NotAuthorized", timeout=20)
+
+
+def test_a_credential_nothing_backs_goes_within_one_sweep_without_any_event(
+    guarded: Any, cluster: Cluster, entra: Entra, world: World, policies: Policies, sandbox: Any
+) -> None:
+    """No policy event, no deletion: a credential for this cluster's issuer that someone added by
+    hand for a service account of the namespace goes at the next periodic sweep."""
+    demo_policy(policies, world, cluster)
+    cluster.create("reader", app(world, "reader"))
+    cluster.wait_condition("reader")
+    time.sleep(2)  # the policy's and the creation's sweeps are over
+    subject = f"system:serviceaccount:{cluster.namespace}:smuggled"
+    entra.add_app_credential(world.demo_app, "smuggled-by-hand", sandbox.issuer, subject)
+    assert subject in subjects(entra, world)
+    revoked_within(
+        entra, world, subject, "out-of-band credential (periodic sweep)", since="it was added"
+    )
+    assert f"system:serviceaccount:{cluster.namespace}:reader" in subjects(entra, world)
