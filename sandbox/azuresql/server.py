@@ -34,7 +34,7 @@ from sandbox.azuresql import tds
 from sandbox.azuresql.config import ServerSpec
 from sandbox.azuresql.directory import GraphDirectory
 from sandbox.azuresql.engine import Database, DbUser, Session
-from sandbox.azuresql.login import LoginRefused, TokenVerifier
+from sandbox.azuresql.login import LOGIN_FAILED, SQL_SPN, LoginRefused, TokenVerifier
 from sandbox.azuresql.results import Cancelled, Event, SqlError, StatementDone, TransactionEvent
 from sandbox.azuresql.statements import bind, declared_names
 from sandbox.azuresql.tls import TLS_RECORD_HANDSHAKE, ByteStream, PlainStream, TlsStream
@@ -42,6 +42,8 @@ from sandbox.azuresql.tls import TLS_RECORD_HANDSHAKE, ByteStream, PlainStream, 
 log = logging.getLogger("sandbox.azuresql")
 
 LOG_LIMIT = 2000
+# The STS Azure SQL names in FEDAUTHINFO (the sandbox's proxy tunnels this host to the emulator).
+STS_HOST = "https://login.windows.net"
 SERVER_VERSION = bytes([12, 0, 0x07, 0xD0, 0, 0])  # 12.0.2000, as Azure SQL reports
 # Errors the fault injector may send at login, with Azure SQL's texts (%s: database, server).
 TRANSIENT_LOGIN_ERRORS = {
@@ -254,6 +256,20 @@ class TdsSession:
         )
         return False
 
+    async def _acquire_token(self) -> str:
+        """The MSAL/ADAL workflow: send FEDAUTHINFO, read the client's FEDAUTH_TOKEN message.
+
+        The client library gets a token for the SPN from the STS URL (the server's tenant on
+        Entra's v1 endpoint: the driver posts to ``{STSURL}/oauth2/token`` with ``resource=SPN``)
+        while the server waits, as Azure SQL does.
+        """
+        sts_url = f"{STS_HOST}/{self.server.spec.tenant}"
+        await self.send(tds.fedauth_info(sts_url, SQL_SPN))
+        ptype, payload = await self.read_message()
+        if ptype != tds.PacketType.FEDAUTH_TOKEN:
+            raise tds.ProtocolError(f"expected FEDAUTH_TOKEN, got packet type 0x{ptype:02x}")
+        return tds.parse_fedauth_token(payload)
+
     async def _login(self) -> bool:
         ptype, payload = await self.read_message()
         if ptype != tds.PacketType.LOGIN7:
@@ -271,6 +287,10 @@ class TdsSession:
                 ),
                 severity=severity,
             )
+        if login.fedauth_library == tds.FEDAUTH_LIBRARY_ADAL:
+            if login.fedauth_echo != self.fedauth_required:
+                return await self._refuse(18456, LOGIN_FAILED)
+            login.access_token = await self._acquire_token()
         if login.access_token is None:
             who = login.username or ""
             return await self._refuse(
@@ -280,9 +300,7 @@ class TdsSession:
                 "Please contact your system administrator.",
             )
         if login.fedauth_echo != self.fedauth_required:
-            return await self._refuse(
-                18456, "Login failed for user '<token-identified principal>'."
-            )
+            return await self._refuse(18456, LOGIN_FAILED)
         try:
             principal = await asyncio.to_thread(
                 self.server.verifier.verify, login.access_token, self.server.spec.tenant
@@ -295,9 +313,7 @@ class TdsSession:
                     "by the login. The login failed.",
                     11,
                 )
-                return await self._refuse(
-                    18456, "Login failed for user '<token-identified principal>'.", extra=not_found
-                )
+                return await self._refuse(18456, LOGIN_FAILED, extra=not_found)
             spec = self.server.spec
             if principal.app_id == spec.admin_app_id or principal.object_id == spec.admin_object_id:
                 user = DbUser(1, "dbo", True, principal.login)

@@ -282,7 +282,10 @@ class LoginService:
             ),
         }
         if not params.get("v2"):
+            # The v1 endpoint answers every number as a string, and names the resource.
             body.update(
+                expires_in=str(ACCESS_TOKEN_SECONDS),
+                ext_expires_in=str(ACCESS_TOKEN_SECONDS),
                 expires_on=str(int(now) + ACCESS_TOKEN_SECONDS),
                 not_before=str(int(now)),
                 resource=fields.get("resource", ""),
