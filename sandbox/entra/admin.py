@@ -7,8 +7,8 @@ host name (through the proxy) never reach it. Admin calls are not recorded in th
 Endpoints (JSON in, JSON out; ``python -m sandbox.entra ctl`` wraps each one):
 - ``GET  /_sandbox/health``                      -> ``{"ok": true}``
 - ``GET  /_sandbox/controls``                    -> the current controls
-- ``POST /_sandbox/controls``   ``{"propagationSeconds", "armWriteSeconds", "clockSkewSeconds"}``
-  (any subset)
+- ``POST /_sandbox/controls``   ``{"propagationSeconds", "armWriteSeconds",
+  "graphReadLagSeconds", "clockSkewSeconds"}`` (any subset)
 - ``POST /_sandbox/latency``    ``{"route": "graph.*", "seconds": 0.2}`` (0 removes)
 - ``POST /_sandbox/failures``   ``{"route": "login.token", "status": 429, "count": 2,
   "retryAfter": 1}`` -> the next ``count`` matching calls get ``status``
@@ -103,6 +103,8 @@ class AdminService:
             settings.propagation_seconds = _number(body, "propagationSeconds")
         if "armWriteSeconds" in body:
             settings.arm_write_seconds = _number(body, "armWriteSeconds")
+        if "graphReadLagSeconds" in body:
+            settings.graph_read_lag_seconds = max(0.0, _number(body, "graphReadLagSeconds"))
         if "clockSkewSeconds" in body:
             self.controls.clock.skew = _number(body, "clockSkewSeconds")
         return self.controls.to_json()

@@ -124,6 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clock.add_argument("seconds", type=float)
     write = sub.add_parser("write-delay", help="seconds an ARM credential write takes")
     write.add_argument("seconds", type=float)
+    lag = sub.add_parser(
+        "graph-lag", help="seconds Graph reads of federated credentials miss a write (0 removes)"
+    )
+    lag.add_argument("seconds", type=float)
     requests = sub.add_parser("requests", help="request log and counts per route")
     requests.add_argument("--route", default="*")
     requests.add_argument("--clear", action="store_true", help="clear the log instead")
@@ -149,6 +153,8 @@ def run(args: argparse.Namespace) -> Any:
         return client.controls(clockSkewSeconds=args.seconds)
     if command == "write-delay":
         return client.controls(armWriteSeconds=args.seconds)
+    if command == "graph-lag":
+        return client.controls(graphReadLagSeconds=args.seconds)
     if command == "requests":
         return client.call("DELETE", "requests") if args.clear else client.requests(args.route)
     if command == "reset":
