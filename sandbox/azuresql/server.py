@@ -26,6 +26,7 @@ import logging
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,10 @@ class LogEntry:
 class Faults:
     fail_logins: int = 0
     error: int = 40613
+    # The next N logins: the connection is reset (TCP RST) right after LOGIN7 arrives.
+    reset_logins: int = 0
+    # The next N replies to a batch or RPC: half of the reply is sent, then the connection reset.
+    reset_results: int = 0
 
 
 @dataclass
@@ -149,7 +154,7 @@ class EmulatedServer:
         assert task is not None
         self._sessions.add(task)
         try:
-            await TdsSession(self, PlainStream(reader, writer)).run()
+            await TdsSession(self, PlainStream(reader, writer), writer.transport.abort).run()
         except asyncio.CancelledError:
             pass
         finally:
@@ -162,9 +167,10 @@ class _Closed(Exception):
 
 
 class TdsSession:
-    def __init__(self, server: EmulatedServer, raw: PlainStream) -> None:
+    def __init__(self, server: EmulatedServer, raw: PlainStream, reset: Callable[[], None]) -> None:
         self.server = server
         self.raw = raw
+        self._reset = reset  # abort the TCP connection (RST), for the injected resets
         self.stream: ByteStream = raw
         self.packet_size = tds.MAX_PRELOGIN_PACKET
         self.session: Session | None = None
@@ -277,6 +283,11 @@ class TdsSession:
         login = tds.parse_login7(payload)
         self.database = login.database or "master"
         faults = self.server.faults
+        if faults.reset_logins > 0:
+            faults.reset_logins -= 1
+            self._record("login", "connection reset during login (injected)", 0)
+            self._reset()
+            raise _Closed
         if faults.fail_logins > 0:
             faults.fail_logins -= 1
             severity, text = TRANSIENT_LOGIN_ERRORS.get(faults.error, (16, "Injected error."))
@@ -383,7 +394,7 @@ class TdsSession:
                 reader = asyncio.ensure_future(self.read_message())
                 await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if work.done():
-                    await self.send(work.result())
+                    await self._reply(ptype, work.result())
                     continue
                 try:
                     next_type, next_payload = reader.result()
@@ -401,11 +412,23 @@ class TdsSession:
                         partial = b""
                     await self.send(partial + tds.done(tds.DONE_ATTN))
                 else:  # a pipelined request: answer this one first
-                    await self.send(await work)
+                    await self._reply(ptype, await work)
                     self._queued = (next_type, next_payload)
         finally:
             if reader is not None:
                 reader.cancel()
+
+    async def _reply(self, ptype: int, payload: bytes) -> None:
+        """Send a request's reply, unless an injected reset cuts it off halfway."""
+        faults = self.server.faults
+        if faults.reset_results > 0 and ptype in (tds.PacketType.SQL_BATCH, tds.PacketType.RPC):
+            faults.reset_results -= 1
+            packets = tds.packetize(tds.PacketType.RESPONSE, payload, self.packet_size)
+            await self.stream.write(packets[: max(len(packets) // 2, 1)])
+            self._record("reset", "connection reset mid-result (injected)", 0)
+            self._reset()
+            raise _Closed
+        await self.send(payload)
 
     def _record(self, kind: str, text: str, error: int | None = None) -> None:
         user = self.session.user.name if self.session else ""
