@@ -71,8 +71,8 @@ class AdminClient:
     def controls(self, **settings: float) -> Any:
         return self.call("POST", "controls", settings) if settings else self.call("GET", "controls")
 
-    def latency(self, route: str, seconds: float) -> Any:
-        return self.call("POST", "latency", {"route": route, "seconds": seconds})
+    def latency(self, route: str, seconds: float, jitter: float = 0.0) -> Any:
+        return self.call("POST", "latency", {"route": route, "seconds": seconds, "jitter": jitter})
 
     def fail(
         self, route: str, status: int = 429, count: int = 1, retry_after: float | None = None
@@ -99,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     latency = sub.add_parser("latency", help="add latency to routes matching a pattern (0 removes)")
     latency.add_argument("route")
     latency.add_argument("seconds", type=float)
+    latency.add_argument(
+        "--jitter", type=float, default=0.0, help="plus a uniform random 0..JITTER seconds per call"
+    )
     fail = sub.add_parser("fail", help="answer the next N calls of a route with an error status")
     fail.add_argument("route")
     fail.add_argument("--status", type=int, default=429)
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> Any:
     if command == "status":
         return client.controls()
     if command == "latency":
-        return client.latency(args.route, args.seconds)
+        return client.latency(args.route, args.seconds, args.jitter)
     if command == "fail":
         return client.fail(args.route, args.status, args.count, args.retry_after)
     if command == "ratelimit":

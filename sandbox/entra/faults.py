@@ -15,6 +15,7 @@ clock is off.
 from __future__ import annotations
 
 import fnmatch
+import random
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -95,6 +96,7 @@ class RequestRecord:
     status: int
     ms: float
     injected: bool = False
+    delay_ms: float = 0.0  # the injected latency (fixed part plus jitter) this call waited
 
 
 @dataclass
@@ -156,6 +158,8 @@ class Controls:
     clock: Clock = field(default_factory=Clock)
     settings: Settings = field(default_factory=Settings)
     latency: dict[str, float] = field(default_factory=dict)  # route pattern -> seconds
+    jitter: dict[str, float] = field(default_factory=dict)  # route pattern -> up to +seconds
+    rng: random.Random = field(default_factory=random.Random, repr=False)
     failures: list[InjectedFailure] = field(default_factory=list)
     rate_limits: list[RateLimit] = field(default_factory=list)
     log: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=_LOG_SIZE))
@@ -167,6 +171,7 @@ class Controls:
         self.settings = Settings()
         self.read_lag.clear()
         self.latency.clear()
+        self.jitter.clear()
         self.failures.clear()
         self.rate_limits.clear()
         self.clear_log()
@@ -175,11 +180,13 @@ class Controls:
         self.log.clear()
         self.counts.clear()
 
-    def set_latency(self, route: str, seconds: float) -> None:
-        if seconds <= 0:
-            self.latency.pop(route, None)
-        else:
-            self.latency[route] = seconds
+    def set_latency(self, route: str, seconds: float, jitter: float = 0.0) -> None:
+        """Delay matching calls by ``seconds`` plus a uniform draw from ``[0, jitter]``."""
+        for table, value in ((self.latency, seconds), (self.jitter, jitter)):
+            if value <= 0:
+                table.pop(route, None)
+            else:
+                table[route] = value
 
     def fail_next(
         self, route: str, status: int, count: int, retry_after: float | None = None
@@ -199,6 +206,11 @@ class Controls:
         the call addresses (a managed identity or an application), the unit of Azure's quotas.
         """
         delay = sum(s for pattern, s in self.latency.items() if fnmatch.fnmatchcase(route, pattern))
+        delay += sum(
+            self.rng.uniform(0.0, s)
+            for pattern, s in self.jitter.items()
+            if fnmatch.fnmatchcase(route, pattern)
+        )
         for failure in self.failures:
             if failure.remaining > 0 and fnmatch.fnmatchcase(route, failure.route):
                 failure.remaining -= 1
@@ -222,6 +234,7 @@ class Controls:
             "clockSkewSeconds": self.clock.skew,
             **self.settings.to_json(),
             "latency": dict(self.latency),
+            "jitter": dict(self.jitter),
             "failures": [asdict(f) for f in self.failures],
             "rateLimits": [r.to_json() for r in self.rate_limits],
         }
