@@ -257,7 +257,8 @@ def parse_fedauth_token(payload: bytes) -> str:
     size = reader.u32()
     if size > reader.remaining():
         raise ProtocolError("FEDAUTH_TOKEN token length exceeds the message")
-    return reader.take(size).decode("utf-16-le", errors="replace")
+    # ODBC Driver 18 sends the token NUL-terminated (what it fetched, as a C string).
+    return reader.take(size).decode("utf-16-le", errors="replace").rstrip("\x00")
 
 
 # --- requests ------------------------------------------------------------------------------------

@@ -150,6 +150,10 @@ def test_fedauth_token_message_is_read_with_or_without_a_nonce() -> None:
     nonce = bytes(32)
     framed = struct.pack("<I", len(body) + 32) + body + nonce
     assert tds.parse_fedauth_token(framed) == "eyJ.token.sig"
+    # ODBC Driver 18 sends the token NUL-terminated.
+    terminated = "eyJ.token.sig\x00".encode("utf-16-le")
+    body = struct.pack("<I", len(terminated)) + terminated
+    assert tds.parse_fedauth_token(struct.pack("<I", len(body)) + body) == "eyJ.token.sig"
     with pytest.raises(tds.ProtocolError):
         tds.parse_fedauth_token(struct.pack("<II", 100, 90) + raw)
 
