@@ -211,6 +211,14 @@ class FederatedCredentialStep:
                 "identity",
             )
         written = await self._store.upsert(identity, desired)
+        if written.id is None:
+            # Graph answered 204: the name existed. Its reads lag behind its writes, so the list
+            # can miss a credential written moments ago (by this operator, or before a restart);
+            # the upsert changed nothing and created nothing. Keep the id status recorded.
+            recorded = ctx.status.get("federatedCredential") or {}
+            if recorded.get("name") == desired.name and recorded.get("id"):
+                return dataclasses.replace(written, id=str(recorded["id"]))
+            return written
         ctx.record(
             "CredentialCreated",
             f"created credential {desired.name} on {identity.ref.display} for {desired.subject}",
