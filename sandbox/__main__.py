@@ -1,4 +1,4 @@
-"""``python -m sandbox up|down|status|env|build``: the sandbox from a shell.
+"""``python -m sandbox up|down|status|env|build|images``: the sandbox from a shell.
 
 Typical use::
 
@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="show each component, its pid and address")
     sub.add_parser("env", help="print `export NAME=value` lines for a shell (eval them)")
     sub.add_parser("build", help="build (or find cached) the control plane and kubectl")
+    sub.add_parser(
+        "images",
+        help="build (or find cached) the operator and workload images from their Dockerfiles; "
+        "print `ref archive` lines",
+    )
     ctl = sub.add_parser(
         "ctl",
         help="test controls of an emulator: latency, injected faults, request logs "
@@ -87,6 +92,12 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
         return emulator_main(["ctl", "--state-dir", str(state_dir), *args.rest])
     if args.command == "build":
         print(launcher.build_controlplane())
+        return 0
+    if args.command == "images":
+        from sandbox import images
+
+        for ref, archive in images.ensure_images().items():
+            print(f"{ref} {archive}")
         return 0
     if args.command == "up":
         comps = [c for c in launcher.available_components() if not args.only or c.name in args.only]
