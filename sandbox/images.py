@@ -268,10 +268,15 @@ def host_ca_bundle() -> Path | None:
 
 def _probe(url: str, what: str, fix: str) -> None:
     """One GET; a failure becomes a one-line error naming what could not be reached."""
+    if not url.startswith(("http://", "https://")):
+        raise SandboxError(f"{what} must be an http:// or https:// URL, not {url}: {fix}")
     bundle = host_ca_bundle()
     context = ssl.create_default_context(cafile=str(bundle) if bundle else None)
     try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S, context=context) as response:
+        # Scheme checked above: only http(s), never file: or custom schemes.
+        with urllib.request.urlopen(  # noqa: S310
+            url, timeout=PROBE_TIMEOUT_S, context=context
+        ) as response:
             response.read(1)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -311,24 +316,27 @@ def _build_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run(argv: Sequence[str], log: Path, step: str) -> str:
-    """Run one build command, its output appended to ``log``; fail with its telling line."""
+def _run(argv: Sequence[str], log: Path, step: str, *, stream: bool = False) -> str:
+    """Run one build command, its output appended to ``log``; fail with its telling line.
+
+    Returns its stdout, unless ``stream`` sends that to the log as it comes (long builds).
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
         proc = subprocess.run(
             list(argv),
-            stdout=subprocess.PIPE,
+            stdout=out if stream else subprocess.PIPE,
             stderr=out,
             text=True,
             check=False,
             timeout=BUILD_TIMEOUT_S,
         )
-        out.write(proc.stdout)
+        out.write(proc.stdout or "")
     if proc.returncode != 0:
         raise SandboxError(f"{step} failed ({_telling_line(log)}); full log: {log}")
-    return proc.stdout.strip()
+    return (proc.stdout or "").strip()
 
 
 def _telling_line(log: Path) -> str:
@@ -348,7 +356,15 @@ def _say(quiet: bool, message: str) -> None:
 
 def _image_label(ref: str, label: str) -> str | None:
     proc = subprocess.run(
-        ["buildah", "inspect", "--type", "image", "--format", f'{{{{index .ImageAnnotations "{label}"}}}}', ref],
+        [
+            "buildah",
+            "inspect",
+            "--type",
+            "image",
+            "--format",
+            "{{index .ImageAnnotations " + json.dumps(label) + "}}",
+            ref,
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -384,13 +400,14 @@ def ensure_base(*, quiet: bool = False) -> str:
                 "--include=" + ",".join(BASE.packages),
                 *(f"--dpkgopt={opt}" for opt in BASE.dpkg_excludes),
                 f"--customize-hook={clean_hook}",
-                "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin",
+                '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin',
                 BASE.suite,
                 str(partial / "rootfs.tar"),
                 *BASE.sources(mirror, security),
             ],
             log,
             f"mmdebstrap ({BASE.suite} from {mirror})",
+            stream=True,
         )
         shutil.rmtree(cache, ignore_errors=True)
         partial.rename(cache)
@@ -471,6 +488,7 @@ def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, P
                     ],
                     log,
                     f"building {ref} ({spec.dockerfile})",
+                    stream=True,
                 )
                 archive = partial / spec.archive_name(version)
                 _run(

@@ -72,8 +72,9 @@ def test_cache_key_follows_exactly_the_inputs(tmp_path: Path) -> None:
     # Files outside the context do not rebuild the images.
     (root / "docs").mkdir()
     (root / "docs" / "notes.md").write_text("x")
-    (root / "workload" / "swi_workload" / "__pycache__").mkdir()
-    (root / "workload" / "swi_workload" / "__pycache__" / "client.cpython-311.pyc").write_bytes(b"x")
+    cache = root / "workload" / "swi_workload" / "__pycache__"
+    cache.mkdir()
+    (cache / "client.cpython-311.pyc").write_bytes(b"x")
     assert images.cache_key(root, base="b1") == key
 
     # A Dockerfile, a package file, an executable bit, the base recipe: each does.
@@ -112,7 +113,6 @@ def test_unreachable_mirror_fails_with_one_line(monkeypatch: pytest.MonkeyPatch)
         images.check_debian_mirror(mirror)
     message = str(caught.value)
     assert "\n" not in message
-    assert "cannot reach the Debian mirror at http://127.0.0.1:9/debian/dists/bookworm/InRelease" in (
-        message
-    )
+    probed = "http://127.0.0.1:9/debian/dists/bookworm/InRelease"
+    assert f"cannot reach the Debian mirror at {probed}" in message
     assert images.MIRROR_ENV in message
