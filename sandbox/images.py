@@ -151,6 +151,11 @@ def project_version(root: Path = REPO_ROOT) -> str:
         return str(tomllib.load(f)["project"]["version"])
 
 
+def qualified(ref: str) -> str:
+    """The full name a node's containerd (and Docker) resolve a short ref like ours to."""
+    return f"docker.io/library/{ref}"
+
+
 def image_refs(root: Path = REPO_ROOT) -> dict[str, ImageSpec]:
     version = project_version(root)
     return {spec.ref(version): spec for spec in IMAGES}
@@ -483,7 +488,7 @@ def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, P
                         "-f",
                         str(root / spec.dockerfile),
                         "-t",
-                        ref,
+                        qualified(ref),
                         str(root),
                     ],
                     log,
@@ -492,11 +497,18 @@ def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, P
                 )
                 archive = partial / spec.archive_name(version)
                 _run(
-                    ["buildah", "push", "--quiet", ref, f"docker-archive:{archive}:{ref}"],
+                    [
+                        "buildah",
+                        "push",
+                        "--quiet",
+                        qualified(ref),
+                        f"docker-archive:{archive}:{qualified(ref)}",
+                    ],
                     log,
                     f"writing {ref} to {archive}",
                 )
-                sizes[ref] = _image_size(ref)
+                # Uncompressed layers: what `docker images` shows and a node stores.
+                sizes[ref] = archive.stat().st_size
                 timings[ref] = time.monotonic() - step_start
         (partial / "build.json").write_text(
             json.dumps({"sizes": sizes, "seconds": timings}, indent=2, sort_keys=True) + "\n"
@@ -510,12 +522,3 @@ def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, P
             + f" in {time.monotonic() - started:.0f}s",
         )
     return wanted
-
-
-def _image_size(ref: str) -> int:
-    """Uncompressed size of an image in buildah's storage (what ``docker images`` shows)."""
-    proc = subprocess.run(
-        ["buildah", "images", "--json", ref], capture_output=True, text=True, check=True
-    )
-    rows = json.loads(proc.stdout)
-    return int(rows[0]["size"])

@@ -45,7 +45,7 @@ def image(request: pytest.FixtureRequest, archives: dict[str, Path]) -> Iterator
     """(ref, buildah working container opened from the ref's archive)."""
     ref: str = request.param
     proc = subprocess.run(
-        ["buildah", "from", "--quiet", "--pull-never", f"docker-archive:{archives[ref]}"],
+        ["buildah", "from", "--quiet", f"docker-archive:{archives[ref]}"],
         capture_output=True,
         text=True,
         check=False,
