@@ -475,38 +475,8 @@ def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, P
             for ref, spec in refs.items():
                 step_start = time.monotonic()
                 _say(quiet, f"building {ref} from {spec.dockerfile} (log: {log})")
-                _run(
-                    [
-                        "buildah",
-                        "bud",
-                        "--isolation",
-                        "chroot",
-                        "--pull-never",
-                        "--layers=false",
-                        "--quiet",
-                        *mounts,
-                        "-f",
-                        str(root / spec.dockerfile),
-                        "-t",
-                        qualified(ref),
-                        str(root),
-                    ],
-                    log,
-                    f"building {ref} ({spec.dockerfile})",
-                    stream=True,
-                )
                 archive = partial / spec.archive_name(version)
-                _run(
-                    [
-                        "buildah",
-                        "push",
-                        "--quiet",
-                        qualified(ref),
-                        f"docker-archive:{archive}:{qualified(ref)}",
-                    ],
-                    log,
-                    f"writing {ref} to {archive}",
-                )
+                _build_one(root, spec, ref, archive, mounts, log)
                 # Uncompressed layers: what `docker images` shows and a node stores.
                 sizes[ref] = archive.stat().st_size
                 timings[ref] = time.monotonic() - step_start
@@ -522,3 +492,51 @@ def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, P
             + f" in {time.monotonic() - started:.0f}s",
         )
     return wanted
+
+
+def _image_id(name: str) -> str | None:
+    proc = subprocess.run(
+        ["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", name],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+def _build_one(
+    root: Path, spec: ImageSpec, ref: str, archive: Path, mounts: list[str], log: Path
+) -> None:
+    """``buildah bud`` one Dockerfile as users build it, then write its docker archive."""
+    name = qualified(ref)
+    previous = _image_id(name)
+    _run(
+        [
+            "buildah",
+            "bud",
+            "--isolation",
+            "chroot",
+            "--pull-never",
+            "--layers=false",
+            "--quiet",
+            *mounts,
+            "-f",
+            str(root / spec.dockerfile),
+            "-t",
+            name,
+            str(root),
+        ],
+        log,
+        f"building {ref} ({spec.dockerfile})",
+        stream=True,
+    )
+    _run(
+        ["buildah", "push", "--quiet", name, f"docker-archive:{archive}:{name}"],
+        log,
+        f"writing {ref} to {archive}",
+    )
+    if previous and previous != _image_id(name):
+        # The build of older inputs, now untagged: its archive is in the cache if still wanted.
+        subprocess.run(["buildah", "rmi", previous], capture_output=True, check=False)
