@@ -520,7 +520,6 @@ def _build_one(
             "chroot",
             "--pull-never",
             "--layers=false",
-            "--quiet",
             *mounts,
             "-f",
             str(root / spec.dockerfile),
