@@ -55,7 +55,7 @@ from sandbox.launcher import REPO_ROOT, SandboxError, _cache_root
 # The FROM of both Dockerfiles, as buildah normalises it.
 BASE_REF = "docker.io/library/python:3.11-slim-bookworm"
 # Bumped when the way images are built (not their inputs) changes, to invalidate the cache.
-BUILD_RECIPE = "buildah bud --isolation chroot --pull-never --layers=false; docker-archive; v1"
+BUILD_RECIPE = "buildah bud --isolation chroot --pull-never --layers=false; CA under /root; v2"
 PYPI_PROBE_URL = "https://pypi.org/simple/pip/"
 MIRROR_ENV = "SWI_DEBIAN_MIRROR"
 SECURITY_MIRROR_ENV = "SWI_DEBIAN_SECURITY_MIRROR"
@@ -438,14 +438,21 @@ def _shell_quote(text: str) -> str:
 
 
 def _build_mounts(workdir: Path) -> list[str]:
-    """The host CA bundle and a pip.conf naming it, as read-only build-time volumes, if needed."""
+    """The host CA bundle and a pip config naming it, as a read-only build-time volume, if needed.
+
+    The volume is mounted over ``/root``, pip's home in the build stages, which exists in the base
+    image: a mount target that does not exist would be created in the image and committed as an
+    empty placeholder (``/etc/pip.conf`` would stay behind as an empty file). A mount over an
+    existing directory leaves the image's own ``/root`` untouched.
+    """
     bundle = host_ca_bundle()
     if bundle is None:
         return []
-    inside = "/run/swi-build/ca-certificates.crt"
-    pip_conf = workdir / "pip.conf"
-    pip_conf.write_text(f"[global]\ncert = {inside}\n")
-    return ["-v", f"{bundle}:{inside}:ro", "-v", f"{pip_conf}:/etc/pip.conf:ro"]
+    pip_dir = workdir / "root" / ".config" / "pip"
+    pip_dir.mkdir(parents=True)
+    shutil.copyfile(bundle, pip_dir / "ca-certificates.crt")
+    (pip_dir / "pip.conf").write_text("[global]\ncert = /root/.config/pip/ca-certificates.crt\n")
+    return ["-v", f"{workdir / 'root'}:/root:ro"]
 
 
 def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, Path]:

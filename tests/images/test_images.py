@@ -131,7 +131,7 @@ def test_nothing_of_the_build_machine_or_toolchain_inside(image: tuple[str, str]
     _, container = image
     script = (
         "import os, shutil\n"
-        "paths = ['/etc/pip.conf', '/run/swi-build', '/opt/swi/bin/pip', '/src',\n"
+        "paths = ['/etc/pip.conf', '/root/.config', '/run/swi-build', '/opt/swi/bin/pip', '/src',\n"
         "         '/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease']\n"
         "print([p for p in paths if os.path.exists(p)])\n"
         "print([t for t in ('gcc', 'cc', 'make', 'pip', 'pip3') if shutil.which(t)])\n"
