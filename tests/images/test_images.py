@@ -25,8 +25,16 @@ pytestmark = pytest.mark.timeout(3600)
 
 DRIVER = "ODBC Driver 18 for SQL Server"
 EXPECTED = {
-    "sql-workload-identity-operator:0.1.0": {"cli": "swi-operator", "user": "65532:65532"},
-    "sql-workload-identity-workload:0.1.0": {"cli": "swi-workload", "user": "10001:10001"},
+    "sql-workload-identity-operator:0.1.0": {
+        "cli": "swi-operator",
+        "user": "65532:65532",
+        "scripts": "swi-operator swi-workload",
+    },
+    "sql-workload-identity-workload:0.1.0": {
+        "cli": "swi-workload",
+        "user": "10001:10001",
+        "scripts": "swi-workload",
+    },
 }
 
 
@@ -105,6 +113,16 @@ def test_cli_help_runs(image: tuple[str, str]) -> None:
     proc = run(container, cli, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+def test_every_console_script_runs(image: tuple[str, str]) -> None:
+    ref, container = image
+    listed = run(container, "sh", "-c", "ls /opt/swi/bin | grep '^swi-'")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == EXPECTED[ref]["scripts"].split()
+    for script in listed.stdout.split():
+        proc = run(container, script, "--help")
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
 
 
 def test_odbc_driver_registered_and_loadable(image: tuple[str, str]) -> None:
