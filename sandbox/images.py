@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import ssl
 import subprocess
@@ -54,6 +55,8 @@ from sandbox.launcher import REPO_ROOT, SandboxError, _cache_root
 
 # The FROM of both Dockerfiles, as buildah normalises it.
 BASE_REF = "docker.io/library/python:3.11-slim-bookworm"
+# On the local base image: the recipe it was made from (a changed recipe makes it again).
+BASE_ANNOTATION = "io.swi-sandbox.base-recipe"
 # Bumped when the way images are built (not their inputs) changes, to invalidate the cache.
 BUILD_RECIPE = "buildah bud --isolation chroot --pull-never --layers=false; CA under /root; v2"
 PYPI_PROBE_URL = "https://pypi.org/simple/pip/"
@@ -359,7 +362,7 @@ def _say(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _image_label(ref: str, label: str) -> str | None:
+def _image_annotation(ref: str, key: str) -> str | None:
     proc = subprocess.run(
         [
             "buildah",
@@ -367,7 +370,7 @@ def _image_label(ref: str, label: str) -> str | None:
             "--type",
             "image",
             "--format",
-            "{{index .ImageAnnotations " + json.dumps(label) + "}}",
+            "{{index .ImageAnnotations " + json.dumps(key) + "}}",
             ref,
         ],
         capture_output=True,
@@ -384,7 +387,7 @@ def ensure_base(*, quiet: bool = False) -> str:
     """
     mirror, security = debian_mirrors()
     key = base_key(mirror, security)
-    if _image_label(BASE_REF, "io.swi-sandbox.base-recipe") == key:
+    if _image_annotation(BASE_REF, BASE_ANNOTATION) == key:
         return key
     cache = _cache_root() / f"images-base-{key}"
     rootfs = cache / "rootfs.tar"
@@ -396,7 +399,7 @@ def ensure_base(*, quiet: bool = False) -> str:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         clean_hook = (
-            "printf '%s' " + _shell_quote(_APT_CLEAN) + ' > "$1/etc/apt/apt.conf.d/docker-clean"'
+            "printf '%s' " + shlex.quote(_APT_CLEAN) + ' > "$1/etc/apt/apt.conf.d/docker-clean"'
         )
         _run(
             [
@@ -419,7 +422,7 @@ def ensure_base(*, quiet: bool = False) -> str:
     container = _run(["buildah", "from", "--quiet", "scratch"], log, "buildah from scratch")
     try:
         _run(["buildah", "add", "--quiet", container, str(rootfs), "/"], log, "buildah add")
-        config = ["buildah", "config", "--annotation", f"io.swi-sandbox.base-recipe={key}"]
+        config = ["buildah", "config", "--annotation", f"{BASE_ANNOTATION}={key}"]
         for env in (
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             *BASE.env,
@@ -431,10 +434,6 @@ def ensure_base(*, quiet: bool = False) -> str:
         subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
         raise
     return key
-
-
-def _shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def _build_mounts(workdir: Path) -> list[str]:
