@@ -7,9 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint format bench bench-quick sandbox-build tools-build system-deps venv up down clean
+.PHONY: test demo lint format bench bench-quick sandbox-build tools-build images system-deps venv up down clean
 
-test: system-deps $(STAMP) sandbox-build tools-build
+test: system-deps $(STAMP) sandbox-build tools-build images
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: system-deps $(STAMP) sandbox-build
@@ -50,6 +50,11 @@ sandbox-build: $(STAMP)
 tools-build: $(STAMP)
 	$(PY) -m sandbox build --tools
 
+# The operator and workload images from their Dockerfiles (buildah, no daemon, no registry):
+# docker archives cached under ~/.cache/swi-sandbox/images-<hash of the inputs>/ (docs/deploy.md).
+images: system-deps $(STAMP)
+	$(PY) -m sandbox images
+
 up: system-deps $(STAMP) sandbox-build
 	$(PY) -m sandbox up
 
@@ -73,6 +78,15 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unixodbc libodbc2 odbcinst >/dev/null; \
 	  else \
 	    echo "error: unixODBC is missing: run 'sudo apt-get install unixodbc' (Debian/Ubuntu) and retry" >&2; exit 2; \
+	  fi; \
+	fi
+	@# buildah and mmdebstrap build the images (sandbox/images.py) as root, without a daemon.
+	@if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing buildah and mmdebstrap (Debian packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah mmdebstrap >/dev/null; \
+	  else \
+	    echo "error: buildah or mmdebstrap is missing: run 'sudo apt-get install buildah mmdebstrap' (Debian/Ubuntu) and retry" >&2; exit 2; \
 	  fi; \
 	fi
 

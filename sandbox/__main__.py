@@ -1,4 +1,4 @@
-"""``python -m sandbox up|down|status|env|build``: the sandbox from a shell.
+"""``python -m sandbox up|down|status|env|build|images``: the sandbox from a shell.
 
 Typical use::
 
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also the CLI tools only the tests use (helm, gitops-health)",
     )
+    sub.add_parser(
+        "images",
+        help="build (or find cached) the operator and workload images from their Dockerfiles; "
+        "print `ref archive` lines",
+    )
     ctl = sub.add_parser(
         "ctl",
         help="test controls of an emulator: latency, injected faults, request logs "
@@ -97,6 +102,12 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
 
             print(helm_binary())
             print(gitops_health_binary())
+        return 0
+    if args.command == "images":
+        from sandbox import images
+
+        for ref, archive in images.ensure_images().items():
+            print(f"{ref} {archive}")
         return 0
     if args.command == "up":
         comps = [c for c in launcher.available_components() if not args.only or c.name in args.only]
