@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swi_operator.spec import (
+    SQL_SERVER,
     ApplicationRef,
     IdentityRef,
     LabelSelector,
@@ -62,9 +63,6 @@ _RANK_WORDS = {
 }
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_SERVER = re.compile(
-    r"^(?:tcp:)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?:,(?P<port>[0-9]{1,5}))?$"
-)
 _ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_@$#-]*$")
 _DATABASE = re.compile(r"^[^\x00-\x1f\[\]]+$")
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -83,12 +81,10 @@ class ServerKey:
 
 def server_key(server: str) -> ServerKey | None:
     """``myserver.database.windows.net``, ``tcp:host,port`` or ``host,port``; None if invalid."""
-    match = _SERVER.fullmatch(server)
+    match = SQL_SERVER.fullmatch(server)
     if match is None:
         return None
     port = int(match["port"]) if match["port"] else DEFAULT_SQL_PORT
-    if not 0 < port < 65536:
-        return None
     return ServerKey(match["host"].lower(), port)
 
 

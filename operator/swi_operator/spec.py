@@ -33,7 +33,15 @@ _MANAGED_IDENTITY_ID = re.compile(
     r"Microsoft\.ManagedIdentity/userAssignedIdentities/(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{2,127})$",
     re.IGNORECASE,
 )
-_SQL_SERVER = re.compile(r"^(tcp:)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(,[0-9]{1,5})?$")
+# A port 1-65535 without leading zeros, as the CRDs' patterns say: what the API server admits is
+# exactly what the operator accepts.
+SQL_PORT_PATTERN = (
+    r"6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}"
+)
+SQL_SERVER = re.compile(
+    r"^(?:tcp:)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+    rf"(?:,(?P<port>{SQL_PORT_PATTERN}))?$"
+)
 _SQL_DATABASE = re.compile(r"^[^\x00-\x1f\[\]]+$")
 _SQL_ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_@$#-]*$")
 _SQL_USER = re.compile(r"^[^\x00-\x1f\x7f]+$")  # any sysname; quoted wherever it is used
@@ -287,7 +295,7 @@ def _parse_sql(raw: object, problems: list[tuple[str, str]]) -> SqlSpec | None:
         return None
     server, database, roles = raw.get("server"), raw.get("database"), raw.get("roles") or []
     ok = True
-    if not isinstance(server, str) or len(server) > 260 or not _SQL_SERVER.fullmatch(server):
+    if not isinstance(server, str) or len(server) > 260 or not SQL_SERVER.fullmatch(server):
         problems.append(
             (
                 f"{path}.server",
