@@ -61,7 +61,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# unixODBC is what pyodbc loads the Microsoft ODBC Driver 18 through.
+# unixODBC is what pyodbc loads the Microsoft ODBC Driver 18 through. The sandbox's node needs
+# libseccomp-dev and pkg-config (runc is built with seccomp), Debian's CNI plugins, iptables and
+# iproute2 (its network namespace).
+NODE_DEBS := libseccomp-dev pkg-config containernetworking-plugins iptables iproute2
 system-deps:
 	@if ! ldconfig -p | grep -q 'libodbc.so.2'; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -69,6 +72,15 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unixodbc libodbc2 odbcinst >/dev/null; \
 	  else \
 	    echo "error: unixODBC is missing: run 'sudo apt-get install unixodbc' (Debian/Ubuntu) and retry" >&2; exit 2; \
+	  fi; \
+	fi
+	@missing=$$(for p in $(NODE_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing the sandbox node's Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "error: the sandbox node needs Debian packages $$(echo $$missing): run 'sudo apt-get install $$(echo $$missing)' and retry (or run as root)" >&2; exit 2; \
 	  fi; \
 	fi
 
