@@ -163,7 +163,15 @@ class Component:
                 argv += ["--node-address", net.host_ip, "--service-cidr", net.service_cidr]
             return argv
         if self.name in NODE_COMPONENT_NAMES:
-            return [sys.executable, "-m", "sandbox.node", "run", self.name, "--state-dir", str(state_dir)]
+            return [
+                sys.executable,
+                "-m",
+                "sandbox.node",
+                "run",
+                self.name,
+                "--state-dir",
+                str(state_dir),
+            ]
         if self.name == "operator":
             return [sys.executable, "-m", "swi_operator", "--install-crds", str(REPO_ROOT / "crds")]
         module = f"sandbox.{self.name}"

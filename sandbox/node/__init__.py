@@ -152,7 +152,8 @@ def plan(state_dir: Path) -> NodeNet:
             with contextlib.suppress(ValueError):
                 taken.append(ipaddress.IPv4Network(dst, strict=False))
     for addr in _ip_json("-4", "addr", "show"):
-        for info in addr.get("addr_info", []) or []:  # type: ignore[union-attr]
+        infos = addr.get("addr_info")
+        for info in infos if isinstance(infos, list) else []:
             if isinstance(info, dict) and "local" in info:
                 with contextlib.suppress(ValueError):
                     taken.append(
@@ -212,7 +213,21 @@ def setup_network(state_dir: Path) -> NodeNet:
         return net
     teardown_network(net)  # a half-made one from a crash
     _run(["ip", "netns", "add", net.netns])
-    _run(["ip", "link", "add", net.host_if, "type", "veth", "peer", "name", UPLINK, "netns", net.netns])
+    _run(
+        [
+            "ip",
+            "link",
+            "add",
+            net.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            UPLINK,
+            "netns",
+            net.netns,
+        ]
+    )
     _run(["ip", "addr", "add", f"{net.host_ip}/30", "dev", net.host_if])
     _run(["ip", "link", "set", net.host_if, "up"])
     for argv in (
@@ -242,6 +257,11 @@ def teardown_network(net: NodeNet) -> None:
     # removed by hand.
     if _ip_json("link", "show", net.host_if):
         _run(["ip", "link", "del", net.host_if], check=False)
+    # `ip netns add` made /run/netns a mount point of its own; once no namespace is left in it
+    # (no other sandbox runs), it goes too.
+    with contextlib.suppress(OSError):
+        if NETNS_DIR.is_dir() and not any(NETNS_DIR.iterdir()):
+            subprocess.run(["umount", str(NETNS_DIR)], capture_output=True, check=False)
 
 
 # --- binaries ---------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ def _run(name: str, state_dir: Path) -> int:
     require_root()
     net = load_plan(state_dir)
     if net is None:
-        raise NodeError(f"no node network planned in {state_dir}: start it with `python -m sandbox up`")
+        raise NodeError(
+            f"no node network planned in {state_dir}: start it with `python -m sandbox up`"
+        )
     build_node(quiet=True)
     argv, env = command(state_dir, name, net)
     child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
@@ -43,7 +45,9 @@ def _run(name: str, state_dir: Path) -> int:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not ready(state_dir, name, net):
         if child.poll() is not None:
-            raise NodeError(f"{name} exited with code {child.returncode} before it was ready (see its log)")
+            raise NodeError(
+                f"{name} exited with code {child.returncode} before it was ready (see its log)"
+            )
         if stopping:
             return _wait(child)
         if time.monotonic() > deadline:

@@ -131,9 +131,7 @@ oom_score = 0
     return path
 
 
-def _client_kubeconfig(
-    state_dir: Path, net: NodeNet, name: str, organization: str | None
-) -> Path:
+def _client_kubeconfig(state_dir: Path, net: NodeNet, name: str, organization: str | None) -> Path:
     """A kubeconfig with a client certificate from the sandbox CA, for the API server."""
     from sandbox.pki import ensure_ca
 
@@ -158,7 +156,10 @@ def _client_kubeconfig(
                     }
                 ],
                 "users": [
-                    {"name": name, "user": {"client-certificate": str(cert), "client-key": str(key)}}
+                    {
+                        "name": name,
+                        "user": {"client-certificate": str(cert), "client-key": str(key)},
+                    }
                 ],
                 "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": name}}],
                 "current-context": "sandbox",
@@ -198,7 +199,11 @@ def kubelet_config(state_dir: Path, net: NodeNet) -> Path:
         "oomScoreAdj": 0,
         "serializeImagePulls": False,
         # A shared developer machine: never evict or collect images because of its disk.
-        "evictionHard": {"memory.available": "1Mi", "nodefs.available": "0%", "imagefs.available": "0%"},
+        "evictionHard": {
+            "memory.available": "1Mi",
+            "nodefs.available": "0%",
+            "imagefs.available": "0%",
+        },
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "registerNode": True,
@@ -292,7 +297,9 @@ def command(state_dir: Path, name: str, net: NodeNet) -> tuple[list[str], dict[s
     if name == "kubelet":
         _ensure_cgroup_parent(net)
         _save_sysctls(state_dir)
-        kubeconfig = _client_kubeconfig(state_dir, net, f"system:node:{net.node_name}", "system:nodes")
+        kubeconfig = _client_kubeconfig(
+            state_dir, net, f"system:node:{net.node_name}", "system:nodes"
+        )
         config = kubelet_config(state_dir, net)
         argv = [
             str(_controlplane_bin_dir() / "kubelet"),
@@ -321,7 +328,12 @@ def ready(state_dir: Path, name: str, net: NodeNet) -> bool:
         if not containerd_socket(state_dir).exists():
             return False
         proc = subprocess.run(
-            [str(node_bin_dir() / "ctr"), "--address", str(containerd_socket(state_dir)), "version"],
+            [
+                str(node_bin_dir() / "ctr"),
+                "--address",
+                str(containerd_socket(state_dir)),
+                "version",
+            ],
             capture_output=True,
             check=False,
         )
@@ -434,7 +446,12 @@ def leftovers(state_dir: Path) -> list[str]:
         return found
     if net.netns_path.exists():
         found.append(f"network namespace {net.netns}")
-    if subprocess.run(["ip", "link", "show", net.host_if], capture_output=True, check=False).returncode == 0:
+    if (
+        subprocess.run(
+            ["ip", "link", "show", net.host_if], capture_output=True, check=False
+        ).returncode
+        == 0
+    ):
         found.append(f"link {net.host_if}")
     found += [f"mount {m}" for m in _mounts_under(state_dir)]
     found += [f"process {pid} (shim)" for pid in _shim_pids(state_dir)]
@@ -442,7 +459,9 @@ def leftovers(state_dir: Path) -> list[str]:
     for hierarchy in CGROUP_ROOT.iterdir():
         if (hierarchy / net.cgroup_parent.lstrip("/")).exists():
             found.append(f"cgroup {hierarchy / net.cgroup_parent.lstrip('/')}")
-    routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True, check=False)
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show"], capture_output=True, text=True, check=False
+    )
     for cidr in (net.pod_cidr, net.service_cidr):
         if cidr in routes.stdout:
             found.append(f"route {cidr}")
@@ -452,7 +471,9 @@ def leftovers(state_dir: Path) -> list[str]:
             if link.is_symlink() and str(os.readlink(link)).startswith(str(logs)):
                 found.append(f"log link {link}")
     with contextlib.suppress(OSError):
-        found += [f"CNI cache {c}" for c in CNI_CACHE.iterdir() if c.name.startswith(f"swi-{net.id}-")]
+        found += [
+            f"CNI cache {c}" for c in CNI_CACHE.iterdir() if c.name.startswith(f"swi-{net.id}-")
+        ]
     if (node_dir(state_dir) / "cni" / "ipam").exists():
         found.append(f"CNI state {node_dir(state_dir) / 'cni' / 'ipam'}")
     return found
