@@ -327,7 +327,7 @@ def ready(state_dir: Path, name: str, net: NodeNet) -> bool:
     if name == "containerd":
         if not containerd_socket(state_dir).exists():
             return False
-        proc = subprocess.run(
+        version = subprocess.run(
             [
                 str(node_bin_dir() / "ctr"),
                 "--address",
@@ -337,7 +337,7 @@ def ready(state_dir: Path, name: str, net: NodeNet) -> bool:
             capture_output=True,
             check=False,
         )
-        return proc.returncode == 0
+        return version.returncode == 0
     kubeconfig = str(state_dir / "controlplane" / "kubeconfig")
     kubectl = str(_controlplane_bin_dir() / "kubectl")
     if name == "kubelet":
