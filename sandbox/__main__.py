@@ -59,8 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop everything the sandbox started")
     sub.add_parser("status", help="show each component, its pid and address")
     sub.add_parser("env", help="print `export NAME=value` lines for a shell (eval them)")
-    sub.add_parser(
+    build = sub.add_parser(
         "build", help="build (or find cached) the control plane, kubectl and the node's programs"
+    )
+    build.add_argument(
+        "--tools",
+        action="store_true",
+        help="also the CLI tools only the tests use (helm, gitops-health)",
     )
     ctl = sub.add_parser(
         "ctl",
@@ -98,6 +103,11 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
             print(node.build_node())
         except node.NodeError as exc:
             raise launcher.SandboxError(str(exc)) from None
+        if args.tools:
+            from sandbox.tools import gitops_health_binary, helm_binary
+
+            print(helm_binary())
+            print(gitops_health_binary())
         return 0
     if args.command == "up":
         comps = [

@@ -40,22 +40,35 @@ from typing import Protocol
 
 
 class Reason(enum.StrEnum):
-    """Condition reasons for failures. Success reasons live with the step that sets them."""
+    """Condition reasons for failures. Success reasons live with the step that sets them.
 
-    # Transient: the operator retries on its own.
+    Each reason is transient or permanent (``transient``, from ``TRANSIENT_REASONS``): a
+    ``TransientError`` carries a transient one, a ``PermanentError`` a permanent one (a unit test
+    checks every raise in the package). The status's ``Reconciling`` and ``Stalled`` conditions
+    (``conditions.progress``) are derived from the same split, which is what kstatus and Argo CD
+    read.
+    """
+
+    # Transient: the operator gets further on its own (it retries, or the drift check repairs).
     THROTTLED = "Throttled"
     CLOUD_UNAVAILABLE = "CloudUnavailable"
     CONCURRENT_WRITE = "ConcurrentWrite"
     KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
     ISSUER_UNAVAILABLE = "IssuerUnavailable"
     DATABASE_UNAVAILABLE = "DatabaseUnavailable"
+    DATABASE_BUSY = "DatabaseBusy"  # a lock or the statement timeout (sql.py)
     PROPAGATING = "Propagating"  # Verified: Entra does not accept the new credential yet
+    # Verified: the database user or its read role went away since DatabaseAccessReady checked;
+    # the next reconcile (at the latest the drift check) puts them back.
+    DATABASE_USER_MISSING = "DatabaseUserMissing"
+    DATABASE_READ_DENIED = "DatabaseReadDenied"
     # Permanent: someone has to change something; the message says what.
     INVALID_SPEC = "InvalidSpec"
     OPERATOR_NOT_DATABASE_ADMIN = "OperatorNotDatabaseAdmin"
     DATABASE_USER_CONFLICT = "DatabaseUserConflict"
     DATABASE_ROLE_NOT_FOUND = "DatabaseRoleNotFound"
     DATABASE_REJECTED = "DatabaseRejected"
+    DATABASE_HAS_DDL_TRIGGERS = "DatabaseHasDdlTriggers"
     SQL_SERVER_NOT_ALLOWED = "SqlServerNotAllowed"
     PERMISSION_DENIED = "PermissionDenied"
     IDENTITY_NOT_FOUND = "IdentityNotFound"
@@ -67,6 +80,39 @@ class Reason(enum.StrEnum):
     SERVICE_ACCOUNT_CONFLICT = "ServiceAccountConflict"
     KUBERNETES_REJECTED = "KubernetesRejected"
     NOT_AUTHORIZED = "NotAuthorized"
+    INVALID_POLICY = "InvalidPolicy"  # a SqlIdentityPolicy the operator cannot apply
+    # Verified: the probe's token exchange or login was refused for a reason a person must fix.
+    NO_MATCHING_FEDERATED_CREDENTIAL = "NoMatchingFederatedCredential"
+    TOKEN_AUDIENCE_REJECTED = "TokenAudienceRejected"  # noqa: S105 (a reason, not a secret)
+    ISSUER_UNREACHABLE = "IssuerUnreachable"
+    LOGIN_FAILED = "LoginFailed"
+
+    @property
+    def transient(self) -> bool:
+        return self in TRANSIENT_REASONS
+
+
+TRANSIENT_REASONS = frozenset(
+    {
+        Reason.THROTTLED,
+        Reason.CLOUD_UNAVAILABLE,
+        Reason.CONCURRENT_WRITE,
+        Reason.KUBERNETES_UNAVAILABLE,
+        Reason.ISSUER_UNAVAILABLE,
+        Reason.DATABASE_UNAVAILABLE,
+        Reason.DATABASE_BUSY,
+        Reason.PROPAGATING,
+        Reason.DATABASE_USER_MISSING,
+        Reason.DATABASE_READ_DENIED,
+    }
+)
+
+
+def is_transient(reason: str) -> bool:
+    """Whether a condition that is not True for ``reason`` clears without a person: one of the
+    transient ``Reason``s. Any other reason of a False condition (a permanent ``Reason``, or a
+    step's own, such as WorkloadsReady's) waits for someone to change something."""
+    return reason in TRANSIENT_REASONS
 
 
 class ReconcileError(Exception):
@@ -286,6 +332,9 @@ class SqlFailureInfo(Protocol):
     @property
     def unreachable(self) -> bool: ...
 
+    @property
+    def sqlstate(self) -> str: ...
+
 
 def sql_error(failure: SqlFailureInfo, where: str, doing: str, operator: str) -> ReconcileError:
     """Map a failure of the operator's own SQL session (``where``: "database 'd' on server s",
@@ -297,6 +346,13 @@ def sql_error(failure: SqlFailureInfo, where: str, doing: str, operator: str) ->
     permanent, with the fix in the message.
     """
     what = f"{failure.message} ({failure.number})" if failure.number else failure.message
+    if failure.number == LOCK_TIMEOUT_ERROR or failure.sqlstate in QUERY_TIMEOUT_SQLSTATES:
+        return TransientError(
+            Reason.DATABASE_BUSY,
+            f"{where} did not let the operator {doing} in time ({what}): another session holds "
+            "a lock it needs (an open transaction in that database), or the statement ran past "
+            "the operator's timeout (--sql-lock-timeout, --sql-statement-timeout); retrying",
+        )
     if failure.transient or failure.unreachable:
         return TransientError(
             Reason.DATABASE_UNAVAILABLE,
@@ -323,6 +379,9 @@ def sql_error(failure: SqlFailureInfo, where: str, doing: str, operator: str) ->
         )
     return PermanentError(Reason.DATABASE_REJECTED, f"failed to {doing} in {where}: {what}")
 
+
+LOCK_TIMEOUT_ERROR = 1222  # "Lock request time out period exceeded." (SET LOCK_TIMEOUT)
+QUERY_TIMEOUT_SQLSTATES = frozenset({"HYT00"})  # the driver's query timeout expired
 
 # Login failed (no user for the operator's token), CREATE USER refused, "does not exist or you do
 # not have permission" (asked only about principals just seen to exist), SELECT/CREATE denied.

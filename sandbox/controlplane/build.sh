@@ -39,9 +39,6 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 cd "$here"
-# shellcheck source=../gomodules.sh
-. "$here/../gomodules.sh"
-swi_go_mod_download "$here" || exit 1
 
 # Stamp the Kubernetes version the way upstream release builds do
 # (hack/lib/version.sh); without it /version says v0.0.0-master and kubectl

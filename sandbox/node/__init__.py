@@ -29,11 +29,11 @@ import hashlib
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sandbox.gobuild import SandboxError, cache_root, cached_build, source_hash
 
 NODE_SRC = Path(__file__).resolve().parent
 # The kubelet's CRI asks for containerd's pinned sandbox image; we build it (no registry).
@@ -58,7 +58,7 @@ KUBELET_SYSCTLS = (
 )
 
 
-class NodeError(Exception):
+class NodeError(SandboxError):
     """A problem the user can act on; ``str()`` is one line."""
 
 
@@ -268,61 +268,31 @@ def teardown_network(net: NodeNet) -> None:
 
 
 def node_source_hash() -> str:
-    digest = hashlib.sha256()
-    files = sorted(
+    return source_hash(
         p
         for p in NODE_SRC.rglob("*")
         if p.is_file() and (p.suffix == ".go" or p.name in {"go.mod", "go.sum", "build.sh"})
     )
-    files.append(NODE_SRC.parent / "gomodules.sh")
-    for path in files:
-        digest.update(str(path.relative_to(NODE_SRC.parent)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 NODE_BINARIES = ("containerd", "containerd-shim-runc-v2", "ctr", "runc", "pause", "swi-probe")
 
 
 def node_bin_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "swi-sandbox" / f"node-{node_source_hash()}"
+    return cache_root() / f"node-{node_source_hash()}"
 
 
 def build_node(*, quiet: bool = False) -> Path:
-    """Build containerd, runc, pause and swi-probe unless a build of the same sources is cached."""
-    import sys
-
-    out = node_bin_dir()
-    if all((out / name).exists() for name in NODE_BINARIES):
-        return out
-    if shutil.which("go") is None:
-        raise NodeError("Go toolchain not found: install Go 1.26+ and put `go` on PATH")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started = time.monotonic()
-    if not quiet:
-        print(f"building the sandbox node's runtime into {out}", file=sys.stderr)
-    proc = subprocess.run(
-        ["bash", str(NODE_SRC / "build.sh"), str(tmp)],
-        cwd=NODE_SRC,
-        stdout=subprocess.DEVNULL if quiet else None,
-        stderr=subprocess.PIPE if quiet else None,
-        text=True,
-        check=False,
+    """Build containerd, runc, pause and swi-probe unless a build of the same sources is cached
+    (a module the proxy refuses is named in one line, as for every Go build of the sandbox)."""
+    return cached_build(
+        what="the sandbox node's containerd, runc, pause and swi-probe",
+        src_dir=NODE_SRC,
+        cache_name=node_bin_dir().name,
+        outputs=NODE_BINARIES,
+        quiet=quiet,
+        cold_estimate="about 8 CPU-minutes plus the module download",
     )
-    if proc.returncode != 0:
-        detail = [ln for ln in (proc.stderr or "").splitlines() if ln.startswith("error:")][-1:]
-        raise NodeError(
-            "building the node failed"
-            + (f" ({detail[0].removeprefix('error:').strip()})" if detail else "")
-            + f": run `bash {NODE_SRC / 'build.sh'} /tmp/node` to see the Go error"
-        )
-    tmp.rename(out)
-    if not quiet:
-        print(f"built in {time.monotonic() - started:.0f}s", file=sys.stderr)
-    return out
 
 
 # --- images -----------------------------------------------------------------------------------

@@ -21,16 +21,12 @@ if ! pkg-config --exists libseccomp 2>/dev/null; then
   exit 1
 fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=../gomodules.sh
-. "$here/../gomodules.sh"
 
 export GOTOOLCHAIN=local
 export GOFLAGS="-mod=readonly -buildvcs=false"
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 cd "$here"
-
-swi_go_mod_download "$here" || exit 1
 
 ctrd=github.com/containerd/containerd/v2
 ctrd_ver=$(go list -m -f '{{.Version}}' $ctrd)
