@@ -70,23 +70,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# unixODBC is what pyodbc loads the Microsoft ODBC Driver 18 through.
+# The Debian packages the sandbox needs, installed when run as root (otherwise the error names
+# them): unixODBC is what pyodbc loads the Microsoft ODBC Driver 18 through; the node needs
+# libseccomp-dev and pkg-config (runc is built with seccomp), Debian's CNI plugins, iptables and
+# iproute2 (its network namespace); buildah and mmdebstrap build the images without a daemon.
+DEBS := unixodbc libodbc2 odbcinst libseccomp-dev pkg-config containernetworking-plugins \
+	iptables iproute2 buildah mmdebstrap
 system-deps:
-	@if ! ldconfig -p | grep -q 'libodbc.so.2'; then \
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing unixODBC (Debian packages unixodbc libodbc2 odbcinst)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq unixodbc libodbc2 odbcinst >/dev/null; \
+	    echo "installing Debian packages: "$$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "error: unixODBC is missing: run 'sudo apt-get install unixodbc' (Debian/Ubuntu) and retry" >&2; exit 2; \
-	  fi; \
-	fi
-	@# buildah and mmdebstrap build the images (sandbox/images.py) as root, without a daemon.
-	@if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing buildah and mmdebstrap (Debian packages)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah mmdebstrap >/dev/null; \
-	  else \
-	    echo "error: buildah or mmdebstrap is missing: run 'sudo apt-get install buildah mmdebstrap' (Debian/Ubuntu) and retry" >&2; exit 2; \
+	    echo "error: Debian packages missing: "$$missing": run 'sudo apt-get install "$$(echo $$missing)"' and retry (or run as root)" >&2; exit 2; \
 	  fi; \
 	fi
 

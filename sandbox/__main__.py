@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sandbox import launcher
+from sandbox import launcher, node
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the operator (python -m swi_operator) against the sandbox, in background",
     )
     up.add_argument(
+        "--no-node",
+        action="store_true",
+        help="without the node (containerd, kubelet, kube-proxy; needs root): pods stay Pending",
+    )
+    up.add_argument(
         "--timeout",
         type=float,
         default=launcher.READY_TIMEOUT_S,
@@ -54,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop everything the sandbox started")
     sub.add_parser("status", help="show each component, its pid and address")
     sub.add_parser("env", help="print `export NAME=value` lines for a shell (eval them)")
-    build = sub.add_parser("build", help="build (or find cached) the control plane and kubectl")
+    build = sub.add_parser(
+        "build", help="build (or find cached) the control plane, kubectl and the node's programs"
+    )
     build.add_argument(
         "--tools",
         action="store_true",
@@ -97,6 +104,10 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
         return emulator_main(["ctl", "--state-dir", str(state_dir), *args.rest])
     if args.command == "build":
         print(launcher.build_controlplane())
+        try:
+            print(node.build_node())
+        except node.NodeError as exc:
+            raise launcher.SandboxError(str(exc)) from None
         if args.tools:
             from sandbox.tools import gitops_health_binary, helm_binary
 
@@ -110,7 +121,12 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
             print(f"{ref} {archive}")
         return 0
     if args.command == "up":
-        comps = [c for c in launcher.available_components() if not args.only or c.name in args.only]
+        comps = [
+            c
+            for c in launcher.available_components()
+            if (not args.only or c.name in args.only)
+            and not (args.no_node and c in launcher.NODE_COMPONENTS)
+        ]
         if args.operator:
             comps.append(launcher.OPERATOR)
         for running in launcher.up(state_dir, comps, timeout=args.timeout):

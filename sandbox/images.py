@@ -51,7 +51,8 @@ from pathlib import Path
 
 from docker.utils.build import exclude_paths  # type: ignore[import-untyped]
 
-from sandbox.launcher import REPO_ROOT, SandboxError, _cache_root
+from sandbox.gobuild import SandboxError, cache_root
+from sandbox.launcher import REPO_ROOT
 
 # The FROM of both Dockerfiles, as buildah normalises it.
 BASE_REF = "docker.io/library/python:3.11-slim-bookworm"
@@ -239,7 +240,7 @@ def cache_key(root: Path = REPO_ROOT, *, base: str | None = None) -> str:
 
 def images_dir(root: Path = REPO_ROOT) -> Path:
     """Where the archives for the current inputs are (or will be) cached."""
-    return _cache_root() / f"images-{cache_key(root)}"
+    return cache_root() / f"images-{cache_key(root)}"
 
 
 # --- preconditions --------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def check_pypi() -> None:
 @contextlib.contextmanager
 def _build_lock() -> Iterator[None]:
     """One image build at a time on this machine (buildah's storage and the cache are shared)."""
-    root = _cache_root()
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with (root / "images.lock").open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -389,7 +390,7 @@ def ensure_base(*, quiet: bool = False) -> str:
     key = base_key(mirror, security)
     if _image_annotation(BASE_REF, BASE_ANNOTATION) == key:
         return key
-    cache = _cache_root() / f"images-base-{key}"
+    cache = cache_root() / f"images-base-{key}"
     rootfs = cache / "rootfs.tar"
     log = cache.with_name(cache.name + ".log")
     if not rootfs.is_file():

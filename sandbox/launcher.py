@@ -8,7 +8,11 @@ announcing readiness with one ``READY ...`` line on stdout:
 * ``entra``: the Entra ID emulator (token service, Graph, ARM), ``python -m sandbox.entra serve``;
 * ``proxy``: an HTTPS CONNECT proxy that sends Azure's public hosts to the Entra emulator, so
   unmodified clients reach it through ``HTTPS_PROXY``, ``python -m sandbox.proxy serve``;
-* ``azuresql``: the Azure SQL endpoint emulator, ``python -m sandbox.azuresql serve``.
+* ``azuresql``: the Azure SQL endpoint emulator, ``python -m sandbox.azuresql serve``;
+* ``containerd``, ``kubelet``, ``kube-proxy``: the node, in a network namespace of its own
+  (``python -m sandbox.node run NAME``, see ``sandbox/node/__init__.py``); ``up`` creates that
+  namespace first (the API server also listens on the host's end of its link) and ``down``
+  removes it and everything the node left after stopping them.
 
 Everything lives in one *state directory*: the sandbox CA, each component's log and pid file, and
 the JSON file each component writes once it listens (``<name>.json``, with an ``env`` mapping of
@@ -32,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox import node
 from sandbox.gobuild import SandboxError as SandboxError  # noqa: PLC0414 (re-exported)
 from sandbox.gobuild import cache_root, cached_build, source_hash
 from sandbox.pki import ensure_ca
@@ -70,13 +75,17 @@ def controlplane_bin_dir() -> Path:
     return cache_root() / f"controlplane-{controlplane_source_hash()}"
 
 
+CONTROLPLANE_BINARIES = ("swi-controlplane", "kubectl", "kubelet", "kube-proxy")
+
+
 def build_controlplane(*, quiet: bool = False) -> Path:
-    """Build the control plane and kubectl unless a build of the same sources is cached."""
+    """Build the control plane, kubectl, kubelet and kube-proxy unless a build of the same
+    sources is cached."""
     return cached_build(
-        what="the sandbox control plane and kubectl",
+        what="the sandbox control plane, kubectl, kubelet and kube-proxy",
         src_dir=CONTROLPLANE_SRC,
         cache_name=controlplane_bin_dir().name,
-        outputs=("swi-controlplane", "kubectl"),
+        outputs=CONTROLPLANE_BINARIES,
         quiet=quiet,
         cold_estimate="about 6 minutes plus the module download",
     )
@@ -97,7 +106,7 @@ class Component:
         ca = state_dir / "ca.crt"
         if self.name == "controlplane":
             bin_dir = build_controlplane()
-            return [
+            argv = [
                 str(bin_dir / "swi-controlplane"),
                 "--state-dir",
                 str(state_dir / "controlplane"),
@@ -105,6 +114,21 @@ class Component:
                 str(ca),
                 "--ca-key",
                 str(state_dir / "ca.key"),
+            ]
+            net = node.load_plan(state_dir)
+            if net is not None and node.network_up(net):
+                # Pods reach the API server on the host's end of the node's link.
+                argv += ["--node-address", net.host_ip, "--service-cidr", net.service_cidr]
+            return argv
+        if self.name in NODE_COMPONENT_NAMES:
+            return [
+                sys.executable,
+                "-m",
+                "sandbox.node",
+                "run",
+                self.name,
+                "--state-dir",
+                str(state_dir),
             ]
         if self.name == "operator":
             return [sys.executable, "-m", "swi_operator", "--install-crds", str(REPO_ROOT / "crds")]
@@ -149,17 +173,30 @@ def _operator_env(state_dir: Path) -> dict[str, str]:
     }
 
 
+NODE_COMPONENT_NAMES = ("containerd", "kubelet", "kube-proxy")
 CONTROLPLANE = Component("controlplane", "swi-controlplane")
 ENTRA = Component("entra", "sandbox.entra")
 PROXY = Component("proxy", "sandbox.proxy")
 AZURESQL = Component("azuresql", "sandbox.azuresql")
+CONTAINERD = Component("containerd", "sandbox.node run containerd")
+KUBELET = Component("kubelet", "sandbox.node run kubelet")
+KUBE_PROXY = Component("kube-proxy", "sandbox.node run kube-proxy")
+NODE_COMPONENTS = (CONTAINERD, KUBELET, KUBE_PROXY)
 # Not started by a plain `up` (no sandbox/operator/ module): `up --operator` starts it after the
 # others; `down` stops it first.
 OPERATOR = Component("operator", "swi_operator")
 
 # Start order matters: the proxy and the SQL emulator read the Entra emulator's address from its
 # JSON file.
-ALL_COMPONENTS: tuple[Component, ...] = (CONTROLPLANE, ENTRA, PROXY, AZURESQL, OPERATOR)
+# The node comes after the control plane (the kubelet registers with it) and the emulators.
+ALL_COMPONENTS: tuple[Component, ...] = (
+    CONTROLPLANE,
+    ENTRA,
+    PROXY,
+    AZURESQL,
+    *NODE_COMPONENTS,
+    OPERATOR,
+)
 
 
 def available_components() -> list[Component]:
@@ -169,6 +206,9 @@ def available_components() -> list[Component]:
     for comp in ALL_COMPONENTS:
         if comp is CONTROLPLANE:
             if (CONTROLPLANE_SRC / "go.mod").exists():
+                present.append(comp)
+        elif comp in NODE_COMPONENTS:
+            if CONTROLPLANE in present and (here / "node" / "__main__.py").exists():
                 present.append(comp)
         elif (here / comp.name / "__main__.py").exists() or (here / f"{comp.name}.py").exists():
             if comp is PROXY and ENTRA not in present:
@@ -355,8 +395,11 @@ def up(
     """Start every component that is not running; return once all are ready."""
     state_dir.mkdir(parents=True, exist_ok=True)
     ensure_ca(state_dir)
+    comps = list(components if components is not None else available_components())
+    if any(c in NODE_COMPONENTS for c in comps):
+        _prepare_node(state_dir)
     started: list[Running] = []
-    for comp in components if components is not None else available_components():
+    for comp in comps:
         current = inspect(state_dir, comp)
         if current.alive:
             started.append(current)
@@ -367,8 +410,28 @@ def up(
     return started
 
 
+def _prepare_node(state_dir: Path) -> None:
+    """The node's network namespace and binaries, before the control plane starts (it listens
+    on the node's link)."""
+    try:
+        node.require_root()
+        node.build_node()
+        build_controlplane()
+        planned = node.load_plan(state_dir)
+        was_up = planned is not None and node.network_up(planned)
+        node.setup_network(state_dir)
+    except node.NodeError as exc:
+        raise SandboxError(str(exc)) from None
+    if inspect(state_dir, CONTROLPLANE).alive and not was_up:
+        raise SandboxError(
+            "the control plane runs without the node's network (it was started before it): "
+            f"`python -m sandbox down --state-dir {state_dir}` and `up` again"
+        )
+
+
 def down(state_dir: Path) -> list[str]:
-    """Stop every component (last started first); return the names that were running."""
+    """Stop every component (last started first), then remove what the node left on the
+    machine; return the names that were running."""
     stopped = []
     for comp in reversed(ALL_COMPONENTS):
         current = inspect(state_dir, comp)
@@ -376,6 +439,9 @@ def down(state_dir: Path) -> list[str]:
             _terminate(current.pid)
             stopped.append(comp.name)
         _forget(state_dir, comp)
+    from sandbox.node.runtime import teardown
+
+    teardown(state_dir)
     return stopped
 
 

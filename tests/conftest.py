@@ -1,10 +1,10 @@
 """Shared fixtures: one sandbox for the whole test session, a fresh namespace per test.
 
-The session starts the real sandbox (control plane, Entra emulator, Azure SQL emulator) in a
-temporary state directory through the same launcher `python -m sandbox up` uses, applies its
-environment (CA bundle variables, Azure endpoints) to this process the way a user's shell would,
-and stops it at the end. Set ``SWI_TEST_SANDBOX_DIR`` to a running sandbox's state directory to
-reuse it across runs while developing (it is then left running).
+The session starts the real sandbox (control plane, Entra emulator, Azure SQL emulator, the
+node) in a temporary state directory through the same launcher `python -m sandbox up` uses,
+applies its environment (CA bundle variables, Azure endpoints) to this process the way a user's
+shell would, and stops it at the end. Set ``SWI_TEST_SANDBOX_DIR`` to a running sandbox's state
+directory to reuse it across runs while developing (it is then left running).
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ type apiserverParams struct {
 	featureGates string
 	verbosity    int
 	extraArgs    []string
+	nodeAddress  net.IP // nil: loopback only
+	serviceCIDR  string
+	kubeletCert  string
+	kubeletKey   string
 }
 
 // startAPIServer builds and starts the apiserver; it returns once the server
@@ -54,7 +58,6 @@ func startAPIServer(ctx context.Context, p apiserverParams) (<-chan error, error
 	args := []string{
 		"--etcd-servers=" + p.etcdURL,
 		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
 		"--cert-dir=" + p.certDir,
 		"--tls-cert-file=" + p.servingCert,
 		"--tls-private-key-file=" + p.servingKey,
@@ -66,17 +69,28 @@ func startAPIServer(ctx context.Context, p apiserverParams) (<-chan error, error
 		"--service-account-issuer=" + p.issuer,
 		"--service-account-key-file=" + p.saKey,
 		"--service-account-signing-key-file=" + p.saKey,
-		"--service-cluster-ip-range=10.0.0.0/24",
-		// The "kubernetes" Service endpoints would point at 127.0.0.1, which
-		// Endpoints validation rejects (loopback): the default lease reconciler
-		// then logs an error every 10 s. Nothing in the sandbox needs them.
-		"--endpoint-reconciler-type=none",
+		"--service-cluster-ip-range=" + p.serviceCIDR,
+		// kubectl logs/exec: reach the kubelet at the node's InternalIP (its
+		// host name does not resolve), with our client certificate.
+		"--kubelet-preferred-address-types=InternalIP",
+		"--kubelet-client-certificate=" + p.kubeletCert,
+		"--kubelet-client-key=" + p.kubeletKey,
 		"--profiling=false",
 		// On shutdown, drain normal requests and then give net/http only 2 s
 		// (instead of the 60 s request timeout) for open watch streams, so a
 		// client holding a watch (kopf, kubectl -w) cannot stall SIGTERM.
 		"--shutdown-send-retry-after=true",
 		fmt.Sprintf("--v=%d", p.verbosity),
+	}
+	if p.nodeAddress != nil {
+		// Pods reach the API server through the kubernetes Service, whose
+		// endpoint is this address (the lease reconciler keeps it).
+		args = append(args, "--advertise-address="+p.nodeAddress.String(), "--endpoint-reconciler-type=lease")
+	} else {
+		// The "kubernetes" Service endpoints would point at 127.0.0.1, which
+		// Endpoints validation rejects (loopback): the default lease reconciler
+		// then logs an error every 10 s. Without a node nothing needs them.
+		args = append(args, "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none")
 	}
 	for _, iss := range p.extraIssuers {
 		// Extra --service-account-issuer values are accepted when validating

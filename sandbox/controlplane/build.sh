@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build swi-controlplane (embedded etcd + kube-apiserver + kube-controller-manager)
-# and a kubectl from the same pinned k8s.io/kubernetes module set.
+# Build swi-controlplane (embedded etcd + kube-apiserver + kube-controller-manager
+# + kube-scheduler), and kubectl, kubelet and kube-proxy (the sandbox node's)
+# from the same pinned k8s.io/kubernetes module set.
 #
 #   sandbox/controlplane/build.sh OUTDIR
 #
@@ -52,7 +53,9 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   if [ -n "$kdate" ]; then ldflags="$ldflags -X $pkg.buildDate=$kdate"; fi
 done
 
-echo "building swi-controlplane and kubectl into $out with $gover (first build takes 10-20+ min on 2 cores)" >&2
+echo "building swi-controlplane, kubectl, kubelet and kube-proxy into $out with $gover (first build takes 10-20+ min on 2 cores)" >&2
+go build -trimpath -ldflags="$ldflags" -o "$out/kubelet" k8s.io/kubernetes/cmd/kubelet
+go build -trimpath -ldflags="$ldflags" -o "$out/kube-proxy" k8s.io/kubernetes/cmd/kube-proxy
 go build -trimpath -ldflags="$ldflags" -o "$out/swi-controlplane" .
 go build -trimpath -ldflags="$ldflags" -o "$out/kubectl" k8s.io/kubernetes/cmd/kubectl
-echo "built $out/swi-controlplane $out/kubectl" >&2
+echo "built $out/swi-controlplane $out/kubectl $out/kubelet $out/kube-proxy" >&2

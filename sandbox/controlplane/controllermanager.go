@@ -18,8 +18,8 @@ import (
 	"k8s.io/kubernetes/cmd/kube-controller-manager/names"
 )
 
-// controllers we run. No scheduler or kubelet exists, so node/volume/endpoint
-// controllers would only burn CPU; pods simply stay Pending.
+// controllers we run: what the sandbox's workloads and its one node need
+// (volume, node-ipam and cloud controllers would only burn CPU).
 var controllers = []string{
 	names.ServiceAccountTokenController,        // token Secrets of type service-account-token (needs sa.key)
 	names.ServiceAccountController,             // "default" SA in every namespace
@@ -32,6 +32,9 @@ var controllers = []string{
 	names.CronJobController,                    // CronJob -> Jobs
 	names.TTLAfterFinishedController,           // Job ttlSecondsAfterFinished
 	names.ClusterRoleAggregationController,     // admin/edit/view aggregated ClusterRoles get their rules
+	names.NodeLifecycleController,              // lifts the node's not-ready taint once the kubelet reports Ready
+	names.EndpointSliceController,              // Service -> EndpointSlices, which kube-proxy programs
+	names.PodGarbageCollectorController,        // pods of a deleted node go away
 }
 
 func runControllerManager(ctx context.Context, kubeconfig, rootCAFile, saKeyFile string) error {

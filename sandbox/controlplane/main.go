@@ -29,6 +29,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 	_ "time/tzdata" // CronJob time zones, as in the upstream binaries
@@ -54,14 +55,15 @@ const (
 	discoveryBindingName = "sandbox-oidc-discovery-unauthenticated"
 	discoveryRoleName    = "system:service-account-issuer-discovery"
 
-	readyTimeout   = 4 * time.Minute // cold start on a busy 2-core box is ~10-30 s
-	shutdownBudget = 9 * time.Second // contract: exit within ~10 s of SIGTERM
-	lockFileName   = "swi-controlplane.lock"
-	stateFileName  = "apiserver.json"
-	issuerFileName = "issuer"
-	kubeconfigName = "kubeconfig"
-	kcmKubeconfig  = "controller-manager.kubeconfig"
-	pkiDirName     = "pki"
+	readyTimeout    = 4 * time.Minute // cold start on a busy 2-core box is ~10-30 s
+	shutdownBudget  = 9 * time.Second // contract: exit within ~10 s of SIGTERM
+	lockFileName    = "swi-controlplane.lock"
+	stateFileName   = "apiserver.json"
+	issuerFileName  = "issuer"
+	kubeconfigName  = "kubeconfig"
+	kcmKubeconfig   = "controller-manager.kubeconfig"
+	schedKubeconfig = "scheduler.kubeconfig"
+	pkiDirName      = "pki"
 )
 
 // stateFile is DIR/apiserver.json.
@@ -101,6 +103,8 @@ func run() int {
 	caKey := fs.String("ca-key", "", "sandbox CA private key (PEM; RSA or ECDSA, PKCS#1/SEC1/PKCS#8)")
 	featureGates := fs.String("feature-gates", "", "Kubernetes feature gates k=v,... for apiserver and controller-manager")
 	logFile := fs.String("log-file", "", "append logs here instead of stderr")
+	nodeAddress := fs.String("node-address", "", "also serve the API on this address (the sandbox node's side of its link, which pods reach) and advertise it as the kubernetes Service's endpoint")
+	serviceCIDR := fs.String("service-cidr", "10.0.0.0/24", "the Service ClusterIP range (the node derives one per sandbox so two can run side by side)")
 	verbosity := fs.Int("v", 0, "klog verbosity (0-1 recommended)")
 	var apiserverArgs multiFlag
 	fs.Var(&apiserverArgs, "apiserver-arg", "extra kube-apiserver flag, e.g. --apiserver-arg=--runtime-config=api/all=true (repeatable)")
@@ -124,6 +128,16 @@ func run() int {
 	dir, err := filepath.Abs(*stateDir)
 	if err != nil {
 		return fail(exitStartError, "bad --state-dir: %v", err)
+	}
+	var nodeIP net.IP
+	if *nodeAddress != "" {
+		if nodeIP = net.ParseIP(*nodeAddress).To4(); nodeIP == nil {
+			return fail(exitStartError, "--node-address %q is not an IPv4 address", *nodeAddress)
+		}
+	}
+	kubernetesServiceIP, err := firstServiceIP(*serviceCIDR)
+	if err != nil {
+		return fail(exitStartError, "--service-cidr %q: %v (give an IPv4 CIDR such as 10.0.0.0/24)", *serviceCIDR, err)
 	}
 	caPath, _ := filepath.Abs(*caCert)
 	caKeyPath, _ := filepath.Abs(*caKey)
@@ -171,6 +185,16 @@ func run() int {
 		return fail(exitStartError, "cannot bind a loopback port for kube-apiserver: %v", err)
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
+	if nodeIP != nil {
+		// Same port on the node's address: pods reach the API server there
+		// (the kubernetes Service's endpoint), the issuer stays on loopback.
+		nodeLn, err := net.Listen("tcp", net.JoinHostPort(nodeIP.String(), strconv.Itoa(port)))
+		if err != nil {
+			ln.Close()
+			return fail(exitStartError, "cannot bind kube-apiserver's port %d on the node address %s: %v (is the node's network set up? `python -m sandbox up` does it)", port, nodeIP, err)
+		}
+		ln = mergeListeners(ln, nodeLn)
+	}
 	server := fmt.Sprintf("https://127.0.0.1:%d", port)
 	issuer := server
 	var extraIssuers []string
@@ -183,7 +207,17 @@ func run() int {
 	servingCert, servingKey := filepath.Join(pki, "apiserver.crt"), filepath.Join(pki, "apiserver.key")
 	kubeconfigPath := filepath.Join(dir, kubeconfigName)
 	kcmKubeconfigPath := filepath.Join(pki, kcmKubeconfig)
-	if err := writeCerts(ca, server, servingCert, servingKey, kubeconfigPath, kcmKubeconfigPath); err != nil {
+	schedKubeconfigPath := filepath.Join(pki, schedKubeconfig)
+	kubeletClientCert, kubeletClientKey := filepath.Join(pki, "apiserver-kubelet-client.crt"), filepath.Join(pki, "apiserver-kubelet-client.key")
+	sans := []net.IP{net.ParseIP("127.0.0.1"), kubernetesServiceIP}
+	if nodeIP != nil {
+		sans = append(sans, nodeIP)
+	}
+	if err := writeCerts(ca, server, sans, certPaths{
+		servingCert: servingCert, servingKey: servingKey,
+		adminKubeconfig: kubeconfigPath, kcmKubeconfig: kcmKubeconfigPath, schedKubeconfig: schedKubeconfigPath,
+		kubeletClientCert: kubeletClientCert, kubeletClientKey: kubeletClientKey,
+	}); err != nil {
 		ln.Close()
 		return fail(exitStartError, "writing certificates to %s: %v", dir, err)
 	}
@@ -211,6 +245,10 @@ func run() int {
 		extraIssuers: extraIssuers,
 		featureGates: *featureGates,
 		verbosity:    *verbosity,
+		nodeAddress:  nodeIP,
+		serviceCIDR:  *serviceCIDR,
+		kubeletCert:  kubeletClientCert,
+		kubeletKey:   kubeletClientKey,
 		extraArgs:    apiserverArgs,
 	})
 	if err != nil {
@@ -220,8 +258,10 @@ func run() int {
 		return fail(exitStartError, "%v", err)
 	}
 
+	// The controller manager and the scheduler share one context and one
+	// error channel: either stopping stops the control plane.
 	kcmCtx, kcmCancel := context.WithCancel(context.Background())
-	kcmErr := make(chan error, 1)
+	kcmErr := make(chan error, 2)
 	kcmStarted := false
 
 	// shutdown stops the components in dependency order, bounded by a
@@ -328,6 +368,11 @@ func run() int {
 
 	kcmStarted = true
 	go func() { kcmErr <- runControllerManager(kcmCtx, kcmKubeconfigPath, caPath, saKey) }()
+	go func() {
+		if err := runScheduler(kcmCtx, pki, schedKubeconfigPath); err != nil || kcmCtx.Err() == nil {
+			kcmErr <- fmt.Errorf("kube-scheduler stopped: %v", err)
+		}
+	}()
 
 	if code := waitFor("the default/default ServiceAccount (serviceaccount controller)", func(ctx context.Context) bool {
 		_, err := client.CoreV1().ServiceAccounts(corev1.NamespaceDefault).Get(ctx, "default", metav1.GetOptions{})
@@ -463,32 +508,128 @@ func freePorts(n int) ([]int, error) {
 	return ports, nil
 }
 
-func writeCerts(c *ca, server, servingCert, servingKey, adminKubeconfig, kcmKubeconfigPath string) error {
-	serving, err := c.issue("swi-controlplane-apiserver", nil, true,
-		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
-		[]net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.0.0.1")})
-	if err != nil {
-		return err
-	}
-	if err := writeFileAtomic(servingCert, serving.certPEM, 0o644); err != nil {
-		return err
-	}
-	if err := writeFileAtomic(servingKey, serving.keyPEM, 0o600); err != nil {
-		return err
-	}
-	admin, err := c.issue("sandbox-admin", []string{"system:masters"}, false, nil, nil)
-	if err != nil {
-		return err
-	}
-	if err := writeKubeconfig(adminKubeconfig, server, c.certPEM, "sandbox-admin", admin); err != nil {
-		return err
-	}
-	kcm, err := c.issue("system:kube-controller-manager", nil, false, nil, nil)
-	if err != nil {
-		return err
-	}
-	return writeKubeconfig(kcmKubeconfigPath, server, c.certPEM, "system:kube-controller-manager", kcm)
+// certPaths are the files writeCerts (re)writes on every start.
+type certPaths struct {
+	servingCert, servingKey                         string
+	adminKubeconfig, kcmKubeconfig, schedKubeconfig string
+	kubeletClientCert, kubeletClientKey             string
 }
+
+func writeCerts(c *ca, server string, servingIPs []net.IP, p certPaths) error {
+	serving, err := c.issue("swi-controlplane-apiserver", nil, true,
+		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
+		servingIPs)
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(p.servingCert, serving.certPEM, 0o644); err != nil {
+		return err
+	}
+	if err := writeFileAtomic(p.servingKey, serving.keyPEM, 0o600); err != nil {
+		return err
+	}
+	// The API server's client certificate towards kubelets (logs, exec):
+	// the kubelet authorizes it with a SubjectAccessReview.
+	kubeletClient, err := c.issue("kube-apiserver-kubelet-client", []string{"system:masters"}, false, nil, nil)
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(p.kubeletClientCert, kubeletClient.certPEM, 0o644); err != nil {
+		return err
+	}
+	if err := writeFileAtomic(p.kubeletClientKey, kubeletClient.keyPEM, 0o600); err != nil {
+		return err
+	}
+	for _, kc := range []struct {
+		path, user string
+		groups     []string
+	}{
+		{p.adminKubeconfig, "sandbox-admin", []string{"system:masters"}},
+		{p.kcmKubeconfig, "system:kube-controller-manager", nil},
+		{p.schedKubeconfig, "system:kube-scheduler", nil},
+	} {
+		cert, err := c.issue(kc.user, kc.groups, false, nil, nil)
+		if err != nil {
+			return err
+		}
+		if err := writeKubeconfig(kc.path, server, c.certPEM, kc.user, cert); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// firstServiceIP is the kubernetes Service's ClusterIP: the range's first
+// usable address, as the API server allocates it.
+func firstServiceIP(cidr string) (net.IP, error) {
+	_, n, err := net.ParseCIDR(cidr)
+	if err != nil {
+		return nil, err
+	}
+	ip := n.IP.To4()
+	if ip == nil {
+		return nil, fmt.Errorf("not an IPv4 range")
+	}
+	first := make(net.IP, 4)
+	copy(first, ip)
+	first[3]++
+	return first, nil
+}
+
+// mergeListeners accepts on several listeners as one (the API server takes
+// a single net.Listener). Addr is the first one's.
+func mergeListeners(lns ...net.Listener) net.Listener {
+	m := &multiListener{lns: lns, conns: make(chan net.Conn), done: make(chan struct{})}
+	for _, l := range lns {
+		go func(l net.Listener) {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					var ne net.Error
+					if errors.As(err, &ne) && ne.Timeout() {
+						continue
+					}
+					return // closed
+				}
+				select {
+				case m.conns <- c:
+				case <-m.done:
+					c.Close()
+					return
+				}
+			}
+		}(l)
+	}
+	return m
+}
+
+type multiListener struct {
+	lns   []net.Listener
+	conns chan net.Conn
+	done  chan struct{}
+	once  sync.Once
+}
+
+func (m *multiListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-m.conns:
+		return c, nil
+	case <-m.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (m *multiListener) Close() error {
+	m.once.Do(func() {
+		close(m.done)
+		for _, l := range m.lns {
+			l.Close()
+		}
+	})
+	return nil
+}
+
+func (m *multiListener) Addr() net.Addr { return m.lns[0].Addr() }
 
 func writeStateFiles(dir string, st stateFile) error {
 	if err := writeFileAtomic(filepath.Join(dir, issuerFileName), []byte(st.Issuer+"\n"), 0o644); err != nil {

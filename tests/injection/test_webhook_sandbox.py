@@ -208,6 +208,9 @@ def _bare_pod(name: str, labels: dict[str, str], **annotations: str) -> Any:
         metadata=client.V1ObjectMeta(name=name, labels=labels, annotations=annotations or None),
         spec=client.V1PodSpec(
             service_account_name=SA,
+            # Admission is all these tests look at: no node carries this label, so the pods stay
+            # Pending instead of loading the sandbox's node with image pulls that cannot succeed.
+            node_selector={"sqlidentity.io/admission-test-only": "true"},
             containers=[
                 client.V1Container(name="app", image="app:1"),
                 client.V1Container(name="proxy", image="proxy:1"),
