@@ -455,12 +455,25 @@ def _build_mounts(workdir: Path) -> list[str]:
     return ["-v", f"{workdir / 'root'}:/root:ro"]
 
 
+def _archives(root: Path) -> dict[str, Path]:
+    version = project_version(root)
+    out = images_dir(root)
+    return {ref: out / spec.archive_name(version) for ref, spec in image_refs(root).items()}
+
+
+def cached_images(root: Path = REPO_ROOT) -> dict[str, Path] | None:
+    """Image ref -> docker archive of both images if this input set is built, else None
+    (nothing is built: the node loads what `make images` made)."""
+    wanted = _archives(root)
+    return wanted if all(path.is_file() for path in wanted.values()) else None
+
+
 def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, Path]:
     """Image ref -> docker archive of both images, built unless this input set is cached."""
     refs = image_refs(root)
     version = project_version(root)
     out = images_dir(root)
-    wanted = {ref: out / spec.archive_name(version) for ref, spec in refs.items()}
+    wanted = _archives(root)
     if all(path.is_file() for path in wanted.values()):
         return wanted
     _require_tools()

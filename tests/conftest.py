@@ -133,3 +133,29 @@ def namespace(kube) -> Iterator[str]:  # type: ignore[no-untyped-def]
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture
+def federated_app(sandbox: Sandbox, namespace: str, admin_graph: Any) -> Iterator[tuple[str, str]]:
+    """customer-api federated with ``system:serviceaccount:<ns>:customer-reader`` (audience
+    api://AzureADTokenExchange); yields its client id and service principal object id."""
+    from sandbox.entra.state import load_world
+
+    app = next(p for p in load_world(launcher.WORLD_FILE).principals if p.name == "customer-api")
+    name = f"node-{uuid.uuid4().hex[:12]}"
+    path = f"/applications/{app.app_object_id}/federatedIdentityCredentials"
+    created = admin_graph(
+        "POST",
+        path,
+        {
+            "name": name,
+            "issuer": sandbox.issuer,
+            "subject": f"system:serviceaccount:{namespace}:customer-reader",
+            "audiences": ["api://AzureADTokenExchange"],
+        },
+    )
+    assert created.status_code == 201, created.text
+    try:
+        yield app.client_id, app.sp_object_id
+    finally:
+        admin_graph("DELETE", f"{path}(name='{name}')")

@@ -410,6 +410,24 @@ def image_names(state_dir: Path) -> set[str]:
     return set(proc.stdout.split())
 
 
+def import_project_images(state_dir: Path) -> list[str]:
+    """The operator and workload images built from our Dockerfiles (``make images``), if built
+    for the current sources and not in the node yet; returns the refs imported. The chart and
+    overlays name them as a node resolves them, so pods find them without a registry."""
+    from sandbox.images import cached_images, qualified
+
+    archives = cached_images()
+    if archives is None:
+        return []
+    have = image_names(state_dir)
+    imported = []
+    for ref, archive in archives.items():
+        if qualified(ref) not in have:
+            import_image(state_dir, archive)
+            imported.append(ref)
+    return imported
+
+
 def import_builtin_images(state_dir: Path) -> None:
     """The pause image and the swi-probe test image, made from our own static binaries."""
     bins = node_bin_dir()

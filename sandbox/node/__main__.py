@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from sandbox.node import NodeError, build_node, import_builtin_images, load_plan, require_root
+from sandbox.node import (
+    NodeError,
+    build_node,
+    import_builtin_images,
+    import_project_images,
+    load_plan,
+    require_root,
+)
 from sandbox.node.runtime import COMPONENTS, command, info, leftovers, ready
 
 READY_TIMEOUT_S = 240.0
@@ -56,6 +63,7 @@ def _run(name: str, state_dir: Path) -> int:
         time.sleep(0.5)
     if name == "containerd":
         import_builtin_images(state_dir)
+        import_project_images(state_dir)
     details = info(state_dir, name, net)
     (state_dir / f"{name}.json").write_text(json.dumps(details) + "\n")
     print(f"READY {name} {details['url']}", flush=True)

@@ -8,8 +8,7 @@ import json
 import os
 import subprocess
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from azure.identity import WorkloadIdentityCredential
 from kubernetes import client
 
 from sandbox import launcher, node
-from sandbox.entra.state import load_world
 from sandbox.node.runtime import leftovers
 
 pytestmark = pytest.mark.controlplane
@@ -118,29 +116,6 @@ def test_deployment_pod_runs_and_logs_are_readable(sandbox: Any, kube: Any, name
         ),
     )
     assert logs
-
-
-@pytest.fixture
-def federated_app(sandbox: Any, namespace: str, admin_graph: Any) -> Iterator[tuple[str, str]]:
-    """customer-api federated with ``system:serviceaccount:<ns>:customer-reader``."""
-    app = next(p for p in load_world(launcher.WORLD_FILE).principals if p.name == "customer-api")
-    name = f"node-{uuid.uuid4().hex[:12]}"
-    path = f"/applications/{app.app_object_id}/federatedIdentityCredentials"
-    created = admin_graph(
-        "POST",
-        path,
-        {
-            "name": name,
-            "issuer": sandbox.issuer,
-            "subject": f"system:serviceaccount:{namespace}:customer-reader",
-            "audiences": [AUDIENCE],
-        },
-    )
-    assert created.status_code == 201, created.text
-    try:
-        yield app.client_id, app.sp_object_id
-    finally:
-        admin_graph("DELETE", f"{path}(name='{name}')")
 
 
 def test_kubelet_projected_token_is_exchanged_at_entra(

@@ -1,0 +1,153 @@
+"""Our images on the sandbox's node: the archives built from operator/Dockerfile and
+workload/Dockerfile (``make images``) are in the node's containerd under the names the chart and
+overlays use, both start there and run their CLI, and a pod of the workload image reads the
+service-account token the kubelet projected into it, which Entra's emulator accepts."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from azure.identity import WorkloadIdentityCredential
+from kubernetes import client
+
+from sandbox import images, node
+
+pytestmark = pytest.mark.controlplane
+
+AUDIENCE = "api://AzureADTokenExchange"
+TOKEN_DIR = "/var/run/secrets/azure/tokens"
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def refs() -> dict[str, str]:
+    """Short ref (as the chart names it) -> what the node stores it as; fails clearly unless the
+    images were built (make test builds them first: `make images`)."""
+    archives = images.cached_images()
+    if archives is None:
+        pytest.fail("the images are not built for these sources: run `make images`", False)
+    return {ref: images.qualified(ref) for ref in archives}
+
+
+def _finished_pod(core: client.CoreV1Api, namespace: str, pod: client.V1Pod) -> client.V1Pod:
+    core.create_namespaced_pod(namespace, pod)
+    name = pod.metadata.name
+
+    def done() -> client.V1Pod | None:
+        got = core.read_namespaced_pod(name, namespace)
+        return got if got.status.phase in {"Succeeded", "Failed"} else None
+
+    return _wait_for(f"pod {name} to finish", done, timeout=180)
+
+
+def _pod(name: str, image: str, command: list[str], **spec: Any) -> client.V1Pod:
+    container_extra = spec.pop("container", {})
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(
+            restart_policy="Never",
+            containers=[
+                client.V1Container(
+                    name="main",
+                    image=image,
+                    image_pull_policy="Never",  # no registry: the node has it from `make images`
+                    command=command,
+                    **container_extra,
+                )
+            ],
+            **spec,
+        ),
+    )
+
+
+def test_the_node_has_both_images_under_the_charts_names(sandbox: Any, refs: dict[str, str]):
+    have = node.image_names(sandbox.state_dir)
+    assert set(refs.values()) <= have, sorted(have)
+
+
+@pytest.mark.parametrize(
+    ("ref", "cli"),
+    [
+        ("sql-workload-identity-operator:0.1.0", "swi-operator"),
+        ("sql-workload-identity-workload:0.1.0", "swi-workload"),
+    ],
+)
+def test_each_image_runs_its_cli_on_the_node(
+    kube: Any, namespace: str, refs: dict[str, str], ref: str, cli: str
+):
+    core = client.CoreV1Api(kube)
+    pod = _finished_pod(core, namespace, _pod("help", ref, [cli, "--help"]))
+    log = core.read_namespaced_pod_log("help", namespace)
+    assert pod.status.phase == "Succeeded", log
+    assert f"usage: {cli}" in log
+    (status,) = pod.status.container_statuses
+    assert status.image.endswith(ref), status.image
+
+
+def test_a_workload_pod_reads_its_kubelet_projected_token_and_entra_accepts_it(
+    kube: Any,
+    namespace: str,
+    refs: dict[str, str],
+    federated_app: tuple[str, str],
+    tmp_path: Path,
+):
+    client_id, object_id = federated_app
+    core = client.CoreV1Api(kube)
+    core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="customer-reader"))
+    )
+    projected = client.V1Volume(
+        name="azure-identity-token",
+        projected=client.V1ProjectedVolumeSource(
+            sources=[
+                client.V1VolumeProjection(
+                    service_account_token=client.V1ServiceAccountTokenProjection(
+                        audience=AUDIENCE, expiration_seconds=3600, path="azure-identity-token"
+                    )
+                )
+            ]
+        ),
+    )
+    read_token = f"print(open('{TOKEN_DIR}/azure-identity-token').read())"
+    pod = _pod(
+        "reader",
+        "sql-workload-identity-workload:0.1.0",
+        ["python", "-c", read_token],
+        service_account_name="customer-reader",
+        volumes=[projected],
+        container={
+            "volume_mounts": [
+                client.V1VolumeMount(name="azure-identity-token", mount_path=TOKEN_DIR)
+            ]
+        },
+    )
+    finished = _finished_pod(core, namespace, pod)
+    token = core.read_namespaced_pod_log("reader", namespace).strip()
+    assert finished.status.phase == "Succeeded", token
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == f"system:serviceaccount:{namespace}:customer-reader"
+    assert claims["kubernetes.io"]["pod"]["name"] == "reader"  # bound to the pod: kubelet-made
+
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    credential = WorkloadIdentityCredential(
+        tenant_id=os.environ["AZURE_TENANT_ID"],
+        client_id=client_id,
+        token_file_path=str(token_file),
+    )
+    access = credential.get_token("https://database.windows.net/.default").token
+    assert jwt.decode(access, options={"verify_signature": False})["oid"] == object_id
