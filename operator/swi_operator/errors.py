@@ -67,6 +67,8 @@ class Reason(enum.StrEnum):
     SERVICE_ACCOUNT_CONFLICT = "ServiceAccountConflict"
     KUBERNETES_REJECTED = "KubernetesRejected"
     NOT_AUTHORIZED = "NotAuthorized"
+    PODS_WITHOUT_TOKEN = "PodsWithoutToken"  # noqa: S105 (WorkloadsReady: past the rollout grace)
+    SELECTOR_MATCHES_NOTHING = "SelectorMatchesNothing"  # WorkloadsReady
 
 
 class ReconcileError(Exception):

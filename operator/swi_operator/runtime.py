@@ -42,7 +42,7 @@ from swi_operator.steps.database import DatabaseAccessStep, UserForm
 from swi_operator.steps.federation import FederatedCredentialStep, IssuerSource
 from swi_operator.steps.service_account import ServiceAccountStep
 from swi_operator.steps.verification import VerificationStep
-from swi_operator.steps.workloads import WorkloadsStep
+from swi_operator.steps.workloads import DEFAULT_POD_TOKEN_GRACE_S, WorkloadsStep
 
 FINALIZER = "sqlidentity.io/finalizer"
 
@@ -103,6 +103,7 @@ def build_pipeline(
     issuer: str | None,
     later: Sequence[Step] = (),
     gate: Step | None = None,
+    pod_token_grace: float = DEFAULT_POD_TOKEN_GRACE_S,
 ) -> Pipeline:
     """The steps in order; ``later`` ones (database access, verification) come last. The policy
     ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out."""
@@ -110,7 +111,7 @@ def build_pipeline(
         *([gate] if gate is not None else []),
         FederatedCredentialStep(store, IssuerSource(kube, issuer), kube, KeyedLocks()),
         ServiceAccountStep(kube),
-        WorkloadsStep(kube),
+        WorkloadsStep(kube, pod_token_grace),
         *later,
     )
     return Pipeline(steps, tenant_id)
@@ -192,6 +193,7 @@ class Runtime:
             config.issuer,
             later,
             gate=AuthorizationStep(policies, config.require_policy),
+            pod_token_grace=config.pod_token_grace,
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
