@@ -7,7 +7,8 @@ host name (through the proxy) never reach it. Admin calls are not recorded in th
 Endpoints (JSON in, JSON out; ``python -m sandbox.entra ctl`` wraps each one):
 - ``GET  /_sandbox/health``                      -> ``{"ok": true}``
 - ``GET  /_sandbox/controls``                    -> the current controls
-- ``POST /_sandbox/controls``   ``{"propagationSeconds", "armWriteSeconds", "clockSkewSeconds"}``
+- ``POST /_sandbox/controls``   ``{"propagationSeconds", "armWriteSeconds", "clockSkewSeconds",
+  "tokenLifetimeSeconds"}``
   (any subset)
 - ``POST /_sandbox/latency``    ``{"route": "graph.*", "seconds": 0.2}`` (0 removes)
 - ``POST /_sandbox/failures``   ``{"route": "login.token", "status": 429, "count": 2,
@@ -105,6 +106,11 @@ class AdminService:
             settings.arm_write_seconds = _number(body, "armWriteSeconds")
         if "clockSkewSeconds" in body:
             self.controls.clock.skew = _number(body, "clockSkewSeconds")
+        if "tokenLifetimeSeconds" in body:
+            lifetime = int(_number(body, "tokenLifetimeSeconds"))
+            if lifetime < 1:
+                raise AdminError("'tokenLifetimeSeconds' must be at least 1")
+            settings.token_lifetime_seconds = lifetime
         return self.controls.to_json()
 
     async def latency(self, request: web.Request, body: dict[str, Any]) -> Any:

@@ -102,11 +102,13 @@ class Settings:
 
     propagation_seconds: float = 0.0  # before a new or changed credential is accepted
     arm_write_seconds: float = 0.0  # how long an ARM credential write takes (overlaps -> 409)
+    token_lifetime_seconds: int = 3599  # access tokens' expires_in (Entra's: about an hour)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "propagationSeconds": self.propagation_seconds,
             "armWriteSeconds": self.arm_write_seconds,
+            "tokenLifetimeSeconds": self.token_lifetime_seconds,
         }
 
 

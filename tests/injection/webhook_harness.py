@@ -22,6 +22,8 @@ from typing import Any
 
 from deploy_harness import CONFIGURATION, wait_for  # type: ignore[import-not-found]
 
+from sandbox.demo import SEED_QUERY
+
 KOPF_WEBHOOK_ONLY = [
     "-m",
     "kopf",
@@ -178,6 +180,7 @@ def run_workload_of(kube: Any, pod: Any, tmp_path: Path) -> subprocess.Completed
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_", "AZURE_"))}
     run_env.update(env)
     run_env["AZURE_FEDERATED_TOKEN_FILE"] = str(local_file)
+    run_env.setdefault("AZ_QUERY", SEED_QUERY)
     return subprocess.run(
         [sys.executable, "-m", "swi_workload"],
         env=run_env,
