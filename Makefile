@@ -7,9 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint format bench bench-quick sandbox-build system-deps venv up down clean
+.PHONY: test demo lint format bench bench-quick sandbox-build tools-build system-deps venv up down clean
 
-test: system-deps $(STAMP) sandbox-build
+test: system-deps $(STAMP) sandbox-build tools-build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: system-deps $(STAMP) sandbox-build
@@ -46,6 +46,10 @@ bench-quick: system-deps $(STAMP) sandbox-build
 
 sandbox-build: $(STAMP)
 	$(PY) -m sandbox build
+
+# The CLI tools only the tests use (helm for the chart tests, gitops-health for kstatus/Argo CD), built from Go modules and cached.
+tools-build: $(STAMP)
+	$(PY) -m sandbox build --tools
 
 up: system-deps $(STAMP) sandbox-build
 	$(PY) -m sandbox up

@@ -54,7 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop everything the sandbox started")
     sub.add_parser("status", help="show each component, its pid and address")
     sub.add_parser("env", help="print `export NAME=value` lines for a shell (eval them)")
-    sub.add_parser("build", help="build (or find cached) the control plane and kubectl")
+    build = sub.add_parser("build", help="build (or find cached) the control plane and kubectl")
+    build.add_argument(
+        "--tools",
+        action="store_true",
+        help="also the CLI tools only the tests use (helm, gitops-health)",
+    )
     ctl = sub.add_parser(
         "ctl",
         help="test controls of an emulator: latency, injected faults, request logs "
@@ -87,6 +92,11 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
         return emulator_main(["ctl", "--state-dir", str(state_dir), *args.rest])
     if args.command == "build":
         print(launcher.build_controlplane())
+        if args.tools:
+            from sandbox.tools import gitops_health_binary, helm_binary
+
+            print(helm_binary())
+            print(gitops_health_binary())
         return 0
     if args.command == "up":
         comps = [c for c in launcher.available_components() if not args.only or c.name in args.only]

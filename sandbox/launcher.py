@@ -21,11 +21,9 @@ started again by the next ``up``: no manual clean-up.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandbox.gobuild import SandboxError, cache_root, cached_build, source_hash
 from sandbox.pki import ensure_ca
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +48,6 @@ READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
 
 
-class SandboxError(Exception):
-    """A problem the user can act on; ``str()`` is the one-line message the CLI prints."""
-
-
 def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).resolve()
 
@@ -60,68 +55,30 @@ def default_state_dir() -> Path:
 # --- building the control plane ------------------------------------------------------------
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "swi-sandbox"
-
-
 def controlplane_source_hash() -> str:
     """Hash of everything the control-plane binary is built from (go.sum first of all)."""
-    digest = hashlib.sha256()
-    files = sorted(
+    return source_hash(
         p
         for p in CONTROLPLANE_SRC.iterdir()
         if p.is_file() and (p.suffix == ".go" or p.name in {"go.mod", "go.sum", "build.sh"})
     )
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def controlplane_bin_dir() -> Path:
     """Where the cached ``swi-controlplane`` and ``kubectl`` for the current sources live."""
-    return _cache_root() / f"controlplane-{controlplane_source_hash()}"
+    return cache_root() / f"controlplane-{controlplane_source_hash()}"
 
 
 def build_controlplane(*, quiet: bool = False) -> Path:
     """Build the control plane and kubectl unless a build of the same sources is cached."""
-    out = controlplane_bin_dir()
-    if (out / "swi-controlplane").exists() and (out / "kubectl").exists():
-        return out
-    if shutil.which("go") is None:
-        raise SandboxError(
-            "Go toolchain not found: install Go 1.26+ (https://go.dev/doc/install) and make sure "
-            "`go` is on PATH, then run `make sandbox-build`"
-        )
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started = time.monotonic()
-    if not quiet:
-        print(
-            f"building the sandbox control plane into {out} (cold: 10-20 min on 2 cores)",
-            file=sys.stderr,
-        )
-    proc = subprocess.run(
-        ["bash", str(CONTROLPLANE_SRC / "build.sh"), str(tmp)],
-        cwd=CONTROLPLANE_SRC,
-        stdout=None if not quiet else subprocess.DEVNULL,
-        stderr=None if not quiet else subprocess.PIPE,
-        text=True,
-        check=False,
+    return cached_build(
+        what="the sandbox control plane and kubectl",
+        src_dir=CONTROLPLANE_SRC,
+        cache_name=controlplane_bin_dir().name,
+        outputs=("swi-controlplane", "kubectl"),
+        quiet=quiet,
+        cold_estimate="about 6 minutes plus the module download",
     )
-    if proc.returncode != 0:
-        detail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
-        raise SandboxError(
-            "building the control plane failed"
-            + (f" ({detail[0]})" if detail else "")
-            + f": run `bash {CONTROLPLANE_SRC / 'build.sh'} /tmp/cp` to see the Go error"
-        )
-    tmp.rename(out)
-    if not quiet:
-        print(f"built in {time.monotonic() - started:.0f}s", file=sys.stderr)
-    return out
 
 
 # --- components ------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ Like cert-manager's ``pkg/api/util/conditions.go``: a reconcile computes fresh c
 its ``status`` did not change (a new reason or message alone is not a transition). ``Ready`` is
 derived, never set by a step: True only when every condition it summarises is True, otherwise it
 carries the first failing condition's reason and message, which is what `kubectl get swi` shows.
+
+``Reconciling`` and ``Stalled`` follow kstatus's conventions (what Flux and cli-utils waiters, and
+our Argo CD health check in deploy/argocd/, read) and are derived from Ready alone, by
+``progress``: while Ready is not True with a transient reason (``errors.is_transient``: the
+operator gets further on its own), Reconciling is True; when it is False with any other reason
+(the operator will not get further until someone changes something), Stalled is True with that
+reason and message; when Ready is True, both are False.
 """
 
 from __future__ import annotations
@@ -14,9 +21,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from swi_operator.errors import is_transient
+
 Status = Literal["True", "False", "Unknown"]
 
 READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,24 @@ def ready(conditions: Sequence[Condition]) -> Condition:
             status: Status = "Unknown" if cond.status == "Unknown" else "False"
             return Condition(READY, status, cond.reason, f"{cond.type}: {cond.message}")
     return Condition(READY, "True", "Reconciled", "the identity chain is in place")
+
+
+def progress(ready: Condition) -> tuple[Condition, Condition]:
+    """``Reconciling`` and ``Stalled`` for the ``ready`` condition (see the module's docstring)."""
+    if ready.is_true:
+        return (
+            Condition(RECONCILING, "False", ready.reason, "reconciled"),
+            Condition(STALLED, "False", ready.reason, "reconciled"),
+        )
+    if ready.status == "False" and not is_transient(ready.reason):
+        return (
+            Condition(RECONCILING, "False", ready.reason, "stopped until something is changed"),
+            Condition(STALLED, "True", ready.reason, ready.message),
+        )
+    return (
+        Condition(RECONCILING, "True", ready.reason, ready.message),
+        Condition(STALLED, "False", ready.reason, "the operator is still working on it"),
+    )
 
 
 def merge(

@@ -40,9 +40,16 @@ from typing import Protocol
 
 
 class Reason(enum.StrEnum):
-    """Condition reasons for failures. Success reasons live with the step that sets them."""
+    """Condition reasons for failures. Success reasons live with the step that sets them.
 
-    # Transient: the operator retries on its own.
+    Each reason is transient or permanent (``transient``, from ``TRANSIENT_REASONS``): a
+    ``TransientError`` carries a transient one, a ``PermanentError`` a permanent one (a unit test
+    checks every raise in the package). The status's ``Reconciling`` and ``Stalled`` conditions
+    (``conditions.progress``) are derived from the same split, which is what kstatus and Argo CD
+    read.
+    """
+
+    # Transient: the operator gets further on its own (it retries, or the drift check repairs).
     THROTTLED = "Throttled"
     CLOUD_UNAVAILABLE = "CloudUnavailable"
     CONCURRENT_WRITE = "ConcurrentWrite"
@@ -50,6 +57,12 @@ class Reason(enum.StrEnum):
     ISSUER_UNAVAILABLE = "IssuerUnavailable"
     DATABASE_UNAVAILABLE = "DatabaseUnavailable"
     PROPAGATING = "Propagating"  # Verified: Entra does not accept the new credential yet
+    # WorkloadsReady: pods without the token within the rollout grace; checked again after it.
+    PODS_ROLLING = "PodsRolling"
+    # Verified: the database user or its read role went away since DatabaseAccessReady checked;
+    # the next reconcile (at the latest the drift check) puts them back.
+    DATABASE_USER_MISSING = "DatabaseUserMissing"
+    DATABASE_READ_DENIED = "DatabaseReadDenied"
     # Permanent: someone has to change something; the message says what.
     INVALID_SPEC = "InvalidSpec"
     OPERATOR_NOT_DATABASE_ADMIN = "OperatorNotDatabaseAdmin"
@@ -67,8 +80,43 @@ class Reason(enum.StrEnum):
     SERVICE_ACCOUNT_CONFLICT = "ServiceAccountConflict"
     KUBERNETES_REJECTED = "KubernetesRejected"
     NOT_AUTHORIZED = "NotAuthorized"
-    PODS_WITHOUT_TOKEN = "PodsWithoutToken"  # noqa: S105 (WorkloadsReady: past the rollout grace)
-    SELECTOR_MATCHES_NOTHING = "SelectorMatchesNothing"  # WorkloadsReady
+    INVALID_POLICY = "InvalidPolicy"  # a SqlIdentityPolicy the operator cannot apply
+    # Verified: the probe's token exchange or login was refused for a reason a person must fix.
+    NO_MATCHING_FEDERATED_CREDENTIAL = "NoMatchingFederatedCredential"
+    TOKEN_AUDIENCE_REJECTED = "TokenAudienceRejected"  # noqa: S105 (a reason, not a secret)
+    ISSUER_UNREACHABLE = "IssuerUnreachable"
+    LOGIN_FAILED = "LoginFailed"
+    # WorkloadsReady: pods past the rollout grace without the token, or a selector that leaves
+    # out every workload of the service account (docs/troubleshooting.md says what to change).
+    PODS_WITHOUT_TOKEN = "PodsWithoutToken"  # noqa: S105 (a reason, not a secret)
+    SELECTOR_MATCHES_NOTHING = "SelectorMatchesNothing"
+
+    @property
+    def transient(self) -> bool:
+        return self in TRANSIENT_REASONS
+
+
+TRANSIENT_REASONS = frozenset(
+    {
+        Reason.THROTTLED,
+        Reason.CLOUD_UNAVAILABLE,
+        Reason.CONCURRENT_WRITE,
+        Reason.KUBERNETES_UNAVAILABLE,
+        Reason.ISSUER_UNAVAILABLE,
+        Reason.DATABASE_UNAVAILABLE,
+        Reason.PROPAGATING,
+        Reason.DATABASE_USER_MISSING,
+        Reason.DATABASE_READ_DENIED,
+        Reason.PODS_ROLLING,
+    }
+)
+
+
+def is_transient(reason: str) -> bool:
+    """Whether a condition that is not True for ``reason`` clears without a person: one of the
+    transient ``Reason``s. Any other reason of a False condition (a permanent ``Reason``, or a
+    step's own, such as WorkloadsReady's) waits for someone to change something."""
+    return reason in TRANSIENT_REASONS
 
 
 class ReconcileError(Exception):

@@ -1,9 +1,10 @@
 """The reconcile pipeline: steps in order, their outcomes folded into status and Events.
 
 ``Pipeline.reconcile`` takes a SqlWorkloadIdentity as the API server returned it and gives back an
-``Outcome``: the status to merge (conditions with Ready summarised, plus the fields each step
-owns), the Events to post, and the transient error to retry after, if any. It is called by kopf's
-handlers and by the fleet-wide drift check alike; neither it nor the steps know kopf.
+``Outcome``: the status to merge (conditions with Ready summarised and Reconciling/Stalled
+derived from it by ``conditions.progress``, plus the fields each step owns), the Events to post,
+and the transient error to retry after, if any. It is called by kopf's handlers and by the
+fleet-wide drift check alike; neither it nor the steps know kopf.
 
 When a step fails, the steps after it do not run and keep their previous condition (a condition's
 observedGeneration then shows it was not re-checked); those never set get ``Unknown/Waiting``. A
@@ -157,7 +158,10 @@ class Pipeline:
         retry: TransientError | None,
     ) -> Outcome:
         old_conditions = list(previous.get("conditions") or [])
-        merged = conditions.merge(old_conditions, updates, ref.generation)
+        ready = next(c for c in updates if c.type == conditions.READY)
+        merged = conditions.merge(
+            old_conditions, [*updates, *conditions.progress(ready)], ref.generation
+        )
         status = {**fields, "observedGeneration": ref.generation, "conditions": merged}
         all_events = list(events)
         for cond in updates:

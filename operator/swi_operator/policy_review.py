@@ -11,7 +11,8 @@ and drift check, but the drift interval can be minutes; so whenever kopf reports
    ``Authorized`` condition no longer matches the decision: one that lost its policy is revoked
    within seconds, one that gained it is reconciled without waiting;
 3. writes each policy's ``status.admitted`` (resources it governs and allows) when it changed, and
-   an invalid policy's reason for granting nothing.
+   an invalid policy's reason for granting nothing; its conditions say the same for programs
+   (Ready, and kstatus's Reconciling and Stalled: an invalid policy is Stalled, InvalidPolicy).
 
 Decisions are pure and cheap; only the resources whose decision flipped cost a reconcile.
 """
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 
 from swi_operator import conditions
 from swi_operator.drift import DriftLoop, PeeringGate
-from swi_operator.errors import ReconcileError
+from swi_operator.errors import Reason, ReconcileError
 from swi_operator.policy import authorize, needs_namespace_labels, parse_policies
 from swi_operator.spec import SpecError, parse_spec
 from swi_operator.steps.authorization import AuthorizationStep
@@ -50,6 +51,23 @@ def _dig(obj: Mapping[str, Any], *path: str) -> Any:
     for key in path:
         obj = obj.get(key) or {}
     return obj
+
+
+def policy_conditions(
+    previous: Sequence[Mapping[str, Any]], problem: str | None, generation: int | None
+) -> list[dict[str, Any]]:
+    """A policy's conditions: Ready, True once the operator applies it, False with
+    ``InvalidPolicy`` (so Stalled, see ``conditions.progress``) when it grants nothing."""
+    ready = (
+        conditions.Condition(
+            conditions.READY, "False", Reason.INVALID_POLICY, f"invalid, grants nothing: {problem}"
+        )
+        if problem
+        else conditions.Condition(
+            conditions.READY, "True", "Accepted", "the operator applies this policy"
+        )
+    )
+    return conditions.merge(previous, [ready, *conditions.progress(ready)], generation or 0)
 
 
 class PolicyReview:
@@ -139,13 +157,17 @@ class PolicyReview:
             name = str(_dig(body, "metadata", "name"))
             problem = parsed.invalid.get(name)
             count = 0 if problem else admitted[name]
+            generation = _dig(body, "metadata").get("generation")
+            current = _dig(body, "status")
             status = {
-                "observedGeneration": _dig(body, "metadata").get("generation"),
+                "observedGeneration": generation,
                 "admitted": count,
                 "message": f"invalid, grants nothing: {problem}"
                 if problem
                 else f"admits {count} SqlWorkloadIdentit{'y' if count == 1 else 'ies'}",
+                "conditions": policy_conditions(
+                    current.get("conditions") or [], str(problem) if problem else None, generation
+                ),
             }
-            current = _dig(body, "status")
             if any(current.get(key) != value for key, value in status.items()):
                 await self._kube.patch_policy_status(name, status)

@@ -56,6 +56,8 @@ def test_create_gives_a_credential_the_token_endpoint_accepts(
         "WorkloadsReady": "True",
         "DatabaseAccessReady": "True",  # NotRequested: no spec.sql
         "Verified": "True",
+        "Reconciling": "False",  # kstatus's conditions, derived from Ready
+        "Stalled": "False",
     }
 
     annotations = cluster.service_account(SA).metadata.annotations

@@ -42,13 +42,15 @@ from swi_operator.steps import Context, StepResult
 
 PROBE_TOKEN_SECONDS = 600  # the shortest token a TokenRequest may ask for
 VERIFIED = "Verified"
-PROPAGATING = "Propagating"
-NO_MATCHING_FEDERATED_CREDENTIAL = "NoMatchingFederatedCredential"
-TOKEN_AUDIENCE_REJECTED = "TokenAudienceRejected"  # noqa: S105 (a reason, not a secret)
-ISSUER_UNREACHABLE = "IssuerUnreachable"
-DATABASE_USER_MISSING = "DatabaseUserMissing"
-DATABASE_READ_DENIED = "DatabaseReadDenied"
-LOGIN_FAILED = "LoginFailed"
+# Its failure reasons are errors.Reason members, so that they are classified transient or
+# permanent with the others (conditions.progress reads that).
+PROPAGATING = Reason.PROPAGATING
+NO_MATCHING_FEDERATED_CREDENTIAL = Reason.NO_MATCHING_FEDERATED_CREDENTIAL
+TOKEN_AUDIENCE_REJECTED = Reason.TOKEN_AUDIENCE_REJECTED
+ISSUER_UNREACHABLE = Reason.ISSUER_UNREACHABLE
+DATABASE_USER_MISSING = Reason.DATABASE_USER_MISSING
+DATABASE_READ_DENIED = Reason.DATABASE_READ_DENIED
+LOGIN_FAILED = Reason.LOGIN_FAILED
 
 # AADSTS codes (shared/docs/entra.md).
 _NOT_PROPAGATED = 70021  # no credential matches: also what a credential not yet propagated gives

@@ -177,7 +177,7 @@ class WorkloadsStep:
         }
         retry = (
             TransientError(
-                Reason.PODS_WITHOUT_TOKEN,
+                Reason.PODS_ROLLING,
                 f"pod(s) {_names(rolling)} have no injected token yet; checking again when the "
                 "rollout grace ends",
                 delay=next_check.total_seconds() + 1,

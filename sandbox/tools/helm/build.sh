@@ -22,8 +22,8 @@ export CGO_ENABLED=${CGO_ENABLED:-0}
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")"
-version=$(go list -m -f '{{.Version}}' helm.sh/helm/v3)
+version=$(go list -m -f '{{.Version}}' helm.sh/helm/v4)
 echo "building helm $version into $out (first build: a few minutes on 2 cores)" >&2
-go build -trimpath -ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$version" \
-  -o "$out/helm" helm.sh/helm/v3/cmd/helm
+go build -trimpath -ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$version" \
+  -o "$out/helm" helm.sh/helm/v4/cmd/helm
 echo "built $out/helm" >&2
