@@ -32,7 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.gobuild import SandboxError, cache_root, cached_build, source_hash
+from sandbox.gobuild import SandboxError as SandboxError  # noqa: PLC0414 (re-exported)
+from sandbox.gobuild import cache_root, cached_build, source_hash
 from sandbox.pki import ensure_ca
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

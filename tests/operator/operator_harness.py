@@ -266,15 +266,27 @@ class Cluster:
         type_: str = "Ready",
         reason: str | None = None,
         timeout: float = 30.0,
+        generation: int | None = None,
     ) -> dict[str, Any]:
+        """The condition once it has ``status`` (and ``reason``), written for ``generation`` when
+        given (a spec change is seen in Entra before the status of its reconcile is written)."""
+
         def matches() -> dict[str, Any] | None:
             cond = self.condition(name, type_)
-            if cond and cond["status"] == status and (reason is None or cond["reason"] == reason):
+            if (
+                cond
+                and cond["status"] == status
+                and (reason is None or cond["reason"] == reason)
+                and (generation is None or cond.get("observedGeneration") == generation)
+            ):
                 return cond
             return None
 
         found: dict[str, Any] = eventually(
-            matches, timeout, f"{name}: {type_}={status} {reason or ''}"
+            matches,
+            timeout,
+            f"{name}: {type_}={status} {reason or ''}"
+            + (f" for generation {generation}" if generation else ""),
         )
         return found
 

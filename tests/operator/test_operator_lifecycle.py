@@ -145,8 +145,8 @@ def test_spec_change_moves_the_credential_and_removes_the_old_one(
         return len(creds) == 1 and creds[0]["subject"].endswith(":renamed")
 
     eventually(moved, 30, "credential moved to the new subject")
-    body = cluster.wait_condition("customer-reader")
-    assert body["observedGeneration"] == 2
+    body = cluster.wait_condition("customer-reader", generation=2)
+    assert body["reason"] == "Reconciled"
     assert cluster.service_account(SA) is None  # the operator created it, so it deleted it
     assert cluster.service_account("renamed") is not None
     assert entra.exchange(world.demo_app.client_id, cluster.token("renamed")).status_code == 200
