@@ -229,6 +229,8 @@ class CloudProfile:
     arm_subscription_write_burst: float = 2.0
     arm_identity_write_rate: float = 0.25
     arm_identity_write_burst: float = 1.0
+    latency_jitter: float = 0.0  # plus a uniform 0..jitter s on every Graph, ARM and token call
+    graph_read_lag: float = 0.0  # Graph reads miss a write for this long (replica lag)
 
     @classmethod
     def none(cls) -> CloudProfile:
@@ -237,10 +239,12 @@ class CloudProfile:
 
     def apply(self, admin: AdminClient) -> None:
         admin.reset(state=False)
-        admin.latency("graph.*", self.graph_latency)
-        admin.latency("arm.*", self.arm_latency)
-        admin.latency("login.token", self.token_latency)
-        admin.controls(armWriteSeconds=self.arm_write_seconds)
+        admin.latency("graph.*", self.graph_latency, self.latency_jitter)
+        admin.latency("arm.*", self.arm_latency, self.latency_jitter)
+        admin.latency("login.token", self.token_latency, self.latency_jitter)
+        admin.controls(
+            armWriteSeconds=self.arm_write_seconds, graphReadLagSeconds=self.graph_read_lag
+        )
         admin.rate_limit(
             GRAPH_WRITES, self.graph_write_rate, self.graph_write_burst, per_target=False
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -158,6 +159,12 @@ def main() -> int:
     parser.add_argument("--no-limits", action="store_true", help="no injected latency or quotas")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
+        "--graph-lag", type=float, default=0.0, help="Graph reads miss writes for S seconds"
+    )
+    parser.add_argument(
+        "--jitter", type=float, default=0.0, help="plus 0..S s random latency per cloud call"
+    )
+    parser.add_argument(
         "--no-sql", dest="sql", action="store_false", help="federation only (no spec.sql)"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for Ready")
@@ -168,6 +175,9 @@ def main() -> int:
     sizes: list[int] = args.n or [100]
     kind: Kind = args.kind
     profile = CloudProfile.none() if args.no_limits else CloudProfile()
+    profile = dataclasses.replace(
+        profile, graph_read_lag=args.graph_lag, latency_jitter=args.jitter
+    )
     results: dict[str, Any] = {
         "machine": machine(),
         "profile": profile.describe(),

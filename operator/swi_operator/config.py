@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 class Config:
     tenant_id: str
     client_id: str
-    client_secret: str | None = None
+    client_secret: str | None = field(default=None, repr=False)  # never in a repr or a log
     federated_token_file: Path | None = None
     authority_host: str = PUBLIC_AUTHORITY
     graph_url: str = PUBLIC_GRAPH_URL
@@ -60,6 +60,7 @@ class Config:
     issuer: str | None = None
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     drift_interval: float = 600.0
+    sweep_interval: float = 300.0  # seconds between sweeps of this cluster's credentials (sweep.py)
     peering: str | None = None  # None: standalone, no peering objects needed
     posting_level: int = logging.INFO
     cloud_concurrency: int = 8
@@ -75,6 +76,8 @@ class Config:
     pod_token_grace: float = 120.0  # a pod this long without the token: WorkloadsReady False
     sql_user_form: str = "sid"  # CREATE USER ... WITH SID, or FROM EXTERNAL PROVIDER (object-id)
     sql_concurrency: int = 4  # ODBC sessions working at once (threads of their own)
+    sql_lock_timeout: float = 5.0  # SET LOCK_TIMEOUT of every operator statement, in seconds
+    sql_statement_timeout: float = 30.0  # ODBC query timeout of every operator statement
     # Where an Entra token for Azure SQL may be sent (spec.sql.server comes from users).
     allowed_sql_servers: tuple[str, ...] = DEFAULT_SQL_SERVERS
     liveness_endpoint: str | None = None
@@ -105,6 +108,7 @@ class Config:
             "issuer": self.issuer or "(discovered)",
             "namespaces": ",".join(self.namespaces) or "(all)",
             "drift_interval": self.drift_interval,
+            "sweep_interval": self.sweep_interval,
             "peering": self.peering or "(standalone)",
             "require_policy": self.require_policy,
         }
@@ -186,6 +190,14 @@ _SETTINGS: tuple[_Setting, ...] = (
         "SWI_DRIFT_INTERVAL",
         "seconds between drift checks",
         "600",
+    ),
+    _Setting(
+        "sweep_interval",
+        "--sweep-interval",
+        "SWI_SWEEP_INTERVAL",
+        "seconds between sweeps that delete this cluster's federated credentials no live, "
+        "allowed SqlWorkloadIdentity backs (also run after each policy change and deletion)",
+        "300",
     ),
     _Setting(
         "peering",
@@ -290,6 +302,21 @@ _SETTINGS: tuple[_Setting, ...] = (
         "SWI_SQL_CONCURRENCY",
         "Azure SQL sessions working at once (each in a thread of its own)",
         "4",
+    ),
+    _Setting(
+        "sql_lock_timeout",
+        "--sql-lock-timeout",
+        "SWI_SQL_LOCK_TIMEOUT",
+        "seconds each of the operator's SQL statements waits for a lock another session holds "
+        "(SET LOCK_TIMEOUT) before it fails with 1222 and is retried later",
+        "5",
+    ),
+    _Setting(
+        "sql_statement_timeout",
+        "--sql-statement-timeout",
+        "SWI_SQL_STATEMENT_TIMEOUT",
+        "seconds each of the operator's SQL statements may run (the ODBC query timeout)",
+        "30",
     ),
     _Setting(
         "allowed_sql_servers",
@@ -533,6 +560,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         issuer=str(issuer) if issuer is not None else None,
         namespaces=namespaces,
         drift_interval=_number(raw, "drift_interval", 1),
+        sweep_interval=_number(raw, "sweep_interval", 1),
         peering=str(peering) if peering is not None else None,
         posting_level=getattr(logging, level),
         cloud_concurrency=int(_number(raw, "cloud_concurrency", 1)),
@@ -547,6 +575,8 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         pod_token_grace=_number(raw, "pod_token_grace", 0),
         sql_user_form=_choice(raw, "sql_user_form", ("sid", "object-id")),
         sql_concurrency=int(_number(raw, "sql_concurrency", 1)),
+        sql_lock_timeout=_number(raw, "sql_lock_timeout", 0),
+        sql_statement_timeout=_number(raw, "sql_statement_timeout", 1),
         allowed_sql_servers=_sql_servers(raw),
         liveness_endpoint=str(liveness) if liveness is not None else None,
         install_crds=Path(str(crds)) if crds is not None else None,

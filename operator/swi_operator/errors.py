@@ -56,6 +56,7 @@ class Reason(enum.StrEnum):
     KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
     ISSUER_UNAVAILABLE = "IssuerUnavailable"
     DATABASE_UNAVAILABLE = "DatabaseUnavailable"
+    DATABASE_BUSY = "DatabaseBusy"  # a lock or the statement timeout (sql.py)
     PROPAGATING = "Propagating"  # Verified: Entra does not accept the new credential yet
     # WorkloadsReady: pods without the token within the rollout grace; checked again after it.
     PODS_ROLLING = "PodsRolling"
@@ -69,6 +70,7 @@ class Reason(enum.StrEnum):
     DATABASE_USER_CONFLICT = "DatabaseUserConflict"
     DATABASE_ROLE_NOT_FOUND = "DatabaseRoleNotFound"
     DATABASE_REJECTED = "DatabaseRejected"
+    DATABASE_HAS_DDL_TRIGGERS = "DatabaseHasDdlTriggers"
     SQL_SERVER_NOT_ALLOWED = "SqlServerNotAllowed"
     PERMISSION_DENIED = "PermissionDenied"
     IDENTITY_NOT_FOUND = "IdentityNotFound"
@@ -104,6 +106,7 @@ TRANSIENT_REASONS = frozenset(
         Reason.KUBERNETES_UNAVAILABLE,
         Reason.ISSUER_UNAVAILABLE,
         Reason.DATABASE_UNAVAILABLE,
+        Reason.DATABASE_BUSY,
         Reason.PROPAGATING,
         Reason.DATABASE_USER_MISSING,
         Reason.DATABASE_READ_DENIED,
@@ -336,6 +339,9 @@ class SqlFailureInfo(Protocol):
     @property
     def unreachable(self) -> bool: ...
 
+    @property
+    def sqlstate(self) -> str: ...
+
 
 def sql_error(failure: SqlFailureInfo, where: str, doing: str, operator: str) -> ReconcileError:
     """Map a failure of the operator's own SQL session (``where``: "database 'd' on server s",
@@ -347,6 +353,13 @@ def sql_error(failure: SqlFailureInfo, where: str, doing: str, operator: str) ->
     permanent, with the fix in the message.
     """
     what = f"{failure.message} ({failure.number})" if failure.number else failure.message
+    if failure.number == LOCK_TIMEOUT_ERROR or failure.sqlstate in QUERY_TIMEOUT_SQLSTATES:
+        return TransientError(
+            Reason.DATABASE_BUSY,
+            f"{where} did not let the operator {doing} in time ({what}): another session holds "
+            "a lock it needs (an open transaction in that database), or the statement ran past "
+            "the operator's timeout (--sql-lock-timeout, --sql-statement-timeout); retrying",
+        )
     if failure.transient or failure.unreachable:
         return TransientError(
             Reason.DATABASE_UNAVAILABLE,
@@ -373,6 +386,9 @@ def sql_error(failure: SqlFailureInfo, where: str, doing: str, operator: str) ->
         )
     return PermanentError(Reason.DATABASE_REJECTED, f"failed to {doing} in {where}: {what}")
 
+
+LOCK_TIMEOUT_ERROR = 1222  # "Lock request time out period exceeded." (SET LOCK_TIMEOUT)
+QUERY_TIMEOUT_SQLSTATES = frozenset({"HYT00"})  # the driver's query timeout expired
 
 # Login failed (no user for the operator's token), CREATE USER refused, "does not exist or you do
 # not have permission" (asked only about principals just seen to exist), SELECT/CREATE denied.

@@ -8,7 +8,8 @@
 * delete: ``Pipeline.finalize``; transient failures are retried until ``--deletion-timeout``,
   after which the finalizer lets go and an Event says what may be left behind;
 * any SqlIdentityPolicy event: the policy cache is dropped and ``PolicyReview`` looks at the fleet
-  (prompt revocation, policy status).
+  (prompt revocation, policy status), and the sweep (``sweep.py``) runs;
+* a SqlWorkloadIdentity gone from the API (finalizer or not): the sweep runs.
 
 Run by ``python -m swi_operator`` (see ``__main__``), or by kopf itself
 (``kopf run -m swi_operator.handlers``, configured from the environment), as the tests do.
@@ -38,9 +39,13 @@ log = logging.getLogger(__name__)
 
 def configure(settings: kopf.OperatorSettings, config: config_module.Config) -> None:
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
+    # kopf's state in status, which namespace teams cannot write: in annotations a tenant could
+    # patch the diff-base and take its resource out of the operator's view (issue 18).
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(
+        field="status.kopf.progress", touch_field="status.kopf.dummy"
+    )
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+        field="status.kopf.last-handled-configuration"
     )
     # Our Events are posted by swi_operator.events; kopf's own (handler failures) follow suit.
     settings.posting.level = config.posting_level
@@ -73,6 +78,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo["policy_review"] = asyncio.create_task(
         runtime.policy_review.run(), name="swi-policy-review"
     )
+    memo["sweep"] = asyncio.create_task(runtime.sweep.run(), name="swi-sweep")
     log.info("operator started: %s", runtime.config.redacted())
     # The sandbox launcher waits for a line starting with READY on stdout.
     print(f"READY {OPERATOR_NAME} drift_interval={config.drift_interval:g}s", flush=True)
@@ -86,7 +92,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for key in ("drift", "policy_review"):
+    for key in ("drift", "policy_review", "sweep"):
         task: asyncio.Task[None] | None = memo.get(key)
         if task is not None:
             task.cancel()
@@ -123,6 +129,14 @@ async def policy_changed(memo: kopf.Memo, **_: Any) -> None:
     state = _runtime(memo)
     state.policies.invalidate()
     state.policy_review.changed()
+    state.sweep.changed()
+
+
+@kopf.on.event(*RESOURCE, id="resource-gone")
+async def resource_gone(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A resource left the API (with or without our finalizer): sweep what it may have left."""
+    if event.get("type") == "DELETED":
+        _runtime(memo).sweep.changed()
 
 
 @kopf.on.delete(*RESOURCE, id="finalize")

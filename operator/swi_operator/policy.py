@@ -22,9 +22,11 @@ The decision for a SqlWorkloadIdentity in namespace N with identity I (``authori
    selects every namespace. Policies equally narrow all govern, and the resource must satisfy
    every one of them (so between equals, the stricter grant holds).
 4. With ``spec.sql``, every governing policy must allow its server, its database and each of its
-   roles. Names compare as Azure SQL does: server host names and database and role names
-   case-insensitively, the server's ``tcp:`` prefix and default port 1433 aside. Matching is exact:
-   no prefixes, no patterns.
+   roles; with ``deletionPolicy: Retain``, every governing policy must set ``allowRetain`` (the
+   sweep keeps what a deleted resource retained only while such a policy allows it). Names
+   compare as Azure SQL does: server host names and database and role names case-insensitively,
+   the server's ``tcp:`` prefix and default port 1433 aside. Matching is exact: no prefixes, no
+   patterns.
 
 Every refusal names what is missing (the identity, the namespace, the server, the database, the
 roles) and the policies consulted, so a tenant knows what to ask the platform team for.
@@ -111,6 +113,7 @@ class SqlGrant:
     databases: frozenset[str]  # casefolded
     roles: frozenset[str]  # casefolded
     role_names: tuple[str, ...]  # as written, for messages
+    allow_ddl_triggers: bool = False  # databases with DDL triggers (steps/database.py)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,8 @@ class Policy:
     namespaces: NamespaceScope
     sql: SqlGrant | None = None
     generation: int = 0
+    allow_retain: bool = False  # resources may use deletionPolicy: Retain
+    identity: IdentityRef | None = field(default=None, compare=False)  # what identity_key names
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class Decision:
     message: str
     governing: tuple[str, ...] = ()  # names of the policies that decided
     checked_identity: bool = True  # False: no policy mentions the identity (requirePolicy off)
+    allow_ddl_triggers: bool = False  # every governing policy's sql.allowDdlTriggers
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,9 @@ def parse_policy(body: Mapping[str, Any]) -> Policy:
     identity = _policy_identity(raw.get("identity"), problems)
     scope = _scope(raw.get("namespaces"), problems)
     sql = _grant(raw.get("sql"), problems)
+    allow_retain = raw.get("allowRetain", False)
+    if not isinstance(allow_retain, bool):
+        problems.append(("spec.allowRetain", f"Invalid value {allow_retain!r}: true or false"))
     if problems or identity is None or scope is None:
         raise SpecError(problems or [("spec", "invalid")])
     return Policy(
@@ -165,6 +174,8 @@ def parse_policy(body: Mapping[str, Any]) -> Policy:
         namespaces=scope,
         sql=sql,
         generation=int(meta.get("generation") or 0),
+        allow_retain=allow_retain is True,
+        identity=identity,
     )
 
 
@@ -311,6 +322,10 @@ def _grant(raw: object, problems: list[tuple[str, str]]) -> SqlGrant | None:
         if not isinstance(role, str) or len(role) > 128 or not _ROLE.fullmatch(role):
             problems.append((f"{path}.roles[{i}]", f"Invalid value {role!r}: not a role name"))
             ok = False
+    triggers = raw.get("allowDdlTriggers", False)
+    if not isinstance(triggers, bool):
+        problems.append((f"{path}.allowDdlTriggers", f"Invalid value {triggers!r}: true or false"))
+        ok = False
     if not ok:
         return None
     return SqlGrant(
@@ -318,6 +333,7 @@ def _grant(raw: object, problems: list[tuple[str, str]]) -> SqlGrant | None:
         frozenset(databases),
         frozenset(r.casefold() for r in roles),
         tuple(roles),
+        triggers is True,
     )
 
 
@@ -371,8 +387,11 @@ def authorize(
     namespace_labels: Mapping[str, str],
     policies: Sequence[Policy],
     require_policy: bool = True,
+    *,
+    retain: bool = False,
 ) -> Decision:
-    """Whether a SqlWorkloadIdentity in ``namespace`` may bind ``identity`` (and get ``sql``)."""
+    """Whether a SqlWorkloadIdentity in ``namespace`` may bind ``identity`` (and get ``sql``;
+    with ``retain``, use ``deletionPolicy: Retain``)."""
     about = sorted((p for p in policies if p.identity_key == identity.key), key=lambda p: p.name)
     if not about:
         if not require_policy:
@@ -403,6 +422,13 @@ def authorize(
     problems = (
         [problem for p in governing for problem in sql_problems(p, sql)] if sql is not None else []
     )
+    if retain:
+        problems += [
+            f"SqlIdentityPolicy {p.name} does not allow deletionPolicy: Retain (it has no "
+            "spec.allowRetain: true): use deletionPolicy: Delete"
+            for p in governing
+            if not p.allow_retain
+        ]
     if problems:
         overridden = [p for rank, p in scoped if rank != narrowest]
         note = f" (the narrower policy wins over {_names(overridden)})" if overridden else ""
@@ -416,4 +442,5 @@ def authorize(
         f"SqlIdentityPolic{plural} {', '.join(names)} allow{'' if len(names) > 1 else 's'} {what}"
         f" ({_RANK_WORDS[narrowest]})",
         names,
+        allow_ddl_triggers=all(p.sql is not None and p.sql.allow_ddl_triggers for p in governing),
     )

@@ -142,6 +142,7 @@ class PolicyReview:
                 labels.get(namespace, {}),
                 parsed.valid,
                 self._require,
+                retain=spec.retain_cloud_objects,
             )
             if decision.allowed:
                 admitted.update(decision.governing)

@@ -69,7 +69,12 @@ async def validate(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         raise kopf.AdmissionError(f"InvalidSpec: {err}", code=422) from err
     try:
         decision = await decide(
-            runtime.policies, spec.identity, spec.sql, namespace, runtime.config.require_policy
+            runtime.policies,
+            spec.identity,
+            spec.sql,
+            namespace,
+            runtime.config.require_policy,
+            retain=spec.retain_cloud_objects,
         )
         if not decision.allowed:
             raise kopf.AdmissionError(f"NotAuthorized: {decision.message}", code=403)

@@ -22,6 +22,7 @@ from azure.identity.aio import ClientSecretCredential, WorkloadIdentityCredentia
 from kubernetes import config as kube_config
 from kubernetes.client import ApiClient
 
+from swi_operator.backing import Backing
 from swi_operator.cloud import CallGate, CredentialStore, IdentityRouter, Pacer
 from swi_operator.cloud.arm import ArmCredentialStore, arm_client_factory
 from swi_operator.cloud.exchange import EntraTokenExchange, TokenExchange
@@ -43,6 +44,7 @@ from swi_operator.steps.federation import FederatedCredentialStep, IssuerSource
 from swi_operator.steps.service_account import ServiceAccountStep
 from swi_operator.steps.verification import VerificationStep
 from swi_operator.steps.workloads import DEFAULT_POD_TOKEN_GRACE_S, WorkloadsStep
+from swi_operator.sweep import CredentialSweep
 
 FINALIZER = "sqlidentity.io/finalizer"
 
@@ -104,12 +106,24 @@ def build_pipeline(
     later: Sequence[Step] = (),
     gate: Step | None = None,
     pod_token_grace: float = DEFAULT_POD_TOKEN_GRACE_S,
+    *,
+    backing: Backing | None = None,
+    identity_locks: KeyedLocks | None = None,
+    operator_client_id: str | None = None,
 ) -> Pipeline:
     """The steps in order; ``later`` ones (database access, verification) come last. The policy
-    ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out."""
+    ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out.
+    ``identity_locks`` serialise credential work per identity (shared with the sweep)."""
     steps: tuple[Step, ...] = (
         *([gate] if gate is not None else []),
-        FederatedCredentialStep(store, IssuerSource(kube, issuer), kube, KeyedLocks()),
+        FederatedCredentialStep(
+            store,
+            IssuerSource(kube, issuer),
+            kube,
+            identity_locks or KeyedLocks(),
+            backing,
+            operator_client_id,
+        ),
         ServiceAccountStep(kube),
         WorkloadsStep(kube, pod_token_grace),
         *later,
@@ -148,6 +162,7 @@ class Runtime:
     events: EventRecorder
     policies: KubePolicySource
     policy_review: PolicyReview
+    sweep: CredentialSweep
     _credential: AsyncTokenCredential
     _graph_http: httpx.AsyncClient
     _arm: ArmCredentialStore
@@ -179,21 +194,32 @@ class Runtime:
         kube_api = build_kube_api()
         kube = KubernetesClient(kube_api)
         database = OdbcDatabase(
-            credential, config.client_id, config.sql_concurrency, config.allowed_sql_servers
+            credential,
+            config.client_id,
+            config.sql_concurrency,
+            config.allowed_sql_servers,
+            lock_timeout=config.sql_lock_timeout,
+            statement_timeout=config.sql_statement_timeout,
         )
         exchange = EntraTokenExchange(config.authority_host, config.ca_bundle)
         later = build_database_steps(
             config, kube, database, exchange, GraphServicePrincipals(graph_client, graph_gate)
         )
         policies = KubePolicySource(kube, config.require_policy)
+        store = IdentityRouter(graph, arm)
+        identity_locks = KeyedLocks()
+        issuer = IssuerSource(kube, config.issuer)
         pipeline = build_pipeline(
-            IdentityRouter(graph, arm),
+            store,
             kube,
             config.tenant_id,
             config.issuer,
             later,
             gate=AuthorizationStep(policies, config.require_policy),
             pod_token_grace=config.pod_token_grace,
+            backing=Backing(kube, policies, config.require_policy),
+            identity_locks=identity_locks,
+            operator_client_id=config.client_id,
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
@@ -216,6 +242,17 @@ class Runtime:
             require_policy=config.require_policy,
             interval=config.drift_interval,
         )
+        sweep = CredentialSweep(
+            kube,
+            store,
+            issuer,
+            policies,
+            identity_locks,
+            PeeringGate(kube, config.peering, peer_identity),
+            namespaces=config.namespaces,
+            require_policy=config.require_policy,
+            interval=config.sweep_interval,
+        )
         return cls(
             config,
             pipeline,
@@ -225,6 +262,7 @@ class Runtime:
             events,
             policies,
             policy_review,
+            sweep,
             credential,
             graph_http,
             arm,

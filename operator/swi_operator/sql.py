@@ -66,6 +66,8 @@ T = TypeVar("T")
 
 MAX_NAME_LENGTH = 128  # sysname
 LOGIN_TIMEOUT_S = 15
+DEFAULT_LOCK_TIMEOUT_S = 5.0  # SET LOCK_TIMEOUT of every statement the operator runs
+DEFAULT_STATEMENT_TIMEOUT_S = 30.0  # the ODBC query timeout of each of them
 TOKEN_TIMEOUT_S = 60.0
 PROBE_TOKEN_LIFETIME_S = 3600.0  # for a probe token without "exp" (Entra's always have one)
 
@@ -103,6 +105,10 @@ class SqlFailed(Exception):
 
 class Database(Protocol):
     async def role_names(self, target: SqlTarget) -> set[str]: ...
+
+    async def ddl_triggers(self, target: SqlTarget) -> list[str]:
+        """The database's DDL triggers (``sys.triggers``, ``parent_class = 0``), by name."""
+        ...
 
     async def find_principals(self, target: SqlTarget, name: str, sid: bytes) -> list[Principal]:
         """Principals named ``name`` (case-insensitively, like the database) or with ``sid``."""
@@ -186,6 +192,16 @@ PRINCIPALS_SQL = (
 PROBE_TABLE_SQL = "SELECT TOP (1) name FROM sys.tables WHERE schema_id = 1 ORDER BY name"
 
 
+DDL_TRIGGERS_SQL = "SELECT name FROM sys.triggers WHERE parent_class = 0 ORDER BY name"
+
+
+def with_lock_timeout(sql: str, milliseconds: int) -> str:
+    """``sql`` after ``SET LOCK_TIMEOUT``: a lock another session holds (a tenant's open
+    transaction) fails the statement with 1222 after ``milliseconds`` instead of holding one of
+    the operator's sessions for as long as that transaction stays open (Azure's default: -1)."""
+    return f"SET LOCK_TIMEOUT {int(milliseconds)};\n{sql}"
+
+
 def odbc_braced(value: str) -> str:
     """An ODBC connection-string value that may contain ``;`` or ``}``."""
     return "{" + value.replace("}", "}}") + "}"
@@ -264,6 +280,9 @@ class OdbcDatabase:
         concurrency: int,
         allowed_servers: Sequence[str],
         clock: Callable[[], float] = time.time,
+        *,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_S,
     ) -> None:
         self._credential = credential
         self._allowed = tuple(allowed_servers)
@@ -271,12 +290,25 @@ class OdbcDatabase:
         self._operator = f"the operator's identity (client id {operator_client_id})"
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="swi-sql")
         self._slots = asyncio.Semaphore(concurrency)
+        self._per_target_limit = max(1, concurrency // 2)
+        self._per_target: dict[SqlTarget, asyncio.Semaphore] = {}
+        self._lock_timeout_ms = int(lock_timeout * 1000)
+        self._statement_timeout = max(1, int(statement_timeout))
         self._clients: dict[SqlTarget, list[SqlClient]] = {}  # every session opened
         self._idle: dict[SqlTarget, list[SqlClient]] = {}  # those no query is using
         self._clock = clock
 
-    async def _in_thread(self, fn: Callable[[], T]) -> T:
-        async with self._slots:
+    def _target_slots(self, target: SqlTarget) -> asyncio.Semaphore:
+        """One database's share of the sessions: a database whose statements wait on a tenant's
+        locks holds at most this many, and the others go on with the rest."""
+        key = SqlTarget(server_host(target.server), target.database.lower())
+        slots = self._per_target.get(key)
+        if slots is None:
+            slots = self._per_target[key] = asyncio.Semaphore(self._per_target_limit)
+        return slots
+
+    async def _in_thread(self, target: SqlTarget, fn: Callable[[], T]) -> T:
+        async with self._target_slots(target), self._slots:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _check_server(self, target: SqlTarget) -> None:
@@ -310,19 +342,29 @@ class OdbcDatabase:
 
         def run(client: SqlClient) -> list[tuple[Any, ...]]:
             try:
-                return client.query(sql, *params).rows
+                # The query timeout (SQL_ATTR_QUERY_TIMEOUT) of the cursors the client opens on
+                # this connection; LOCK_TIMEOUT rides with each statement, whatever the session.
+                client.connection().timeout = self._statement_timeout
+                return client.query(with_lock_timeout(sql, self._lock_timeout_ms), *params).rows
             except _OWN_TOKEN_ERRORS as exc:
                 raise operator_authentication_error(exc, f"{doing} in {target.display}") from exc
             except WorkloadError as exc:
                 raise sql_error(failure_of(exc), target.display, doing, self._operator) from exc
 
-        async with self._slots:
+        async with self._target_slots(target), self._slots:
             client = self._take(target)
             try:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._executor, run, client)
             finally:
                 self._idle[target].append(client)
+
+    async def ddl_triggers(self, target: SqlTarget) -> list[str]:
+        rows = await shared_read(
+            ("ddl-triggers", target),
+            lambda: self._query(target, "list the database's DDL triggers", DDL_TRIGGERS_SQL),
+        )
+        return [str(row[0]) for row in rows]
 
     async def role_names(self, target: SqlTarget) -> set[str]:
         rows = await shared_read(
@@ -398,7 +440,7 @@ class OdbcDatabase:
                 return user
 
         try:
-            return await self._in_thread(run)
+            return await self._in_thread(target, run)
         except SqlFailed as exc:
             if exc.failure.transient or exc.failure.unreachable:
                 raise sql_error(exc.failure, target.display, "verify", "the identity") from exc

@@ -7,7 +7,8 @@ registers the ODBC driver in ``DIR/odbc/odbcinst.ini``, writes ``DIR/azuresql.js
 one ``READY servers=name:port,...`` line. SIGTERM or SIGINT: clean exit 0 (``azuresql.json``
 removed). A start-up problem: one ``error: ...`` line on stderr, exit 2.
 
-``ctl --state-dir DIR status | fail-logins SERVER [--count N] [--error 40613] | stop SERVER |
+``ctl --state-dir DIR status | fail-logins SERVER [--count N] [--error 40613] |
+reset-connections SERVER [--logins N] [--results N] | stop SERVER |
 start SERVER | log [--server NAME] [--json] [--clear]`` talks to the admin endpoint (admin.py).
 """
 
@@ -208,6 +209,13 @@ def _ctl(args: argparse.Namespace) -> int:
             f"/servers/{args.server}/fail-logins",
             {"count": args.count, "error": args.error},
         )
+    elif args.action == "reset-connections":
+        result = _call(
+            base,
+            "POST",
+            f"/servers/{args.server}/reset-connections",
+            {"logins": args.logins, "results": args.results},
+        )
     elif args.action in ("stop", "start"):
         result = _call(base, "POST", f"/servers/{args.server}/{args.action}")
     elif args.clear:
@@ -245,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     fail.add_argument("server")
     fail.add_argument("--count", type=int, default=1)
     fail.add_argument("--error", type=int, default=40613)
+    reset = actions.add_parser(
+        "reset-connections", help="reset (TCP RST) the next connections mid-login or mid-result"
+    )
+    reset.add_argument("server")
+    reset.add_argument("--logins", type=int, default=0, help="right after LOGIN7 arrives")
+    reset.add_argument("--results", type=int, default=0, help="halfway through a batch's reply")
     for name in ("stop", "start"):
         actions.add_parser(name, help=f"{name} a server (same port)").add_argument("server")
     log = actions.add_parser("log", help="the query log")

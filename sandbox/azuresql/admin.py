@@ -5,6 +5,9 @@ Routes (the ``ctl`` CLI wraps them; the base URL is ``admin_url`` in ``DIR/azure
 * ``GET  /servers``: every server with port, running state, pending faults and database users;
 * ``POST /servers/{name}/fail-logins`` ``{"count": N, "error": 40613}``: the next N logins to
   that server fail with the given transient error (40613, 40501, 40197, 49918 or 4060);
+* ``POST /servers/{name}/reset-connections`` ``{"logins": N, "results": M}``: the next N logins
+  are reset (TCP RST) right after LOGIN7 arrives, and the next M replies to a batch or RPC are cut
+  off halfway and the connection reset, as a failing gateway or network does;
 * ``POST /servers/{name}/stop`` and ``/start``: drop the listener and every connection, or listen
   again on the same port (so ``AZ_SERVER`` stays valid);
 * ``GET  /log?server=NAME&since=TS`` and ``DELETE /log``: the query log (logins, batches, RPCs,
@@ -28,6 +31,8 @@ def server_status(server: EmulatedServer) -> dict[str, Any]:
         "tenant": server.spec.tenant,
         "fail_logins": server.faults.fail_logins,
         "fail_error": server.faults.error,
+        "reset_logins": server.faults.reset_logins,
+        "reset_results": server.faults.reset_results,
         "databases": {
             db.name: [{"name": n, "type": t, "roles": r} for n, t, r in db.principals()]
             for db in server.databases.values()
@@ -54,6 +59,15 @@ def build_app(servers: dict[str, EmulatedServer]) -> web.Application:
                 text=f"error must be one of {sorted(TRANSIENT_LOGIN_ERRORS)}, count >= 0"
             )
         server.faults.fail_logins, server.faults.error = count, error
+        return web.json_response(server_status(server))
+
+    async def reset_connections(request: web.Request) -> web.Response:
+        server = find(request)
+        body = await request.json() if request.can_read_body else {}
+        logins, results = int(body.get("logins", 0)), int(body.get("results", 0))
+        if logins < 0 or results < 0:
+            raise web.HTTPBadRequest(text="logins and results must be >= 0")
+        server.faults.reset_logins, server.faults.reset_results = logins, results
         return web.json_response(server_status(server))
 
     async def stop(request: web.Request) -> web.Response:
@@ -87,6 +101,7 @@ def build_app(servers: dict[str, EmulatedServer]) -> web.Application:
     app = web.Application()
     app.router.add_get("/servers", list_servers)
     app.router.add_post("/servers/{name}/fail-logins", fail_logins)
+    app.router.add_post("/servers/{name}/reset-connections", reset_connections)
     app.router.add_post("/servers/{name}/stop", stop)
     app.router.add_post("/servers/{name}/start", start)
     app.router.add_get("/log", get_log)

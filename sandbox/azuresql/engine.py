@@ -77,6 +77,10 @@ FIXED_ROLES = {
 SPECIAL_USERS = {"dbo": 1, "guest": 2, "INFORMATION_SCHEMA": 3, "sys": 4}
 DBO_ID = 1
 FIRST_USER_ID = 5
+# SET LOCK_TIMEOUT -1 (Azure's default: wait as long as the holder keeps the lock) waits as long as
+# a session does without SET LOCK_TIMEOUT here: SQLite's busy wait cannot be interrupted by a
+# client's ATTENTION, so an unbounded one would wedge an emulator thread.
+LOCK_WAIT_MAX_MS = 5_000
 _SPIDS = itertools.count(51)
 
 # The catalog views: internal view name and the T-SQL types of their columns (for COLMETADATA).
@@ -106,6 +110,19 @@ SYS_VIEWS: dict[str, tuple[str, dict[str, str]]] = {
         {
             "role_principal_id": "INT",
             "member_principal_id": "INT",
+        },
+    ),
+    "triggers": (
+        "__sys_triggers",
+        {
+            "name": "NVARCHAR(128)",
+            "object_id": "INT",
+            "parent_class": "TINYINT",
+            "parent_class_desc": "NVARCHAR(60)",
+            "parent_id": "INT",
+            "type": "CHAR(2)",
+            "type_desc": "NVARCHAR(60)",
+            "is_disabled": "BIT",
         },
     ),
     "tables": (
@@ -142,6 +159,12 @@ CREATE VIEW IF NOT EXISTS __sys_database_principals AS SELECT
     FROM __swi_principals;
 CREATE VIEW IF NOT EXISTS __sys_database_role_members AS
     SELECT role_principal_id, member_principal_id FROM __swi_role_members;
+CREATE TABLE IF NOT EXISTS __swi_ddl_triggers (
+    name TEXT NOT NULL COLLATE NOCASE PRIMARY KEY, events TEXT NOT NULL, body TEXT NOT NULL);
+CREATE VIEW IF NOT EXISTS __sys_triggers AS
+    SELECT name, rowid AS object_id, 0 AS parent_class, 'DATABASE' AS parent_class_desc,
+    0 AS parent_id, 'TR' AS type, 'SQL_TRIGGER' AS type_desc, 0 AS is_disabled
+    FROM __swi_ddl_triggers;
 CREATE VIEW IF NOT EXISTS __sys_tables AS
     SELECT name, rowid AS object_id, 1 AS schema_id, 'U ' AS type, 'USER_TABLE' AS type_desc
     FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_\\_%' ESCAPE '\\'
@@ -300,6 +323,12 @@ class Session:
         except sqlite3.OperationalError as exc:
             if "interrupted" in str(exc) or self._cancel.is_set():
                 raise Cancelled from exc
+            if "locked" in str(exc) or "busy" in str(exc):
+                # Another session's open transaction holds the lock past this session's
+                # LOCK_TIMEOUT, wherever in the statement SQLite met it.
+                timed_out = SqlError(1222, "Lock request time out period exceeded.")
+                timed_out.events = events
+                raise timed_out from exc
             raise
         return events
 
@@ -330,6 +359,12 @@ class Session:
             return [self._alter_role(statement)]
         if words[:1] == ["WAITFOR"]:
             return [self._waitfor(statement)]
+        if words[:2] == ["SET", "LOCK_TIMEOUT"]:
+            return [self._lock_timeout(statement)]
+        if words[:2] == ["CREATE", "TRIGGER"]:
+            return [self._create_ddl_trigger(statement)]
+        if words[:2] == ["DROP", "TRIGGER"]:
+            return [self._drop_ddl_trigger(statement)]
         if words[:1] == ["USE"]:
             raise SqlError(
                 40508,
@@ -817,6 +852,76 @@ class Session:
                 "statement again.",
             )
         return matches[0]
+
+    def _lock_timeout(self, statement: Statement) -> StatementDone:
+        """``SET LOCK_TIMEOUT n``: wait at most n ms for a lock another session holds, then 1222
+        (0: fail at once; -1: Azure's default, wait for as long as the holder keeps it, here
+        capped at ``LOCK_WAIT_MAX_MS``). The session keeps it, as SQL Server does."""
+        cursor = TokenCursor(statement.tokens)
+        cursor.expect("SET", "LOCK_TIMEOUT")
+        negative = cursor.accept("-")
+        value = int(cursor.value(TokenType.NUMBER))
+        cursor.end()
+        if negative and value != 1:
+            raise SqlError(1204, "The SET LOCK_TIMEOUT value must be -1 or greater.")
+        self.conn.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MAX_MS if negative else value}")
+        return StatementDone(tds.CurCmd.NONE, None)
+
+    def _create_ddl_trigger(self, statement: Statement) -> StatementDone:
+        """``CREATE TRIGGER t ON DATABASE FOR|AFTER event, ... AS ...``: recorded and listed in
+        ``sys.triggers`` (parent_class 0); the emulator does not run trigger bodies. Triggers on
+        tables are not supported."""
+        cursor = TokenCursor(statement.tokens)
+        cursor.expect("CREATE", "TRIGGER")
+        name = cursor.name()
+        if not cursor.accept("ON", "DATABASE"):
+            raise SqlError(
+                40517, "Keyword or statement option 'TRIGGER' is not supported in this emulator."
+            )
+        if not (cursor.accept("FOR") or cursor.accept("AFTER")):
+            raise cursor.error()
+        events = [cursor.name()]
+        while cursor.accept(","):
+            events.append(cursor.name())
+        cursor.expect("AS")
+        body = statement.text.split(" AS ", 1)[-1] if " AS " in statement.text else ""
+        roles = self._roles()
+        if not (self._is_owner(roles) or "db_ddladmin" in roles):
+            raise SqlError(
+                1088,
+                f'Cannot find the object "{name}" because it does not exist or you do not '
+                "have permissions.",
+            )
+        self._writing()
+        try:
+            self.conn.execute(
+                "INSERT INTO __swi_ddl_triggers (name, events, body) VALUES (?, ?, ?)",
+                (name, ",".join(e.upper() for e in events), body),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise SqlError(
+                2714, f"There is already an object named '{name}' in the database."
+            ) from exc
+        return StatementDone(tds.CurCmd.NONE, None)
+
+    def _drop_ddl_trigger(self, statement: Statement) -> StatementDone:
+        cursor = TokenCursor(statement.tokens)
+        cursor.expect("DROP", "TRIGGER")
+        if_exists = cursor.accept("IF", "EXISTS")
+        name = cursor.name()
+        cursor.expect("ON", "DATABASE")
+        cursor.end()
+        roles = self._roles()
+        allowed = self._is_owner(roles) or "db_ddladmin" in roles
+        self._writing()
+        gone = self.conn.execute("DELETE FROM __swi_ddl_triggers WHERE name = ?", (name,))
+        if (gone.rowcount == 0 and not if_exists) or not allowed:
+            raise SqlError(
+                3701,
+                f"Cannot drop the trigger '{name}', because it does not exist or you do not "
+                "have permission.",
+            )
+        return StatementDone(tds.CurCmd.NONE, None)
 
     def _drop_user(self, statement: Statement) -> StatementDone:
         cursor = TokenCursor(statement.tokens)

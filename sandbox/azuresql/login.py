@@ -28,6 +28,7 @@ from typing import Any
 import jwt
 import requests
 
+SQL_SPN = "https://database.windows.net/"
 SQL_AUDIENCES = frozenset({"https://database.windows.net/", "https://database.windows.net"})
 TOKEN_PRINCIPAL = "<token-identified principal>"  # noqa: S105 (not a secret)
 LOGIN_FAILED = f"Login failed for user '{TOKEN_PRINCIPAL}'."

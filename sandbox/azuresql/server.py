@@ -26,6 +26,7 @@ import logging
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from sandbox.azuresql import tds
 from sandbox.azuresql.config import ServerSpec
 from sandbox.azuresql.directory import GraphDirectory
 from sandbox.azuresql.engine import Database, DbUser, Session
-from sandbox.azuresql.login import LoginRefused, TokenVerifier
+from sandbox.azuresql.login import LOGIN_FAILED, SQL_SPN, LoginRefused, TokenVerifier
 from sandbox.azuresql.results import Cancelled, Event, SqlError, StatementDone, TransactionEvent
 from sandbox.azuresql.statements import bind, declared_names
 from sandbox.azuresql.tls import TLS_RECORD_HANDSHAKE, ByteStream, PlainStream, TlsStream
@@ -42,6 +43,8 @@ from sandbox.azuresql.tls import TLS_RECORD_HANDSHAKE, ByteStream, PlainStream, 
 log = logging.getLogger("sandbox.azuresql")
 
 LOG_LIMIT = 2000
+# The STS Azure SQL names in FEDAUTHINFO (the sandbox's proxy tunnels this host to the emulator).
+STS_HOST = "https://login.windows.net"
 SERVER_VERSION = bytes([12, 0, 0x07, 0xD0, 0, 0])  # 12.0.2000, as Azure SQL reports
 # Errors the fault injector may send at login, with Azure SQL's texts (%s: database, server).
 TRANSIENT_LOGIN_ERRORS = {
@@ -95,6 +98,10 @@ class LogEntry:
 class Faults:
     fail_logins: int = 0
     error: int = 40613
+    # The next N logins: the connection is reset (TCP RST) right after LOGIN7 arrives.
+    reset_logins: int = 0
+    # The next N replies to a batch or RPC: half of the reply is sent, then the connection reset.
+    reset_results: int = 0
 
 
 @dataclass
@@ -147,7 +154,7 @@ class EmulatedServer:
         assert task is not None
         self._sessions.add(task)
         try:
-            await TdsSession(self, PlainStream(reader, writer)).run()
+            await TdsSession(self, PlainStream(reader, writer), writer.transport.abort).run()
         except asyncio.CancelledError:
             pass
         finally:
@@ -160,9 +167,10 @@ class _Closed(Exception):
 
 
 class TdsSession:
-    def __init__(self, server: EmulatedServer, raw: PlainStream) -> None:
+    def __init__(self, server: EmulatedServer, raw: PlainStream, reset: Callable[[], None]) -> None:
         self.server = server
         self.raw = raw
+        self._reset = reset  # abort the TCP connection (RST), for the injected resets
         self.stream: ByteStream = raw
         self.packet_size = tds.MAX_PRELOGIN_PACKET
         self.session: Session | None = None
@@ -254,6 +262,20 @@ class TdsSession:
         )
         return False
 
+    async def _acquire_token(self) -> str:
+        """The MSAL/ADAL workflow: send FEDAUTHINFO, read the client's FEDAUTH_TOKEN message.
+
+        The client library gets a token for the SPN from the STS URL (the server's tenant on
+        Entra's v1 endpoint: the driver posts to ``{STSURL}/oauth2/token`` with ``resource=SPN``)
+        while the server waits, as Azure SQL does.
+        """
+        sts_url = f"{STS_HOST}/{self.server.spec.tenant}"
+        await self.send(tds.fedauth_info(sts_url, SQL_SPN))
+        ptype, payload = await self.read_message()
+        if ptype != tds.PacketType.FEDAUTH_TOKEN:
+            raise tds.ProtocolError(f"expected FEDAUTH_TOKEN, got packet type 0x{ptype:02x}")
+        return tds.parse_fedauth_token(payload)
+
     async def _login(self) -> bool:
         ptype, payload = await self.read_message()
         if ptype != tds.PacketType.LOGIN7:
@@ -261,6 +283,11 @@ class TdsSession:
         login = tds.parse_login7(payload)
         self.database = login.database or "master"
         faults = self.server.faults
+        if faults.reset_logins > 0:
+            faults.reset_logins -= 1
+            self._record("login", "connection reset during login (injected)", 0)
+            self._reset()
+            raise _Closed
         if faults.fail_logins > 0:
             faults.fail_logins -= 1
             severity, text = TRANSIENT_LOGIN_ERRORS.get(faults.error, (16, "Injected error."))
@@ -271,6 +298,10 @@ class TdsSession:
                 ),
                 severity=severity,
             )
+        if login.fedauth_library == tds.FEDAUTH_LIBRARY_ADAL:
+            if login.fedauth_echo != self.fedauth_required:
+                return await self._refuse(18456, LOGIN_FAILED)
+            login.access_token = await self._acquire_token()
         if login.access_token is None:
             who = login.username or ""
             return await self._refuse(
@@ -280,9 +311,7 @@ class TdsSession:
                 "Please contact your system administrator.",
             )
         if login.fedauth_echo != self.fedauth_required:
-            return await self._refuse(
-                18456, "Login failed for user '<token-identified principal>'."
-            )
+            return await self._refuse(18456, LOGIN_FAILED)
         try:
             principal = await asyncio.to_thread(
                 self.server.verifier.verify, login.access_token, self.server.spec.tenant
@@ -295,9 +324,7 @@ class TdsSession:
                     "by the login. The login failed.",
                     11,
                 )
-                return await self._refuse(
-                    18456, "Login failed for user '<token-identified principal>'.", extra=not_found
-                )
+                return await self._refuse(18456, LOGIN_FAILED, extra=not_found)
             spec = self.server.spec
             if principal.app_id == spec.admin_app_id or principal.object_id == spec.admin_object_id:
                 user = DbUser(1, "dbo", True, principal.login)
@@ -367,7 +394,7 @@ class TdsSession:
                 reader = asyncio.ensure_future(self.read_message())
                 await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if work.done():
-                    await self.send(work.result())
+                    await self._reply(ptype, work.result())
                     continue
                 try:
                     next_type, next_payload = reader.result()
@@ -385,11 +412,23 @@ class TdsSession:
                         partial = b""
                     await self.send(partial + tds.done(tds.DONE_ATTN))
                 else:  # a pipelined request: answer this one first
-                    await self.send(await work)
+                    await self._reply(ptype, await work)
                     self._queued = (next_type, next_payload)
         finally:
             if reader is not None:
                 reader.cancel()
+
+    async def _reply(self, ptype: int, payload: bytes) -> None:
+        """Send a request's reply, unless an injected reset cuts it off halfway."""
+        faults = self.server.faults
+        if faults.reset_results > 0 and ptype in (tds.PacketType.SQL_BATCH, tds.PacketType.RPC):
+            faults.reset_results -= 1
+            packets = tds.packetize(tds.PacketType.RESPONSE, payload, self.packet_size)
+            await self.stream.write(packets[: max(len(packets) // 2, 1)])
+            self._record("reset", "connection reset mid-result (injected)", 0)
+            self._reset()
+            raise _Closed
+        await self.send(payload)
 
     def _record(self, kind: str, text: str, error: int | None = None) -> None:
         user = self.session.user.name if self.session else ""

@@ -35,6 +35,7 @@ class PacketType(IntEnum):
     RPC = 0x03
     RESPONSE = 0x04
     ATTENTION = 0x06
+    FEDAUTH_TOKEN = 0x08
     TRANSACTION_MANAGER = 0x0E
     LOGIN7 = 0x10
     PRELOGIN = 0x12
@@ -167,6 +168,8 @@ def build_prelogin(options: Sequence[tuple[int, bytes]]) -> bytes:
 FEATURE_FEDAUTH = 0x02
 FEATURE_TERMINATOR = 0xFF
 FEDAUTH_LIBRARY_SECURITY_TOKEN = 0x01
+# The client library (ADAL, now MSAL) acquires the token itself after the server's FEDAUTHINFO.
+FEDAUTH_LIBRARY_ADAL = 0x02
 TDS_VERSION_74 = 0x74000004
 OPTION_FLAGS2_INTEGRATED_SECURITY = 0x80
 OPTION_FLAGS3_EXTENSION = 0x10
@@ -185,6 +188,7 @@ class Login7:
     integrated_security: bool
     fedauth_library: int | None = None
     fedauth_echo: bool = False
+    fedauth_workflow: int | None = None  # ADAL library only: the driver's authentication mode
     access_token: str | None = None
     features: list[int] = field(default_factory=list)
 
@@ -237,6 +241,24 @@ def _parse_features(payload: bytes, pos: int, login: Login7) -> None:
                 size = struct.unpack_from("<I", data, 1)[0]
                 token = data[5 : 5 + size]
                 login.access_token = token.decode("utf-16-le", errors="replace")
+            elif login.fedauth_library == FEDAUTH_LIBRARY_ADAL and len(data) >= 2:
+                login.fedauth_workflow = data[1]
+
+
+def parse_fedauth_token(payload: bytes) -> str:
+    """The access token of a FEDAUTH_TOKEN message (type 0x08, ADAL library).
+
+    ``DataLen u32 | TokenLen u32 | token (UTF-16LE) | [Nonce, 32 bytes]`` ([MS-TDS] 2.2.6.3).
+    """
+    reader = Reader(payload)
+    data_len = reader.u32()
+    if data_len > reader.remaining():
+        raise ProtocolError("FEDAUTH_TOKEN is shorter than its DataLen")
+    size = reader.u32()
+    if size > reader.remaining():
+        raise ProtocolError("FEDAUTH_TOKEN token length exceeds the message")
+    # ODBC Driver 18 sends the token NUL-terminated (what it fetched, as a C string).
+    return reader.take(size).decode("utf-16-le", errors="replace").rstrip("\x00")
 
 
 # --- requests ------------------------------------------------------------------------------------
@@ -646,6 +668,7 @@ class Token(IntEnum):
     RETURNVALUE = 0xAC
     LOGINACK = 0xAD
     FEATUREEXTACK = 0xAE
+    FEDAUTHINFO = 0xEE
     ROW = 0xD1
     ENVCHANGE = 0xE3
     DONE = 0xFD
@@ -723,6 +746,31 @@ def login_ack(program: str = "Microsoft SQL Server", version: bytes = b"\x0c\x00
 def feature_ext_ack_fedauth() -> bytes:
     # FEDAUTH acknowledged with no data (security-token library), then the terminator.
     return bytes([Token.FEATUREEXTACK, FEATURE_FEDAUTH, 0, 0, 0, 0, FEATURE_TERMINATOR])
+
+
+class FedAuthInfoId(IntEnum):
+    STSURL = 0x01
+    SPN = 0x02
+
+
+def fedauth_info(sts_url: str, spn: str) -> bytes:
+    """The FEDAUTHINFO token ([MS-TDS] 2.2.7.12): where the client gets a token, and for what.
+
+    ``TokenLength u32 | CountOfInfoIDs u32 | {id u8, DataLen u32, DataOffset u32}* | data``; each
+    offset counts from CountOfInfoIDs, the data are UTF-16LE strings.
+    """
+    # SPN first, then the STS URL: the order Azure SQL sends them in.
+    items = [
+        (FedAuthInfoId.SPN, spn.encode("utf-16-le")),
+        (FedAuthInfoId.STSURL, sts_url.encode("utf-16-le")),
+    ]
+    offset = 4 + 9 * len(items)
+    table, data = bytearray(), bytearray()
+    for info_id, value in items:
+        table += struct.pack("<BII", info_id, len(value), offset + len(data))
+        data += value
+    body = struct.pack("<I", len(items)) + bytes(table) + bytes(data)
+    return bytes([Token.FEDAUTHINFO]) + struct.pack("<I", len(body)) + body
 
 
 def done(status: int, curcmd: int = 0, rowcount: int = 0, token: int = Token.DONE) -> bytes:

@@ -7,10 +7,11 @@ host name (through the proxy) never reach it. Admin calls are not recorded in th
 Endpoints (JSON in, JSON out; ``python -m sandbox.entra ctl`` wraps each one):
 - ``GET  /_sandbox/health``                      -> ``{"ok": true}``
 - ``GET  /_sandbox/controls``                    -> the current controls
-- ``POST /_sandbox/controls``   ``{"propagationSeconds", "armWriteSeconds", "clockSkewSeconds",
-  "tokenLifetimeSeconds"}``
-  (any subset)
-- ``POST /_sandbox/latency``    ``{"route": "graph.*", "seconds": 0.2}`` (0 removes)
+- ``POST /_sandbox/controls``   ``{"propagationSeconds", "armWriteSeconds",
+  "graphReadLagSeconds", "clockSkewSeconds", "tokenLifetimeSeconds"}`` (any subset)
+- ``POST /_sandbox/latency``    ``{"route": "graph.*", "seconds": 0.2, "jitter": 0.3}``: a fixed
+  delay plus a uniform draw from ``[0, jitter]`` per call (0 removes; the log's ``delay_ms``
+  says what each call waited)
 - ``POST /_sandbox/failures``   ``{"route": "login.token", "status": 429, "count": 2,
   "retryAfter": 1}`` -> the next ``count`` matching calls get ``status``
 - ``POST /_sandbox/ratelimits`` ``{"route": "arm.fic.put", "rate": 0.25, "burst": 1,
@@ -104,6 +105,8 @@ class AdminService:
             settings.propagation_seconds = _number(body, "propagationSeconds")
         if "armWriteSeconds" in body:
             settings.arm_write_seconds = _number(body, "armWriteSeconds")
+        if "graphReadLagSeconds" in body:
+            settings.graph_read_lag_seconds = max(0.0, _number(body, "graphReadLagSeconds"))
         if "clockSkewSeconds" in body:
             self.controls.clock.skew = _number(body, "clockSkewSeconds")
         if "tokenLifetimeSeconds" in body:
@@ -117,7 +120,11 @@ class AdminService:
         route = body.get("route")
         if not isinstance(route, str) or not route:
             raise AdminError("'route' is required")
-        self.controls.set_latency(route, _number(body, "seconds"))
+        self.controls.set_latency(
+            route,
+            _number(body, "seconds", 0),
+            _number(body, "jitter", 0) if "jitter" in body else 0,
+        )
         return self.controls.to_json()
 
     async def failures(self, request: web.Request, body: dict[str, Any]) -> Any:

@@ -71,8 +71,8 @@ class AdminClient:
     def controls(self, **settings: float) -> Any:
         return self.call("POST", "controls", settings) if settings else self.call("GET", "controls")
 
-    def latency(self, route: str, seconds: float) -> Any:
-        return self.call("POST", "latency", {"route": route, "seconds": seconds})
+    def latency(self, route: str, seconds: float, jitter: float = 0.0) -> Any:
+        return self.call("POST", "latency", {"route": route, "seconds": seconds, "jitter": jitter})
 
     def fail(
         self, route: str, status: int = 429, count: int = 1, retry_after: float | None = None
@@ -99,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     latency = sub.add_parser("latency", help="add latency to routes matching a pattern (0 removes)")
     latency.add_argument("route")
     latency.add_argument("seconds", type=float)
+    latency.add_argument(
+        "--jitter", type=float, default=0.0, help="plus a uniform random 0..JITTER seconds per call"
+    )
     fail = sub.add_parser("fail", help="answer the next N calls of a route with an error status")
     fail.add_argument("route")
     fail.add_argument("--status", type=int, default=429)
@@ -124,6 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     clock.add_argument("seconds", type=float)
     write = sub.add_parser("write-delay", help="seconds an ARM credential write takes")
     write.add_argument("seconds", type=float)
+    lag = sub.add_parser(
+        "graph-lag", help="seconds Graph reads of federated credentials miss a write (0 removes)"
+    )
+    lag.add_argument("seconds", type=float)
     requests = sub.add_parser("requests", help="request log and counts per route")
     requests.add_argument("--route", default="*")
     requests.add_argument("--clear", action="store_true", help="clear the log instead")
@@ -138,7 +145,7 @@ def run(args: argparse.Namespace) -> Any:
     if command == "status":
         return client.controls()
     if command == "latency":
-        return client.latency(args.route, args.seconds)
+        return client.latency(args.route, args.seconds, args.jitter)
     if command == "fail":
         return client.fail(args.route, args.status, args.count, args.retry_after)
     if command == "ratelimit":
@@ -149,6 +156,8 @@ def run(args: argparse.Namespace) -> Any:
         return client.controls(clockSkewSeconds=args.seconds)
     if command == "write-delay":
         return client.controls(armWriteSeconds=args.seconds)
+    if command == "graph-lag":
+        return client.controls(graphReadLagSeconds=args.seconds)
     if command == "requests":
         return client.call("DELETE", "requests") if args.clear else client.requests(args.route)
     if command == "reset":

@@ -15,12 +15,14 @@ clock is off.
 from __future__ import annotations
 
 import fnmatch
+import random
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 _LOG_SIZE = 5000
+V = TypeVar("V")
 
 
 class Clock:
@@ -94,6 +96,7 @@ class RequestRecord:
     status: int
     ms: float
     injected: bool = False
+    delay_ms: float = 0.0  # the injected latency (fixed part plus jitter) this call waited
 
 
 @dataclass
@@ -102,14 +105,54 @@ class Settings:
 
     propagation_seconds: float = 0.0  # before a new or changed credential is accepted
     arm_write_seconds: float = 0.0  # how long an ARM credential write takes (overlaps -> 409)
+    graph_read_lag_seconds: float = 0.0  # how long Graph reads miss a write (replica lag)
     token_lifetime_seconds: int = 3599  # access tokens' expires_in (Entra's: about an hour)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "propagationSeconds": self.propagation_seconds,
             "armWriteSeconds": self.arm_write_seconds,
+            "graphReadLagSeconds": self.graph_read_lag_seconds,
             "tokenLifetimeSeconds": self.token_lifetime_seconds,
         }
+
+
+class ReadLag(Generic[V]):
+    """Graph's read-after-write lag: reads served by a replica that is ``lag`` seconds behind.
+
+    Writes always go to the primary (so a create of a name the primary has is refused, even while
+    reads do not show it yet). Each write to a keyed collection is remembered with the value it
+    replaced; a lagging read starts from the primary's state and undoes, newest first, every
+    write younger than the lag. So for ``lag`` seconds a created item is missing, a deleted one
+    is still listed and an updated one shows its old value, then all of them converge.
+    """
+
+    def __init__(self) -> None:
+        # collection -> [(when, item key, value before the write or None)], oldest first
+        self._writes: dict[str, list[tuple[float, str, V | None]]] = {}
+
+    def clear(self) -> None:
+        self._writes.clear()
+
+    def wrote(self, collection: str, key: str, before: V | None, now: float) -> None:
+        self._writes.setdefault(collection, []).append((now, key, before))
+
+    def view(self, collection: str, current: dict[str, V], lag: float, now: float) -> dict[str, V]:
+        """What a replica ``lag`` seconds behind shows of ``current``."""
+        writes = self._writes.get(collection)
+        if not writes:
+            return current
+        horizon = now - max(lag, 0.0)
+        # Writes the slowest replica has seen no longer matter: forget them.
+        while writes and writes[0][0] <= horizon:
+            writes.pop(0)
+        seen = dict(current)
+        for _when, key, before in reversed(writes):
+            if before is None:
+                seen.pop(key, None)
+            else:
+                seen[key] = before
+        return seen
 
 
 @dataclass
@@ -117,15 +160,20 @@ class Controls:
     clock: Clock = field(default_factory=Clock)
     settings: Settings = field(default_factory=Settings)
     latency: dict[str, float] = field(default_factory=dict)  # route pattern -> seconds
+    jitter: dict[str, float] = field(default_factory=dict)  # route pattern -> up to +seconds
+    rng: random.Random = field(default_factory=random.Random, repr=False)
     failures: list[InjectedFailure] = field(default_factory=list)
     rate_limits: list[RateLimit] = field(default_factory=list)
     log: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=_LOG_SIZE))
     counts: Counter[str] = field(default_factory=Counter)
+    read_lag: ReadLag[Any] = field(default_factory=ReadLag)
 
     def reset(self) -> None:
         self.clock.skew = 0.0
         self.settings = Settings()
+        self.read_lag.clear()
         self.latency.clear()
+        self.jitter.clear()
         self.failures.clear()
         self.rate_limits.clear()
         self.clear_log()
@@ -134,11 +182,13 @@ class Controls:
         self.log.clear()
         self.counts.clear()
 
-    def set_latency(self, route: str, seconds: float) -> None:
-        if seconds <= 0:
-            self.latency.pop(route, None)
-        else:
-            self.latency[route] = seconds
+    def set_latency(self, route: str, seconds: float, jitter: float = 0.0) -> None:
+        """Delay matching calls by ``seconds`` plus a uniform draw from ``[0, jitter]``."""
+        for table, value in ((self.latency, seconds), (self.jitter, jitter)):
+            if value <= 0:
+                table.pop(route, None)
+            else:
+                table[route] = value
 
     def fail_next(
         self, route: str, status: int, count: int, retry_after: float | None = None
@@ -158,6 +208,11 @@ class Controls:
         the call addresses (a managed identity or an application), the unit of Azure's quotas.
         """
         delay = sum(s for pattern, s in self.latency.items() if fnmatch.fnmatchcase(route, pattern))
+        delay += sum(
+            self.rng.uniform(0.0, s)
+            for pattern, s in self.jitter.items()
+            if fnmatch.fnmatchcase(route, pattern)
+        )
         for failure in self.failures:
             if failure.remaining > 0 and fnmatch.fnmatchcase(route, failure.route):
                 failure.remaining -= 1
@@ -181,6 +236,7 @@ class Controls:
             "clockSkewSeconds": self.clock.skew,
             **self.settings.to_json(),
             "latency": dict(self.latency),
+            "jitter": dict(self.jitter),
             "failures": [asdict(f) for f in self.failures],
             "rateLimits": [r.to_json() for r in self.rate_limits],
         }

@@ -249,11 +249,37 @@ class GraphService:
         return app
 
     @staticmethod
-    def _credential(app: Principal, params: PathParams) -> tuple[str, FederatedCredential | None]:
+    def _credential(
+        app: Principal,
+        params: PathParams,
+        credentials: dict[str, FederatedCredential] | None = None,
+    ) -> tuple[str, FederatedCredential | None]:
+        """The addressed credential, by name or id, in ``credentials`` (default: the primary's)."""
+        held = app.credentials if credentials is None else credentials
         if params.get("fname") is not None:
-            return params["fname"], app.credentials.get(params["fname"])
+            return params["fname"], held.get(params["fname"])
         key = params["fid"]
-        return key, app.credential_by_id(key) or app.credentials.get(key)
+        by_id = next((c for c in held.values() if c.id == key), None)
+        return key, by_id or held.get(key)
+
+    def _replica(self, app: Principal) -> dict[str, FederatedCredential]:
+        """The app's credentials as a read sees them (``graphReadLagSeconds`` behind)."""
+        lag = self.controls.settings.graph_read_lag_seconds
+        now = self.controls.clock.real()
+        seen: dict[str, FederatedCredential] = self.controls.read_lag.view(
+            app.app_object_id or app.client_id, app.credentials, lag, now
+        )
+        return seen
+
+    def _before_write(self, app: Principal, name: str) -> None:
+        """Remember what a write replaces, for reads that lag behind it."""
+        if self.controls.settings.graph_read_lag_seconds > 0:
+            self.controls.read_lag.wrote(
+                app.app_object_id or app.client_id,
+                name,
+                app.credentials.get(name),
+                self.controls.clock.real(),
+            )
 
     @staticmethod
     def _filter(request: web.Request) -> tuple[str, str] | None:
@@ -374,7 +400,7 @@ class GraphService:
         return web.json_response(
             {
                 "@odata.context": self._context(request, fragment),
-                "value": [_credential_json(c) for c in app.credentials.values()],
+                "value": [_credential_json(c) for c in self._replica(app).values()],
             }
         )
 
@@ -382,7 +408,7 @@ class GraphService:
         self, request: web.Request, params: PathParams, caller: Caller
     ) -> web.StreamResponse:
         app = self._application(caller, params, write=False)
-        key, credential = self._credential(app, params)
+        key, credential = self._credential(app, params, self._replica(app))
         if credential is None:
             raise _not_found(key)
         fragment = f"applications('{app.app_object_id}')/federatedIdentityCredentials/$entity"
@@ -401,6 +427,7 @@ class GraphService:
             code, message = _CREDENTIAL_ERRORS[problem]
             raise GraphError(400, code, message)
         description = body.get("description")
+        self._before_write(app, name)
         credential, _ = self.directory.put_credential(
             app,
             name,
@@ -435,11 +462,12 @@ class GraphService:
         if not isinstance(name, str) or not name:
             raise GraphError(400, "Request_BadRequest", "Property 'name' is required.")
         if name in app.credentials:
+            # Graph's answer (Azure/azure-dev#1482), decided on the primary: a replica's list may
+            # not show the credential yet.
             raise GraphError(
-                400,
-                "Request_BadRequest",
-                f"A federated identity credential named '{name}' already exists for this "
-                "application.",
+                409,
+                "Request_MultipleObjectsWithSameKeyValue",
+                f"FederatedIdentityCredential with name {name} already exists.",
             )
         return self._created(request, app, self._store(app, body, name))
 
@@ -473,5 +501,6 @@ class GraphService:
         key, credential = self._credential(app, params)
         if credential is None:
             raise _not_found(key)
+        self._before_write(app, credential.name)
         self.directory.delete_credential(app, credential.name)
         return web.Response(status=204)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+import json
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -62,6 +63,17 @@ class Aadsts(Exception):
         self.status, self.error, self.code, self.text = status, error, code, text
 
 
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _json(body: Any, *, status: int = 200) -> web.Response:
+    """JSON as Entra writes it: compact, no spaces. Some clients depend on it: ODBC Driver 18
+    finds ``"access_token":"`` and ``"expires_on":"`` by plain text search, and with a space after
+    the colon it silently never sends the token it fetched."""
+    return web.json_response(body, status=status, dumps=_compact)
+
+
 def _utc(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -83,7 +95,7 @@ def oauth_error(request: web.Request, failure: Aadsts) -> web.Response:
         "correlation_id": correlation_id,
         "error_uri": f"{base_url(request)}/error?code={failure.code}",
     }
-    return web.json_response(body, status=failure.status)
+    return _json(body, status=failure.status)
 
 
 def render_error(request: web.Request, status: int, code: str, message: str) -> web.Response:
@@ -184,7 +196,7 @@ class LoginService:
             sockname = request.transport.get_extra_info("sockname") if request.transport else None
             if sockname:
                 host = f"{parsed.hostname}:{sockname[1]}"
-        return web.json_response(
+        return _json(
             {
                 "tenant_discovery_endpoint": (
                     f"https://{host}/{segments[0]}/v2.0/.well-known/openid-configuration"
@@ -202,7 +214,7 @@ class LoginService:
         except Aadsts as failure:
             return oauth_error(request, failure)
         base = f"{base_url(request)}/{tid}"
-        return web.json_response(
+        return _json(
             {
                 "issuer": f"{base}/v2.0",
                 "token_endpoint": f"{base}/oauth2/v2.0/token",
@@ -233,7 +245,7 @@ class LoginService:
         except Aadsts as failure:
             return oauth_error(request, failure)
         base = base_url(request)
-        return web.json_response(
+        return _json(
             {
                 "issuer": sts_issuer(tid),
                 "token_endpoint": f"{base}/{tid}/oauth2/token",
@@ -256,7 +268,7 @@ class LoginService:
                 self._tenant_for_discovery(request, params["tenant"])
             except Aadsts as failure:
                 return oauth_error(request, failure)
-        return web.json_response({"keys": [self.key.jwk()]})
+        return _json({"keys": [self.key.jwk()]})
 
     # -- token -------------------------------------------------------------------------------
     async def token(self, request: web.Request, params: PathParams) -> web.StreamResponse:
@@ -282,12 +294,15 @@ class LoginService:
             ),
         }
         if not params.get("v2"):
+            # The v1 endpoint answers every number as a string, and names the resource.
             body.update(
+                expires_in=str(lifetime),
+                ext_expires_in=str(lifetime),
                 expires_on=str(int(now) + lifetime),
                 not_before=str(int(now)),
                 resource=fields.get("resource", ""),
             )
-        return web.json_response(body)
+        return _json(body)
 
     def _audience(self, fields: dict[str, str], tenant: Tenant, *, v2: bool) -> str:
         grant_type = fields.get("grant_type")

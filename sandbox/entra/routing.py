@@ -128,7 +128,7 @@ class Router:
                 continue
             route, params = candidate, matched.groupdict()
             break
-        injected = False
+        injected, delay = False, 0.0
         if route is None or params is None:
             name = "unmatched"
             surface = next(iter(allowed)) if len(allowed) == 1 else None
@@ -138,7 +138,7 @@ class Router:
             )
         else:
             name = route.name
-            response, injected = await self._run(route, request, params)
+            response, injected, delay = await self._run(route, request, params)
         if route is None or route.surface is not Surface.ADMIN:
             self.controls.record(
                 RequestRecord(
@@ -149,13 +149,15 @@ class Router:
                     status=response.status,
                     ms=round((time.perf_counter() - started) * 1000, 3),
                     injected=injected,
+                    delay_ms=round(delay * 1000, 3),
                 )
             )
         return response
 
     async def _run(
         self, route: Route, request: web.Request, params: PathParams
-    ) -> tuple[web.StreamResponse, bool]:
+    ) -> tuple[web.StreamResponse, bool, float]:
+        delay = 0.0
         if route.surface is not Surface.ADMIN:
             target = params.get("name") or params.get("oid") or params.get("appid") or ""
             delay, failure = self.controls.before(route.name, target)
@@ -173,13 +175,17 @@ class Router:
                 if failure.retry_after is not None:
                     # HTTP allows whole seconds only (kiota ignores anything else).
                     response.headers["Retry-After"] = str(math.ceil(failure.retry_after))
-                return response, True
+                return response, True, delay
         try:
-            return await route.handler(request, params), False
+            return await route.handler(request, params), False, delay
         except web.HTTPException:
             raise
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
-            return self._render(
-                route.surface, request, 500, "InternalServerError", "The emulator failed."
-            ), False
+            return (
+                self._render(
+                    route.surface, request, 500, "InternalServerError", "The emulator failed."
+                ),
+                False,
+                delay,
+            )

@@ -167,6 +167,14 @@ class SqlBox:
         response.raise_for_status()
         return response.json()
 
+    def entra_admin(self, method: str, path: str) -> Any:
+        """The Entra emulator's admin API (``/_sandbox/PATH``)."""
+        response = requests.request(
+            method, f"{self.entra_url}/_sandbox/{path}", verify=str(self.ca), timeout=10
+        )
+        response.raise_for_status()
+        return response.json()
+
     def log(self) -> list[dict[str, Any]]:
         return list(self.admin("GET", "/log"))
 

@@ -117,6 +117,47 @@ def test_login7_carries_the_access_token() -> None:
     assert login.fedauth_echo and login.fedauth_library == tds.FEDAUTH_LIBRARY_SECURITY_TOKEN
 
 
+def test_fedauthinfo_has_azure_sqls_layout() -> None:
+    # The first bytes of a real Azure SQL FEDAUTHINFO (hugr-lab/mssql-extension#164): SPN first
+    # (58 bytes at offset 22), then the STS URL of a tenant id (124 bytes at offset 80), offsets
+    # counted from CountOfInfoIDs, TokenLength 204 not counting itself.
+    tenant = "8a1f3c2e-5b7d-4e90-a1c3-0f2e4d6b8a10"
+    token = tds.fedauth_info(f"https://login.windows.net/{tenant}", "https://database.windows.net/")
+    assert token[:27].hex(" ") == (
+        "ee cc 00 00 00 02 00 00 00 02 3a 00 00 00 16 00 00 00 01 7c 00 00 00 50 00 00 00"
+    )
+    assert token[27:85].decode("utf-16-le") == "https://database.windows.net/"
+    assert token[85:].decode("utf-16-le") == f"https://login.windows.net/{tenant}"
+
+
+def test_login7_asking_for_the_adal_workflow_carries_no_token() -> None:
+    payload = bytearray(_login7("", "mydb"))
+    at = payload.index(bytes([tds.FEATURE_FEDAUTH]), 94)
+    # FEDAUTH data for the ADAL library: options byte + workflow byte, no token.
+    feature = bytes([tds.FEATURE_FEDAUTH]) + struct.pack("<I", 2)
+    feature += bytes([(tds.FEDAUTH_LIBRARY_ADAL << 1) | 1, 0x01, 0xFF])
+    payload[at:] = feature
+    struct.pack_into("<I", payload, 0, len(payload))
+    login = tds.parse_login7(bytes(payload))
+    assert login.fedauth_library == tds.FEDAUTH_LIBRARY_ADAL
+    assert (login.fedauth_workflow, login.access_token, login.fedauth_echo) == (1, None, True)
+
+
+def test_fedauth_token_message_is_read_with_or_without_a_nonce() -> None:
+    raw = "eyJ.token.sig".encode("utf-16-le")
+    body = struct.pack("<I", len(raw)) + raw
+    assert tds.parse_fedauth_token(struct.pack("<I", len(body)) + body) == "eyJ.token.sig"
+    nonce = bytes(32)
+    framed = struct.pack("<I", len(body) + 32) + body + nonce
+    assert tds.parse_fedauth_token(framed) == "eyJ.token.sig"
+    # ODBC Driver 18 sends the token NUL-terminated.
+    terminated = "eyJ.token.sig\x00".encode("utf-16-le")
+    body = struct.pack("<I", len(terminated)) + terminated
+    assert tds.parse_fedauth_token(struct.pack("<I", len(body)) + body) == "eyJ.token.sig"
+    with pytest.raises(tds.ProtocolError):
+        tds.parse_fedauth_token(struct.pack("<II", 100, 90) + raw)
+
+
 def test_split_batch_in_threads_at_once() -> None:
     # Sessions split their batches in threads at the same time (found by bench/onboarding.py:
     # one shared tokenizer mixed two batches, "Unclosed quotation mark").

@@ -141,3 +141,32 @@ def test_query_log_records_logins_batches_and_failures(sqlbox: SqlBox) -> None:
     assert any(e["kind"] == "batch" and e["text"] == "SELECT 42" for e in entries)
     text = sqlbox.ctl("log", "--server", "sandbox-sql").stdout
     assert "SELECT 42" in text
+
+
+def test_connection_reset_mid_login_fails_exactly_that_login(sqlbox: SqlBox) -> None:
+    sqlbox.ctl("reset-connections", "sandbox-sql", "--logins", "1")
+    message = _login_error(sqlbox, sqlbox.token(DEMO))
+    assert "08S01" in message or "08001" in message, message
+    assert sqlbox.admin("GET", "/servers")[0]["reset_logins"] == 0
+    sqlbox.connect(sqlbox.token(DEMO)).close()  # the next one works
+
+
+def test_connection_reset_mid_result_breaks_that_query_only(sqlbox: SqlBox) -> None:
+    conn = sqlbox.connect(sqlbox.token(DEMO))
+    try:
+        # A reply several packets long, so that half of it is rows.
+        query = "SELECT * FROM Customer"
+        assert len(conn.cursor().execute(query).fetchall()) == 5
+        sqlbox.ctl("reset-connections", "sandbox-sql", "--results", "1")
+        with pytest.raises(pyodbc.Error) as caught:
+            conn.cursor().execute(query).fetchall()
+        assert "08S01" in str(caught.value), caught.value
+    finally:
+        conn.close()
+    log = [e for e in sqlbox.log() if e["kind"] == "reset"]
+    assert log and log[-1]["text"] == "connection reset mid-result (injected)"
+    again = sqlbox.connect(sqlbox.token(DEMO))
+    try:
+        assert len(again.cursor().execute(query).fetchall()) == 5
+    finally:
+        again.close()

@@ -120,7 +120,9 @@ def test_ctl_cli(entra: EntraService) -> None:
         "clockSkewSeconds": 0.0,
         "propagationSeconds": 0.0,
         "armWriteSeconds": 0.0,
+        "graphReadLagSeconds": 0.0,
         "latency": {},
+        "jitter": {},
         "failures": [],
         "rateLimits": [],
     }
@@ -208,3 +210,16 @@ def test_latency_without_injection(entra: EntraService) -> None:
         )
     print(f"server-side median: {server_ms}")
     assert statistics.median(token_ms) < 25 and statistics.median(graph_ms) < 25
+
+
+def test_latency_jitter_draws_a_different_delay_per_call(entra: EntraService) -> None:
+    entra.admin.latency("login.keys", 0.01, jitter=0.05)
+    for _ in range(12):
+        assert entra.http.get(f"{entra.url}/common/discovery/keys", timeout=10).status_code == 200
+    delays = [r["delay_ms"] for r in entra.admin.requests("login.keys")["log"]]
+    assert len(delays) == 12
+    assert all(10.0 <= d <= 60.0 for d in delays), delays
+    assert len(set(delays)) > 1, "jitter must vary the delay"
+    assert entra.admin.controls()["jitter"] == {"login.keys": 0.05}
+    entra.admin.latency("login.keys", 0)
+    assert entra.admin.controls()["jitter"] == {}

@@ -16,6 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 from azure.core.exceptions import ClientAuthenticationError
 from azure.identity import (
     ClientAssertionCredential,
@@ -320,3 +321,57 @@ def test_error_body_and_v1_endpoint(entra: EntraService) -> None:
     ).json()
     assert v1["resource"] == "https://database.windows.net/" and int(v1["expires_on"]) > time.time()
     assert _verify(entra, v1["access_token"], "https://database.windows.net/")["appidacr"] == "1"
+
+
+# -- the front end: what Entra's token endpoint accepts in its URL --------------------------------
+def _v1_through_proxy(entra: EntraService, proxy: str, url: str) -> Any:
+    demo = entra.principal("SP-AZURESQL-USER")
+    return requests.post(
+        url,
+        data={
+            "grant_type": "client_credentials",
+            "client_id": demo.client_id,
+            "client_secret": demo.secrets[0],
+            "resource": "https://database.windows.net/",
+        },
+        proxies={"https": proxy},
+        verify=str(entra.ca),
+        timeout=10,
+    )
+
+
+@pytest.mark.parametrize(
+    "authority",
+    [
+        # An explicit default port, as ODBC Driver 18's STS URL handling and hand-built URLs send.
+        "https://login.microsoftonline.com:443/{tenant}",
+        # Tenant ids are GUIDs: any case names the same tenant.
+        "https://login.microsoftonline.com/{TENANT}",
+        # A verified domain of the tenant instead of its id (documented for the {tenant} segment).
+        "https://login.microsoftonline.com/sandbox.onmicrosoft.com",
+        "https://login.windows.net/{tenant}",
+    ],
+)
+def test_v1_token_endpoint_accepts_what_entras_front_end_accepts(
+    entra: EntraService, proxy: str, authority: str
+) -> None:
+    url = authority.format(tenant=entra.tenant_id, TENANT=entra.tenant_id.upper())
+    response = _v1_through_proxy(entra, proxy, f"{url}/oauth2/token")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # The v1 endpoint's shape: every number a string, the resource echoed.
+    assert body["expires_in"] == "3599" and body["resource"] == "https://database.windows.net/"
+    claims = _verify(entra, body["access_token"], "https://database.windows.net/")
+    assert claims["tid"] == entra.tenant_id
+
+
+def test_a_domain_no_tenant_has_verified_is_90002(entra: EntraService, proxy: str) -> None:
+    url = "https://login.microsoftonline.com/not-verified.example/oauth2/token"
+    response = _v1_through_proxy(entra, proxy, url)
+    body = response.json()
+    assert (response.status_code, body["error"], body["error_codes"]) == (
+        400,
+        "invalid_tenant",
+        [90002],
+    )
+    assert body["error_description"].startswith("AADSTS90002: Tenant 'not-verified.example'")

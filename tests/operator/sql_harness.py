@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import time
 import uuid
@@ -137,11 +138,21 @@ class SqlAdmin:
         return response.json()
 
     def log(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """The emulator's log; the operator's ``SET LOCK_TIMEOUT n;`` prefix (sql.py) is taken
+        off each batch's text and kept as ``lock_timeout_ms``, so tests match the statement."""
         entries: list[dict[str, Any]] = self._admin_call("GET", f"/log?since={since}")
+        for entry in entries:
+            found = _LOCK_PREFIX.match(str(entry.get("text") or ""))
+            entry["lock_timeout_ms"] = int(found.group(1)) if found else None
+            if found:
+                entry["text"] = entry["text"][found.end() :]
         return entries
 
     def fail_logins(self, count: int, error: int = 40613, server: str = "sandbox-sql") -> None:
         self._admin_call("POST", f"/servers/{server}/fail-logins", {"count": count, "error": error})
+
+
+_LOCK_PREFIX = re.compile(r"SET LOCK_TIMEOUT (-?\d+);\n")
 
 
 def wait_for_log(

@@ -254,6 +254,9 @@ def test_hostile_names_are_quoted_or_rejected(
     assert f"CREATE USER {quoted} WITH SID = " in "\n".join(statements)
     assert f"ALTER ROLE [db_datareader] ADD MEMBER {quoted}" in statements
     assert not any(e["error"] for e in sql.log(since) if e["user"] == "dbo")
+    # The operator's statements carried its lock timeout (issue 18).
+    ddl = [e for e in sql.log(since) if e["text"].startswith(("CREATE USER", "ALTER ROLE"))]
+    assert ddl and {e["lock_timeout_ms"] for e in ddl} == {5000}
 
     # A database name with a ';' stays one value of the connection string: the login asks for
     # exactly that database (which does not exist), no connection keyword is added.

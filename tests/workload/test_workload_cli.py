@@ -226,3 +226,16 @@ def test_query_error_exit_11_and_json_errors(sqlbox: SqlBox) -> None:
         "exitCode": 11,
         "message": "Invalid object name 'dbo.Nope'. (208)",
     }
+
+
+@pytest.mark.parametrize("where", ["--logins", "--results"])
+def test_connection_reset_mid_login_or_mid_result_is_retried(sqlbox: SqlBox, where: str) -> None:
+    sqlbox.ctl("reset-connections", "sandbox-sql", where, "1")
+    try:
+        done = run_workload(sqlbox, "-v", *FAST)
+    finally:
+        sqlbox.ctl("reset-connections", "sandbox-sql")
+    assert done.returncode == 0, done.stderr
+    assert "retries=1" in done.stderr
+    assert done.stdout.splitlines()[-1] == "(5 rows)"
+    assert [e["kind"] for e in sqlbox.log()].count("reset") >= (where == "--results")

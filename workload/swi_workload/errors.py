@@ -128,6 +128,10 @@ class SqlFailure:
 
     @property
     def unreachable(self) -> bool:
+        # 08S01 is a broken link whatever the native number (a reset mid-login carries the
+        # socket's: "TCP Provider: Error code 0x2746 (10054)").
+        if self.sqlstate == "08S01":
+            return True
         return self.number in (None, 0) and self.sqlstate in UNREACHABLE_SQLSTATES
 
 

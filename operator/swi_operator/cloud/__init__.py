@@ -4,7 +4,10 @@ Two implementations: ``graph.GraphCredentialStore`` (federated credentials of ap
 Microsoft Graph) and ``arm.ArmCredentialStore`` (of user-assigned managed identities, ARM).
 ``IdentityRouter`` picks one by the kind of identity, so the reconcile steps never know which.
 Contract, as in Crossplane's external clients: ``upsert`` of something that exists updates it,
-``delete`` of something missing succeeds; failures leave as ``errors.ReconcileError``.
+``delete`` of something missing succeeds; failures leave as ``errors.ReconcileError``. ``upsert``
+returns the credential with no ``id`` when the service said it already existed and sent nothing
+back (Graph's 204): Graph's reads lag behind its writes, so a list can miss a credential that
+was written moments ago.
 
 ``CallGate`` wraps every call to one service: it bounds the requests in flight (a restart must not
 be a thundering herd), classifies failures (``errors.classify``), paces writes to the service's

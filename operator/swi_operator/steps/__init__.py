@@ -56,6 +56,8 @@ class Context:
     issuer: str = ""
     identity: ResolvedIdentity | None = None
     events: list[Event] = field(default_factory=list)
+    # Set by the policy gate: the policies allow database work where DDL triggers exist.
+    allow_ddl_triggers: bool = False
 
     def record(self, reason: str, message: str, type_: EventType = "Normal") -> None:
         self.events.append(Event(type_, reason, message))

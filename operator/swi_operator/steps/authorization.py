@@ -84,13 +84,15 @@ async def decide(
     sql: SqlSpec | None,
     namespace: str,
     require_policy: bool,
+    *,
+    retain: bool = False,
 ) -> Decision:
     """``policy.authorize`` over the cluster's policies; the Namespace is read only if needed."""
     parsed = await source.policies()
     about = [p for p in parsed.valid if p.identity_key == identity.key]
     needs = needs_namespace_labels(about, namespace)
     labels = await source.namespace_labels(namespace) if needs else {}
-    return authorize(identity, sql, namespace, labels, parsed.valid, require_policy)
+    return authorize(identity, sql, namespace, labels, parsed.valid, require_policy, retain=retain)
 
 
 class AuthorizationStep:
@@ -107,9 +109,11 @@ class AuthorizationStep:
             ctx.spec.sql,
             ctx.resource.namespace,
             self._require,
+            retain=ctx.spec.retain_cloud_objects,
         )
         if not decision.allowed:
             raise NotAuthorizedError(decision.message)
+        ctx.allow_ddl_triggers = decision.allow_ddl_triggers
         reason = "PolicyAllows" if decision.checked_identity else "PolicyNotRequired"
         return StepResult("True", reason, decision.message)
 

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 from swi_operator.cloud import ResolvedIdentity
 from swi_operator.errors import PermanentError, Reason
 from swi_operator.locks import KeyedLocks
+from swi_operator.policy import server_key
 from swi_operator.spec import ApplicationRef
 from swi_operator.sql import Database, Principal, SqlTarget, quote_name, roles_in, sid_of
 from swi_operator.steps import Context, StepResult
@@ -65,6 +66,8 @@ class DatabaseUserRecord:
             raw.get(k) for k in ("name", "server", "database", "clientId")
         ):
             return None
+        if server_key(str(raw["server"])) is None:
+            return None  # not a server spec.sql could name (a forged ";..." keyword): ignored
         return cls(
             name=str(raw["name"]),
             server=str(raw["server"]),
@@ -185,6 +188,24 @@ class DatabaseAccessStep:
             {"databaseUser": record.to_status()},
         )
 
+    async def _refuse_ddl_triggers(self, ctx: Context, target: SqlTarget, doing: str) -> None:
+        """A DDL trigger runs with the rights of whoever ran the statement, the operator's (the
+        server's Entra admin) here: a tenant with db_ddladmin could make itself dbo through one.
+        So no CREATE USER, ALTER ROLE or DROP USER where one exists, unless the policies say the
+        database's triggers are trusted (``sql.allowDdlTriggers``)."""
+        if ctx.allow_ddl_triggers:
+            return
+        triggers = await self._db.ddl_triggers(target)
+        if triggers:
+            raise PermanentError(
+                Reason.DATABASE_HAS_DDL_TRIGGERS,
+                f"{target.display} has DDL trigger{'s' if len(triggers) > 1 else ''} "
+                f"{', '.join(map(quote_name, triggers))}, which would run with the operator's "
+                f"admin rights, so it did not {doing}: drop the trigger (DROP TRIGGER ... ON "
+                "DATABASE), or have the platform team set sql.allowDdlTriggers in the "
+                "SqlIdentityPolicy if it is trusted",
+            )
+
     async def _ensure_user(
         self,
         ctx: Context,
@@ -214,6 +235,7 @@ class DatabaseAccessStep:
                 f"{identity.ref.display} (SID 0x{sid.hex().upper()}); the operator does not take "
                 "it over: drop it, or set spec.sql.userName to another name",
             )
+        await self._refuse_ddl_triggers(ctx, target, f"create the user {quote_name(name)}")
         object_id = None
         if self._form == "object-id":
             assert self._principals is not None
@@ -240,6 +262,11 @@ class DatabaseAccessStep:
         current = {role.lower() for role in user.roles}
         granted = {role.lower(): role for role in (previous.granted_roles if previous else ())}
         wanted_by_lower = {role.lower(): role for role in wanted if role.lower() != PUBLIC_ROLE}
+        changes = [lower for lower in wanted_by_lower if lower not in current] + [
+            lower for lower in granted if lower not in wanted_by_lower and lower in current
+        ]
+        if changes:
+            await self._refuse_ddl_triggers(ctx, target, f"change the roles of {user.name!r}")
         for lower, role in sorted(wanted_by_lower.items()):
             if lower not in current:
                 await self._db.set_role_member(target, role, user.name, member=True)
@@ -280,13 +307,17 @@ class DatabaseAccessStep:
                 return (
                     f"the user {quote_name(recorded.name)} was already gone from {target.display}"
                 )
+            held = {role.lower() for role in user.roles}
+            revoked = [role for role in recorded.granted_roles if role.lower() in held]
+            if recorded.created or revoked:
+                await self._refuse_ddl_triggers(
+                    ctx, target, f"remove the user {quote_name(user.name)} or its roles"
+                )
             if recorded.created:
                 await self._db.drop_user(target, user.name)
                 done = f"dropped the user {quote_name(user.name)} from {target.display}"
                 ctx.record("DatabaseUserDropped", done)
                 return done
-            held = {role.lower() for role in user.roles}
-            revoked = [role for role in recorded.granted_roles if role.lower() in held]
             for role in revoked:
                 await self._db.set_role_member(target, role, user.name, member=False)
             done = (

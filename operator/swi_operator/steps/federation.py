@@ -19,7 +19,10 @@ namespace is never acted on.
 
 Revocation (a policy no longer allows the resource): the credential recorded in status is deleted,
 whatever ``deletionPolicy`` says, and nothing is called on an identity the resource names now but
-was never granted.
+was never granted. Revocation and deletion keep a credential only when another live resource that a
+policy allows backs it (``backing.py``): the service account's ``sqlidentity.io/owner`` annotation,
+which the namespace's tenant can write, decides nothing there. What escapes them (a finalizer
+removed, ``Retain`` then delete) is the sweep's (``sweep.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from swi_operator.backing import Backing, Grant, parse_subject
 from swi_operator.cloud import (
     MAX_CREDENTIALS_PER_IDENTITY,
     CredentialStore,
@@ -92,12 +96,20 @@ class FederatedCredentialStep:
     condition = "FederatedCredentialReady"
 
     def __init__(
-        self, store: CredentialStore, issuer: IssuerSource, kube: KubeClient, locks: KeyedLocks
+        self,
+        store: CredentialStore,
+        issuer: IssuerSource,
+        kube: KubeClient,
+        locks: KeyedLocks,
+        backing: Backing | None = None,
+        operator_client_id: str | None = None,
     ) -> None:
+        self._operator_client_id = (operator_client_id or "").lower()
         self._store = store
         self._issuer = issuer
         self._kube = kube
         self._locks = locks
+        self._backing = backing or Backing(kube, None)
 
     async def reconcile(self, ctx: Context) -> StepResult:
         ctx.issuer = await self._issuer.get()
@@ -111,6 +123,13 @@ class FederatedCredentialStep:
         sa = await self._kube.get_service_account(res.namespace, ctx.spec.service_account_name)
         await ensure_not_claimed(self._kube, sa, res)
         identity = ctx.identity = await self._store.resolve(ref)
+        if identity.client_id.lower() == self._operator_client_id:
+            raise PermanentError(
+                Reason.INVALID_SPEC,
+                f"spec.identity is {identity.ref.display}, the operator's own identity: no "
+                "workload may borrow it (it administers every SQL server and identity the "
+                "operator manages); use an identity of its own",
+            )
         subject = subject_for(res.namespace, ctx.spec.service_account_name)
         desired = FederatedCredential(
             name=credential_name(ctx.issuer, res.namespace, ctx.spec.service_account_name),
@@ -192,6 +211,14 @@ class FederatedCredentialStep:
                 "identity",
             )
         written = await self._store.upsert(identity, desired)
+        if written.id is None:
+            # Graph answered 204: the name existed. Its reads lag behind its writes, so the list
+            # can miss a credential written moments ago (by this operator, or before a restart);
+            # the upsert changed nothing and created nothing. Keep the id status recorded.
+            recorded = ctx.status.get("federatedCredential") or {}
+            if recorded.get("name") == desired.name and recorded.get("id"):
+                return dataclasses.replace(written, id=str(recorded["id"]))
+            return written
         ctx.record(
             "CredentialCreated",
             f"created credential {desired.name} on {identity.ref.display} for {desired.subject}",
@@ -239,19 +266,24 @@ class FederatedCredentialStep:
                         f"deleted credential {credential.name} from {ref.display}",
                     )
 
+    async def _backed_elsewhere(self, ctx: Context, ref: IdentityRef, subject: str) -> bool:
+        """Whether another live resource that a current policy allows backs the credential of
+        ``ref`` for ``subject`` (``backing.py``); never the service account's annotations, which
+        the namespace's tenant can write."""
+        parsed = parse_subject(subject)
+        if parsed is None:
+            return False
+        return await self._backing.elsewhere(Grant(ref.key, *parsed), ctx.resource.uid)
+
     async def finalize(self, ctx: Context) -> None:
         if ctx.spec.retain_cloud_objects:
             ctx.record("CredentialRetained", "deletionPolicy is Retain: the credential stays")
             return
         ctx.issuer = await self._issuer.get()
         res = ctx.resource
-        sa = await self._kube.get_service_account(res.namespace, ctx.spec.service_account_name)
-        try:
-            await ensure_not_claimed(self._kube, sa, res)
-        except PermanentError:
-            return  # the credential belongs to the resource that holds the service account
         subject = subject_for(res.namespace, ctx.spec.service_account_name)
-        await self._delete_matching(ctx, ctx.spec.identity, subject)
+        if not await self._backed_elsewhere(ctx, ctx.spec.identity, subject):
+            await self._delete_matching(ctx, ctx.spec.identity, subject)
         recorded = ctx.status.get("federatedCredential") or {}
         old_ref = identity_from_status(str(recorded.get("identity", "")))
         old_subject = str(ctx.status.get("subject") or subject)
@@ -259,6 +291,7 @@ class FederatedCredentialStep:
             old_ref is not None
             and in_namespace(res.namespace, old_subject)
             and (old_ref.key, old_subject) != (ctx.spec.identity.key, subject)
+            and not await self._backed_elsewhere(ctx, old_ref, old_subject)
         ):
             await self._delete_matching(ctx, old_ref, old_subject)
 
@@ -273,15 +306,12 @@ class FederatedCredentialStep:
         if ref is None or not in_namespace(ctx.resource.namespace, subject):
             return StepResult("False", Reason.NOT_AUTHORIZED, "no credential to revoke", cleared)
         ctx.issuer = await self._issuer.get()
-        res = ctx.resource
-        sa = await self._kube.get_service_account(res.namespace, subject.rsplit(":", 1)[1])
-        try:
-            await ensure_not_claimed(self._kube, sa, res)
-        except PermanentError:
+        if await self._backed_elsewhere(ctx, ref, subject):
             return StepResult(
                 "False",
                 Reason.NOT_AUTHORIZED,
-                f"the credential for {subject} belongs to the resource that federates it now",
+                f"the credential for {subject} stays: another SqlWorkloadIdentity of the "
+                "namespace that a policy allows federates it",
                 cleared,
             )
         await self._delete_matching(ctx, ref, subject)

@@ -36,6 +36,7 @@ class FakeDatabase:
         self.fail: dict[str, ReconcileError] = {}  # method -> error raised by its next call
         self.probe_failure: SqlFailed | None = None
         self.probes: list[tuple[SqlTarget, str, bool]] = []
+        self.triggers: dict[SqlTarget, list[str]] = {}  # DDL triggers (sys.triggers, class 0)
 
     def _check(self, method: str) -> None:
         if method in self.fail:
@@ -50,6 +51,10 @@ class FakeDatabase:
 
     def user(self, target: SqlTarget, name: str) -> FakeUser | None:
         return next((u for u in self.users.get(target, []) if u.name.lower() == name.lower()), None)
+
+    async def ddl_triggers(self, target: SqlTarget) -> list[str]:
+        self._check("ddl_triggers")
+        return list(self.triggers.get(target, []))
 
     async def role_names(self, target: SqlTarget) -> set[str]:
         self._check("role_names")

@@ -275,3 +275,64 @@ async def test_a_forged_status_cannot_steer_a_drop_at_another_identitys_user(db)
 
     assert db.user(TARGET, "victim") is not None
     assert "DatabaseUserNotRemoved" in reasons(outcome)
+
+
+async def test_a_database_with_a_ddl_trigger_is_refused_before_any_ddl(db):
+    """Issue 18, finding 3: a DDL trigger runs with the operator's admin rights."""
+    db.triggers[TARGET] = ["make_me_dbo"]
+    outcome = await make_pipeline(db).reconcile(resource(sql=SQL))
+    refused = condition(outcome)
+    assert (refused.status, refused.reason) == ("False", "DatabaseHasDdlTriggers")
+    assert "[make_me_dbo]" in refused.message and "allowDdlTriggers" in refused.message
+    assert db.writes == []
+
+
+async def test_a_ddl_trigger_stops_the_drop_too_and_is_reported(db):
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    db.writes.clear()
+    db.triggers[TARGET] = ["on_drop"]
+    outcome = await pipeline.finalize(body)
+    assert db.writes == []
+    assert "DatabaseHasDdlTriggers" in reasons(outcome)
+
+
+async def test_a_policy_that_allows_ddl_triggers_lets_the_work_through(db):
+    from swi_operator.spec import parse_spec
+    from swi_operator.steps import Context
+
+    db.triggers[TARGET] = ["audited"]
+    step = DatabaseAccessStep(db, KeyedLocks())
+    store = FakeStore()
+    store.add_identity(ApplicationRef(APP))
+    body = resource(sql=SQL)
+    ctx = Context(
+        pipeline_resource_ref(body), parse_spec(body["spec"]), {}, TENANT, allow_ddl_triggers=True
+    )
+    ctx.identity = await store.resolve(ApplicationRef(APP))
+    result = await step.reconcile(ctx)
+    assert result.reason == "AccessGranted"
+    assert db.writes == ["CREATE USER app-name", "ADD db_datareader app-name"]
+
+
+def pipeline_resource_ref(body: dict[str, Any]) -> Any:
+    from swi_operator.pipeline import resource_ref
+
+    return resource_ref(body)
+
+
+async def test_a_forged_server_with_an_odbc_keyword_is_never_used(db):
+    """Issue 18, low: status.databaseUser.server reaches ODBC's SERVER=; ';' adds keywords."""
+    from swi_operator.errors import PermanentError, Reason
+
+    pipeline = make_pipeline(db)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    forged = {**body["status"]["databaseUser"], "server": "evil;Authentication=x"}
+    body["status"]["databaseUser"] = forged
+    body["spec"].pop("sql")
+    db.writes.clear()
+    # Any session to the forged server would show up as this failure, reported as a Warning.
+    db.fail["find_principals"] = PermanentError(Reason.DATABASE_REJECTED, "connected")
+    outcome = await pipeline.reconcile(body)
+    assert "DatabaseUserNotRemoved" not in reasons(outcome), "a session was opened"
+    assert db.writes == []

@@ -126,10 +126,20 @@ async def test_refused_without_policy_and_nothing_called(pipeline, store, kube):
     assert [e.reason for e in outcome.events] == ["NotAuthorized"]
 
 
+async def test_retain_only_where_a_policy_allows_it(pipeline, store, reader):
+    reader.bodies = [policy_body()]
+    outcome = await pipeline.reconcile(resource(deletionPolicy="Retain"))
+    ready = condition(outcome, "Ready")
+    assert ready.reason == "NotAuthorized"
+    assert "does not allow deletionPolicy: Retain" in ready.message
+    assert "allowRetain" in ready.message
+    assert not store.calls and store.of(APP_REF) == []
+
+
 async def test_allowed_by_policy_then_revoked_whatever_the_deletion_policy(
     pipeline, store, kube, reader
 ):
-    reader.bodies = [policy_body()]
+    reader.bodies = [policy_body(allowRetain=True)]
     body = resource(deletionPolicy="Retain")
     first = await pipeline.reconcile(body)
     authorized = condition(first, "Authorized")

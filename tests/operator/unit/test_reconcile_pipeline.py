@@ -3,6 +3,7 @@ status and Events say."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -542,3 +543,39 @@ async def test_issuer_discovery_failure_is_transient(pipeline, kube):
     outcome = await pipeline.reconcile(resource())
     assert condition(outcome, "FederatedCredentialReady").reason == "IssuerUnavailable"
     assert outcome.retry is not None
+
+
+class LaggingStore(FakeStore):
+    """Graph under read-after-write lag: lists miss what was written; an upsert of a name that
+    exists answers as Graph's 204 does (no body, so no id)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: set[str] = set()
+
+    async def list(self, identity: Any) -> list[FederatedCredential]:
+        return [c for c in await super().list(identity) if c.name not in self.hidden]
+
+    async def upsert(self, identity: Any, credential: FederatedCredential) -> FederatedCredential:
+        existed = credential.name in self.credentials[identity.ref.key]
+        written = await super().upsert(identity, credential)
+        self.hidden.add(credential.name)
+        return dataclasses.replace(written, id=None) if existed else written
+
+
+async def test_a_lagging_list_neither_duplicates_nor_claims_a_second_creation(kube):
+    store = LaggingStore()
+    store.add_identity(APP_REF)
+    lagging = build_pipeline(store, kube, TENANT, None)
+    body = resource()
+    first = await lagging.reconcile(body)
+    recorded = first.status["federatedCredential"]
+
+    # The next drift cycle's list does not show the credential yet: the upsert is repeated (it
+    # is idempotent by name) but nothing is created, claimed or changed in status.
+    second = await lagging.reconcile(applied(body, first))
+
+    assert len(store.of(APP_REF)) == 1
+    assert "CredentialCreated" not in reasons(second)
+    assert second.status.get("federatedCredential", recorded) == recorded
+    assert condition(second, "Ready").is_true
