@@ -34,6 +34,7 @@ bench: system-deps $(STAMP) sandbox-build
 	$(PY) bench/onboarding.py --kind mi --n 100 --name full-onboarding-mi
 	$(PY) bench/fleet.py --n 1000 --name full-fleet-app-1000
 	$(PY) bench/workload.py --rounds 50 --name full-workload
+	$(PY) bench/tokenless_pods.py --deployments 10 --replicas 2 --name full-tokenless-pods
 	$(PY) bench/plot.py
 
 # The same kinds of measurement, smaller (about 15 minutes): results under bench/results/.

@@ -58,7 +58,8 @@ def measure(state_dir: Path, rounds: int) -> dict[str, dict[str, float]]:
     os.environ.pop("HTTPS_PROXY", None)
     os.environ.pop("https_proxy", None)
     from swi_workload import Settings, SqlClient, TokenSource
-    from swi_workload.settings import DEFAULT_QUERY
+
+    from sandbox.demo import SEED_QUERY
 
     settings = Settings.from_env()
     results: dict[str, dict[str, float]] = {}
@@ -81,19 +82,19 @@ def measure(state_dir: Path, rounds: int) -> dict[str, dict[str, float]]:
     cold: list[float] = []
     for _ in range(max(rounds // 10, 3)):
         client = SqlClient(settings)
-        cold.append(_timed(lambda c=client: c.query(DEFAULT_QUERY)))  # type: ignore[misc]
+        cold.append(_timed(lambda c=client: c.query(SEED_QUERY)))  # type: ignore[misc]
         client.close()
     results["cold client, first row (new token + login + query)"] = _summary(cold)
 
     with SqlClient(settings) as client:
-        client.query(DEFAULT_QUERY)
+        client.query(SEED_QUERY)
         results["warm query (open connection)"] = _summary(
-            [_timed(lambda: client.query(DEFAULT_QUERY)) for _ in range(rounds)]
+            [_timed(lambda: client.query(SEED_QUERY)) for _ in range(rounds)]
         )
         reconnect: list[float] = []
         for _ in range(max(rounds // 10, 3)):
             client.close()
-            reconnect.append(_timed(lambda: client.query(DEFAULT_QUERY)))
+            reconnect.append(_timed(lambda: client.query(SEED_QUERY)))
         results["new connection, cached token (login + query)"] = _summary(reconnect)
         assert client.stats.token_requests == client.stats.connects  # one per connection
 

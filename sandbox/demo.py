@@ -18,6 +18,9 @@ from pathlib import Path
 
 from sandbox import launcher
 
+# The seed database's table (world.yaml): the workload assumes no table, the demo names this one.
+SEED_QUERY = "SELECT TOP (1000) * FROM [dbo].[Customer]"
+
 EXAMPLES = launcher.REPO_ROOT / "deploy" / "examples"
 DEMO_NAMESPACE = "workload-demo"
 DEMO_SERVICE_ACCOUNT = "workload-demo-service-account"
@@ -185,7 +188,7 @@ def run_demo(demo: Demo) -> None:
     print(
         "AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE as the webhook injects them"
     )
-    demo.run(sys.executable, "-m", "swi_workload")
+    demo.run(sys.executable, "-m", "swi_workload", "--query", SEED_QUERY)
 
     demo.step(
         "Deliberate mistakes: an identity no policy grants here, an app the operator doesn't own"

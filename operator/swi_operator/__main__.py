@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         from swi_operator import webhooks  # noqa: F401  (registers the pod injection webhook)
     if config.policy_webhook:
         from swi_operator import policy_webhook  # noqa: F401  (the SqlIdentityPolicy check)
+    if config.workload_webhook:
+        from swi_operator import workload_webhook  # noqa: F401  (labels workloads at admission)
 
     kopf.configure(verbose=args.verbose, log_prefix=True)
     for chatty in ("azure", "httpx"):  # one log line per HTTP request otherwise

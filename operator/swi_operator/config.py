@@ -73,6 +73,7 @@ class Config:
     deletion_timeout: float = 600.0
     verify_interval: float = 3600.0  # seconds between probes of a Verified resource
     propagation_timeout: float = 900.0  # AADSTS70021 this long after a credential write: a failure
+    pod_token_grace: float = 120.0  # a pod this long without the token: WorkloadsReady False
     sql_user_form: str = "sid"  # CREATE USER ... WITH SID, or FROM EXTERNAL PROVIDER (object-id)
     sql_concurrency: int = 4  # ODBC sessions working at once (threads of their own)
     sql_lock_timeout: float = 5.0  # SET LOCK_TIMEOUT of every operator statement, in seconds
@@ -84,6 +85,7 @@ class Config:
     injection_webhook: bool = False  # serve the pod injection webhook (swi_operator.webhooks)
     require_policy: bool = True  # refuse what no SqlIdentityPolicy allows (swi_operator.policy)
     policy_webhook: bool = False  # serve the validating webhook (swi_operator.policy_webhook)
+    workload_webhook: bool = False  # label workloads at admission (swi_operator.workload_webhook)
     ca_bundle: Path | None = None  # None: the system's trust store
 
     @property
@@ -279,6 +281,14 @@ _SETTINGS: tuple[_Setting, ...] = (
         "900",
     ),
     _Setting(
+        "pod_token_grace",
+        "--pod-token-grace",
+        "SWI_POD_TOKEN_GRACE",
+        "seconds a pod of a resource's service account may run without the injected token "
+        "(a rollout replacing it) before WorkloadsReady says PodsWithoutToken",
+        "120",
+    ),
+    _Setting(
         "sql_user_form",
         "--sql-user-form",
         "SWI_SQL_USER_FORM",
@@ -357,6 +367,14 @@ _SETTINGS: tuple[_Setting, ...] = (
         "SWI_POLICY_WEBHOOK",
         "true: also serve the validating admission webhook that refuses unauthorised "
         "SqlWorkloadIdentities at kubectl apply (docs/security.md)",
+        "false",
+    ),
+    _Setting(
+        "workload_webhook",
+        "--workload-webhook",
+        "SWI_WORKLOAD_WEBHOOK",
+        "true: also serve the mutating admission webhook that labels a new workload's pod "
+        "template before its first pod is created (docs/operator.md)",
         "false",
     ),
 )
@@ -512,7 +530,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         raise ConfigError(f"{_name('injection_webhook')} must be true or false, got {injection!r}")
 
     flags = {}
-    for dest in ("require_policy", "policy_webhook"):
+    for dest in ("require_policy", "policy_webhook", "workload_webhook"):
         value = str(raw.get(dest)).lower()
         if value not in ("true", "false"):
             raise ConfigError(f"{_name(dest)} must be true or false, got {value!r}")
@@ -554,6 +572,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         deletion_timeout=_number(raw, "deletion_timeout", 0),
         verify_interval=_number(raw, "verify_interval", 1),
         propagation_timeout=_number(raw, "propagation_timeout", 0),
+        pod_token_grace=_number(raw, "pod_token_grace", 0),
         sql_user_form=_choice(raw, "sql_user_form", ("sid", "object-id")),
         sql_concurrency=int(_number(raw, "sql_concurrency", 1)),
         sql_lock_timeout=_number(raw, "sql_lock_timeout", 0),
@@ -564,5 +583,6 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         injection_webhook=injection == "true",
         require_policy=flags["require_policy"],
         policy_webhook=flags["policy_webhook"],
+        workload_webhook=flags["workload_webhook"],
         ca_bundle=Path(str(ca_bundle)) if ca_bundle is not None else None,
     )

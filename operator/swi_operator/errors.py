@@ -58,6 +58,8 @@ class Reason(enum.StrEnum):
     DATABASE_UNAVAILABLE = "DatabaseUnavailable"
     DATABASE_BUSY = "DatabaseBusy"  # a lock or the statement timeout (sql.py)
     PROPAGATING = "Propagating"  # Verified: Entra does not accept the new credential yet
+    # WorkloadsReady: pods without the token within the rollout grace; checked again after it.
+    PODS_ROLLING = "PodsRolling"
     # Verified: the database user or its read role went away since DatabaseAccessReady checked;
     # the next reconcile (at the latest the drift check) puts them back.
     DATABASE_USER_MISSING = "DatabaseUserMissing"
@@ -86,6 +88,10 @@ class Reason(enum.StrEnum):
     TOKEN_AUDIENCE_REJECTED = "TokenAudienceRejected"  # noqa: S105 (a reason, not a secret)
     ISSUER_UNREACHABLE = "IssuerUnreachable"
     LOGIN_FAILED = "LoginFailed"
+    # WorkloadsReady: pods past the rollout grace without the token, or a selector that leaves
+    # out every workload of the service account (docs/troubleshooting.md says what to change).
+    PODS_WITHOUT_TOKEN = "PodsWithoutToken"  # noqa: S105 (a reason, not a secret)
+    SELECTOR_MATCHES_NOTHING = "SelectorMatchesNothing"
 
     @property
     def transient(self) -> bool:
@@ -104,6 +110,7 @@ TRANSIENT_REASONS = frozenset(
         Reason.PROPAGATING,
         Reason.DATABASE_USER_MISSING,
         Reason.DATABASE_READ_DENIED,
+        Reason.PODS_ROLLING,
     }
 )
 

@@ -81,6 +81,9 @@ class Pod:
     service_account: str
     active: bool
     has_token: bool
+    created: dt.datetime | None = None  # metadata.creationTimestamp, set by the API server
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 class KubeClient(Protocol):
@@ -176,11 +179,17 @@ def _pod(obj: Mapping[str, Any]) -> Pod:
     )
     phase = _dig(obj, "status", "phase")
     deleting = _dig(obj, "metadata", "deletionTimestamp") is not None
+    created = None
+    with contextlib.suppress(TypeError, ValueError):
+        created = dt.datetime.fromisoformat(str(_dig(obj, "metadata", "creationTimestamp")))
     return Pod(
         name=_dig(obj, "metadata", "name") or "",
         service_account=spec.get("serviceAccountName") or "default",
         active=phase not in ("Succeeded", "Failed") and not deleting,
         has_token=has_token,
+        created=created,
+        labels=dict(_dig(obj, "metadata", "labels") or {}),
+        annotations=dict(_dig(obj, "metadata", "annotations") or {}),
     )
 
 

@@ -43,7 +43,7 @@ from swi_operator.steps.database import DatabaseAccessStep, UserForm
 from swi_operator.steps.federation import FederatedCredentialStep, IssuerSource
 from swi_operator.steps.service_account import ServiceAccountStep
 from swi_operator.steps.verification import VerificationStep
-from swi_operator.steps.workloads import WorkloadsStep
+from swi_operator.steps.workloads import DEFAULT_POD_TOKEN_GRACE_S, WorkloadsStep
 from swi_operator.sweep import CredentialSweep
 
 FINALIZER = "sqlidentity.io/finalizer"
@@ -105,6 +105,7 @@ def build_pipeline(
     issuer: str | None,
     later: Sequence[Step] = (),
     gate: Step | None = None,
+    pod_token_grace: float = DEFAULT_POD_TOKEN_GRACE_S,
     *,
     backing: Backing | None = None,
     identity_locks: KeyedLocks | None = None,
@@ -124,7 +125,7 @@ def build_pipeline(
             operator_client_id,
         ),
         ServiceAccountStep(kube),
-        WorkloadsStep(kube),
+        WorkloadsStep(kube, pod_token_grace),
         *later,
     )
     return Pipeline(steps, tenant_id)
@@ -215,6 +216,7 @@ class Runtime:
             config.issuer,
             later,
             gate=AuthorizationStep(policies, config.require_policy),
+            pod_token_grace=config.pod_token_grace,
             backing=Backing(kube, policies, config.require_policy),
             identity_locks=identity_locks,
             operator_client_id=config.client_id,

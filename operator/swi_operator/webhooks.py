@@ -32,7 +32,9 @@ ValidatingWebhookConfiguration: a strategic-merge patch of each one webhook entr
 ``https://<host>:<port>/...`` instead of the Service.
 
 The same server answers the SqlIdentityPolicy check (``swi_operator.policy_webhook``, a
-ValidatingWebhookConfiguration, ``SWI_POLICY_WEBHOOK=true``): one port, one certificate.
+ValidatingWebhookConfiguration, ``SWI_POLICY_WEBHOOK=true``) and labels new workloads
+(``swi_operator.workload_webhook``, a MutatingWebhookConfiguration of its own,
+``SWI_WORKLOAD_WEBHOOK=true``): one port, one certificate.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ DEFAULT_CONFIGURATION = "sql-workload-identity-operator-injection"
 POLICY_WEBHOOK_ID = "validate-sqlworkloadidentity"
 POLICY_WEBHOOK_NAME = "validate-sqlworkloadidentity.sqlidentity.io"
 DEFAULT_POLICY_CONFIGURATION = "sql-workload-identity-operator-policy"
+# The workload labelling webhook (swi_operator.workload_webhook), served by the same server too.
+WORKLOAD_WEBHOOK_ID = "label-workloads"
+WORKLOAD_WEBHOOK_NAME = "label-workloads.sqlidentity.io"
+DEFAULT_WORKLOAD_CONFIGURATION = "sql-workload-identity-operator-workloads"
 DEFAULT_SERVICE = "sql-workload-identity-operator-webhook"
 DEFAULT_SECRET = "sql-workload-identity-operator-webhook-tls"  # noqa: S105 (a name)
 DEFAULT_PORT = 9443
@@ -119,6 +125,7 @@ class WebhookSettings:
     url_host: str | None = None  # outside a cluster: point the configuration at this host
     inject: bool = True  # the pod injection webhook is on (its configuration is kept in line)
     policy_configuration: str | None = None  # the policy webhook's; None: off, or not managed
+    workload_configuration: str | None = None  # the workload labelling one's; None: off
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookSettings:
@@ -184,6 +191,15 @@ class WebhookSettings:
             found.append(
                 WebhookTarget(
                     "validating", self.policy_configuration, POLICY_WEBHOOK_NAME, POLICY_WEBHOOK_ID
+                )
+            )
+        if self.workload_configuration:
+            found.append(
+                WebhookTarget(
+                    "mutating",
+                    self.workload_configuration,
+                    WORKLOAD_WEBHOOK_NAME,
+                    WORKLOAD_WEBHOOK_ID,
                 )
             )
         return found
@@ -439,9 +455,12 @@ def patch_configuration(api: ApiClient, target: WebhookTarget, patch: dict[str, 
             target.kind[0].upper(),
             target.kind[1:],
             target.configuration,
-            "pods are not injected"
-            if target.kind == "mutating"
-            else "SqlWorkloadIdentities are checked against policies only at reconcile",
+            {
+                WEBHOOK_ID: "pods are not injected",
+                POLICY_WEBHOOK_ID: "SqlWorkloadIdentities are checked against policies only at "
+                "reconcile",
+                WORKLOAD_WEBHOOK_ID: "new workloads are labelled by the drift check only",
+            }[target.handler_id],
         )
         return False
     return True
@@ -540,10 +559,14 @@ async def start_webhook(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: A
     config = memo.get("config")  # the operator's, when run by python -m swi_operator
     if config is not None:
         policy = os.environ.get("SWI_POLICY_CONFIGURATION", DEFAULT_POLICY_CONFIGURATION).strip()
+        workloads = os.environ.get(
+            "SWI_WORKLOAD_CONFIGURATION", DEFAULT_WORKLOAD_CONFIGURATION
+        ).strip()
         webhook = dataclasses.replace(
             webhook,
             inject=config.injection_webhook,
             policy_configuration=(policy or None) if config.policy_webhook else None,
+            workload_configuration=(workloads or None) if config.workload_webhook else None,
         )
     api = await asyncio.to_thread(build_kube_api)
     state = WebhookState(webhook, api)

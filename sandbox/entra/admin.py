@@ -8,7 +8,7 @@ Endpoints (JSON in, JSON out; ``python -m sandbox.entra ctl`` wraps each one):
 - ``GET  /_sandbox/health``                      -> ``{"ok": true}``
 - ``GET  /_sandbox/controls``                    -> the current controls
 - ``POST /_sandbox/controls``   ``{"propagationSeconds", "armWriteSeconds",
-  "graphReadLagSeconds", "clockSkewSeconds"}`` (any subset)
+  "graphReadLagSeconds", "clockSkewSeconds", "tokenLifetimeSeconds"}`` (any subset)
 - ``POST /_sandbox/latency``    ``{"route": "graph.*", "seconds": 0.2, "jitter": 0.3}``: a fixed
   delay plus a uniform draw from ``[0, jitter]`` per call (0 removes; the log's ``delay_ms``
   says what each call waited)
@@ -109,6 +109,11 @@ class AdminService:
             settings.graph_read_lag_seconds = max(0.0, _number(body, "graphReadLagSeconds"))
         if "clockSkewSeconds" in body:
             self.controls.clock.skew = _number(body, "clockSkewSeconds")
+        if "tokenLifetimeSeconds" in body:
+            lifetime = int(_number(body, "tokenLifetimeSeconds"))
+            if lifetime < 1:
+                raise AdminError("'tokenLifetimeSeconds' must be at least 1")
+            settings.token_lifetime_seconds = lifetime
         return self.controls.to_json()
 
     async def latency(self, request: web.Request, body: dict[str, Any]) -> Any:

@@ -106,12 +106,14 @@ class Settings:
     propagation_seconds: float = 0.0  # before a new or changed credential is accepted
     arm_write_seconds: float = 0.0  # how long an ARM credential write takes (overlaps -> 409)
     graph_read_lag_seconds: float = 0.0  # how long Graph reads miss a write (replica lag)
+    token_lifetime_seconds: int = 3599  # access tokens' expires_in (Entra's: about an hour)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "propagationSeconds": self.propagation_seconds,
             "armWriteSeconds": self.arm_write_seconds,
             "graphReadLagSeconds": self.graph_read_lag_seconds,
+            "tokenLifetimeSeconds": self.token_lifetime_seconds,
         }
 
 

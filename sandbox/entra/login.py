@@ -39,7 +39,6 @@ from sandbox.entra.oidc import ExternalOidcError, IssuerKeys
 from sandbox.entra.routing import LOOPBACK_NAMES, PathParams, Router, Surface, base_url
 from sandbox.entra.state import Directory, FederatedCredential, Principal, Tenant
 from sandbox.entra.tokens import (
-    ACCESS_TOKEN_SECONDS,
     RESOURCE_AUDIENCES,
     SigningKey,
     issue_access_token,
@@ -285,20 +284,21 @@ class LoginService:
         except Aadsts as failure:
             return oauth_error(request, failure)
         now = self.controls.clock.now()
+        lifetime = self.controls.settings.token_lifetime_seconds
         body: dict[str, Any] = {
             "token_type": "Bearer",
-            "expires_in": ACCESS_TOKEN_SECONDS,
-            "ext_expires_in": ACCESS_TOKEN_SECONDS,
+            "expires_in": lifetime,
+            "ext_expires_in": lifetime,
             "access_token": issue_access_token(
-                self.key, principal, audience, now, appidacr=appidacr
+                self.key, principal, audience, now, appidacr=appidacr, lifetime=lifetime
             ),
         }
         if not params.get("v2"):
             # The v1 endpoint answers every number as a string, and names the resource.
             body.update(
-                expires_in=str(ACCESS_TOKEN_SECONDS),
-                ext_expires_in=str(ACCESS_TOKEN_SECONDS),
-                expires_on=str(int(now) + ACCESS_TOKEN_SECONDS),
+                expires_in=str(lifetime),
+                ext_expires_in=str(lifetime),
+                expires_on=str(int(now) + lifetime),
                 not_before=str(int(now)),
                 resource=fields.get("resource", ""),
             )

@@ -120,16 +120,23 @@ class SigningKey:
 
 
 def issue_access_token(
-    key: SigningKey, principal: Principal, audience: str, now: float, *, appidacr: str
+    key: SigningKey,
+    principal: Principal,
+    audience: str,
+    now: float,
+    *,
+    appidacr: str,
+    lifetime: int = ACCESS_TOKEN_SECONDS,
 ) -> str:
-    """A v1.0 app-only access token for ``principal`` (``appidacr`` 1 = secret, 2 = assertion)."""
+    """A v1.0 app-only access token for ``principal`` (``appidacr`` 1 = secret, 2 = assertion),
+    valid for ``lifetime`` seconds from ``now``."""
     issued = int(now) - _BACKDATE_SECONDS
     claims: dict[str, Any] = {
         "aud": audience,
         "iss": sts_issuer(principal.tenant_id),
         "iat": issued,
         "nbf": issued,
-        "exp": int(now) + ACCESS_TOKEN_SECONDS,
+        "exp": int(now) + lifetime,
         "appid": principal.client_id,
         "appidacr": appidacr,
         "idp": sts_issuer(principal.tenant_id),

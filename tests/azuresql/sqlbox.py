@@ -33,6 +33,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sandbox import launcher
+from sandbox.demo import SEED_QUERY
 from sandbox.pki import ensure_ca
 
 REPO = Path(__file__).resolve().parents[2]
@@ -296,8 +297,15 @@ class TestIssuer:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def token(self, subject: str, audience: str = EXCHANGE_AUDIENCE, ttl: int = 3600) -> str:
-        now = int(time.time())
+    def token(
+        self,
+        subject: str,
+        audience: str = EXCHANGE_AUDIENCE,
+        ttl: int = 3600,
+        now: float | None = None,
+    ) -> str:
+        """A signed token issued at ``now`` (default: this moment)."""
+        now = int(time.time() if now is None else now)
         claims = {
             "iss": self.url,
             "sub": subject,
@@ -326,13 +334,14 @@ def federate(box: SqlBox, app: App, issuer: str, subject: str) -> str:
 
 
 def run_workload(box: SqlBox, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m swi_workload ARGS`` with the sandbox's environment plus ``env``."""
+    """``python -m swi_workload ARGS`` with the sandbox's environment plus ``env``; the query is
+    the demo's (the seed's table) unless ``env`` sets ``AZ_QUERY`` (or the args ``--query``)."""
     return subprocess.run(
         [sys.executable, "-m", "swi_workload", *args],
         capture_output=True,
         text=True,
         timeout=90,
-        env=box.process_env(**env),
+        env=box.process_env(**{"AZ_QUERY": SEED_QUERY, **env}),
         cwd=REPO,
         check=False,
     )

@@ -97,3 +97,43 @@ def test_fleet_driver_at_tiny_n(tmp_path: Path) -> None:
     assert churn["changes"] >= 2 and churn["converged"] == churn["changes"]
     assert results["operator_memory_mib"]["rss"] > 0
     assert "per resource per hour" in done.stdout
+
+
+def test_tokenless_pods_driver_at_tiny_n(tmp_path: Path) -> None:
+    """bench/tokenless_pods.py with two Deployments of one replica: the drift-only mode counts the
+    first ReplicaSet's pods without a token, the webhook mode none."""
+    out = tmp_path / "tokenless.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "tokenless_pods.py"),
+            "--deployments",
+            "2",
+            "--replicas",
+            "1",
+            "--drift-interval",
+            "3",
+            "--state-dir",
+            str(tmp_path / "sandbox"),
+            "--name",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+    stopped = subprocess.run(
+        [sys.executable, "-m", "sandbox", "--state-dir", str(tmp_path / "sandbox"), "down"],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stopped.returncode == 0
+    drift, webhook = json.loads(out.read_text())["runs"]
+    assert (drift["mode"], webhook["mode"]) == ("drift", "webhook")
+    # Without the webhook, each Deployment's first pod was created before the label.
+    assert drift["pods_without_token"] >= 2
+    assert drift["pods"] > drift["pods_without_token"]  # and the labelled ones were injected
+    assert webhook["pods_without_token"] == 0
+    assert webhook["pods"] >= 2

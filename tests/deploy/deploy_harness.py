@@ -24,6 +24,7 @@ NAMESPACE = "sql-workload-identity-system"
 OPERATOR = "sql-workload-identity-operator"
 CONFIGURATION = "sql-workload-identity-operator-injection"
 POLICY_CONFIGURATION = "sql-workload-identity-operator-policy"
+WORKLOAD_CONFIGURATION = "sql-workload-identity-operator-workloads"
 KUBE_VERSION = "1.36.3"
 
 
@@ -86,6 +87,7 @@ def install_generic(sandbox: Any, policy_webhook: bool = False) -> None:
     # A webhook run by an earlier test pointed the configuration at a loopback URL (a sandbox-only
     # mode); the manifest's service reference cannot be merged into that, so start it afresh.
     kubectl(sandbox, "delete", "mutatingwebhookconfiguration", CONFIGURATION, "--ignore-not-found")
+    remove_workload_webhook_configuration(sandbox)
     kubectl(
         sandbox,
         "delete",
@@ -118,7 +120,20 @@ def remove_webhook_configuration(sandbox: Any) -> None:
     """Leave no webhook configuration behind: with failurePolicy Fail and nothing serving it,
     every later test's labelled pod (or SqlWorkloadIdentity) would be refused."""
     kubectl(sandbox, "delete", "mutatingwebhookconfiguration", CONFIGURATION, "--ignore-not-found")
+    remove_workload_webhook_configuration(sandbox)
     remove_policy_webhook_configuration(sandbox)
+
+
+def remove_workload_webhook_configuration(sandbox: Any) -> None:
+    """The workload labelling webhook's (failurePolicy Ignore: left behind it would only make
+    every later workload create wait for a connection that is refused)."""
+    kubectl(
+        sandbox,
+        "delete",
+        "mutatingwebhookconfiguration",
+        WORKLOAD_CONFIGURATION,
+        "--ignore-not-found",
+    )
 
 
 def remove_policy_webhook_configuration(sandbox: Any) -> None:

@@ -9,7 +9,8 @@ uses every capability; then
 The story, as a platform team and a tenant would live it: a SqlWorkloadIdentity no policy allows
 is refused by the admission webhook with the NotAuthorized message; a policy selecting the
 tenant's namespace by label admits it; the operator federates, annotates, labels the Deployment
-and verifies; the policy is deleted and access is revoked; the resource is deleted.
+and verifies; a Deployment created afterwards is labelled at admission by the workload webhook;
+the policy is deleted and access is revoked; the resource is deleted.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def test_the_operator_needs_every_rule_it_has_and_no_other(
                 "SWI_REQUIRE_POLICY": "true",
                 "SWI_POLICY_WEBHOOK": "true",
                 "SWI_INJECTION_WEBHOOK": "true",
+                "SWI_WORKLOAD_WEBHOOK": "true",
                 "SWI_WEBHOOK_ADDR": "127.0.0.1",
                 "SWI_WEBHOOK_PORT": str(port),
                 "SWI_WEBHOOK_URL_HOST": "localhost",
@@ -324,6 +326,17 @@ def _story(
             sandbox, "get", workload, "-n", tenant, "-o", f"jsonpath={{{path}.metadata.labels}}"
         ).stdout
         assert "azure.workload.identity/use" in labels, workload
+    # A workload created now is labelled by the API server's call to the workload webhook: the
+    # object it stores (and answers with) already has the label on its pod template.
+    late = {**_workloads()[0], "metadata": {"name": "late"}}
+    created = json.loads(
+        kubectl(
+            sandbox, "create", "-n", tenant, "-o", "json", "-f", "-", input=json.dumps(late)
+        ).stdout
+    )
+    assert created["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"] == (
+        "true"
+    )
     # A service account that exists is annotated; a running Job's template cannot be changed.
     kubectl(sandbox, "apply", "-f", "-", input=json.dumps(batch))
     kubectl(

@@ -20,6 +20,7 @@ from deploy_harness import (  # type: ignore[import-not-found]
     NAMESPACE,
     POLICY_CONFIGURATION,
     REPO,
+    WORKLOAD_CONFIGURATION,
     install_generic,
     kubectl,
     operator_kubeconfig,
@@ -161,6 +162,11 @@ def test_the_operator_can_do_its_job(
                 admission.patch_mutating_webhook_configuration,
                 CONFIGURATION,
                 "inject-workload-identity.sqlidentity.io",
+            ),
+            (
+                admission.patch_mutating_webhook_configuration,
+                WORKLOAD_CONFIGURATION,
+                "label-workloads.sqlidentity.io",
             ),
         ):
             body = {"webhooks": [{"name": entry, "timeoutSeconds": 10}]}

@@ -20,7 +20,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from deploy_harness import CONFIGURATION, wait_for  # type: ignore[import-not-found]
+from deploy_harness import (  # type: ignore[import-not-found]
+    CONFIGURATION,
+    WORKLOAD_CONFIGURATION,
+    wait_for,
+)
+
+from sandbox.demo import SEED_QUERY
 
 KOPF_WEBHOOK_ONLY = [
     "-m",
@@ -120,9 +126,10 @@ def webhook_process(
     finally:
         from kubernetes import client
 
-        with contextlib.suppress(client.ApiException):  # no webhook left pointing at nothing
-            admission: Any = client.AdmissionregistrationV1Api(kube)
-            admission.delete_mutating_webhook_configuration(CONFIGURATION)
+        admission: Any = client.AdmissionregistrationV1Api(kube)
+        for configuration in (CONFIGURATION, WORKLOAD_CONFIGURATION):
+            with contextlib.suppress(client.ApiException):  # no webhook left pointing at nothing
+                admission.delete_mutating_webhook_configuration(configuration)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -178,6 +185,7 @@ def run_workload_of(kube: Any, pod: Any, tmp_path: Path) -> subprocess.Completed
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZ_", "AZURE_"))}
     run_env.update(env)
     run_env["AZURE_FEDERATED_TOKEN_FILE"] = str(local_file)
+    run_env.setdefault("AZ_QUERY", SEED_QUERY)
     return subprocess.run(
         [sys.executable, "-m", "swi_workload"],
         env=run_env,

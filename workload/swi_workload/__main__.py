@@ -1,6 +1,9 @@
-"""``python -m swi_workload``: run one query as the pod's federated identity and print the rows.
+"""``python -m swi_workload``: run one query as the pod's federated identity and print the rows
+(a Job's process); ``python -m swi_workload serve`` is the long-running mode for a Deployment
+(``serve.py``).
 
-Configured by the environment (see ``settings.py``); flags override the query and the output.
+Configured by the environment (see ``settings.py``); flags override the query and the output. The
+query (``--query`` or ``AZ_QUERY``) has no default.
 Exit codes (also in docs/workload.md): 0 rows printed; 2 misconfigured; 3 not federated (no
 token file); 4 no matching federated credential (AADSTS70021); 5 token service error; 6 no
 database user; 7 token rejected by the server; 8 permission denied (229); 9 server unreachable;
@@ -10,56 +13,15 @@ database user; 7 token rejected by the server; 8 permission denied (229); 9 serv
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import decimal
 import json
 import sys
 import time
-import uuid
 from dataclasses import replace
-from typing import Any, TextIO
 
-from swi_workload.client import QueryResult, SqlClient
-from swi_workload.errors import WorkloadError
-from swi_workload.settings import DEFAULT_QUERY, ENCRYPT_MODES, Backoff, Settings
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray):
-        return "0x" + value.hex().upper()
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal | uuid.UUID):
-        return str(value)
-    return value
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, bytes | bytearray):
-        return "0x" + value.hex().upper()
-    return str(value)
-
-
-def render_table(result: QueryResult, out: TextIO) -> None:
-    headers = [c or f"(column {i + 1})" for i, c in enumerate(result.columns)]
-    cells = [[_cell(v) for v in row] for row in result.rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip() + "\n")
-    out.write("  ".join("-" * w for w in widths) + "\n")
-    for row in cells:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
-    noun = "row" if len(result.rows) == 1 else "rows"
-    out.write(f"({len(result.rows)} {noun})\n")
-
-
-def render_json(result: QueryResult, out: TextIO) -> None:
-    rows = [
-        {c: _json_value(v) for c, v in zip(result.columns, row, strict=True)} for row in result.rows
-    ]
-    json.dump({"columns": result.columns, "rows": rows, "rowcount": len(rows)}, out, indent=2)
-    out.write("\n")
+from swi_workload.client import SqlClient
+from swi_workload.errors import ConfigurationError, WorkloadError
+from swi_workload.output import render_json, render_table
+from swi_workload.settings import ENCRYPT_MODES, Backoff, Settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,9 +30,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Query Azure SQL as this pod's federated identity (no secrets).",
         epilog="Environment: AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE, "
         "AZURE_AUTHORITY_HOST (set by the identity webhook) or AZ_CLIENT_ID/AZ_TENANT_ID, and "
-        "AZ_SERVER, AZ_DATABASE.",
+        "AZ_SERVER, AZ_DATABASE, AZ_QUERY. `swi-workload serve --help`: the long-running mode "
+        "for a Deployment.",
     )
-    parser.add_argument("--query", "-q", default=DEFAULT_QUERY, help="T-SQL, ? for parameters")
+    parser.add_argument("--query", "-q", help="T-SQL, ? for parameters (or AZ_QUERY; required)")
     parser.add_argument("--param", "-p", action="append", default=[], help="a ? parameter value")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--encrypt", choices=ENCRYPT_MODES, help="strict = TDS 8.0")
@@ -84,10 +47,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from swi_workload import serve
+
+        return serve.main(argv[1:])
     args = parse_args(argv)
     started = time.perf_counter()
     try:
         settings = Settings.from_env()
+        query = args.query or settings.query
+        if not query:
+            raise ConfigurationError(
+                "no query: pass --query 'SELECT ...' or set AZ_QUERY (nothing is assumed about "
+                "your tables)"
+            )
         if args.encrypt:
             settings = replace(settings, encrypt=args.encrypt)
         if args.login_timeout:
@@ -107,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 if index:
                     time.sleep(args.interval)
                 began = time.perf_counter()
-                result = client.query(args.query, *args.param)
+                result = client.query(query, *args.param)
                 if args.verbose:
                     print(
                         f"query {index + 1}: {1000 * (time.perf_counter() - began):.1f} ms "

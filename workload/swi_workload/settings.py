@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from swi_workload.errors import ConfigurationError
 
 SQL_SCOPE = "https://database.windows.net/.default"
-DEFAULT_QUERY = "SELECT TOP (1000) * FROM [dbo].[Customer]"
 DEFAULT_DRIVER = "ODBC Driver 18 for SQL Server"
 ENCRYPT_MODES = ("yes", "strict")
 
@@ -51,6 +50,7 @@ class Settings:
     client_secret: str | None = None
     authority_host: str | None = None
     encrypt: str = "yes"
+    query: str | None = None  # AZ_QUERY: what the CLI runs when --query is not given
     driver: str = DEFAULT_DRIVER
     login_timeout_s: int = 30
     # Reconnect with a fresh token this long before the current one expires: the server checks a
@@ -80,6 +80,7 @@ class Settings:
             client_secret=_first(env, "AZURE_CLIENT_SECRET", "AZ_CLIENT_SECRET"),
             authority_host=_first(env, "AZURE_AUTHORITY_HOST"),
             encrypt=(_first(env, "AZ_ENCRYPT") or "yes").lower(),
+            query=_first(env, "AZ_QUERY"),
         )
         settings = replace(settings, **overrides)  # type: ignore[arg-type]
         if settings.encrypt not in ENCRYPT_MODES:

@@ -4,6 +4,7 @@ status and Events say."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -339,8 +340,8 @@ async def test_workloads_running_as_the_account_are_labelled(pipeline, kube):
 
 
 async def test_selector_narrows_workloads_and_unlabels_those_left_out(pipeline, kube):
-    kube.add_workload(NS, "Deployment", "api", SA, labels={"app": "customer-api"})
-    kube.add_workload(NS, "Deployment", "worker", SA, labels={"app": "worker"})
+    kube.add_workload(NS, "Deployment", "api", SA, template_labels={"app": "customer-api"})
+    kube.add_workload(NS, "Deployment", "worker", SA, template_labels={"app": "worker"})
     body = resource()
     body = applied(body, await pipeline.reconcile(body))
     body["spec"]["workloads"] = {"selector": {"matchLabels": {"app": "customer-api"}}}
@@ -351,6 +352,115 @@ async def test_selector_narrows_workloads_and_unlabels_those_left_out(pipeline, 
     assert USE_LABEL not in kube.template_labels(NS, "Deployment", "worker")
     assert LABELLED_BY not in kube.workloads[(NS, "Deployment", "worker")]["annotations"]
     assert "WorkloadUnlabelled" in reasons(outcome)
+
+
+async def test_selector_matches_the_pod_template_labels_not_the_workload_metadata(pipeline, kube):
+    # The README's Deployment: `app` on its pod template only.
+    kube.add_workload(NS, "Deployment", "customer-api", SA, template_labels={"app": "customer-api"})
+    kube.add_workload(NS, "Deployment", "decoy", SA, labels={"app": "customer-api"})
+    body = resource(workloads={"selector": {"matchLabels": {"app": "customer-api"}}})
+
+    outcome = await pipeline.reconcile(body)
+
+    assert kube.template_labels(NS, "Deployment", "customer-api")[USE_LABEL] == "true"
+    assert USE_LABEL not in kube.template_labels(NS, "Deployment", "decoy")
+    assert outcome.status["workloads"]["matched"] == 1
+    assert condition(outcome, "WorkloadsReady").reason == "WorkloadsLabelled"
+
+
+async def test_selector_matching_none_of_the_accounts_workloads_is_reported(pipeline, kube):
+    kube.add_workload(NS, "Deployment", "customer-api", SA, template_labels={"app": "api"})
+    kube.add_workload(NS, "Deployment", "other", "default", template_labels={"app": "e1"})
+    body = resource(workloads={"selector": {"matchLabels": {"app": "e1"}}})
+
+    outcome = await pipeline.reconcile(body)
+
+    ready = condition(outcome, "WorkloadsReady")
+    assert (ready.status, ready.reason) == ("False", "SelectorMatchesNothing")
+    assert "Deployment/customer-api" in ready.message and "Deployment/other" not in ready.message
+    assert condition(outcome, "Ready").status == "False"
+    assert not kube.writes["patch_workload"]
+
+
+async def test_no_workloads_at_all_is_not_a_failure(pipeline, kube):
+    body = resource(workloads={"selector": {"matchLabels": {"app": "e1"}}})
+    ready = condition(await pipeline.reconcile(body), "WorkloadsReady")
+    assert (ready.status, ready.reason) == ("True", "NoWorkloads")
+
+
+def _pod(name: str, age_s: float, **kwargs: Any) -> Pod:
+    created = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_s)
+    return Pod(name, kwargs.pop("sa", SA), True, kwargs.pop("token", False), created, **kwargs)
+
+
+async def test_pods_without_token_past_the_grace_turn_ready_false_naming_them(pipeline, kube):
+    kube.add_workload(NS, "Deployment", "api", SA, template_labels={USE_LABEL: "true"})
+    kube.pods[NS] = [
+        _pod("api-old", 600),  # created before the label
+        _pod("api-bare", 600, labels={USE_LABEL: "true"}),  # labelled: no webhook injected it
+        _pod(
+            "api-skip",
+            600,
+            labels={USE_LABEL: "true"},
+            annotations={"azure.workload.identity/skip-containers": "app"},
+        ),
+        _pod("api-ok", 600, token=True, labels={USE_LABEL: "true"}),
+        _pod("other", 600, sa="default"),
+    ]
+
+    outcome = await pipeline.reconcile(resource())
+
+    ready = condition(outcome, "WorkloadsReady")
+    assert (ready.status, ready.reason) == ("False", "PodsWithoutToken")
+    assert "3 pod(s)" in ready.message
+    assert "api-old: created before" in ready.message
+    assert "api-bare: labelled, yet no workload identity webhook" in ready.message
+    assert "api-skip: its azure.workload.identity/skip-containers" in ready.message
+    assert "api-ok" not in ready.message and "other" not in ready.message
+    ready_all = condition(outcome, "Ready")
+    assert (ready_all.status, ready_all.reason) == ("False", "PodsWithoutToken")
+    assert "api-old" in ready_all.message
+    assert outcome.status["workloads"]["podsWithoutTokenNames"] == [
+        "api-bare",
+        "api-old",
+        "api-skip",
+    ]
+
+
+async def test_pods_within_the_grace_are_named_and_rechecked_not_failed(pipeline, kube):
+    kube.add_workload(NS, "Deployment", "api", SA, template_labels={USE_LABEL: "true"})
+    kube.pods[NS] = [_pod("api-new", 5, labels={USE_LABEL: "true"})]
+
+    outcome = await pipeline.reconcile(resource())
+
+    ready = condition(outcome, "WorkloadsReady")
+    assert (ready.status, ready.reason) == ("True", "WorkloadsLabelled")
+    assert "api-new" in ready.message and "grace" in ready.message
+    assert outcome.retry is not None and outcome.retry.delay is not None
+    assert 100 < outcome.retry.delay <= 116  # the default 120 s grace, less the pod's 5 s
+
+
+async def test_the_grace_counts_from_the_last_labelling_of_an_old_pod(store, kube):
+    pipeline = build_pipeline(store, kube, TENANT, None, pod_token_grace=30)
+    kube.add_workload(NS, "Deployment", "api", SA)
+    kube.pods[NS] = [_pod("api-old", 3600)]
+    body = resource()
+
+    first = await pipeline.reconcile(body)  # labels the template: the rollout starts now
+
+    assert condition(first, "WorkloadsReady").status == "True"
+    assert "lastLabelled" in first.status["workloads"]
+    stale = {**first.status["workloads"], "lastLabelled": "2020-01-01T00:00:00+00:00"}
+    later = await pipeline.reconcile({**body, "status": {**first.status, "workloads": stale}})
+    assert condition(later, "WorkloadsReady").reason == "PodsWithoutToken"
+
+
+async def test_pods_outside_the_selector_do_not_count(pipeline, kube):
+    kube.add_workload(NS, "Deployment", "api", SA, template_labels={"app": "api"})
+    kube.pods[NS] = [_pod("worker-1", 600, labels={"app": "worker"})]
+    body = resource(workloads={"selector": {"matchLabels": {"app": "api"}}})
+    ready = condition(await pipeline.reconcile(body), "WorkloadsReady")
+    assert (ready.status, ready.reason) == ("True", "WorkloadsLabelled")
 
 
 async def test_immutable_job_is_reported(pipeline, kube):
