@@ -27,14 +27,13 @@ from typing import Any, Protocol
 
 from swi_operator import conditions
 from swi_operator.drift import DriftLoop, PeeringGate
-from swi_operator.errors import Reason, ReconcileError
+from swi_operator.errors import Reason
+from swi_operator.periodic import DebouncedTask
 from swi_operator.policy import authorize, needs_namespace_labels, parse_policies
 from swi_operator.spec import SpecError, parse_spec
 from swi_operator.steps.authorization import AuthorizationStep
 
 log = logging.getLogger(__name__)
-
-DEBOUNCE_S = 0.5  # a burst of policy events (an apply of several) becomes one review
 
 
 class PolicyKube(Protocol):
@@ -70,7 +69,9 @@ def policy_conditions(
     return conditions.merge(previous, [ready, *conditions.progress(ready)], generation or 0)
 
 
-class PolicyReview:
+class PolicyReview(DebouncedTask):
+    what = "policy review"
+
     def __init__(
         self,
         kube: PolicyKube,
@@ -81,40 +82,13 @@ class PolicyReview:
         require_policy: bool,
         interval: float,
     ) -> None:
+        super().__init__(gate, namespaces=namespaces, interval=interval)
         self._kube = kube
         self._drift = drift
-        self._gate = gate
-        self._namespaces = tuple(namespaces)
         self._require = require_policy
-        self._interval = interval
-        self._wake = asyncio.Event()
 
-    def changed(self) -> None:
-        """A policy was created, changed or deleted: review soon."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Review after each change (debounced) and every interval, until cancelled."""
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-                await asyncio.sleep(DEBOUNCE_S)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.review()
-            except ReconcileError as err:
-                log.warning("policy review skipped: %s", err.message)
-            except Exception:
-                log.exception("policy review failed")
-
-    async def _served(self) -> list[str] | None:
-        """The namespaces this replica serves now ([] = all), or None if it is on standby."""
-        if self._namespaces:
-            served = [ns for ns in self._namespaces if await self._gate.active(ns)]
-            return served or None
-        return [] if await self._gate.active(None) else None
+    async def once(self) -> None:
+        await self.review()
 
     async def review(self) -> None:
         served = await self._served()

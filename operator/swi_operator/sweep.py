@@ -35,13 +35,12 @@ from swi_operator.cloud import CredentialStore, FederatedCredential, ResolvedIde
 from swi_operator.drift import PeeringGate
 from swi_operator.errors import PermanentError, Reason, ReconcileError
 from swi_operator.locks import KeyedLocks
+from swi_operator.periodic import DebouncedTask
 from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels
 from swi_operator.spec import IdentityRef, SpecError, parse_spec
 from swi_operator.steps.federation import IssuerSource, identity_from_status
 
 log = logging.getLogger(__name__)
-
-DEBOUNCE_S = 0.5
 
 
 class SweepKube(Protocol):
@@ -65,7 +64,9 @@ class Removed:
     subject: str
 
 
-class CredentialSweep:
+class CredentialSweep(DebouncedTask):
+    what = "sweep"
+
     def __init__(
         self,
         kube: SweepKube,
@@ -79,43 +80,14 @@ class CredentialSweep:
         require_policy: bool,
         interval: float,
     ) -> None:
+        super().__init__(gate, namespaces=namespaces, interval=interval)
         self._kube = kube
         self._store = store
         self._issuer = issuer
         self._policies = policies
         self._locks = locks
-        self._gate = gate
-        self._namespaces = tuple(namespaces)
         self._require = require_policy
-        self._interval = interval
         self._seen: dict[str, IdentityRef] = {}  # every identity named since start, by key
-        self._wake = asyncio.Event()
-
-    def changed(self) -> None:
-        """A policy changed or a resource went away: sweep soon."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Sweep after each change (debounced) and every interval, until cancelled."""
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-                await asyncio.sleep(DEBOUNCE_S)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.sweep()
-            except ReconcileError as err:
-                log.warning("sweep skipped: %s", err.message)
-            except Exception:
-                log.exception("sweep failed")
-
-    async def _served(self) -> list[str] | None:
-        if self._namespaces:
-            served = [ns for ns in self._namespaces if await self._gate.active(ns)]
-            return served or None
-        return [] if await self._gate.active(None) else None
 
     async def _parsed(self) -> ParsedPolicies:
         self._policies.invalidate()  # never decide a removal on a cached view

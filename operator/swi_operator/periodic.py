@@ -1,0 +1,57 @@
+"""A background task that runs after each change (a burst debounced into one run) and every
+interval, on the active replica only: the policy review and the credential sweep share it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from swi_operator.drift import PeeringGate
+from swi_operator.errors import ReconcileError
+
+log = logging.getLogger(__name__)
+
+DEBOUNCE_S = 0.5  # a burst of events (an apply of several policies) becomes one run
+
+
+class DebouncedTask:
+    """Subclasses say what they do in ``once()`` and name it in ``what`` for the log."""
+
+    what = "task"
+
+    def __init__(self, gate: PeeringGate, *, namespaces: Sequence[str], interval: float) -> None:
+        self._gate = gate
+        self._namespaces = tuple(namespaces)
+        self._interval = interval
+        self._wake = asyncio.Event()
+
+    def changed(self) -> None:
+        """Something this task depends on changed: run soon."""
+        self._wake.set()
+
+    async def once(self) -> None:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """Run after each change (debounced) and every interval, until cancelled."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+                await asyncio.sleep(DEBOUNCE_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.once()
+            except ReconcileError as err:
+                log.warning("%s skipped: %s", self.what, err.message)
+            except Exception:
+                log.exception("%s failed", self.what)
+
+    async def _served(self) -> list[str] | None:
+        """The namespaces this replica serves now ([] = all), or None if it is on standby."""
+        if self._namespaces:
+            served = [ns for ns in self._namespaces if await self._gate.active(ns)]
+            return served or None
+        return [] if await self._gate.active(None) else None
