@@ -76,6 +76,9 @@ def test_cache_key_follows_exactly_the_inputs(tmp_path: Path) -> None:
     cache.mkdir()
     (cache / "client.cpython-311.pyc").write_bytes(b"x")
     assert images.cache_key(root, base="b1") == key
+    # Nor does the README's text (it is in the context only as the long description).
+    (root / "README.md").write_text("another README\n")
+    assert images.cache_key(root, base="b1") == key
 
     # A Dockerfile, a package file, an executable bit, the base recipe: each does.
     changed = set()
