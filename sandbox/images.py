@@ -253,6 +253,14 @@ def images_dir(root: Path = REPO_ROOT) -> Path:
 # --- preconditions --------------------------------------------------------------------------
 
 
+def _buildah() -> list[str]:
+    """buildah with a storage of the sandbox's own under its cache (``$XDG_CACHE_HOME`` moves it):
+    a build never sees, or retags, images of the machine's own containers storage, and a run from
+    empty caches (CI) starts from an empty store too."""
+    store = cache_root() / "buildah"
+    return ["buildah", "--root", str(store / "root"), "--runroot", str(store / "run")]
+
+
 def _require_tools() -> None:
     if os.geteuid() != 0:
         raise SandboxError(
@@ -373,7 +381,7 @@ def _say(quiet: bool, message: str) -> None:
 def _image_annotation(ref: str, key: str) -> str | None:
     proc = subprocess.run(
         [
-            "buildah",
+            *_buildah(),
             "inspect",
             "--type",
             "image",
@@ -427,19 +435,19 @@ def ensure_base(*, quiet: bool = False) -> str:
         )
         shutil.rmtree(cache, ignore_errors=True)
         partial.rename(cache)
-    container = _run(["buildah", "from", "--quiet", "scratch"], log, "buildah from scratch")
+    container = _run([*_buildah(), "from", "--quiet", "scratch"], log, "buildah from scratch")
     try:
-        _run(["buildah", "add", "--quiet", container, str(rootfs), "/"], log, "buildah add")
-        config = ["buildah", "config", "--annotation", f"{BASE_ANNOTATION}={key}"]
+        _run([*_buildah(), "add", "--quiet", container, str(rootfs), "/"], log, "buildah add")
+        config = [*_buildah(), "config", "--annotation", f"{BASE_ANNOTATION}={key}"]
         for env in (
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             *BASE.env,
         ):
             config += ["--env", env]
         _run([*config, "--cmd", "python3", container], log, "buildah config")
-        _run(["buildah", "commit", "--quiet", "--rm", container, BASE_REF], log, "buildah commit")
+        _run([*_buildah(), "commit", "--quiet", "--rm", container, BASE_REF], log, "buildah commit")
     except SandboxError:
-        subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
+        subprocess.run([*_buildah(), "rm", container], capture_output=True, check=False)
         raise
     return key
 
@@ -523,7 +531,7 @@ def ensure_images(*, quiet: bool = False, root: Path = REPO_ROOT) -> dict[str, P
 
 def _image_id(name: str) -> str | None:
     proc = subprocess.run(
-        ["buildah", "inspect", "--type", "image", "--format", "{{.FromImageID}}", name],
+        [*_buildah(), "inspect", "--type", "image", "--format", "{{.FromImageID}}", name],
         capture_output=True,
         text=True,
         check=False,
@@ -541,7 +549,7 @@ def _build_one(
     previous = _image_id(name)
     _run(
         [
-            "buildah",
+            *_buildah(),
             "bud",
             "--isolation",
             "chroot",
@@ -559,10 +567,10 @@ def _build_one(
         stream=True,
     )
     _run(
-        ["buildah", "push", "--quiet", name, f"docker-archive:{archive}:{name}"],
+        [*_buildah(), "push", "--quiet", name, f"docker-archive:{archive}:{name}"],
         log,
         f"writing {ref} to {archive}",
     )
     if previous and previous != _image_id(name):
         # The build of older inputs, now untagged: its archive is in the cache if still wanted.
-        subprocess.run(["buildah", "rmi", previous], capture_output=True, check=False)
+        subprocess.run([*_buildah(), "rmi", previous], capture_output=True, check=False)
