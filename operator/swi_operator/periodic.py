@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from swi_operator.drift import PeeringGate
@@ -15,7 +16,7 @@ log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.5  # a burst of events (an apply of several policies) becomes one run
 
 
-class DebouncedTask:
+class DebouncedTask(ABC):
     """Subclasses say what they do in ``once()`` and name it in ``what`` for the log."""
 
     what = "task"
@@ -30,8 +31,9 @@ class DebouncedTask:
         """Something this task depends on changed: run soon."""
         self._wake.set()
 
+    @abstractmethod
     async def once(self) -> None:
-        raise NotImplementedError
+        """One run of the task."""
 
     async def run(self) -> None:
         """Run after each change (debounced) and every interval, until cancelled."""

@@ -147,6 +147,9 @@ class CredentialSweep(DebouncedTask):
         decision = authorize(ref, None, namespace, labels, parsed.valid, self._require, retain=True)
         return decision.allowed
 
+    async def once(self) -> None:
+        await self.sweep()
+
     async def sweep(self) -> list[Removed]:
         """One pass; what it removed."""
         served = await self._served()
