@@ -1,12 +1,13 @@
 """``python -m sandbox.azuresql``: run the Azure SQL emulator (``serve``) or steer it (``ctl``).
 
-``serve --state-dir DIR [--world PATH] [--entra-url URL]`` starts every server of the world's
-``sql:`` section on its own loopback port (the ports of a previous run are reused when free, so a
-restart keeps ``AZ_SERVER`` valid; with ``--node-address ADDR`` also on ADDR, same port, for pods
-that dial ``<server>.database.windows.net``), seeds missing databases under ``DIR/azuresql/<server>/``,
-registers the ODBC driver in ``DIR/odbc/odbcinst.ini``, writes ``DIR/azuresql.json`` and prints
-one ``READY servers=name:port,...`` line. SIGTERM or SIGINT: clean exit 0 (``azuresql.json``
-removed). A start-up problem: one ``error: ...`` line on stderr, exit 2.
+``serve --state-dir DIR [--world PATH] [--entra-url URL] [--node-address ADDR]`` starts every
+server of the world's ``sql:`` section on its own loopback port (the ports of a previous run are
+reused when free, so a restart keeps ``AZ_SERVER`` valid; with ``--node-address`` also on ADDR,
+same port, for pods that dial ``<server>.database.windows.net``), seeds missing databases under
+``DIR/azuresql/<server>/``, registers the ODBC driver in ``DIR/odbc/odbcinst.ini``, writes
+``DIR/azuresql.json`` and prints one ``READY servers=name:port,...`` line. SIGTERM or SIGINT:
+clean exit 0 (``azuresql.json`` removed). A start-up problem: one ``error: ...`` line on stderr,
+exit 2.
 
 ``ctl --state-dir DIR status | fail-logins SERVER [--count N] [--error 40613] |
 reset-connections SERVER [--logins N] [--results N] | stop SERVER |
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--entra-url", help="the Entra emulator (default: url in DIR/entra.json)")
     serve.add_argument(
         "--node-address",
-        help="also listen here, on each server's port, for pods (the host's end of the node's link)",
+        help="also listen here, each server on its port, for pods (the node link's host end)",
     )
     ctl = commands.add_parser("ctl", help="test controls of a running emulator")
     ctl.add_argument("--state-dir", type=Path, required=True)

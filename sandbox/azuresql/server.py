@@ -634,6 +634,4 @@ def build_server(
         if not database.exists():
             database.create(db_spec.seed, db_spec.users)
         databases[db_spec.name.lower()] = database
-    return EmulatedServer(
-        spec, databases, verifier, contexts, port=port, node_address=node_address
-    )
+    return EmulatedServer(spec, databases, verifier, contexts, port=port, node_address=node_address)

@@ -161,9 +161,7 @@ SANDBOX_CA_DIR = "/etc/sandbox-ca"
 
 
 @pytest.fixture
-def federated_reader(
-    sandbox: Any, namespace: str, admin_graph: Any
-) -> Iterator[tuple[str, str]]:
+def federated_reader(sandbox: Any, namespace: str, admin_graph: Any) -> Iterator[tuple[str, str]]:
     """The seed's SP-AZURESQL-USER (a contained user with db_datareader in mydb) federated with
     ``system:serviceaccount:<ns>:customer-reader``; yields its client id and tenant."""
     from sandbox.entra.state import load_world
