@@ -278,8 +278,10 @@ def test_a_workload_pod_logs_in_through_login_microsoftonline_com_and_reads_the_
     finished = _finished_pod(core, namespace, pod)
     log = core.read_namespaced_pod_log("customers", namespace)
     assert finished.status.phase == "Succeeded", log
-    (line,) = [ln for ln in log.splitlines() if ln.startswith("{")]
-    result = json.loads(line)
+    # --json prints one indented document on stdout; anything on stderr comes before it.
+    start = log.find("{")
+    assert start >= 0, log
+    result, _ = json.JSONDecoder().raw_decode(log[start:])
     expected = _seeded_customers()
     assert len(expected) == 5, expected
     assert result["rowcount"] == 5, result
