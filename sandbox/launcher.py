@@ -115,8 +115,8 @@ class Component:
                 "--ca-key",
                 str(state_dir / "ca.key"),
             ]
-            net = node.load_plan(state_dir)
-            if net is not None and node.network_up(net):
+            net = _node_net(state_dir)
+            if net is not None:
                 # Pods reach the API server on the host's end of the node's link.
                 argv += ["--node-address", net.host_ip, "--service-cidr", net.service_cidr]
             return argv
@@ -136,11 +136,20 @@ class Component:
         argv = [sys.executable, "-m", module, "serve", "--state-dir", str(state_dir)]
         if self.name in {"entra", "azuresql"}:
             argv += ["--world", os.environ.get(WORLD_ENV) or str(WORLD_FILE)]
+        if self.name in {"proxy", "azuresql"} and (net := _node_net(state_dir)) is not None:
+            # Pods reach Azure's host names and the SQL servers there too, as the API server.
+            argv += ["--node-address", net.host_ip]
         # A fixed port when asked for (SWI_SANDBOX_ENTRA_PORT=8443 ...); by default a free one.
         port = os.environ.get(f"SWI_SANDBOX_{self.name.upper()}_PORT")
         if port and self.name in {"entra", "proxy"}:
             argv += ["--port", port]
         return argv
+
+
+def _node_net(state_dir: Path) -> node.NodeNet | None:
+    """The node's network when it exists (its host end is where pods reach the host)."""
+    net = node.load_plan(state_dir)
+    return net if net is not None and node.network_up(net) else None
 
 
 def _operator_env(state_dir: Path) -> dict[str, str]:
@@ -422,11 +431,13 @@ def _prepare_node(state_dir: Path) -> None:
         node.setup_network(state_dir)
     except node.NodeError as exc:
         raise SandboxError(str(exc)) from None
-    if inspect(state_dir, CONTROLPLANE).alive and not was_up:
-        raise SandboxError(
-            "the control plane runs without the node's network (it was started before it): "
-            f"`python -m sandbox down --state-dir {state_dir}` and `up` again"
-        )
+    # These listen on the node's link only if it existed when they started.
+    for comp in (CONTROLPLANE, PROXY, AZURESQL):
+        if inspect(state_dir, comp).alive and not was_up:
+            raise SandboxError(
+                f"the {comp.name} runs without the node's network (it was started before it): "
+                f"`python -m sandbox down --state-dir {state_dir}` and `up` again"
+            )
 
 
 def down(state_dir: Path) -> list[str]:

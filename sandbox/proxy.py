@@ -9,6 +9,11 @@ the client and the emulator, which then routes by the Host header exactly as the
 token service, Graph and ARM. Every other host gets a 403 whose body lists what the sandbox
 serves: nothing ever leaves the machine. ``NO_PROXY`` keeps loopback traffic (the API server, the
 TDS endpoint) direct; the ODBC driver does not use HTTP proxies anyway.
+
+With ``--node-address`` (the host's end of the node's link, given by the launcher when the node's
+network exists) the proxy also listens there, on a port of its own, so pods reach Azure's host
+names the same way (``SANDBOX_POD_HTTPS_PROXY``); the tunnels still end at the Entra emulator on
+loopback.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ AZURE_HOSTS = frozenset(
     }
 )
 _MAX_HEADER = 16 * 1024
+
+
+class NodeListenError(Exception):
+    """The listener for pods could not be opened."""
 
 
 def _refusal(host: str) -> bytes:
@@ -104,22 +113,41 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             dst.close()
 
 
-async def serve(state_dir: Path, port: int, entra_port: int) -> None:
+async def serve(
+    state_dir: Path, port: int, entra_port: int, node_address: str | None = None
+) -> None:
     proxy = TunnelProxy(entra_port)
     server = await asyncio.start_server(proxy.handle, "127.0.0.1", port, limit=_MAX_HEADER)
     bound = server.sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{bound}"
+    env = {
+        "HTTPS_PROXY": url,
+        "https_proxy": url,
+        "NO_PROXY": "localhost,127.0.0.1,::1",
+        "no_proxy": "localhost,127.0.0.1,::1",
+    }
+    servers = [server]
+    if node_address is not None:
+        # For pods: the same tunnels, on the host's end of the node's link.
+        try:
+            pod_server = await asyncio.start_server(
+                proxy.handle, node_address, 0, limit=_MAX_HEADER
+            )
+        except OSError as exc:
+            server.close()
+            raise NodeListenError(
+                f"cannot listen on {node_address} ({exc.strerror}): is the node's network up? "
+                "`python -m sandbox down` and `up` again"
+            ) from exc
+        servers.append(pod_server)
+        pod_port = pod_server.sockets[0].getsockname()[1]
+        env["SANDBOX_POD_HTTPS_PROXY"] = f"http://{node_address}:{pod_port}"
     info = {
         "name": "proxy",
         "pid": os.getpid(),
         "url": url,
         "port": bound,
-        "env": {
-            "HTTPS_PROXY": url,
-            "https_proxy": url,
-            "NO_PROXY": "localhost,127.0.0.1,::1",
-            "no_proxy": "localhost,127.0.0.1,::1",
-        },
+        "env": env,
     }
     tmp = state_dir / "proxy.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))
@@ -129,7 +157,9 @@ async def serve(state_dir: Path, port: int, entra_port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with server:
+    async with contextlib.AsyncExitStack() as listening:
+        for each in servers:
+            await listening.enter_async_context(each)
         await stop.wait()
 
 
@@ -140,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--state-dir", type=Path, required=True)
     run.add_argument("--port", type=int, default=0, help="listen port (0: a free one)")
     run.add_argument("--entra-port", type=int, help="default: read from STATE/entra.json")
+    run.add_argument(
+        "--node-address", help="also listen here for pods (the host's end of the node's link)"
+    )
     args = parser.parse_args(argv)
     entra_port = args.entra_port
     if entra_port is None:
@@ -153,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     try:
-        asyncio.run(serve(args.state_dir, args.port, entra_port))
+        asyncio.run(serve(args.state_dir, args.port, entra_port, args.node_address))
+    except NodeListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
             f"error: cannot listen on 127.0.0.1:{args.port} ({exc.strerror}): choose another "

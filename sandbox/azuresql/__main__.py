@@ -1,11 +1,13 @@
 """``python -m sandbox.azuresql``: run the Azure SQL emulator (``serve``) or steer it (``ctl``).
 
-``serve --state-dir DIR [--world PATH] [--entra-url URL]`` starts every server of the world's
-``sql:`` section on its own loopback port (the ports of a previous run are reused when free, so a
-restart keeps ``AZ_SERVER`` valid), seeds missing databases under ``DIR/azuresql/<server>/``,
-registers the ODBC driver in ``DIR/odbc/odbcinst.ini``, writes ``DIR/azuresql.json`` and prints
-one ``READY servers=name:port,...`` line. SIGTERM or SIGINT: clean exit 0 (``azuresql.json``
-removed). A start-up problem: one ``error: ...`` line on stderr, exit 2.
+``serve --state-dir DIR [--world PATH] [--entra-url URL] [--node-address ADDR]`` starts every
+server of the world's ``sql:`` section on its own loopback port (the ports of a previous run are
+reused when free, so a restart keeps ``AZ_SERVER`` valid; with ``--node-address`` also on ADDR,
+same port, for pods that dial ``<server>.database.windows.net``), seeds missing databases under
+``DIR/azuresql/<server>/``, registers the ODBC driver in ``DIR/odbc/odbcinst.ini``, writes
+``DIR/azuresql.json`` and prints one ``READY servers=name:port,...`` line. SIGTERM or SIGINT:
+clean exit 0 (``azuresql.json`` removed). A start-up problem: one ``error: ...`` line on stderr,
+exit 2.
 
 ``ctl --state-dir DIR status | fail-logins SERVER [--count N] [--error 40613] |
 reset-connections SERVER [--logins N] [--results N] | stop SERVER |
@@ -78,7 +80,14 @@ async def _start(args: argparse.Namespace) -> tuple[list[EmulatedServer], web.Ap
     ca = ensure_ca(state_dir)
     data_dir = state_dir / "azuresql"
     data_dir.mkdir(parents=True, exist_ok=True)
-    cert, key = ca.issue(data_dir, "azuresql", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    # Local clients dial localhost; pods dial the server's public name, which their hostAliases
+    # resolve to the node address.
+    cert, key = ca.issue(
+        data_dir,
+        "azuresql",
+        dns_names=["localhost", *(pod_host_name(spec.name) for spec in specs)],
+        ip_addresses=["127.0.0.1", *([args.node_address] if args.node_address else [])],
+    )
     contexts = server_contexts(cert, key)
     verifier = TokenVerifier(entra_url, ca.cert_path)
     previous = _previous_ports(data_dir / PORTS_FILE)
@@ -93,6 +102,7 @@ async def _start(args: argparse.Namespace) -> tuple[list[EmulatedServer], web.Ap
             entra_url,
             ca.cert_path,
             previous.get(spec.name, 0),
+            args.node_address,
         )
         try:
             await server.start()
@@ -108,6 +118,11 @@ async def _start(args: argparse.Namespace) -> tuple[list[EmulatedServer], web.Ap
     return servers, runner, f"http://127.0.0.1:{admin_port}"
 
 
+def pod_host_name(server: str) -> str:
+    """The name pods dial a server by (as on Azure), resolved by their hostAliases."""
+    return f"{server}.database.windows.net"
+
+
 def _state(
     args: argparse.Namespace, servers: list[EmulatedServer], admin_url: str, odbc_dir: Path | None
 ) -> dict[str, Any]:
@@ -117,6 +132,9 @@ def _state(
         "AZ_DATABASE": first.spec.databases[0].name,
         "SWI_AZURESQL_ADMIN_URL": admin_url,
     }
+    if args.node_address:
+        env["SANDBOX_POD_SQL_HOST"] = pod_host_name(first.name)
+        env["SANDBOX_POD_AZ_SERVER"] = f"tcp:{pod_host_name(first.name)},{first.port}"
     if odbc_dir is not None:
         env["ODBCSYSINI"] = str(odbc_dir)
     return {
@@ -128,6 +146,11 @@ def _state(
             s.name: {
                 "port": s.port,
                 "server": f"tcp:localhost,{s.port}",
+                **(
+                    {"podServer": f"tcp:{pod_host_name(s.name)},{s.port}"}
+                    if args.node_address
+                    else {}
+                ),
                 "tenant": s.spec.tenant,
                 "databases": [d.name for d in s.spec.databases],
             }
@@ -245,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--state-dir", type=Path, required=True)
     serve.add_argument("--world", type=Path, default=DEFAULT_WORLD)
     serve.add_argument("--entra-url", help="the Entra emulator (default: url in DIR/entra.json)")
+    serve.add_argument(
+        "--node-address",
+        help="also listen here, each server on its port, for pods (the node link's host end)",
+    )
     ctl = commands.add_parser("ctl", help="test controls of a running emulator")
     ctl.add_argument("--state-dir", type=Path, required=True)
     actions = ctl.add_subparsers(dest="action", required=True)

@@ -106,18 +106,22 @@ class Faults:
 
 @dataclass
 class EmulatedServer:
-    """One logical server (``<name>.database.windows.net``) on its own loopback port."""
+    """One logical server (``<name>.database.windows.net``) on its own loopback port, and on the
+    same port at ``node_address`` (the host's end of the sandbox node's link) when given, for
+    pods."""
 
     spec: ServerSpec
     databases: dict[str, Database]
     verifier: TokenVerifier
     contexts: tuple[ssl.SSLContext, ssl.SSLContext]
     port: int = 0
+    node_address: str | None = None
     faults: Faults = field(default_factory=Faults)
     log: collections.deque[LogEntry] = field(
         default_factory=lambda: collections.deque(maxlen=LOG_LIMIT)
     )
     _listener: asyncio.Server | None = None
+    _node_listener: asyncio.Server | None = None
     _sessions: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
@@ -134,20 +138,33 @@ class EmulatedServer:
     async def start(self) -> None:
         if self._listener is not None:
             return
-        self._listener = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._listener.sockets[0].getsockname()[1]
+        listener = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        port = listener.sockets[0].getsockname()[1]
+        if self.node_address is not None:
+            try:
+                self._node_listener = await asyncio.start_server(
+                    self._accept, self.node_address, port
+                )
+            except OSError:
+                listener.close()
+                await listener.wait_closed()
+                raise
+        self._listener, self.port = listener, port
 
     async def stop(self) -> None:
         """Close the listener and drop every connection, as an unreachable server would."""
         listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
+        node_listener, self._node_listener = self._node_listener, None
+        for each in (listener, node_listener):
+            if each is not None:
+                each.close()
         for task in list(self._sessions):
             task.cancel()
         if self._sessions:
             await asyncio.gather(*self._sessions, return_exceptions=True)
-        if listener is not None:
-            await listener.wait_closed()
+        for each in (listener, node_listener):
+            if each is not None:
+                await each.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -597,6 +614,7 @@ def build_server(
     entra_url: str,
     ca_file: Path | None,
     port: int = 0,
+    node_address: str | None = None,
 ) -> EmulatedServer:
     """An emulated server with its databases created (seeded) on first use."""
     directory = None
@@ -616,4 +634,4 @@ def build_server(
         if not database.exists():
             database.create(db_spec.seed, db_spec.users)
         databases[db_spec.name.lower()] = database
-    return EmulatedServer(spec, databases, verifier, contexts, port=port)
+    return EmulatedServer(spec, databases, verifier, contexts, port=port, node_address=node_address)

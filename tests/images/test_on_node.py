@@ -5,18 +5,22 @@ service-account token the kubelet projected into it, which Entra's emulator acce
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+import yaml
 from azure.identity import WorkloadIdentityCredential
 from kubernetes import client
 
-from sandbox import images, node
+from sandbox import images, launcher, node
 
 pytestmark = pytest.mark.controlplane
 
@@ -151,3 +155,134 @@ def test_a_workload_pod_reads_its_kubelet_projected_token_and_entra_accepts_it(
     )
     access = credential.get_token("https://database.windows.net/.default").token
     assert jwt.decode(access, options={"verify_signature": False})["oid"] == object_id
+
+
+SANDBOX_CA_DIR = "/etc/sandbox-ca"
+
+
+@pytest.fixture
+def federated_reader(sandbox: Any, namespace: str, admin_graph: Any) -> Iterator[tuple[str, str]]:
+    """The seed's SP-AZURESQL-USER (a contained user with db_datareader in mydb) federated with
+    ``system:serviceaccount:<ns>:customer-reader``; yields its client id and tenant."""
+    from sandbox.entra.state import load_world
+
+    app = next(
+        p for p in load_world(launcher.WORLD_FILE).principals if p.name == "SP-AZURESQL-USER"
+    )
+    name = f"pod-{uuid.uuid4().hex[:12]}"
+    path = f"/applications/{app.app_object_id}/federatedIdentityCredentials"
+    created = admin_graph(
+        "POST",
+        path,
+        {
+            "name": name,
+            "issuer": sandbox.issuer,
+            "subject": f"system:serviceaccount:{namespace}:customer-reader",
+            "audiences": [AUDIENCE],
+        },
+    )
+    assert created.status_code == 201, created.text
+    try:
+        yield app.client_id, app.tenant_id
+    finally:
+        admin_graph("DELETE", f"{path}(name='{name}')")
+
+
+def _seeded_customers() -> list[tuple[str, str]]:
+    """(first_name, last_name) of the rows the world file seeds into sandbox-sql/mydb."""
+    world = yaml.safe_load(launcher.WORLD_FILE.read_text())
+    (server,) = [s for s in world["sql"]["servers"] if s["name"] == "sandbox-sql"]
+    (mydb,) = [d for d in server["databases"] if d["name"] == "mydb"]
+    return re.findall(r"INSERT INTO Customer .*VALUES \('([^']*)', '([^']*)'", mydb["seed"])
+
+
+def test_a_workload_pod_logs_in_through_login_microsoftonline_com_and_reads_the_customers(
+    sandbox: Any,
+    kube: Any,
+    namespace: str,
+    refs: dict[str, str],
+    federated_reader: tuple[str, str],
+):
+    """The seed's story as on AKS: the pod's kubelet-projected token is exchanged at
+    login.microsoftonline.com (through the sandbox proxy on the node's link, TLS to the sandbox
+    CA from a ConfigMap) and the access token logs in to sandbox-sql.database.windows.net (a
+    hostAlias for the host's link address, TLS checked against the same CA)."""
+    env = sandbox.env
+    needed = ("SANDBOX_POD_HTTPS_PROXY", "SANDBOX_POD_AZ_SERVER", "SANDBOX_POD_SQL_HOST")
+    missing = [name for name in needed if not env.get(name)]
+    if missing:
+        pytest.fail(f"the sandbox exports no {missing}: is its node up (not --no-node)?", False)
+    client_id, tenant = federated_reader
+    core = client.CoreV1Api(kube)
+    core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="customer-reader"))
+    )
+    core.create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="sandbox-ca"),
+            data={"ca.crt": sandbox.ca.read_text()},
+        ),
+    )
+    volumes = [
+        client.V1Volume(
+            name="azure-identity-token",
+            projected=client.V1ProjectedVolumeSource(
+                sources=[
+                    client.V1VolumeProjection(
+                        service_account_token=client.V1ServiceAccountTokenProjection(
+                            audience=AUDIENCE, expiration_seconds=3600, path="azure-identity-token"
+                        )
+                    )
+                ]
+            ),
+        ),
+        client.V1Volume(
+            name="sandbox-ca", config_map=client.V1ConfigMapVolumeSource(name="sandbox-ca")
+        ),
+    ]
+    ca_file = f"{SANDBOX_CA_DIR}/ca.crt"
+    pod_env = {
+        # What the identity webhook injects (Azure's own authority host: the proxy serves it).
+        "AZURE_CLIENT_ID": client_id,
+        "AZURE_TENANT_ID": tenant,
+        "AZURE_FEDERATED_TOKEN_FILE": f"{TOKEN_DIR}/azure-identity-token",
+        "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/",
+        "HTTPS_PROXY": env["SANDBOX_POD_HTTPS_PROXY"],
+        # requests (azure-identity) and OpenSSL (the ODBC driver) trust the mounted CA.
+        "REQUESTS_CA_BUNDLE": ca_file,
+        "SSL_CERT_FILE": ca_file,
+        "AZ_SERVER": env["SANDBOX_POD_AZ_SERVER"],
+        "AZ_DATABASE": "mydb",
+    }
+    query = "SELECT first_name, last_name FROM dbo.Customer ORDER BY customer_id"
+    pod = _pod(
+        "customers",
+        "sql-workload-identity-workload:0.1.0",
+        ["swi-workload", "--json", "--retries", "1", "--query", query],
+        service_account_name="customer-reader",
+        volumes=volumes,
+        host_aliases=[
+            client.V1HostAlias(
+                ip=env["SANDBOX_NODE_HOST_ADDRESS"], hostnames=[env["SANDBOX_POD_SQL_HOST"]]
+            )
+        ],
+        container={
+            "env": [client.V1EnvVar(name=k, value=v) for k, v in pod_env.items()],
+            "volume_mounts": [
+                client.V1VolumeMount(name="azure-identity-token", mount_path=TOKEN_DIR),
+                client.V1VolumeMount(name="sandbox-ca", mount_path=SANDBOX_CA_DIR),
+            ],
+        },
+    )
+    finished = _finished_pod(core, namespace, pod)
+    log = core.read_namespaced_pod_log("customers", namespace)
+    assert finished.status.phase == "Succeeded", log
+    # --json prints one indented document on stdout; anything on stderr comes before it.
+    start = log.find("{")
+    assert start >= 0, log
+    result, _ = json.JSONDecoder().raw_decode(log[start:])
+    expected = _seeded_customers()
+    assert len(expected) == 5, expected
+    assert result["rowcount"] == 5, result
+    assert [(r["first_name"], r["last_name"]) for r in result["rows"]] == expected

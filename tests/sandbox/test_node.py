@@ -323,3 +323,59 @@ def test_second_sandbox_side_by_side_and_down_leaves_nothing(
     # The first sandbox's node is untouched.
     net = node.load_plan(sandbox.state_dir)
     assert net is not None and node.network_up(net)
+
+
+def test_emulators_listen_on_the_node_link_for_pods(sandbox: Any) -> None:
+    """What a pod dials (the host's end of the node's link), dialled from the host: the proxy
+    tunnels Azure's host names to the Entra emulator and refuses the rest; the SQL emulator
+    answers on the same port as on loopback, with a certificate for the server's public name.
+    tests/images/test_on_node.py runs the whole story in a pod of the workload image."""
+    import struct
+
+    import pyodbc
+
+    env = sandbox.env
+    host = env["SANDBOX_NODE_HOST_ADDRESS"]
+    proxy = env.get("SANDBOX_POD_HTTPS_PROXY")
+    assert proxy is not None and proxy.startswith(f"http://{host}:"), env
+    tenant = env["AZURE_TENANT_ID"]
+    discovery = requests.get(
+        f"https://login.microsoftonline.com/{tenant}/v2.0/.well-known/openid-configuration",
+        proxies={"https": proxy},
+        verify=str(sandbox.ca),
+        timeout=10,
+    )
+    assert discovery.status_code == 200, discovery.text
+    assert discovery.json()["issuer"] == f"https://login.microsoftonline.com/{tenant}/v2.0"
+    with pytest.raises(requests.exceptions.ProxyError, match="403"):
+        requests.get("https://example.com/", proxies={"https": proxy}, timeout=10)
+
+    pod_server = env["SANDBOX_POD_AZ_SERVER"]
+    name, port = pod_server.removeprefix("tcp:").split(",")
+    assert (name, env["SANDBOX_POD_SQL_HOST"]) == ("sandbox-sql.database.windows.net",) * 2
+    assert port == env["AZ_SERVER"].rsplit(",", 1)[1]  # same port as on loopback
+    token = requests.post(
+        f"{env['SANDBOX_ENTRA_URL']}/{tenant}/oauth2/v2.0/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": env["AZ_CLIENT_ID"],
+            "client_secret": env["AZ_CLIENT_SECRET"],
+            "scope": "https://database.windows.net/.default",
+        },
+        verify=str(sandbox.ca),
+        timeout=10,
+    ).json()["access_token"]
+    raw = token.encode("utf-16-le")
+    # No name resolution on the host for the public name: dial the address, check the name.
+    connection = pyodbc.connect(
+        "DRIVER={ODBC Driver 18 for SQL Server};"
+        f"SERVER=tcp:{host},{port};DATABASE={env['AZ_DATABASE']};"
+        f"Encrypt=yes;TrustServerCertificate=no;HostNameInCertificate={name}",
+        attrs_before={1256: struct.pack(f"<I{len(raw)}s", len(raw), raw)},
+        timeout=10,
+    )
+    try:
+        (count,) = connection.execute("SELECT COUNT(*) FROM dbo.Customer").fetchone()
+    finally:
+        connection.close()
+    assert count == 5
