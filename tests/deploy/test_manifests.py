@@ -40,6 +40,7 @@ CLUSTER_SCOPED = {
     "ValidatingAdmissionPolicyBinding",
     "ClusterKopfPeering",
 }
+KUSTOMIZE_UNKNOWN_SCOPE = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 HA_OVERLAY = """\
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
@@ -93,6 +94,12 @@ def test_namespaced_objects_land_in_the_operator_namespace(sandbox: Any, tmp_pat
     for name, docs in _renderings(sandbox, tmp_path).items():
         for doc in docs:
             if doc["kind"] in CLUSTER_SCOPED:
+                if name.startswith("kustomize") and doc["kind"] in KUSTOMIZE_UNKNOWN_SCOPE:
+                    # kustomize's built-in schema predates these kinds, so its namespace
+                    # transformer sets one; the API server ignores it on a cluster-scoped kind
+                    # (the server-side dry-run above applies them).
+                    assert doc["metadata"].get("namespace") in (None, NAMESPACE), name
+                    continue
                 assert "namespace" not in doc["metadata"], (name, doc["kind"])
             else:
                 assert doc["metadata"].get("namespace") == NAMESPACE, (name, doc["kind"])
