@@ -136,6 +136,14 @@ def _ip_json(*args: str) -> list[dict[str, object]]:
     return rows if isinstance(rows, list) else []
 
 
+def _state_hash(state_dir: Path) -> str:
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()
+
+
+def _node_id(state_dir: Path) -> str:
+    return _state_hash(state_dir)[:8]
+
+
 def plan(state_dir: Path) -> NodeNet:
     """This sandbox's node names and ranges: kept in ``node/net.json`` once chosen (the API
     server's Service range must not change under it), first chosen from a hash of the state
@@ -143,7 +151,7 @@ def plan(state_dir: Path) -> NodeNet:
     existing = load_plan(state_dir)
     if existing is not None:
         return existing
-    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()
+    digest = _state_hash(state_dir)
     node_id = digest[:8]
     taken: list[ipaddress.IPv4Network] = []
     for route in _ip_json("-4", "route", "show", "table", "all"):
@@ -370,8 +378,14 @@ def write_oci_archive(binary: Path, ref: str, out: Path, argv: list[str]) -> Pat
     return out
 
 
+def run_dir(state_dir: Path) -> Path:
+    """The node's sockets: a short path of its own under /run, since a unix socket path holds at
+    most 108 bytes and a state directory (pytest's, a bench's) can be deeper than that."""
+    return Path("/run") / f"swi-{_node_id(state_dir)}"
+
+
 def containerd_socket(state_dir: Path) -> Path:
-    return node_dir(state_dir) / "containerd" / "containerd.sock"
+    return run_dir(state_dir) / "containerd.sock"
 
 
 def ctr(state_dir: Path, *args: str) -> list[str]:

@@ -25,6 +25,7 @@ from sandbox.node import (
     load_plan,
     node_bin_dir,
     node_dir,
+    run_dir,
     teardown_network,
 )
 
@@ -46,11 +47,7 @@ def _controlplane_bin_dir() -> Path:
 def containerd_config(state_dir: Path, net: NodeNet) -> Path:
     base = node_dir(state_dir) / "containerd"
     sock = containerd_socket(state_dir)
-    if len(str(sock)) > 100:
-        raise NodeError(
-            f"the containerd socket path {sock} is longer than a unix socket allows (108 bytes): "
-            "use a shorter sandbox state directory"
-        )
+    sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     cni_conf = node_dir(state_dir) / "cni" / "net.d"
     runc = node_bin_dir() / "runc"
     text = f"""version = 3
@@ -476,6 +473,8 @@ def leftovers(state_dir: Path) -> list[str]:
         ]
     if (node_dir(state_dir) / "cni" / "ipam").exists():
         found.append(f"CNI state {node_dir(state_dir) / 'cni' / 'ipam'}")
+    if run_dir(state_dir).exists():
+        found.append(f"socket folder {run_dir(state_dir)}")
     return found
 
 
@@ -508,6 +507,7 @@ def teardown(state_dir: Path) -> None:
     for stale in (
         node_dir(state_dir) / "cni" / "ipam",
         node_dir(state_dir) / "containerd" / "state",
+        run_dir(state_dir),
         node_dir(state_dir) / "kubelet" / "root" / "pods",
     ):
         shutil.rmtree(stale, ignore_errors=True)

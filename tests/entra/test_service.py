@@ -121,6 +121,7 @@ def test_ctl_cli(entra: EntraService) -> None:
         "propagationSeconds": 0.0,
         "armWriteSeconds": 0.0,
         "graphReadLagSeconds": 0.0,
+        "tokenLifetimeSeconds": 3599,  # Entra's: an hour, less a second
         "latency": {},
         "jitter": {},
         "failures": [],
