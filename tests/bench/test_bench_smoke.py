@@ -5,8 +5,11 @@ Ready, counts that add up), never how fast anything was: benchmarks print, tests
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,16 @@ N = 5
 pytestmark = pytest.mark.controlplane
 
 
-def test_onboarding_driver_at_tiny_n(tmp_path: Path) -> None:
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A sandbox state directory with a short path: the kubelet puts unix sockets under it (its
+    pod-resources socket), and a socket path holds at most 108 bytes; tmp_path is deeper."""
+    path = Path(tempfile.mkdtemp(prefix="swi-bench-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_onboarding_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
     out = tmp_path / "onboarding.json"
     done = subprocess.run(
         [
@@ -27,7 +39,7 @@ def test_onboarding_driver_at_tiny_n(tmp_path: Path) -> None:
             str(N),
             "--no-limits",
             "--state-dir",
-            str(tmp_path / "sandbox"),
+            str(state_dir),
             "--name",
             str(out),
         ],
@@ -37,7 +49,7 @@ def test_onboarding_driver_at_tiny_n(tmp_path: Path) -> None:
         check=False,
     )
     stopped = subprocess.run(
-        [sys.executable, "-m", "sandbox", "--state-dir", str(tmp_path / "sandbox"), "down"],
+        [sys.executable, "-m", "sandbox", "--state-dir", str(state_dir), "down"],
         capture_output=True,
         check=False,
     )
@@ -66,11 +78,11 @@ def test_onboarding_driver_at_tiny_n(tmp_path: Path) -> None:
     assert "| N |" in done.stdout  # the printed table
 
 
-def test_fleet_driver_at_tiny_n(tmp_path: Path) -> None:
+def test_fleet_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
     """bench/fleet.py's windows at N=4 with a 4 s drift interval: every phase runs, the drift
     cycles are counted from the operator's log, and a fleet at rest writes nothing to the cloud."""
     out = tmp_path / "fleet.json"
-    state = tmp_path / "sandbox"
+    state = state_dir
     windows = ["--control", "2", "--steady", "10", "--restart-window", "6"]
     windows += ["--probe-window", "10", "--churn-minutes", "0.25", "--drift-interval", "4"]
     fleet = [sys.executable, str(ROOT / "bench" / "fleet.py"), "--n", "4"]
@@ -99,7 +111,7 @@ def test_fleet_driver_at_tiny_n(tmp_path: Path) -> None:
     assert "per resource per hour" in done.stdout
 
 
-def test_tokenless_pods_driver_at_tiny_n(tmp_path: Path) -> None:
+def test_tokenless_pods_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
     """bench/tokenless_pods.py with two Deployments of one replica: the drift-only mode counts the
     first ReplicaSet's pods without a token, the webhook mode none."""
     out = tmp_path / "tokenless.json"
@@ -114,7 +126,7 @@ def test_tokenless_pods_driver_at_tiny_n(tmp_path: Path) -> None:
             "--drift-interval",
             "3",
             "--state-dir",
-            str(tmp_path / "sandbox"),
+            str(state_dir),
             "--name",
             str(out),
         ],
@@ -124,7 +136,7 @@ def test_tokenless_pods_driver_at_tiny_n(tmp_path: Path) -> None:
         check=False,
     )
     stopped = subprocess.run(
-        [sys.executable, "-m", "sandbox", "--state-dir", str(tmp_path / "sandbox"), "down"],
+        [sys.executable, "-m", "sandbox", "--state-dir", str(state_dir), "down"],
         capture_output=True,
         check=False,
     )

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "sql-workload-identity-operator"
 NAMESPACE = "sql-workload-identity-system"
 OPERATOR = "sql-workload-identity-operator"
+OPERATOR_PODS = "app.kubernetes.io/name=sql-workload-identity-operator"
 CONFIGURATION = "sql-workload-identity-operator-injection"
 POLICY_CONFIGURATION = "sql-workload-identity-operator-policy"
 WORKLOAD_CONFIGURATION = "sql-workload-identity-operator-workloads"
@@ -78,7 +79,9 @@ def ensure_namespace(sandbox: Any, name: str = NAMESPACE) -> None:
 
 
 def install_generic(sandbox: Any, policy_webhook: bool = False) -> None:
-    """deploy/overlays/generic, applied for real (its pods stay Pending: there is no kubelet).
+    """deploy/overlays/generic, applied for real, its Deployment scaled to zero: the tests run the
+    operator as a process of their own under the deployed ServiceAccount, and a pod of the image on
+    the sandbox's node would be a second operator (writing the webhook certificate, reconciling).
 
     Its ValidatingWebhookConfiguration (the SqlIdentityPolicy check, failurePolicy Fail) would
     refuse every SqlWorkloadIdentity while nothing serves it, so it is removed again unless
@@ -112,6 +115,13 @@ def install_generic(sandbox: Any, policy_webhook: bool = False) -> None:
         "crd/sqlidentitypolicies.sqlidentity.io",
         "--timeout=60s",
     )
+    kubectl(sandbox, "scale", "deployment", OPERATOR, "-n", NAMESPACE, "--replicas=0")
+    deadline = time.monotonic() + 120
+    while kubectl(
+        sandbox, "get", "pods", "-n", NAMESPACE, "-o", "name", f"--selector={OPERATOR_PODS}"
+    ).stdout.strip():
+        assert time.monotonic() < deadline, "the deployed operator's pods did not go away"
+        time.sleep(0.5)
     if not policy_webhook:
         remove_policy_webhook_configuration(sandbox)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ def sandbox_cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_up_with_operator_reconciles_the_examples_and_down_stops_it(tmp_path: Path):
-    state = tmp_path / "sandbox"
+def test_up_with_operator_reconciles_the_examples_and_down_stops_it():
+    # A short state directory: the kubelet puts unix sockets under it (108 bytes at most), and
+    # pytest's tmp_path is deeper than that.
+    state = Path(tempfile.mkdtemp(prefix="swi-up-"))
     try:
         up = sandbox_cli(state, "up", "--operator")
         assert up.returncode == 0, up.stderr
