@@ -108,7 +108,8 @@ def operator(
         "SWI_RETRY_BACKOFF_MAX": "2",
         "SWI_INJECTION_WEBHOOK": "true",
         "SWI_WORKLOAD_WEBHOOK": "true",
-        # The first test's old pod stays (no kubelet: a rollout never completes): long enough
+        # The first test's old pod stays (its new pods never turn ready on the sandbox's node,
+        # so the rollout never completes): long enough
         # for that test to see Ready before the old pod is reported.
         "SWI_POD_TOKEN_GRACE": "30",
         "SWI_WEBHOOK_NAMESPACE": NAMESPACE,
