@@ -48,16 +48,23 @@ def tenant(sandbox: Any, namespace: str) -> Iterator[Any]:
     def run(*args: str, user: str = "alice") -> Any:
         return kubectl(sandbox, *args, "-n", namespace, f"--as={user}", check=False)
 
-    # The edit role's aggregation and the policy's activation both take a moment.
-    wait_for(
-        "the tenant's rights and the policy",
-        lambda: (
-            "sqlidentity.io"
-            in run("annotate", "serviceaccount", "reader", "sqlidentity.io/owner=x").stderr
-            or None
-        ),
-        timeout=30,
-    )
+    # The role binding and the policy's activation both take a moment (a re-created policy is
+    # compiled and loaded by the API server asynchronously; on a loaded 2-core machine that took
+    # more than 30 s once). A server-side dry run goes through admission and changes nothing, so
+    # a try made before the policy is live cannot leave an annotation behind.
+    def refused_by_the_policy() -> str | None:
+        tried = run(
+            "annotate", "serviceaccount", "reader", "sqlidentity.io/owner=probe", "--overwrite",
+            "--dry-run=server",
+        )  # fmt: skip
+        seen.append(tried.stderr.strip() or f"accepted (exit {tried.returncode})")
+        return tried.stderr if "only the operator" in tried.stderr else None
+
+    seen: list[str] = []
+    try:
+        wait_for("the tenant's rights and the policy", refused_by_the_policy, timeout=120)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the last answer: {seen[-1] if seen else 'none'}") from None
     yield run
     kubectl(sandbox, "delete", "-f", str(POLICY_FILE), "--ignore-not-found")
 
