@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 test: system-deps $(STAMP) sandbox-build tools-build images
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: system-deps $(STAMP) sandbox-build
+demo: system-deps $(STAMP) sandbox-build tools-build images
 	$(PY) -m sandbox.demo $(DEMO_ARGS)
 
 lint: $(STAMP)

@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
         help="build (or find cached) the operator and workload images from their Dockerfiles; "
         "print `ref archive` lines",
     )
+    sub.add_parser(
+        "install",
+        help="install the operator on the running sandbox with its Helm chart, as on a cluster "
+        "(image from `make images`, the operator's own federated credential, no secret)",
+    )
     ctl = sub.add_parser(
         "ctl",
         help="test controls of an emulator: latency, injected faults, request logs "
@@ -119,6 +124,11 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
 
         for ref, archive in images.ensure_images().items():
             print(f"{ref} {archive}")
+        return 0
+    if args.command == "install":
+        from sandbox import install
+
+        install.install(state_dir)
         return 0
     if args.command == "up":
         comps = [

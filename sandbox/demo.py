@@ -8,15 +8,18 @@ walkthrough. The sandbox is started in its own state directory and stopped at th
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from sandbox import launcher
+import yaml
+
+from sandbox import images, install, launcher
 
 # The seed database's table (world.yaml): the workload assumes no table, the demo names this one.
 SEED_QUERY = "SELECT TOP (1000) * FROM [dbo].[Customer]"
@@ -24,8 +27,8 @@ SEED_QUERY = "SELECT TOP (1000) * FROM [dbo].[Customer]"
 EXAMPLES = launcher.REPO_ROOT / "deploy" / "examples"
 DEMO_NAMESPACE = "workload-demo"
 DEMO_SERVICE_ACCOUNT = "workload-demo-service-account"
-AUDIENCE = "api://AzureADTokenExchange"
-# How the examples name the SQL server on Azure; the demo substitutes the sandbox's $AZ_SERVER.
+# How the examples name the SQL server on Azure; the demo substitutes its name for pods,
+# $SANDBOX_POD_AZ_SERVER (the emulator's port: the operator and the workload both run as pods).
 AZURE_SQL_SERVER = "tcp:sandbox-sql.database.windows.net,1433"
 
 
@@ -34,6 +37,8 @@ class Demo:
         self.state_dir = state_dir
         self.env: dict[str, str] = {}
         self.step_no = 0
+        # The SQL server's address in the examples once the sandbox is up.
+        self.sql_server = AZURE_SQL_SERVER
 
     def step(self, title: str) -> None:
         self.step_no += 1
@@ -55,10 +60,40 @@ class Demo:
     def kubectl(self, *args: str, show: bool = True) -> str:
         return self.run("kubectl", *args, show=show)
 
+    def kubectl_apply(self, manifest: dict[str, Any], show: bool = True) -> None:
+        proc = subprocess.run(
+            ["kubectl", "apply", "-f", "-"],
+            input=json.dumps(manifest),
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            check=False,
+        )
+        if show or proc.returncode != 0:
+            print((proc.stdout or proc.stderr).rstrip(), flush=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: applying {manifest['kind']} failed")
+
+    def wait_for_log(self, target: str, text: str, timeout: float = 180) -> None:
+        """Until ``kubectl logs TARGET`` shows TEXT (the pod prints once it has run its query)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = subprocess.run(
+                ["kubectl", "-n", DEMO_NAMESPACE, "logs", target],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **self.env},
+                check=False,
+            )
+            if text in proc.stdout:
+                return
+            time.sleep(2)
+        raise SystemExit(f"error: `kubectl logs {target}` showed no {text!r} in {timeout:.0f}s")
+
     def example_text(self, name: str) -> str:
         """An example from deploy/examples/, with the sandbox's SQL endpoint in place of Azure's."""
         text = (EXAMPLES / name).read_text()
-        return text.replace(AZURE_SQL_SERVER, self.env.get("AZ_SERVER", AZURE_SQL_SERVER))
+        return text.replace(AZURE_SQL_SERVER, self.sql_server)
 
     def apply_example(self, name: str) -> str:
         """`kubectl apply` of an example; printed as the sed pipeline a person would type."""
@@ -67,7 +102,7 @@ class Demo:
         shown = f"kubectl apply -f deploy/examples/{name}"
         if text != path.read_text():
             shown = (
-                f'sed "s|{AZURE_SQL_SERVER}|$AZ_SERVER|" deploy/examples/{name}'
+                f'sed "s|{AZURE_SQL_SERVER}|$SANDBOX_POD_AZ_SERVER|" deploy/examples/{name}'
                 " | kubectl apply -f -"
             )
         print(f"$ {shown}", flush=True)
@@ -85,28 +120,73 @@ class Demo:
         return proc.stdout
 
 
-def _claims(token: str) -> dict[str, object]:
-    payload = token.split(".")[1]
-    payload += "=" * (-len(payload) % 4)
-    claims: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload))
-    return claims
+def workload_deployment(env: dict[str, str]) -> dict[str, Any]:
+    """The README's step 9 Deployment (the seed's workload as a pod of the service account), with
+    what only the sandbox needs added by :func:`sandbox.install.pod_additions`."""
+    extra = install.pod_additions(env)
+    ref = next(r for r in images.image_refs() if r.startswith("sql-workload-identity-workload:"))
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "customer-api", "namespace": DEMO_NAMESPACE},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "customer-api"}},
+            "template": {
+                "metadata": {"labels": {"app": "customer-api"}},
+                "spec": {
+                    "serviceAccountName": DEMO_SERVICE_ACCOUNT,
+                    "containers": [
+                        {
+                            "name": "customer-api",
+                            "image": ref,
+                            "imagePullPolicy": "Never",  # sandbox: the node has it, no registry
+                            "args": ["serve", "--every", "60"],
+                            "env": [
+                                {"name": "AZ_SERVER", "value": env["SANDBOX_POD_AZ_SERVER"]},
+                                {"name": "AZ_DATABASE", "value": "mydb"},
+                                {"name": "AZ_QUERY", "value": SEED_QUERY},
+                                *extra["env"],
+                            ],
+                            "ports": [{"name": "http", "containerPort": 8080}],
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+                            "readinessProbe": {
+                                "httpGet": {"path": "/readyz", "port": "http"},
+                                "periodSeconds": 10,
+                            },
+                            "volumeMounts": extra["volumeMounts"],
+                        }
+                    ],
+                    "volumes": extra["volumes"],
+                    "hostAliases": extra["hostAliases"],
+                },
+            },
+        },
+    }
 
 
 def run_demo(demo: Demo) -> None:
-    demo.step("Start the sandbox: Kubernetes control plane, Entra ID and Azure SQL emulators")
-    print("$ python -m sandbox up --operator", flush=True)
-    for running in launcher.up(
-        demo.state_dir, [*launcher.available_components(), launcher.OPERATOR]
-    ):
+    demo.step("Start the sandbox: Kubernetes (a control plane and a node), Entra ID, Azure SQL")
+    print("$ python -m sandbox up", flush=True)
+    for running in launcher.up(demo.state_dir):
         print(f"{running.component.name}: ready (pid {running.pid})", flush=True)
     demo.env = launcher.environment(demo.state_dir)
-    # The demo's workload authenticates by federation only: no client secret in its environment.
-    for name in ("AZ_CLIENT_SECRET", "AZURE_CLIENT_SECRET"):
-        demo.env.pop(name, None)
     print('$ eval "$(python -m sandbox env)"', flush=True)
+    # The SQL server as pods name it (sandbox-sql.database.windows.net, on the emulator's port).
+    demo.sql_server = demo.env["SANDBOX_POD_AZ_SERVER"]
 
     demo.step("The cluster's service-account issuer, as Entra ID fetches it (no credentials)")
     demo.kubectl("get", "--raw", "/.well-known/openid-configuration")
+
+    demo.step("Install the operator with its Helm chart, from the image of operator/Dockerfile")
+    print("$ python -m sandbox install   # README steps 2 and 5 on the sandbox:", flush=True)
+    install.install(demo.state_dir, say=lambda line: print(line, flush=True))
+    demo.kubectl("-n", install.NAMESPACE, "get", "deploy,pods")
+    print("The operator signs in to Entra with the token the kubelet projected (no secret):")
+    demo.kubectl(
+        "-n", install.NAMESPACE, "get", "deploy", install.RELEASE, "-o",
+        "jsonpath={range .spec.template.spec.containers[0].env[*]}{.name}={.value}{'\\n'}{end}",
+    )  # fmt: skip
 
     demo.step("The platform team's guardrails: which namespaces may bind which identities")
     demo.apply_example("policies.yaml")
@@ -159,36 +239,29 @@ def run_demo(demo: Demo) -> None:
     for condition in status.get("conditions", []):
         print(f"  {condition['type']:<26} {condition['status']:<6} {condition.get('reason', '')}")
 
-    demo.step("The workload, as a pod of that service account: token file -> Entra -> Azure SQL")
-    token = demo.kubectl(
-        "create",
-        "token",
-        DEMO_SERVICE_ACCOUNT,
-        "-n",
-        DEMO_NAMESPACE,
-        "--audience",
-        AUDIENCE,
-        "--duration",
-        "1h",
-        show=False,
-    ).strip()
-    token_file = demo.state_dir / "demo-token" / "azure-identity-token"
-    token_file.parent.mkdir(exist_ok=True)
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    claims = _claims(token)
-    print(f"projected token (as the kubelet writes it): sub={claims['sub']} aud={claims['aud']}")
-    demo.env.update(
-        {
-            "AZURE_CLIENT_ID": annotations["azure.workload.identity/client-id"],
-            "AZURE_TENANT_ID": annotations["azure.workload.identity/tenant-id"],
-            "AZURE_FEDERATED_TOKEN_FILE": str(token_file),
-        }
-    )
+    demo.step("The workload: a Deployment of the workload image, as the service account")
+    deployment = workload_deployment(demo.env)
     print(
-        "AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE as the webhook injects them"
+        "# README step 9's Deployment; on the sandbox its pod also gets HTTPS_PROXY, the sandbox"
+        " CA\n# and a hostAlias for the SQL server's name (sandbox/install.py: pod_additions).",
+        flush=True,
     )
-    demo.run(sys.executable, "-m", "swi_workload", "--query", SEED_QUERY)
+    print(yaml.safe_dump(deployment, sort_keys=False).rstrip(), flush=True)
+    print(
+        f"$ kubectl -n {DEMO_NAMESPACE} create configmap sandbox-ca --from-file=ca.crt  # sandbox"
+    )
+    demo.kubectl_apply(install.ca_configmap(demo.state_dir, DEMO_NAMESPACE), show=False)
+    print("$ kubectl apply -f customer-api.yaml", flush=True)
+    demo.kubectl_apply(deployment)
+    demo.kubectl("-n", DEMO_NAMESPACE, "rollout", "status", "deploy/customer-api", "--timeout=180s")
+    print("The operator's webhooks labelled the pod template and injected the token:")
+    demo.kubectl(
+        "-n", DEMO_NAMESPACE, "get", "pods", "-l", "app=customer-api", "-o",
+        "jsonpath={range .items[0].spec.containers[0].env[*]}{.name}={.value}{'\\n'}{end}",
+    )  # fmt: skip
+    demo.step("The seed's ending: the pod prints the customers")
+    demo.wait_for_log("deploy/customer-api", "rows)")
+    demo.kubectl("-n", DEMO_NAMESPACE, "logs", "deploy/customer-api")
 
     demo.step(
         "Deliberate mistakes: an identity no policy grants here, an app the operator doesn't own"

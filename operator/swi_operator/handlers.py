@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
+import os
 from typing import Any
 
 import kopf
 
 from swi_operator import config as config_module
 from swi_operator.errors import TransientError, backoff_delay
-from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION
+from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION, in_cluster_server
 from swi_operator.naming import OPERATOR_NAME
 from swi_operator.runtime import FINALIZER, Runtime
 from swi_operator.steps import Event
@@ -86,8 +88,14 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """The pod's service account, else KUBECONFIG as it is now (not when a library was imported)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    """The pod's service account, at the address the kubelet gives every pod (kopf's default
+    names kubernetes.default.svc, which needs cluster DNS); else KUBECONFIG as it is now (not
+    when a library was imported)."""
+    info = kopf.login_with_service_account(**kwargs)
+    if info is None:
+        return kopf.login_with_kubeconfig(**kwargs)
+    server = in_cluster_server(os.environ)
+    return dataclasses.replace(info, server=server) if server else info
 
 
 @kopf.on.cleanup()

@@ -34,6 +34,16 @@ MERGE_PATCH = "application/merge-patch+json"
 CRD_ESTABLISH_TIMEOUT_S = 30.0
 
 
+def in_cluster_server(env: Mapping[str, str]) -> str | None:
+    """The API server as a pod reaches it: the address the kubelet puts in every container's
+    environment (what client-go's in-cluster configuration uses), not a name that needs cluster
+    DNS. None outside a pod."""
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 @dataclass(frozen=True)
 class ServiceAccount:
     name: str

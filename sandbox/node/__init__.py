@@ -426,19 +426,29 @@ def image_names(state_dir: Path) -> set[str]:
 
 def import_project_images(state_dir: Path) -> list[str]:
     """The operator and workload images built from our Dockerfiles (``make images``), if built
-    for the current sources and not in the node yet; returns the refs imported. The chart and
-    overlays name them as a node resolves them, so pods find them without a registry."""
+    for the current sources and not in the node yet, or in it from other sources (a rebuilt
+    image keeps its name: what each name was imported from is remembered); returns the refs
+    imported. The chart and overlays name them as a node resolves them, so pods find them
+    without a registry."""
     from sandbox.images import cached_images, qualified
 
     archives = cached_images()
     if archives is None:
         return []
+    record = state_dir / "node" / "imported-images.json"
+    try:
+        imported_from: dict[str, str] = json.loads(record.read_text())
+    except (OSError, ValueError):
+        imported_from = {}
     have = image_names(state_dir)
     imported = []
     for ref, archive in archives.items():
-        if qualified(ref) not in have:
+        if qualified(ref) not in have or imported_from.get(ref, str(archive)) != str(archive):
             import_image(state_dir, archive)
             imported.append(ref)
+        imported_from[ref] = str(archive)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(imported_from))
     return imported
 
 
