@@ -379,10 +379,13 @@ def sql_error(failure: SqlFailureInfo, where: str, doing: str, operator: str) ->
     if failure.number in _SQL_DENIED:
         return PermanentError(
             Reason.OPERATOR_NOT_DATABASE_ADMIN,
-            f"the operator may not {doing} in {where} ({what}); make {operator} the server's "
-            "Microsoft Entra admin or a member of its admin group (az sql server ad-admin create "
-            "--display-name <name> --object-id <its service principal object id>), or give it a "
-            "user in the database with db_owner (or db_accessadmin and db_securityadmin)",
+            f"the operator may not {doing} in {where} ({what}); add {operator} to the group "
+            "that is the server's Microsoft Entra admin (az ad group member add --group <group> "
+            "--member-id <its service principal object id>), or, on a server without an Entra "
+            "admin, make a group with it in the admin (az sql server ad-admin create "
+            "--display-name <group> --object-id <group object id>; a server has one admin, and "
+            "this replaces it), or give it a user in the database with db_owner (or "
+            "db_accessadmin and db_securityadmin)",
         )
     return PermanentError(Reason.DATABASE_REJECTED, f"failed to {doing} in {where}: {what}")
 

@@ -122,6 +122,8 @@ def test_sql_errors_of_the_operators_own_session(number, message, expected, reas
     assert reason in error.reason
     if error.reason == Reason.OPERATOR_NOT_DATABASE_ADMIN:
         assert "Entra admin" in error.message and "az sql server ad-admin create" in error.message
+        # Group membership first: ad-admin create replaces the server's one admin.
+        assert "az ad group member add" in error.message and "replaces it" in error.message
 
 
 def test_settings_for_database_access_and_verification():
