@@ -207,7 +207,7 @@ def install(state_dir: Path, *, say: Callable[[str], None] = print) -> dict[str,
     credential = federate_operator(env)
     say(f"federated credential {credential['name']}: {credential['subject']}")
     say(f"$ kubectl create namespace {NAMESPACE}")
-    run("kubectl", "apply", "-f", "-", stdin=json.dumps(_namespace()))
+    run("kubectl", "apply", "-f", "-", stdin=json.dumps(namespace()))
     say(f"$ kubectl -n {NAMESPACE} create configmap {CA_CONFIGMAP} --from-file=ca.crt  # sandbox")
     run("kubectl", "apply", "-f", "-", stdin=json.dumps(ca_configmap(state_dir, NAMESPACE)))
     values = state_dir / "operator-values.yaml"
@@ -224,7 +224,7 @@ def install(state_dir: Path, *, say: Callable[[str], None] = print) -> dict[str,
     return env
 
 
-def _namespace() -> dict[str, Any]:
+def namespace() -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
 
 
@@ -232,3 +232,57 @@ def _helm() -> Path:
     from sandbox.tools import helm_binary
 
     return helm_binary()
+
+
+def with_pod_additions(
+    docs: list[dict[str, Any]], env: Mapping[str, str], state_dir: Path
+) -> list[dict[str, Any]]:
+    """Manifests as written for Azure, made to work on the sandbox: each workload's pod template
+    gets :func:`pod_additions` (and its namespace the CA ConfigMap they mount). Nothing else
+    changes; used where a manifest is applied as a person would on AKS (the walkthrough e2e)."""
+    extra = pod_additions(env)
+    out: list[dict[str, Any]] = []
+    namespaces: set[str] = set()
+    for doc in docs:
+        template = doc.get("spec", {}).get("template") if isinstance(doc, dict) else None
+        if doc and doc.get("kind") in WORKLOAD_KINDS and isinstance(template, dict):
+            spec = template.setdefault("spec", {})
+            for container in spec.get("containers", []):
+                container["env"] = [*container.get("env", []), *extra["env"]]
+                container["volumeMounts"] = [
+                    *container.get("volumeMounts", []),
+                    *extra["volumeMounts"],
+                ]
+            spec["volumes"] = [*spec.get("volumes", []), *extra["volumes"]]
+            spec["hostAliases"] = [*spec.get("hostAliases", []), *extra["hostAliases"]]
+            namespaces.add(doc.get("metadata", {}).get("namespace", "default"))
+        out.append(doc)
+    return [ca_configmap(state_dir, ns) for ns in sorted(namespaces)] + out
+
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sandbox.install pod-additions --state-dir DIR``: a YAML stream on stdin, the
+    same with :func:`with_pod_additions` applied on stdout (``| kubectl apply -f -``)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m sandbox.install")
+    parser.add_argument("command", choices=["pod-additions"])
+    parser.add_argument("--state-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    state_dir = args.state_dir or launcher.default_state_dir()
+    env = launcher.environment(state_dir)
+    try:
+        docs = [d for d in yaml.safe_load_all(sys.stdin) if d]
+        sys.stdout.write(yaml.safe_dump_all(with_pod_additions(docs, env, state_dir)))
+    except SandboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,8 @@
 ``serve --state-dir DIR [--world PATH] [--entra-url URL] [--node-address ADDR]`` starts every
 server of the world's ``sql:`` section on its own loopback port (the ports of a previous run are
 reused when free, so a restart keeps ``AZ_SERVER`` valid; with ``--node-address`` also on ADDR,
-same port, for pods that dial ``<server>.database.windows.net``), seeds missing databases under
+for pods that dial ``<server>.database.windows.net``: the first server on Azure's port 1433, any
+other on its loopback port), seeds missing databases under
 ``DIR/azuresql/<server>/``, registers the ODBC driver in ``DIR/odbc/odbcinst.ini``, writes
 ``DIR/azuresql.json`` and prints one ``READY servers=name:port,...`` line. SIGTERM or SIGINT:
 clean exit 0 (``azuresql.json`` removed). A start-up problem: one ``error: ...`` line on stderr,
@@ -92,7 +93,7 @@ async def _start(args: argparse.Namespace) -> tuple[list[EmulatedServer], web.Ap
     verifier = TokenVerifier(entra_url, ca.cert_path)
     previous = _previous_ports(data_dir / PORTS_FILE)
     servers = []
-    for spec in specs:
+    for index, spec in enumerate(specs):
         server = await asyncio.to_thread(
             build_server,
             spec,
@@ -103,6 +104,7 @@ async def _start(args: argparse.Namespace) -> tuple[list[EmulatedServer], web.Ap
             ca.cert_path,
             previous.get(spec.name, 0),
             args.node_address,
+            AZURE_SQL_PORT if index == 0 else None,
         )
         try:
             await server.start()
@@ -116,6 +118,10 @@ async def _start(args: argparse.Namespace) -> tuple[list[EmulatedServer], web.Ap
     await site.start()
     admin_port = runner.addresses[0][1]
     return servers, runner, f"http://127.0.0.1:{admin_port}"
+
+
+# Azure SQL's port: the first server listens on it at the node address (the sandbox's own).
+AZURE_SQL_PORT = 1433
 
 
 def pod_host_name(server: str) -> str:
@@ -134,7 +140,7 @@ def _state(
     }
     if args.node_address:
         env["SANDBOX_POD_SQL_HOST"] = pod_host_name(first.name)
-        env["SANDBOX_POD_AZ_SERVER"] = f"tcp:{pod_host_name(first.name)},{first.port}"
+        env["SANDBOX_POD_AZ_SERVER"] = f"tcp:{pod_host_name(first.name)},{first.pod_port}"
     if odbc_dir is not None:
         env["ODBCSYSINI"] = str(odbc_dir)
     return {
@@ -147,7 +153,7 @@ def _state(
                 "port": s.port,
                 "server": f"tcp:localhost,{s.port}",
                 **(
-                    {"podServer": f"tcp:{pod_host_name(s.name)},{s.port}"}
+                    {"podServer": f"tcp:{pod_host_name(s.name)},{s.pod_port}"}
                     if args.node_address
                     else {}
                 ),

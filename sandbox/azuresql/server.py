@@ -106,9 +106,10 @@ class Faults:
 
 @dataclass
 class EmulatedServer:
-    """One logical server (``<name>.database.windows.net``) on its own loopback port, and on the
-    same port at ``node_address`` (the host's end of the sandbox node's link) when given, for
-    pods."""
+    """One logical server (``<name>.database.windows.net``) on its own loopback port, and at
+    ``node_address`` (the host's end of the sandbox node's link) when given, for pods: on
+    ``node_port`` (1433, Azure SQL's, for the first server: that address is the sandbox's own, so
+    pods and manifests use Azure's port), else on the loopback port."""
 
     spec: ServerSpec
     databases: dict[str, Database]
@@ -116,6 +117,7 @@ class EmulatedServer:
     contexts: tuple[ssl.SSLContext, ssl.SSLContext]
     port: int = 0
     node_address: str | None = None
+    node_port: int | None = None
     faults: Faults = field(default_factory=Faults)
     log: collections.deque[LogEntry] = field(
         default_factory=lambda: collections.deque(maxlen=LOG_LIMIT)
@@ -127,6 +129,11 @@ class EmulatedServer:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def pod_port(self) -> int:
+        """The port pods dial (on the node address)."""
+        return self.node_port or self.port
 
     @property
     def running(self) -> bool:
@@ -143,7 +150,7 @@ class EmulatedServer:
         if self.node_address is not None:
             try:
                 self._node_listener = await asyncio.start_server(
-                    self._accept, self.node_address, port
+                    self._accept, self.node_address, self.node_port or port
                 )
             except OSError:
                 listener.close()
@@ -615,6 +622,7 @@ def build_server(
     ca_file: Path | None,
     port: int = 0,
     node_address: str | None = None,
+    node_port: int | None = None,
 ) -> EmulatedServer:
     """An emulated server with its databases created (seeded) on first use."""
     directory = None
@@ -634,4 +642,12 @@ def build_server(
         if not database.exists():
             database.create(db_spec.seed, db_spec.users)
         databases[db_spec.name.lower()] = database
-    return EmulatedServer(spec, databases, verifier, contexts, port=port, node_address=node_address)
+    return EmulatedServer(
+        spec,
+        databases,
+        verifier,
+        contexts,
+        port=port,
+        node_address=node_address,
+        node_port=node_port,
+    )
