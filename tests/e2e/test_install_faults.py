@@ -1,0 +1,199 @@
+"""Faults on a running install (e2e tier, a sandbox of its own): the operator installed with its
+chart is killed (its pod force-deleted) in the middle of onboarding 50 resources; its Deployment
+starts a new pod, every resource turns Ready, and no federated credential or database user is
+duplicated or left without a resource."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from sandbox import images, install, launcher
+from sandbox.entra.ctl import AdminClient
+
+pytestmark = pytest.mark.controlplane
+
+N = 50
+APPS = 3  # at most 17 resources each: under Entra's 20 credentials per app
+NAMESPACES = 10
+SQL_SERVER = "tcp:sandbox-sql.database.windows.net,1433"
+
+
+def _guid(*parts: object) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "swi-e2e/" + "/".join(map(str, parts))))
+
+
+def write_world(path: Path) -> list[dict[str, Any]]:
+    """sandbox/world.yaml plus APPS app registrations the operator owns."""
+    world = yaml.safe_load(launcher.WORLD_FILE.read_text())
+    tenant = world["entra"]["applications"][0]["tenant"]
+    apps = [
+        {
+            "name": f"e2e-app-{i}",
+            "tenant": tenant,
+            "appId": _guid(i, "appId"),
+            "objectId": _guid(i, "objectId"),
+            "servicePrincipalObjectId": _guid(i, "sp"),
+            "owners": ["sql-workload-identity-operator"],
+        }
+        for i in range(APPS)
+    ]
+    world["entra"]["applications"].extend(apps)
+    path.write_text(yaml.safe_dump(world, sort_keys=False))
+    return apps
+
+
+def kubectl(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
+    proc = subprocess.run(
+        ["kubectl", *args], input=stdin, capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if last := check():
+            return last
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def installed(sandbox: Any) -> Iterator[tuple[Path, dict[str, str], list[dict[str, Any]]]]:
+    """Its own sandbox (with three more apps) and the operator installed from the chart."""
+    if images.cached_images() is None:
+        pytest.fail("the images are not built for these sources: run `make images`", False)
+    state_dir = Path(tempfile.mkdtemp(prefix="swi-e2e-", dir="/tmp"))
+    world = state_dir / "world.yaml"
+    apps = write_world(world)
+    saved = os.environ.get(launcher.WORLD_ENV)
+    os.environ[launcher.WORLD_ENV] = str(world)
+    try:
+        launcher.up(state_dir)
+        env = install.install(state_dir, say=lambda _: None)
+    except launcher.SandboxError as exc:
+        launcher.down(state_dir)
+        pytest.fail(f"the sandbox or the install failed: {exc}", pytrace=False)
+    finally:
+        if saved is None:
+            os.environ.pop(launcher.WORLD_ENV, None)
+        else:
+            os.environ[launcher.WORLD_ENV] = saved
+    try:
+        yield state_dir, env, apps
+    finally:
+        launcher.down(state_dir)
+
+
+def _manifests(apps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
+    namespaces = [f"e2e-{n:02d}" for n in range(NAMESPACES)]
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}} for ns in namespaces
+    ]
+    docs += [
+        {
+            "apiVersion": "sqlidentity.io/v1alpha1",
+            "kind": "SqlIdentityPolicy",
+            "metadata": {"name": app["name"]},
+            "spec": {
+                "identity": {"applicationClientId": app["appId"]},
+                "namespaces": {"names": namespaces},
+                "sql": {"servers": [SQL_SERVER], "databases": ["mydb"], "roles": ["db_datareader"]},
+            },
+        }
+        for app in apps
+    ]
+    subjects: dict[str, set[str]] = {app["name"]: set() for app in apps}
+    for i in range(N):
+        app, ns = apps[i % APPS], namespaces[i % NAMESPACES]
+        docs.append(
+            {
+                "apiVersion": "sqlidentity.io/v1alpha1",
+                "kind": "SqlWorkloadIdentity",
+                "metadata": {"name": f"swi-{i:02d}", "namespace": ns},
+                "spec": {
+                    "serviceAccountName": f"sa-{i:02d}",
+                    "identity": {"applicationClientId": app["appId"]},
+                    "sql": {"server": SQL_SERVER, "database": "mydb", "roles": ["db_datareader"]},
+                },
+            }
+        )
+        subjects[app["name"]].add(f"system:serviceaccount:{ns}:sa-{i:02d}")
+    return docs, subjects
+
+
+def _ready_count(env: dict[str, str]) -> int:
+    items = json.loads(kubectl(env, "get", "swi", "-A", "-o", "json"))["items"]
+    conditions = [(i.get("status") or {}).get("conditions", []) for i in items]
+    return sum(
+        any(c["type"] == "Ready" and c["status"] == "True" for c in each) for each in conditions
+    )
+
+
+def _operator_pods(env: dict[str, str]) -> list[dict[str, Any]]:
+    pods = json.loads(kubectl(env, "-n", install.NAMESPACE, "get", "pods", "-o", "json"))
+    items: list[dict[str, Any]] = pods["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_the_operator_pod_killed_while_onboarding_50_resources(
+    installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
+) -> None:
+    state_dir, env, apps = installed
+    # Slow Graph down as Azure is (a few hundred ms a call), so the kill lands mid-way.
+    entra = AdminClient.from_state_dir(state_dir)
+    entra.latency("graph.*", 0.3)
+    docs, subjects = _manifests(apps)
+    kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
+    (first,) = _operator_pods(env)
+    started = wait_for("a few resources Ready", lambda: 3 <= _ready_count(env) < N, timeout=300)
+    assert started
+    killed_at = _ready_count(env)
+    kubectl(
+        env, "-n", install.NAMESPACE, "delete", "pod", first["metadata"]["name"],
+        "--grace-period=0", "--force", "--wait=false",
+    )  # fmt: skip
+    # The Deployment starts another pod, which takes the work over.
+    wait_for(
+        "the operator's new pod to run",
+        lambda: any(
+            p["metadata"]["name"] != first["metadata"]["name"]
+            and p["status"].get("phase") == "Running"
+            for p in _operator_pods(env)
+        ),
+        timeout=180,
+    )
+    wait_for(f"all {N} resources Ready", lambda: _ready_count(env) == N, timeout=600)
+    assert killed_at < N, "the kill came after onboarding ended: it tested nothing"
+
+    # No duplicate and no orphan federated credential: each app trusts exactly its resources'
+    # subjects, once each.
+    principals = {p["name"]: p for p in entra.call("GET", "state")["principals"]}
+    for app in apps:
+        creds = principals[app["name"]]["credentials"]
+        found = Counter(c["subject"] for c in creds)
+        assert set(found) == subjects[app["name"]], app["name"]
+        assert all(count == 1 for count in found.values()), found
+    # One database user per app, with the role, and no other new user.
+    admin_url = launcher.environment(state_dir)["SWI_AZURESQL_ADMIN_URL"]
+    (server,) = requests.get(f"{admin_url}/servers", timeout=10).json()
+    users = Counter(u["name"] for u in server["databases"]["mydb"])
+    for app in apps:
+        assert users[app["name"]] == 1, users
+    roles = {u["name"]: u["roles"] for u in server["databases"]["mydb"]}
+    assert all("db_datareader" in roles[app["name"]] for app in apps), roles
