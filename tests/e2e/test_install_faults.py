@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -20,8 +21,9 @@ import pytest
 import requests
 import yaml
 
-from sandbox import images, install, launcher
+from sandbox import images, install, launcher, node
 from sandbox.entra.ctl import AdminClient
+from sandbox.tools import helm_binary
 
 pytestmark = pytest.mark.controlplane
 
@@ -197,3 +199,130 @@ def test_the_operator_pod_killed_while_onboarding_50_resources(
         assert users[app["name"]] == 1, users
     roles = {u["name"]: u["roles"] for u in server["databases"]["mydb"]}
     assert all("db_datareader" in roles[app["name"]] for app in apps), roles
+
+
+def test_helm_upgrade_to_another_image_keeps_everything_and_counts_refusals(
+    installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
+) -> None:
+    """After the 50 (the test above): a labelled Deployment exists, then `helm upgrade` moves the
+    operator to another image reference while admission requests keep coming. Nothing is lost;
+    the requests the webhooks refused while the one replica was replaced are counted (printed;
+    the high-availability issue brings them to zero)."""
+    state_dir, env, apps = installed
+    assert _ready_count(env) == N, "needs the 50 Ready resources of the test above"
+    entra = AdminClient.from_state_dir(state_dir)
+    before = {p["name"]: p["credentials"] for p in entra.call("GET", "state")["principals"]}
+    ns, app = "e2e-00", apps[0]
+    reader = {
+        "apiVersion": "sqlidentity.io/v1alpha1",
+        "kind": "SqlWorkloadIdentity",
+        "metadata": {"name": "reader", "namespace": ns},
+        "spec": {
+            "serviceAccountName": "reader",
+            "identity": {"applicationClientId": app["appId"]},
+            "workloads": {"selector": {"matchLabels": {"app": "reader"}}},
+        },
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "reader", "namespace": ns},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "reader"}},
+            "template": {
+                "metadata": {"labels": {"app": "reader"}},
+                "spec": {
+                    "serviceAccountName": "reader",
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "sql-workload-identity-workload:0.1.0",
+                            "imagePullPolicy": "Never",
+                            "command": ["sleep", "infinity"],
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    kubectl(env, "apply", "-f", "-", stdin=json.dumps(reader))
+    kubectl(env, "apply", "-f", "-", stdin=json.dumps(deployment))
+    label = "{.spec.template.metadata.labels.azure\\.workload\\.identity/use}"
+    assert kubectl(env, "-n", ns, "get", "deploy", "reader", "-o", f"jsonpath={label}") == "true"
+
+    # Admission requests during the upgrade: a resource (the policy webhook, Fail) and a
+    # labelled pod (the injection webhook, Fail), both server-side dry runs, every 0.2 s.
+    refused: Counter[str] = Counter()
+    sent: Counter[str] = Counter()
+    unexpected: list[str] = []
+    stop = threading.Event()
+    probe_swi = {**reader, "metadata": {"name": "probe", "namespace": ns}}
+    probe_pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "probe",
+            "namespace": ns,
+            "labels": {"azure.workload.identity/use": "true"},
+        },
+        "spec": {
+            "serviceAccountName": "reader",
+            "containers": [{"name": "main", "image": "sql-workload-identity-workload:0.1.0"}],
+        },
+    }
+
+    def probe() -> None:
+        while not stop.is_set():
+            for kind, doc in (("policy", probe_swi), ("injection", probe_pod)):
+                proc = subprocess.run(
+                    ["kubectl", "apply", "--dry-run=server", "-f", "-"],
+                    input=json.dumps(doc), capture_output=True, text=True, env=env, check=False,
+                )  # fmt: skip
+                sent[kind] += 1
+                if proc.returncode != 0:
+                    refused[kind] += 1
+                    if "webhook" not in proc.stderr:  # only an unreachable webhook may refuse
+                        unexpected.append(proc.stderr)
+            time.sleep(0.2)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        (old,) = _operator_pods(env)
+        # Another reference to the operator's image, as a rebuilt image would be.
+        ref = next(r for r in images.image_refs() if r.startswith(f"{install.RELEASE}:"))
+        tag = node.ctr(state_dir, "images", "tag", "--force", images.qualified(ref),
+                       images.qualified(f"{ref}-upgrade"))  # fmt: skip
+        subprocess.run(tag, check=True, capture_output=True)
+        subprocess.run(
+            [str(helm_binary()), "upgrade", install.RELEASE, str(install.CHART), "-n",
+             install.NAMESPACE, "--reuse-values", "--set", f"image.tag={ref.split(':')[1]}-upgrade",
+             "--wait", "--timeout", "5m"],
+            check=True, capture_output=True, env=env,
+        )  # fmt: skip
+
+        def upgraded_alone() -> list[dict[str, Any]] | None:
+            pods = _operator_pods(env)
+            alone = len(pods) == 1 and pods[0]["metadata"]["name"] != old["metadata"]["name"]
+            return pods if alone else None
+
+        (new,) = wait_for("the upgraded operator alone", upgraded_alone, timeout=180)
+        assert new["spec"]["containers"][0]["image"].endswith("-upgrade")
+        time.sleep(5)  # a few more probes against the new pod
+    finally:
+        stop.set()
+        prober.join(timeout=60)
+    print(
+        f"\nadmission requests refused during the upgrade: policy {refused['policy']}/"
+        f"{sent['policy']}, injection {refused['injection']}/{sent['injection']}"
+    )
+    # Nothing lost: every resource Ready again, the same credentials, the workload still labelled.
+    wait_for("every resource Ready after the upgrade", lambda: _ready_count(env) == N + 1, 300)
+    after = {p["name"]: p["credentials"] for p in entra.call("GET", "state")["principals"]}
+    for each in apps[1:]:
+        assert after[each["name"]] == before[each["name"]], each["name"]
+    assert kubectl(env, "-n", ns, "get", "deploy", "reader", "-o", f"jsonpath={label}") == "true"
+    assert not unexpected, unexpected[:3]
+    # The probes were admitted when a pod served them (before and after the rollout).
+    assert sent["policy"] > refused["policy"] and sent["injection"] > refused["injection"]
