@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             demo.step("Clean up")
             print("$ python -m sandbox down", flush=True)
             print("stopped: " + ", ".join(launcher.down(state_dir)), flush=True)
+            shutil.rmtree(state_dir, ignore_errors=True)
     if args.keep:
         print(
             '\nThe sandbox is still running. Explore it with: eval "$(python -m sandbox env)"\n'

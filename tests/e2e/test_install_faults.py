@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -100,6 +101,7 @@ def installed(sandbox: Any) -> Iterator[tuple[Path, dict[str, str], list[dict[st
         yield state_dir, env, apps
     finally:
         launcher.down(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _manifests(apps: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:

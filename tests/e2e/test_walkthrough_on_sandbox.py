@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def own_sandbox(sandbox: Any) -> Iterator[Path]:
         yield state_dir
     finally:
         launcher.down(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _logs(env: dict[str, str]) -> str:
