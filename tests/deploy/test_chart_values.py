@@ -1,0 +1,266 @@
+"""The chart's values: its schema, README table and optional objects, by `helm template`/`lint`.
+
+No cluster: helm renders offline (``--kube-version`` as the sandbox's), and the CRD folder check
+uses kubectl's ``--local`` mode. What a rendering does on a real API server is test_manifests'.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from deploy_harness import (  # type: ignore[import-not-found]
+    CHART,
+    KUBE_VERSION,
+    NAMESPACE,
+    OPERATOR,
+    OPERATOR_PODS,
+    documents,
+    render_helm,
+    run,
+)
+
+from sandbox import install, launcher
+from sandbox.tools import helm_binary
+
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+README = (CHART / "README.md").read_text()
+
+
+def _template(*args: str, check: bool = False, **kw: Any) -> Any:
+    argv = [str(helm_binary()), "template", "swi", str(CHART), "--namespace", NAMESPACE]
+    return run([*argv, "--kube-version", KUBE_VERSION, *args], check=check, **kw)
+
+
+def _deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    return deployment
+
+
+def _leaves(values: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of values.yaml, descending where the schema describes an object's keys."""
+    keys = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        assert key in schema.get("properties", {}), f"{path} is not in values.schema.json"
+        sub = schema["properties"][key]
+        if isinstance(value, dict) and "properties" in sub:
+            keys += _leaves(value, sub, f"{path}.")
+        else:
+            keys.append(path)
+    return keys
+
+
+def _get(values: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        values = values[part]
+    return values
+
+
+def _readme_rows() -> dict[str, str]:
+    """`key` -> the default cell of the README's values table."""
+    rows = re.findall(r"^\| `([A-Za-z.]+)` \| `([^`]*)` \|", README, re.MULTILINE)
+    return dict(rows)
+
+
+def test_every_value_is_in_the_schema_and_the_readme_with_its_default() -> None:
+    leaves = _leaves(VALUES, SCHEMA)
+    rows = _readme_rows()
+    assert not set(leaves) - set(rows), (
+        f"not in the README's values table: {set(leaves) - set(rows)}"
+    )
+    assert not set(rows) - set(leaves), f"README rows not in values.yaml: {set(rows) - set(leaves)}"
+    for key in leaves:
+        assert yaml.safe_load(rows[key]) == _get(VALUES, key), f"README default of {key}"
+
+
+def test_schema_refuses_objects_it_describes_with_unknown_keys() -> None:
+    def walk(schema: dict[str, Any], path: str) -> None:
+        if "properties" in schema:
+            assert schema.get("additionalProperties") is False, path
+            for key, sub in schema["properties"].items():
+                walk(sub, f"{path}.{key}")
+        if isinstance(schema.get("items"), dict):
+            walk(schema["items"], f"{path}[]")
+
+    assert SCHEMA["$schema"] == "http://json-schema.org/draft-07/schema#"
+    walk(SCHEMA, "values")
+
+
+@pytest.mark.parametrize(
+    ("setting", "named", "says"),
+    [
+        ("replicaCont=2", "'replicaCont'", "additional properties"),
+        ("podDisruptionBudget.enable=true", "'enable'", "additional properties"),
+        ("identity.mode=azure", "/identity/mode", "'aks', 'projected'"),
+        ("injectionWebhook.failurePolicy=fail", "/injectionWebhook/failurePolicy", "'Fail'"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy", "'IfNotPresent'"),
+        ("identity.clientId=my-app", "/identity/clientId", "does not match pattern"),
+        ("replicaCount=0", "/replicaCount", "minimum"),
+    ],
+)
+def test_schema_refuses_a_bad_value_naming_it(setting: str, named: str, says: str) -> None:
+    result = _template("-f", str(CHART / "ci" / "aks-values.yaml"), "--set", setting)
+    assert result.returncode != 0
+    assert "don't meet the specifications of the schema" in result.stderr
+    assert named in result.stderr and says in result.stderr, result.stderr
+
+
+def test_schema_accepts_what_the_sandbox_installs() -> None:
+    # chart_values() as the sandbox's install calls it, with the addresses its node would export.
+    env = {
+        "SANDBOX_POD_SQL_HOST": "sqlserver.database.windows.net",
+        "SANDBOX_NODE_HOST_ADDRESS": "10.200.0.1",
+        "SANDBOX_POD_HTTPS_PROXY": "http://10.200.0.1:3128",
+        "SANDBOX_POD_AZ_SERVER": "10.200.0.1",
+        "SANDBOX_SERVICE_CIDR": "10.96.0.0/16",
+        "SANDBOX_SUBSCRIPTION_ID": "0b1a7e2c-3d4f-4a5b-8c6d-7e8f9a0b1c2d",
+    }
+    values = install.chart_values(env)
+    result = _template("-f", "-", input=yaml.safe_dump(values), check=True)
+    pod = _deployment(documents(result.stdout))["spec"]["template"]["spec"]
+    assert pod["hostAliases"] == values["hostAliases"]
+
+
+@pytest.mark.parametrize("values", ["aks-values.yaml", "generic-values.yaml"])
+def test_no_pdb_priority_or_spread_by_default(values: str) -> None:
+    docs = render_helm(values)
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    pod = _deployment(docs)["spec"]["template"]["spec"]
+    assert "priorityClassName" not in pod and "topologySpreadConstraints" not in pod
+    assert "nodeSelector" not in pod
+
+
+def test_pdb_selects_the_operator_pods_when_enabled() -> None:
+    docs = render_helm(
+        "aks-values.yaml", set_values=("replicaCount=2", "podDisruptionBudget.enabled=true")
+    )
+    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["namespace"] == NAMESPACE and pdb["metadata"]["name"] == OPERATOR
+    assert pdb["spec"]["minAvailable"] == 1
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    key, value = OPERATOR_PODS.split("=")
+    assert selector == {key: value}
+    deployment = _deployment(docs)
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+
+
+def test_pdb_takes_a_percentage() -> None:
+    docs = render_helm(
+        "aks-values.yaml",
+        set_values=("podDisruptionBudget.enabled=true", "podDisruptionBudget.minAvailable=50%"),
+    )
+    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] == "50%"
+
+
+def test_pdb_that_would_block_every_drain_is_refused() -> None:
+    result = _template(
+        "-f", str(CHART / "ci" / "aks-values.yaml"), "--set", "podDisruptionBudget.enabled=true"
+    )
+    assert result.returncode != 0
+    assert "podDisruptionBudget.minAvailable (1) must be lower than replicaCount (1)" in (
+        result.stderr
+    )
+
+
+def test_priority_class_spread_and_node_selector_reach_the_pod() -> None:
+    spread = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": OPERATOR}},
+        }
+    ]
+    extra = {
+        "priorityClassName": "system-cluster-critical",
+        "topologySpreadConstraints": spread,
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+    }
+    result = _template(
+        "-f", str(CHART / "ci" / "generic-values.yaml"), "-f", "-", input=yaml.safe_dump(extra)
+    )
+    assert result.returncode == 0, result.stderr
+    pod = _deployment(documents(result.stdout))["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["topologySpreadConstraints"] == spread
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+
+
+def test_kube_version_is_what_the_templates_need() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.30.0-0"
+    rendered = "\n".join(p.read_text() for p in (CHART / "templates").glob("*.yaml"))
+    # What makes it 1.30: the v1 ValidatingAdmissionPolicy (GA in 1.30).
+    assert (
+        "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy" in rendered
+    )
+    old = run(
+        [
+            str(helm_binary()),
+            "template",
+            "swi",
+            str(CHART),
+            "--kube-version",
+            "1.29.9",
+            "-f",
+            str(CHART / "ci" / "aks-values.yaml"),
+        ],
+        check=False,
+    )
+    assert old.returncode != 0 and "chart requires kubeVersion: >=1.30.0-0" in old.stderr
+
+
+@pytest.mark.parametrize("values", ["aks-values.yaml", "generic-values.yaml"])
+def test_helm_lint_strict_with_the_ci_values(values: str) -> None:
+    result = run(
+        [
+            str(helm_binary()),
+            "lint",
+            str(CHART),
+            "--strict",
+            "--kube-version",
+            KUBE_VERSION,
+            "-f",
+            str(CHART / "ci" / values),
+        ]
+    )
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+def test_readme_crd_step_applies_every_crd_helm_installs() -> None:
+    """`kubectl apply -f charts/.../crds/` (the README's upgrade step) reads every CRD the chart
+    installs: the folder is flat and kubectl follows its links (``--local``: no server)."""
+    command = "kubectl apply -f charts/sql-workload-identity-operator/crds/"
+    assert command in README
+    folder = Path(CHART / "crds")
+    assert all(p.is_file() and p.suffix == ".yaml" for p in folder.iterdir())
+    kubectl = launcher.build_controlplane(quiet=True) / "kubectl"
+    local = run(
+        [
+            str(kubectl),
+            "--kubeconfig=/dev/null",
+            "annotate",
+            "--local",
+            "-o",
+            "name",
+            "-f",
+            f"{folder}/",
+            "checked=true",
+        ]
+    )
+    read = sorted(local.stdout.split())
+    crds = [d for d in render_helm("aks-values.yaml") if d["kind"] == "CustomResourceDefinition"]
+    helm = sorted(
+        f"customresourcedefinition.apiextensions.k8s.io/{d['metadata']['name']}" for d in crds
+    )
+    assert read == helm and len(read) == 4
