@@ -4,6 +4,7 @@ it. Exactly the commands docs/operator.md gives, on the examples in deploy/examp
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,7 @@ def test_up_with_operator_reconciles_the_examples_and_down_stops_it():
         operator_pid = int((state / "run" / "operator.pid").read_text())
     finally:
         down = sandbox_cli(state, "down")
+        shutil.rmtree(state, ignore_errors=True)  # the node's images alone are 1.7 GB
     assert "operator" in down.stdout, down.stdout + down.stderr
     assert (
         not Path(f"/proc/{operator_pid}").exists()
