@@ -33,6 +33,7 @@ from swi_operator.drift import DriftLoop, PeeringGate
 from swi_operator.errors import ARM, GRAPH
 from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
+from swi_operator.ledger import ConfigMapLedgerStore, Ledger
 from swi_operator.locks import KeyedLocks
 from swi_operator.pipeline import Pipeline
 from swi_operator.policy_review import PolicyReview
@@ -110,6 +111,7 @@ def build_pipeline(
     backing: Backing | None = None,
     identity_locks: KeyedLocks | None = None,
     operator_client_id: str | None = None,
+    ledger: Ledger | None = None,
 ) -> Pipeline:
     """The steps in order; ``later`` ones (database access, verification) come last. The policy
     ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out.
@@ -123,6 +125,7 @@ def build_pipeline(
             identity_locks or KeyedLocks(),
             backing,
             operator_client_id,
+            ledger,
         ),
         ServiceAccountStep(kube),
         WorkloadsStep(kube, pod_token_grace),
@@ -137,11 +140,12 @@ def build_database_steps(
     database: Database,
     exchange: TokenExchange,
     principals: GraphServicePrincipals,
-) -> tuple[Step, ...]:
+    ledger: Ledger,
+) -> tuple[DatabaseAccessStep, VerificationStep]:
     """DatabaseAccessReady, then Verified (the probe of everything before it)."""
     form: UserForm = "object-id" if config.sql_user_form == "object-id" else "sid"
     return (
-        DatabaseAccessStep(database, KeyedLocks(), form, principals),
+        DatabaseAccessStep(database, KeyedLocks(), form, principals, ledger),
         VerificationStep(
             kube,
             exchange,
@@ -202,8 +206,14 @@ class Runtime:
             statement_timeout=config.sql_statement_timeout,
         )
         exchange = EntraTokenExchange(config.authority_host, config.ca_bundle)
+        ledger = Ledger(ConfigMapLedgerStore(kube, config.ledger_namespace))
         later = build_database_steps(
-            config, kube, database, exchange, GraphServicePrincipals(graph_client, graph_gate)
+            config,
+            kube,
+            database,
+            exchange,
+            GraphServicePrincipals(graph_client, graph_gate),
+            ledger,
         )
         policies = KubePolicySource(kube, config.require_policy)
         store = IdentityRouter(graph, arm)
@@ -220,6 +230,7 @@ class Runtime:
             backing=Backing(kube, policies, config.require_policy),
             identity_locks=identity_locks,
             operator_client_id=config.client_id,
+            ledger=ledger,
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
@@ -252,6 +263,8 @@ class Runtime:
             namespaces=config.namespaces,
             require_policy=config.require_policy,
             interval=config.sweep_interval,
+            ledger=ledger,
+            users=later[0],
         )
         return cls(
             config,
