@@ -53,7 +53,7 @@ class World:
         self.policies = KubePolicySource(self.reader, True, ttl=0)
         self.ledger_store = MemoryLedgerStore()
         self.ledger = Ledger(self.ledger_store)
-        self.step = DatabaseAccessStep(self.db, KeyedLocks(), ledger=self.ledger)  # type: ignore[arg-type]
+        self.step = DatabaseAccessStep(self.db, KeyedLocks(), ledger=self.ledger)
         self.identity_locks = KeyedLocks()
         self.pipeline: Pipeline = build_pipeline(
             self.store,
