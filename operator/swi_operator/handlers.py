@@ -9,7 +9,8 @@
   after which the finalizer lets go and an Event says what may be left behind;
 * any SqlIdentityPolicy event: the policy cache is dropped and ``PolicyReview`` looks at the fleet
   (prompt revocation, policy status), and the sweep (``sweep.py``) runs;
-* a SqlWorkloadIdentity gone from the API (finalizer or not): the sweep runs.
+* a SqlWorkloadIdentity gone from the API (finalizer or not): the sweep runs;
+* a Namespace's labels changed: the policy review and the sweep run (policies select by label).
 
 Run by ``python -m swi_operator`` (see ``__main__``), or by kopf itself
 (``kopf run -m swi_operator.handlers``, configured from the environment), as the tests do.
@@ -138,6 +139,16 @@ async def policy_changed(memo: kopf.Memo, **_: Any) -> None:
     state.policies.invalidate()
     state.policy_review.changed()
     state.sweep.changed()
+
+
+@kopf.on.event("", "v1", "namespaces", id="namespace-labels")
+async def namespace_labels_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Policies may select namespaces by label: a label change is reviewed at once (revoking, or
+    allowing), not at the next drift cycle (issue 18)."""
+    if "runtime" in memo and _runtime(memo).namespace_labels.changed(event):
+        state = _runtime(memo)
+        state.policy_review.changed()
+        state.sweep.changed()
 
 
 @kopf.on.event(*RESOURCE, id="resource-gone")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.ledger import ConfigMapLedgerStore, Ledger
 from swi_operator.locks import KeyedLocks
 from swi_operator.pipeline import Pipeline
-from swi_operator.policy_review import PolicyReview
+from swi_operator.policy_review import NamespaceLabels, PolicyReview
 from swi_operator.sql import Database, OdbcDatabase
 from swi_operator.steps import Step
 from swi_operator.steps.authorization import AuthorizationStep, KubePolicySource
@@ -176,6 +177,8 @@ class Runtime:
     # kopf starts a handler for every resource at once (a thousand at a restart): past this many,
     # they wait their turn instead of queueing one call each at every service.
     reconcile_slots: asyncio.Semaphore
+    # Namespace labels as the watch last saw them (handlers.namespace_labels_changed).
+    namespace_labels: NamespaceLabels = dataclasses.field(default_factory=NamespaceLabels)
 
     @classmethod
     def start(cls, config: Config, peer_identity: str | None = None) -> Runtime:

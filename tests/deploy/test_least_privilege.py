@@ -52,9 +52,6 @@ TLS_SECRET = "sql-workload-identity-operator-webhook-tls"
 
 # Rules this story cannot exercise, and why. Everything else deploy/ grants must be used.
 NOT_EXERCISED = {
-    # kopf lists and watches Namespaces only with SWI_NAMESPACES; deploy/ serves all of them.
-    "list core/namespaces": "only with SWI_NAMESPACES (a namespaced install)",
-    "watch core/namespaces": "only with SWI_NAMESPACES (a namespaced install)",
     # The certificate Secret is created at the first start (here) and updated only when the
     # certificate nears expiry or lacks a name (tests/injection's certificate tests).
     f"update core/secrets ['{TLS_SECRET}'] in {NAMESPACE}": "re-issue of the webhook certificate",

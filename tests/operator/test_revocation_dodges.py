@@ -298,3 +298,32 @@ def test_the_database_user_goes_too_whatever_the_tenant_did(
         file=sys.__stderr__,
     )
     policies.delete(policy)
+
+
+def test_a_namespace_label_change_revokes_without_waiting_for_drift(
+    guarded: Any, cluster: Cluster, entra: Entra, world: World, policies: Policies
+) -> None:
+    """A policy that selects namespaces by label: when the label goes, access goes at once, not
+    at the next drift cycle (600 s here). The operator's namespace watch wakes the policy review
+    (``NamespaceLabels``, unit-tested in test_policy_gate.py); in this test's namespaced mode
+    kopf's own namespace watch also re-runs the namespace's handlers. Either way the condition
+    must turn NotAuthorized, which the sweep alone never does."""
+    label = {"sqlidentity.io/dodge-test": cluster.namespace}
+    cluster.core.patch_namespace(cluster.namespace, {"metadata": {"labels": label}})
+    policies.create(
+        "by-label",
+        {"applicationClientId": world.demo_app.client_id},
+        {"selector": {"matchLabels": label}},
+    )
+    cluster.create("reader", app(world, "reader"))
+    cluster.wait_condition("reader")
+    subject = f"system:serviceaccount:{cluster.namespace}:reader"
+    assert subject in subjects(entra, world)
+
+    removed = {"metadata": {"labels": {"sqlidentity.io/dodge-test": None}}}
+    cluster.core.patch_namespace(cluster.namespace, removed)
+
+    revoked_within(
+        entra, world, subject, "namespace label removed", bound=20, since="the label went"
+    )
+    cluster.wait_condition("reader", "False", reason="NotAuthorized", timeout=20)
