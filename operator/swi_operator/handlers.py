@@ -124,7 +124,10 @@ async def reconcile(
 ) -> None:
     state = _runtime(memo)
     state.drift.handling(str(body.metadata.uid))
-    async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
+    async with (
+        state.reconcile_slots.hold(str(body.metadata.namespace)),
+        state.resource_locks.hold(str(body.metadata.uid)),
+    ):
         outcome = await state.pipeline.reconcile(body)
     if outcome.changed:  # a resume pass over a settled fleet writes nothing (bench/fleet.py)
         patch.status.update(outcome.status)
@@ -164,7 +167,10 @@ async def finalize(
 ) -> None:
     state = _runtime(memo)
     state.drift.handling(str(body.metadata.uid))
-    async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
+    async with (
+        state.reconcile_slots.hold(str(body.metadata.namespace)),
+        state.resource_locks.hold(str(body.metadata.uid)),
+    ):
         outcome = await state.pipeline.finalize(body)
     await state.events.post(body, outcome.events)
     if outcome.retry is None:

@@ -35,7 +35,7 @@ from swi_operator.errors import ARM, GRAPH
 from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.ledger import ConfigMapLedgerStore, Ledger
-from swi_operator.locks import KeyedLocks
+from swi_operator.locks import KeyedLocks, SharedSlots
 from swi_operator.pipeline import Pipeline
 from swi_operator.policy_review import NamespaceLabels, PolicyReview
 from swi_operator.sql import Database, OdbcDatabase
@@ -175,8 +175,9 @@ class Runtime:
     _database: OdbcDatabase
     _exchange: EntraTokenExchange
     # kopf starts a handler for every resource at once (a thousand at a restart): past this many,
-    # they wait their turn instead of queueing one call each at every service.
-    reconcile_slots: asyncio.Semaphore
+    # they wait their turn instead of queueing one call each at every service. One namespace
+    # holds at most half of them: a tenant with a thousand resources leaves the others the rest.
+    reconcile_slots: SharedSlots
     # Namespace labels as the watch last saw them (handlers.namespace_labels_changed).
     namespace_labels: NamespaceLabels = dataclasses.field(default_factory=NamespaceLabels)
 
@@ -285,7 +286,7 @@ class Runtime:
             kube_api,
             database,
             exchange,
-            asyncio.Semaphore(config.max_reconciles),
+            SharedSlots(config.max_reconciles),
         )
 
     async def install_crds(self, directory: Path) -> None:
