@@ -198,7 +198,7 @@ class DatabaseAccessStep:
                 .entry(ctx)
                 .key
             )
-            note = _Note(ctx, target, identity_key(identity.ref), identity.client_id, noted)
+            note = _Note(ctx, target, identity_key(identity.ref), identity.client_id, noted, wanted)
             user, created = await self._ensure_user(
                 ctx, target, name, sid, identity, previous, note
             )
@@ -286,7 +286,11 @@ class DatabaseAccessStep:
         await self._refuse_ddl_triggers(
             ctx.allow_ddl_triggers, target, f"create the user {quote_name(name)}"
         )
-        await note.write(self._ledger, name, True, previous.granted_roles if previous else ())
+        # The roles it is about to grant the new user too: one ledger write, not two.
+        planned = [role for role in note.wanted if role.lower() != PUBLIC_ROLE]
+        await note.write(
+            self._ledger, name, True, [*(previous.granted_roles if previous else ()), *planned]
+        )
         object_id = None
         if self._form == "object-id":
             assert self._principals is not None
@@ -510,6 +514,7 @@ class _Note:
     identity: str  # federation.identity_key of the resource's identity
     client_id: str
     noted: UserEntry | None  # what the ledger held for this resource and user before
+    wanted: list[str]  # the roles spec.sql asks for (as the database spells them)
     created: bool = False
 
     async def write(

@@ -263,3 +263,19 @@ def test_entries_round_trip_and_bad_ones_are_ignored() -> None:
     assert entry.key == UserEntry(NS, "r", "uid-1", APP, "h", "db", APP, "v", False).key
     assert UserEntry.from_json("{") is None
     assert UserEntry.from_json(entry.to_json().replace("tcp:h,1433", "h;Trusted=yes")) is None
+
+
+async def test_onboarding_costs_one_ledger_write_per_identity_and_per_user(world: World) -> None:
+    writes: list[dict[str, str | None]] = []
+    patch = world.ledger_store.patch_ledger
+
+    async def counting(changes: Any) -> None:
+        writes.append(dict(changes))
+        await patch(changes)
+
+    world.ledger_store.patch_ledger = counting  # type: ignore[method-assign]
+    await world.reconcile(resource("reader", NS, sql=SQL))
+    assert [next(iter(w))[:3] for w in writes] == ["id.", "db."]
+    again = await world.reconcile(resource("reader", NS, sql=SQL))
+    await world.reconcile(again)  # settled: nothing written
+    assert len(writes) == 2
