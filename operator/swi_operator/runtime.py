@@ -146,7 +146,7 @@ def build_database_steps(
     """DatabaseAccessReady, then Verified (the probe of everything before it)."""
     form: UserForm = "object-id" if config.sql_user_form == "object-id" else "sid"
     return (
-        DatabaseAccessStep(database, KeyedLocks(), form, principals, ledger),
+        DatabaseAccessStep(database, KeyedLocks(), form, principals, ledger, kube),
         VerificationStep(
             kube,
             exchange,

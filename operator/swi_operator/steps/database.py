@@ -50,6 +50,10 @@ class ServicePrincipals(Protocol):
     async def object_id(self, identity: ResolvedIdentity) -> str: ...
 
 
+class Resources(Protocol):
+    async def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
 @dataclass(frozen=True)
 class DatabaseUserRecord:
     """``status.databaseUser``: what the operator made, so it can later undo exactly that."""
@@ -142,10 +146,12 @@ class DatabaseAccessStep:
         user_form: UserForm = "sid",
         principals: ServicePrincipals | None = None,
         ledger: Ledger | None = None,
+        resources: Resources | None = None,
     ) -> None:
         if user_form == "object-id" and principals is None:
             raise ValueError("the object-id form needs service principal lookups")
         self._ledger = ledger or Ledger(MemoryLedgerStore())
+        self._resources = resources  # None: every other ledger entry counts as live (unit tests)
         self._db = database
         self._locks = locks
         self._form = user_form
@@ -367,14 +373,15 @@ class DatabaseAccessStep:
         noted = await self._ledger.user(mine.key)
         created = recorded.created or (noted is not None and noted.created)
         granted = tuple({*recorded.granted_roles, *(noted.granted_roles if noted else ())})
-        heir = next(
-            (
-                other
-                for other in await self._ledger.users()
-                if other.user_key == mine.user_key and other.uid != mine.uid
-            ),
-            None,
-        )
+        heir = None
+        for other in await self._ledger.users():
+            if (
+                other.user_key == mine.user_key
+                and other.uid != mine.uid
+                and await self._live(other)
+            ):
+                heir = other
+                break
         if heir is not None:
             # A shared identity: another resource (maybe of another namespace) uses the same
             # user. It stays, with its roles; whoever holds it now undoes it when it goes.
@@ -404,6 +411,16 @@ class DatabaseAccessStep:
             ctx.record(event, done)
         await self._ledger.remove_user(mine)
         return done
+
+    async def _live(self, entry: UserEntry) -> bool:
+        """Whether the resource that made ``entry`` still exists (one left by ``Retain`` then
+        delete does not keep a user another resource's deletion should drop: the sweep decides
+        about what it left)."""
+        if self._resources is None:
+            return True
+        body = await self._resources.get_resource(entry.namespace, entry.resource)
+        meta = (body or {}).get("metadata") or {}
+        return meta.get("uid") == entry.uid and not meta.get("deletionTimestamp")
 
     async def release_entry(self, entry: UserEntry) -> str:
         """Undo what a ledger entry records (the sweep: no live, allowed resource backs it any

@@ -53,7 +53,9 @@ class World:
         self.policies = KubePolicySource(self.reader, True, ttl=0)
         self.ledger_store = MemoryLedgerStore()
         self.ledger = Ledger(self.ledger_store)
-        self.step = DatabaseAccessStep(self.db, KeyedLocks(), ledger=self.ledger)
+        self.step = DatabaseAccessStep(
+            self.db, KeyedLocks(), ledger=self.ledger, resources=self.kube
+        )
         self.identity_locks = KeyedLocks()
         self.pipeline: Pipeline = build_pipeline(
             self.store,
@@ -279,3 +281,19 @@ async def test_onboarding_costs_one_ledger_write_per_identity_and_per_user(world
     again = await world.reconcile(resource("reader", NS, sql=SQL))
     await world.reconcile(again)  # settled: nothing written
     assert len(writes) == 2
+
+
+async def test_what_a_deleted_retain_resource_left_does_not_keep_anothers_user(
+    world: World,
+) -> None:
+    demo = policy_body("demo", {"names": [NS, OTHER_NS]}, sql=SQL_GRANT)
+    world.reader.bodies = [{**demo, "spec": {**demo["spec"], "allowRetain": True}}]
+    first = await world.reconcile(resource("first", NS, sql=SQL, deletionPolicy="Retain"))
+    await world.pipeline.finalize(first)
+    world.delete(first)  # its entry stays (Retain, allowed)
+    await world.db.drop_user(TARGET, "app-name")  # a DBA cleans up by hand
+    second = await world.reconcile(resource("second", OTHER_NS, sql=SQL, service_account="x"))
+    assert second["status"]["databaseUser"]["created"] is True
+    outcome = await world.pipeline.finalize(second)
+    assert "DatabaseUserDropped" in [e.reason for e in outcome.events]
+    assert not world.user_exists()
