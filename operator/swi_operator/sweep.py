@@ -22,7 +22,8 @@ resource (debounced), and every ``interval`` regardless, the sweep:
    to) in served namespaces: an entry is backed while its resource (by uid) is live, allowed, and
    its spec still names the same identity, server and database. An unbacked entry's user is
    dropped (or the roles revoked: ``DatabaseAccessStep.release_entry``), unless another backed
-   entry uses the same user (then the entry is handed over) or ``allowRetain`` keeps it.
+   entry uses the same user (then the entry is handed over) or ``allowRetain`` keeps it. A live
+   resource whose status records the user gets one pass to revoke it itself (with its Event).
 
 Nothing tenant-writable besides a resource's spec takes part: not status, annotations, finalizers
 or ``deletionPolicy``. With ``--peering`` only the active replica sweeps (``PeeringGate``).
@@ -46,6 +47,7 @@ from swi_operator.locks import KeyedLocks
 from swi_operator.periodic import DebouncedTask
 from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels, server_key
 from swi_operator.spec import IdentityRef, SpecError, parse_spec
+from swi_operator.steps.database import DatabaseUserRecord
 from swi_operator.steps.federation import IssuerSource, identity_from_status
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,9 @@ class CredentialSweep(DebouncedTask):
         self._locks = locks
         self._require = require_policy
         self._seen: dict[str, IdentityRef] = {}  # every identity named since start, by key
+        # Ledger entries whose live resource's status records the user: its own revocation drops
+        # it (with an Event); the sweep waits one pass for that before it does it itself.
+        self._revoking: set[str] = set()
 
     async def _parsed(self) -> ParsedPolicies:
         self._policies.invalidate()  # never decide a removal on a cached view
@@ -259,10 +264,14 @@ class CredentialSweep(DebouncedTask):
         kept = [entry for entry in entries if _backs(live.get(entry.uid), entry, backed)]
         in_use = {entry.user_key: entry for entry in kept}
         removed: list[Removed] = []
+        revoking = {e.key for e in entries if e not in kept and _recorded(live.get(e.uid), e)}
+        waited, self._revoking = self._revoking & revoking, revoking
         for entry in entries:
             ref = entry.identity_ref
             if entry in kept or ref is None:
                 continue
+            if entry.key in revoking and entry.key not in waited:
+                continue  # the resource's own revocation comes first (the next pass: the sweep)
             if await self._retention_allowed(parsed, ref, entry.namespace):
                 continue
             heir = in_use.get(entry.user_key)
@@ -321,6 +330,16 @@ def _backs(body: Mapping[str, Any] | None, entry: UserEntry, backed: set[Grant])
     if spec.sql.database != entry.database:
         return False
     return Grant(ref.key, entry.namespace, spec.service_account_name) in backed
+
+
+def _recorded(body: Mapping[str, Any] | None, entry: UserEntry) -> bool:
+    """Whether live resource ``body`` records ``entry``'s user in its status (so its revocation
+    or clean-up will undo it, and say so in an Event)."""
+    if body is None:
+        return False
+    status = body.get("status")
+    record = DatabaseUserRecord.from_status(status) if isinstance(status, Mapping) else None
+    return record is not None and record.same_user(entry.target, entry.client_id)
 
 
 class _Fixed:

@@ -297,3 +297,15 @@ async def test_what_a_deleted_retain_resource_left_does_not_keep_anothers_user(
     outcome = await world.pipeline.finalize(second)
     assert "DatabaseUserDropped" in [e.reason for e in outcome.events]
     assert not world.user_exists()
+
+
+async def test_a_live_resources_own_revocation_comes_first_then_the_sweep(world: World) -> None:
+    """Its status records the user: the revocation drops it and posts DatabaseUserDropped; the
+    sweep waits one pass for that, and drops it itself only if it is still there."""
+    await world.reconcile(resource("reader", NS, sql=SQL))
+    world.reader.bodies = []  # withdrawn; the policy review has not run (yet)
+    sweep = world.sweep()
+    await sweep.sweep()
+    assert world.user_exists()
+    await sweep.sweep()
+    assert not world.user_exists()
