@@ -672,6 +672,19 @@ class GraphService:
             raise _not_found(matched.group(1))
         return found
 
+    def _check_may_bind(self, caller: Caller, obj: Principal | Group) -> None:
+        """Graph: a ``Group.Create`` app may name itself owner or member of the group it creates,
+        and others only if it may read them (e.g. ``Application.Read.All`` for service
+        principals); ``Group.ReadWrite.All``/``Directory.ReadWrite.All`` may name anyone."""
+        if caller.roles & {"Group.ReadWrite.All", "Directory.ReadWrite.All"}:
+            return
+        if isinstance(obj, Group):
+            allowed = bool(caller.roles & GROUP_READ_ROLES)
+        else:
+            allowed = obj is caller.principal or self._may_read(caller, obj)
+        if not allowed:
+            raise _DENIED
+
     @staticmethod
     def _object_id(obj: Principal | Group) -> str:
         return obj.id if isinstance(obj, Group) else obj.sp_object_id
@@ -733,7 +746,10 @@ class GraphService:
                 raise GraphError(
                     400, "Request_BadRequest", f"'{relation}@odata.bind' must be a list of URLs."
                 )
-            bound[relation] = {self._object_id(self._referenced(caller, r)) for r in references}
+            objects = [self._referenced(caller, r) for r in references]
+            for obj in objects:
+                self._check_may_bind(caller, obj)
+            bound[relation] = {self._object_id(obj) for obj in objects}
         description = body.get("description")
         group = self.directory.create_group(
             caller.tenant_id,

@@ -188,6 +188,17 @@ async def test_groups_refuse_callers_without_permission_or_ownership(
     with pytest.raises(ODataError) as not_owner:
         await graph_as(OPERATOR).groups.by_group_id(group.id).members.ref.post(_ref(member))
     _denied(not_owner.value)
+    # Group.Create may name the caller itself in the new group, others only if it may read them.
+    payroll = entra.principal("payroll-app").sp_object_id  # not owned by the operator
+    stranger = _security_group("with-a-stranger", owner=entra.principal(OPERATOR).sp_object_id)
+    stranger.additional_data["members@odata.bind"] = [f"{GRAPH}/servicePrincipals/{payroll}"]
+    with pytest.raises(ODataError) as unreadable:
+        await graph_as(OPERATOR).groups.post(stranger)
+    _denied(unreadable.value)
+    owned = _security_group("with-its-own-app", owner=entra.principal(OPERATOR).sp_object_id)
+    owned.additional_data["members@odata.bind"] = [f"{GRAPH}/servicePrincipals/{member}"]
+    made = await graph_as(OPERATOR).groups.post(owned)  # customer-api is the operator's own
+    assert made is not None and made.id
     with pytest.raises(ODataError) as no_read:
         await graph_as(NO_ROLES).service_principals.by_service_principal_id(member).member_of.get()
     _denied(no_read.value)
