@@ -347,7 +347,7 @@ class ArmService:
         identity = self.directory.managed_identity(params["rg"], params["name"])
         if identity is None:
             return web.Response(status=204)
-        self.directory.delete_managed_identity(identity)
+        self.directory.delete_principal(identity)
         return web.Response(status=200)
 
     # -- credentials -------------------------------------------------------------------------

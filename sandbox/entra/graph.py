@@ -10,6 +10,7 @@ Every route needs a Graph access token from this emulator (tokens.authenticate);
 - service principals: the read roles above (``OwnedBy`` sees those of apps it owns).
 - creating applications: ``Application.ReadWrite.All`` or ``Application.ReadWrite.OwnedBy``; an
   ``OwnedBy`` caller becomes the new app's owner (else it could not manage what it created);
+  deleting one (with its service principal) needs what writing its credentials needs;
   creating a service principal for an app: ``Application.ReadWrite.All``, or ``OwnedBy`` and
   ownership of the app (the caller is added to the owners).
 - security groups: create with ``Group.Create``, ``Group.ReadWrite.All`` or
@@ -242,6 +243,9 @@ class GraphService:
             self._wrap(self.create_application),
         )
         router.add(g, "GET", _APP, "graph.applications.get", self._wrap(self.get_application))
+        router.add(
+            g, "DELETE", _APP, "graph.applications.delete", self._wrap(self.delete_application)
+        )
         router.add(
             g,
             "GET",
@@ -613,6 +617,14 @@ class GraphService:
         }
         location = f"{base_url(request)}/v1.0/applications/{app.app_object_id}"
         return web.json_response(body, status=201, headers={"Location": location})
+
+    async def delete_application(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        """Graph deletes the app's service principal in its home tenant with it."""
+        app = self._application(caller, params, write=True)
+        self.directory.delete_principal(app)
+        return web.Response(status=204)
 
     async def create_service_principal(
         self, request: web.Request, _: PathParams, caller: Caller

@@ -419,13 +419,16 @@ class Directory:
         self._index(identity)
         return identity
 
-    def delete_managed_identity(self, identity: Principal) -> None:
-        """Gone with its service principal, its credentials and its group memberships."""
-        self._by_client_id.pop(identity.client_id.lower(), None)
-        self._by_sp_id.pop(identity.sp_object_id.lower(), None)
-        self._forget_member(identity.sp_object_id)
-        if identity.credentials:
-            identity.credentials.clear()
+    def delete_principal(self, principal: Principal) -> None:
+        """An app registration or managed identity, gone with its service principal, its
+        credentials and its group memberships."""
+        self._by_client_id.pop(principal.client_id.lower(), None)
+        self._by_sp_id.pop(principal.sp_object_id.lower(), None)
+        if principal.app_object_id:
+            self._by_app_object_id.pop(principal.app_object_id.lower(), None)
+        self._forget_member(principal.sp_object_id)
+        if principal.credentials:
+            principal.credentials.clear()
             self.save()
 
     def create_group(

@@ -93,6 +93,24 @@ async def test_operator_registers_an_app_and_its_service_principal_and_owns_both
         again.value, 409, "Request_MultipleObjectsWithSameKeyValue"
     )
 
+    # Deleting the app takes its service principal with it (and out of its groups).
+    operator_sp = entra.principal(OPERATOR).sp_object_id
+    group = await graph.groups.post(_security_group("pool", owner=operator_sp))
+    assert group is not None and group.id
+    await graph.groups.by_group_id(group.id).members.ref.post(_ref(sp.id))
+    payroll = entra.principal("payroll-app").app_object_id or ""
+    with pytest.raises(ODataError) as not_owner:
+        await graph.applications.by_application_id(payroll).delete()
+    _denied(not_owner.value)
+    await graph.applications.by_application_id(app.id).delete()
+    with pytest.raises(ODataError) as deleted:
+        await graph.service_principals.by_service_principal_id(sp.id).get()
+    _denied(deleted.value, 404, "Request_ResourceNotFound")
+    members = await graph_as(ADMIN).groups.by_group_id(group.id).members.get()
+    assert members is not None and members.value == []
+    with pytest.raises(ClientAuthenticationError, match="AADSTS700016"):
+        _sign_in(entra, app.app_id)
+
 
 async def test_registering_apps_needs_a_permission_and_ownership(
     entra: EntraService, graph_as: GraphFactory
