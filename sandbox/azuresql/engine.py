@@ -1134,8 +1134,8 @@ class Database:
         if row is None and not group_rows:
             raise LoginRefused(LOGIN_FAILED, state=1)
         principal_id, name = (int(row[0]), str(row[1])) if row is not None else group_rows[0]
-        groups_ids = tuple(g[0] for g in group_rows if g[0] != principal_id)
-        return DbUser(principal_id, name, False, principal.login, groups_ids)
+        group_ids = tuple(g[0] for g in group_rows if g[0] != principal_id)
+        return DbUser(principal_id, name, False, principal.login, group_ids)
 
     def open(self, user: DbUser) -> Session:
         return Session(self, user)
