@@ -3,8 +3,15 @@
 Azure SQL resolves the name in ``CREATE USER [name] FROM EXTERNAL PROVIDER`` with its own server
 identity, which must be allowed to read the directory. The emulator does the same: it gets a Graph
 token for the server's ``directoryReader`` app (client credentials) and asks
-``/v1.0/servicePrincipals?$filter=displayName eq '...'`` (or ``/servicePrincipals/{id}`` for
-``WITH OBJECT_ID``). Only service principals are resolved; that is all the sandbox world holds.
+``/v1.0/servicePrincipals?$filter=displayName eq '...'`` and ``/v1.0/groups?$filter=...`` (or
+``/servicePrincipals/{id}``, then ``/groups/{id}``, for ``WITH OBJECT_ID``). Service principals
+(apps and managed identities) and security groups are resolved; the sandbox world holds no users.
+
+At login, a token whose principal has no contained user of its own may still get in through a
+group: Azure SQL does not read the token's ``groups`` claim for that (service principal tokens
+carry none), it asks the directory which groups the principal belongs to. The emulator does the
+same with ``/v1.0/servicePrincipals/{oid}/transitiveMemberOf`` (nested groups count), as the
+server identity, which needs ``GroupMember.Read.All`` or ``Application.Read.All`` for it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class Directory(Protocol):
     def find_by_name(self, name: str) -> list[DirectoryObject]: ...
 
     def find_by_object_id(self, object_id: str) -> DirectoryObject | None: ...
+
+    def groups_of(self, object_id: str) -> list[DirectoryObject]: ...
 
 
 class GraphDirectory:
@@ -86,26 +95,49 @@ class GraphDirectory:
             raise DirectoryUnavailable(str(exc)) from exc
 
     @staticmethod
-    def _object(item: dict[str, object]) -> DirectoryObject:
+    def _object(item: dict[str, object], kind: str) -> DirectoryObject:
         app_id = item.get("appId")
         return DirectoryObject(
             str(item.get("id", "")),
             str(app_id) if app_id else None,
             str(item.get("displayName", "")),
-            "servicePrincipal",
+            kind,
         )
+
+    def _list(
+        self, path: str, kind: str, params: dict[str, str] | None = None
+    ) -> list[DirectoryObject]:
+        response = self._get(path, params)
+        if response.status_code != 200:
+            raise DirectoryUnavailable(f"Graph lookup failed: HTTP {response.status_code}")
+        return [self._object(item, kind) for item in response.json().get("value", [])]
 
     def find_by_name(self, name: str) -> list[DirectoryObject]:
         escaped = name.replace("'", "''")
-        response = self._get("servicePrincipals", {"$filter": f"displayName eq '{escaped}'"})
-        if response.status_code != 200:
-            raise DirectoryUnavailable(f"Graph lookup failed: HTTP {response.status_code}")
-        return [self._object(item) for item in response.json().get("value", [])]
+        wanted = {"$filter": f"displayName eq '{escaped}'"}
+        return self._list("servicePrincipals", "servicePrincipal", wanted) + self._list(
+            "groups", "group", wanted
+        )
 
     def find_by_object_id(self, object_id: str) -> DirectoryObject | None:
-        response = self._get(f"servicePrincipals/{object_id}")
+        for path, kind in (("servicePrincipals", "servicePrincipal"), ("groups", "group")):
+            response = self._get(f"{path}/{object_id}")
+            if response.status_code == 404:
+                continue
+            if response.status_code != 200:
+                raise DirectoryUnavailable(f"Graph lookup failed: HTTP {response.status_code}")
+            return self._object(response.json(), kind)
+        return None
+
+    def groups_of(self, object_id: str) -> list[DirectoryObject]:
+        """The security groups a service principal belongs to, directly or through nesting."""
+        response = self._get(f"servicePrincipals/{object_id}/transitiveMemberOf")
         if response.status_code == 404:
-            return None
+            return []
         if response.status_code != 200:
             raise DirectoryUnavailable(f"Graph lookup failed: HTTP {response.status_code}")
-        return self._object(response.json())
+        return [
+            self._object(item, "group")
+            for item in response.json().get("value", [])
+            if item.get("@odata.type") == "#microsoft.graph.group"
+        ]

@@ -178,6 +178,9 @@ class DbUser:
     name: str
     is_admin: bool  # the server's Entra admin: connects as dbo with every right
     login: str = ""  # SUSER_SNAME(): "<client id>@<tenant id>" for an app's token
+    # Principal ids of the group users (type X) the login's principal belongs to in the
+    # directory: their role memberships count as the user's own, as in SQL Server.
+    groups: tuple[int, ...] = ()
 
 
 @dataclass
@@ -253,10 +256,12 @@ class Session:
         self._cancel.clear()
 
     def _roles(self) -> set[str]:
+        members = (self.user.principal_id, *self.user.groups)
         rows = self.conn.execute(
             "SELECT p.name FROM __swi_role_members m JOIN __swi_principals p "
-            "ON p.principal_id = m.role_principal_id WHERE m.member_principal_id = ?",
-            (self.user.principal_id,),
+            "ON p.principal_id = m.role_principal_id WHERE m.member_principal_id IN "
+            f"({', '.join('?' * len(members))})",
+            members,
         ).fetchall()
         return {str(r[0]).lower() for r in rows}
 
@@ -1087,7 +1092,15 @@ class Database:
         )
 
     def find_user(self, principal: TokenPrincipal) -> DbUser:
-        """The contained user a token maps to; LoginRefused (18456) when there is none."""
+        """The contained user a token maps to; LoginRefused (18456) when there is none.
+
+        A principal's own user (SID = its client id) comes first. Group users (type X, SID = the
+        group's object id) of the groups the directory says the principal belongs to (nested
+        ones too) add their roles; with no user of its own, the principal connects as the first
+        such group user (``USER_NAME()`` names it). The directory is asked only when the
+        database has a group user at all; if it cannot answer, a principal with no user of its
+        own is refused.
+        """
         conn = sqlite3.connect(self.path, timeout=5.0)
         try:
             row = conn.execute(
@@ -1095,11 +1108,34 @@ class Database:
                 "('E', 'X')",
                 (principal.sid,),
             ).fetchone()
+            has_groups = conn.execute(
+                "SELECT 1 FROM __swi_principals WHERE type = 'X' LIMIT 1"
+            ).fetchone()
+            group_rows: list[tuple[int, str]] = []
+            if has_groups and self.directory is not None:
+                try:
+                    groups = self.directory.groups_of(principal.object_id)
+                except DirectoryUnavailable as exc:
+                    if row is None:
+                        raise LoginRefused(LOGIN_FAILED, state=1) from exc
+                    groups = []
+                sids = [uuid.UUID(g.object_id).bytes_le for g in groups]
+                if sids:
+                    group_rows = [
+                        (int(r[0]), str(r[1]))
+                        for r in conn.execute(
+                            "SELECT principal_id, name FROM __swi_principals WHERE type = 'X' "
+                            f"AND sid IN ({', '.join('?' * len(sids))}) ORDER BY principal_id",
+                            sids,
+                        ).fetchall()
+                    ]
         finally:
             conn.close()
-        if row is None:
+        if row is None and not group_rows:
             raise LoginRefused(LOGIN_FAILED, state=1)
-        return DbUser(int(row[0]), str(row[1]), False, principal.login)
+        principal_id, name = (int(row[0]), str(row[1])) if row is not None else group_rows[0]
+        group_ids = tuple(g[0] for g in group_rows if g[0] != principal_id)
+        return DbUser(principal_id, name, False, principal.login, group_ids)
 
     def open(self, user: DbUser) -> Session:
         return Session(self, user)

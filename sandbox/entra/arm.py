@@ -1,9 +1,15 @@
 """ARM: user-assigned managed identities and their federated identity credentials.
 
 Request flow, in ARM's order: ``api-version`` present and supported (400), bearer token for the
-management audience (401), subscription and resource group exist (404), the caller has a role on
-the identity (403 ``AuthorizationFailed``; the world file's ``writers`` are the principals with
-Managed Identity Contributor), the identity exists (404), then the operation.
+management audience (401), subscription and resource group exist (404), the identity exists (404;
+not for a PUT, which creates it), the caller has a role on it (403 ``AuthorizationFailed``: Managed
+Identity Contributor on the identity, the world file's ``writers``, or on its whole resource group,
+``resourceGroups[].managedIdentityContributors``), then the operation.
+
+Identities themselves are created by PUT (201; 200 when it exists, with its location and tags
+replaced and its ids kept, as ARM's create-or-update does) and removed by DELETE (200; 204 when
+absent). A deleted identity's service principal goes with it: its federated credentials and its
+group memberships are gone, and it can no longer sign in.
 
 Credential writes (PUT and DELETE) take ``Settings.arm_write_seconds``; a write that starts while
 another write on the same identity is in flight is refused with 409
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
@@ -64,6 +71,9 @@ _RG = _SUB + r"/resourceGroups/(?P<rg>[^/]+)"
 _PROVIDER = r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities"
 _IDENTITY = _RG + _PROVIDER + r"/(?P<name>[^/]+)"
 _CREDENTIALS = _IDENTITY + r"/federatedIdentityCredentials"
+# Azure's rule for user-assigned identity names: 3-128 characters, letters, digits, '-' and '_',
+# starting with a letter or digit.
+_IDENTITY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{2,127}")
 _CREDENTIAL = _CREDENTIALS + r"/(?P<fic>[^/]+)"
 
 _CREDENTIAL_ERRORS: dict[CredentialProblem, str] = {
@@ -104,8 +114,8 @@ def _identity_json(sub: str, identity: Principal) -> dict[str, Any]:
         "id": _identity_id(sub, identity),
         "name": identity.name,
         "type": IDENTITY_TYPE,
-        "location": "eastus",
-        "tags": {},
+        "location": identity.location,
+        "tags": dict(identity.tags),
         "properties": {
             "tenantId": identity.tenant_id,
             "principalId": identity.sp_object_id,
@@ -148,6 +158,10 @@ class ArmService:
             a, "GET", _RG + _PROVIDER, "arm.identities.list", self._wrap(self.list_identities, ids)
         )
         router.add(a, "GET", _IDENTITY, "arm.identities.get", self._wrap(self.get_identity, ids))
+        router.add(a, "PUT", _IDENTITY, "arm.identities.put", self._wrap(self.put_identity, ids))
+        router.add(
+            a, "DELETE", _IDENTITY, "arm.identities.delete", self._wrap(self.delete_identity, ids)
+        )
         router.add(a, "GET", _CREDENTIALS, "arm.fic.list", self._wrap(self.list_credentials, creds))
         router.add(a, "GET", _CREDENTIAL, "arm.fic.get", self._wrap(self.get_credential, creds))
         router.add(a, "PUT", _CREDENTIAL, "arm.fic.put", self._wrap(self.put_credential, creds))
@@ -234,17 +248,28 @@ class ArmService:
                 f"'{params['rg']}' was not found. For more details please go to "
                 "https://aka.ms/ARMResourceNotFoundFix",
             )
-        if caller.principal.sp_object_id not in identity.writers:
-            scope = _identity_id(params["sub"], identity)
-            oid = caller.principal.sp_object_id
-            raise ArmError(
-                403,
-                "AuthorizationFailed",
-                f"The client '{oid}' with object id '{oid}' does not have authorization to "
-                f"perform action '{action}' over scope '{scope}' or the scope is invalid. If "
-                "access was recently granted, please refresh your credentials.",
-            )
+        self._authorize(caller, params, action)
         return identity
+
+    def _authorize(self, caller: Caller, params: PathParams, action: str) -> None:
+        """403 unless the caller holds Managed Identity Contributor on the identity's scope."""
+        oid = caller.principal.sp_object_id
+        if self.directory.may_write_identity(oid, params["rg"], params["name"]):
+            return
+        identity = self.directory.managed_identity(params["rg"], params["name"])
+        scope = (
+            _identity_id(params["sub"], identity)
+            if identity is not None
+            else f"/subscriptions/{params['sub']}/resourceGroups/{params['rg']}/providers/"
+            f"{IDENTITY_TYPE}/{params['name']}"
+        )
+        raise ArmError(
+            403,
+            "AuthorizationFailed",
+            f"The client '{oid}' with object id '{oid}' does not have authorization to "
+            f"perform action '{action}' over scope '{scope}' or the scope is invalid. If "
+            "access was recently granted, please refresh your credentials.",
+        )
 
     # -- identities --------------------------------------------------------------------------
     async def list_identities(
@@ -253,7 +278,9 @@ class ArmService:
         visible = [
             i
             for i in self.directory.managed_identities(params.get("rg"))
-            if caller.principal.sp_object_id in i.writers
+            if self.directory.may_write_identity(
+                caller.principal.sp_object_id, i.resource_group or "", i.name
+            )
         ]
         return web.json_response({"value": [_identity_json(params["sub"], i) for i in visible]})
 
@@ -262,6 +289,66 @@ class ArmService:
     ) -> web.StreamResponse:
         identity = self._identity(caller, params, f"{IDENTITY_TYPE}/read")
         return web.json_response(_identity_json(params["sub"], identity))
+
+    async def put_identity(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        self._authorize(caller, params, f"{IDENTITY_TYPE}/write")
+        name = params["name"]
+        if _IDENTITY_NAME.fullmatch(name) is None:
+            raise ArmError(
+                400,
+                "InvalidResourceName",
+                f"Resource name '{name}' is invalid. The name can be 3 to 128 characters long: "
+                "letters, digits, '-' and '_', starting with a letter or digit.",
+            )
+        try:
+            body = json.loads(await request.text() or "{}")
+        except ValueError as exc:
+            raise ArmError(
+                400, "InvalidRequestContent", f"The request content was invalid: {exc}"
+            ) from exc
+        location = body.get("location") if isinstance(body, dict) else None
+        if not isinstance(location, str) or not location:
+            raise ArmError(
+                400, "LocationRequired", "The location property is required for this definition."
+            )
+        tags = body.get("tags") or {}
+        if not isinstance(tags, dict):
+            raise ArmError(400, "InvalidRequestContent", "The 'tags' property must be an object.")
+        tags = {str(k): str(v) for k, v in tags.items()}
+        identity = self.directory.managed_identity(params["rg"], name)
+        if identity is not None:
+            identity.location, identity.tags = location, tags
+            return web.json_response(_identity_json(params["sub"], identity), status=200)
+        created = self.directory.create_managed_identity(
+            self._subscription_tenant(),
+            self._resource_group_name(params["rg"]),
+            name,
+            location,
+            tags,
+        )
+        return web.json_response(_identity_json(params["sub"], created), status=201)
+
+    def _resource_group_name(self, asked: str) -> str:
+        """The resource group's name as the world spells it (ARM keeps the created case)."""
+        for group in self.directory.world.resource_groups:
+            if group.name.lower() == asked.lower():
+                return group.name
+        for identity in self.directory.managed_identities():
+            if (identity.resource_group or "").lower() == asked.lower():
+                return identity.resource_group or asked
+        return asked
+
+    async def delete_identity(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        self._authorize(caller, params, f"{IDENTITY_TYPE}/delete")
+        identity = self.directory.managed_identity(params["rg"], params["name"])
+        if identity is None:
+            return web.Response(status=204)
+        self.directory.delete_principal(identity)
+        return web.Response(status=200)
 
     # -- credentials -------------------------------------------------------------------------
     async def list_credentials(

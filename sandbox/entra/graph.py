@@ -8,6 +8,19 @@ Every route needs a Graph access token from this emulator (tokens.authenticate);
 - writing credentials: ``Application.ReadWrite.All``, or ``Application.ReadWrite.OwnedBy`` and
   ownership; anything else is 403 ``Authorization_RequestDenied``;
 - service principals: the read roles above (``OwnedBy`` sees those of apps it owns).
+- creating applications: ``Application.ReadWrite.All`` or ``Application.ReadWrite.OwnedBy``; an
+  ``OwnedBy`` caller becomes the new app's owner (else it could not manage what it created);
+  deleting one (with its service principal) needs what writing its credentials needs;
+  creating a service principal for an app: ``Application.ReadWrite.All``, or ``OwnedBy`` and
+  ownership of the app (the caller is added to the owners).
+- security groups: create with ``Group.Create``, ``Group.ReadWrite.All`` or
+  ``Directory.ReadWrite.All``; read with those or ``GroupMember.Read(Write).All``,
+  ``Group.Read.All``, ``Directory.Read.All``; change members with ``GroupMember.ReadWrite.All``,
+  ``Group.ReadWrite.All`` or ``Directory.ReadWrite.All``. A service principal that owns a group
+  may read it and add or remove its members with no such permission (Graph does so, though its
+  permission tables do not say it), but listing the members still needs a read permission.
+  ``memberOf``/``transitiveMemberOf`` of a service principal needs ``Application.Read.All`` or one
+  of the directory or group read permissions.
 Objects of another tenant do not exist for the caller (404 ``Request_ResourceNotFound``).
 
 Applications are addressed by object id or by the ``appId`` alternate key, credentials by id or
@@ -34,6 +47,7 @@ from sandbox.entra.state import (
     CredentialProblem,
     Directory,
     FederatedCredential,
+    Group,
     Principal,
     check_credential,
 )
@@ -56,11 +70,28 @@ READ_ROLES = frozenset(
 )
 WRITE_ALL_ROLE = "Application.ReadWrite.All"
 OWNED_BY_ROLE = "Application.ReadWrite.OwnedBy"
+GROUP_CREATE_ROLES = frozenset({"Group.Create", "Group.ReadWrite.All", "Directory.ReadWrite.All"})
+GROUP_MEMBER_WRITE_ROLES = frozenset(
+    {"GroupMember.ReadWrite.All", "Group.ReadWrite.All", "Directory.ReadWrite.All"}
+)
+GROUP_READ_ROLES = GROUP_MEMBER_WRITE_ROLES | frozenset(
+    {"GroupMember.Read.All", "Group.Read.All", "Directory.Read.All"}
+)
+MEMBER_OF_ROLES = GROUP_READ_ROLES | READ_ROLES
 
 _APP = r"/v1\.0/applications(?:/(?P<oid>[^/()]+)|\(appId='(?P<appid>[^']*)'\))"
 _SP = r"/v1\.0/servicePrincipals(?:/(?P<spid>[^/()]+)|\(appId='(?P<appid>[^']*)'\))"
 _FICS = _APP + r"/federatedIdentityCredentials"
 _FIC = _FICS + r"(?:/(?P<fid>[^/()]+)|\(name='(?P<fname>[^']*)'\))"
+_GROUPS = r"/v1\.0/groups"
+_GROUP = _GROUPS + r"/(?P<gid>[^/()]+)"
+_MEMBERS = _GROUP + r"/members"
+_MEMBER_REF = _MEMBERS + r"/(?P<mid>[^/()]+)/\$ref"
+_MEMBER_OF = r"/v1\.0/servicePrincipals/(?P<spid>[^/()]+)/(?P<relation>memberOf|transitiveMemberOf)"
+# What an ``@odata.id`` (or an ``…@odata.bind`` entry) may name: a directory object by id.
+_REFERENCE = re.compile(
+    r"https://[^/]+/v1\.0/(?:directoryObjects|servicePrincipals|groups)/([0-9a-fA-F-]{36})"
+)
 _FILTER = re.compile(r"\s*(displayName|appId|id)\s+eq\s+'((?:[^']|'')*)'\s*", re.IGNORECASE)
 
 _CREDENTIAL_ERRORS: dict[CredentialProblem, tuple[str, str]] = {
@@ -155,6 +186,29 @@ def _service_principal_json(p: Principal) -> dict[str, Any]:
     }
 
 
+def _group_json(g: Group) -> dict[str, Any]:
+    return {
+        "id": g.id,
+        "createdDateTime": g.created,
+        "description": g.description,
+        "displayName": g.display_name,
+        "groupTypes": [],
+        "mail": None,
+        "mailEnabled": False,
+        "mailNickname": g.mail_nickname,
+        "securityEnabled": True,
+        "securityIdentifier": None,
+        "visibility": None,
+    }
+
+
+def _directory_object_json(obj: Principal | Group) -> dict[str, Any]:
+    """A member or ``memberOf`` entry, typed by ``@odata.type`` as Graph lists them."""
+    if isinstance(obj, Group):
+        return {"@odata.type": "#microsoft.graph.group", **_group_json(obj)}
+    return {"@odata.type": "#microsoft.graph.servicePrincipal", **_service_principal_json(obj)}
+
+
 def _credential_json(c: FederatedCredential) -> dict[str, Any]:
     return {
         "id": c.id,
@@ -181,7 +235,17 @@ class GraphService:
             "graph.applications.list",
             self._wrap(self.list_applications),
         )
+        router.add(
+            g,
+            "POST",
+            r"/v1\.0/applications",
+            "graph.applications.create",
+            self._wrap(self.create_application),
+        )
         router.add(g, "GET", _APP, "graph.applications.get", self._wrap(self.get_application))
+        router.add(
+            g, "DELETE", _APP, "graph.applications.delete", self._wrap(self.delete_application)
+        )
         router.add(
             g,
             "GET",
@@ -190,7 +254,28 @@ class GraphService:
             self._wrap(self.list_service_principals),
         )
         router.add(
+            g,
+            "POST",
+            r"/v1\.0/servicePrincipals",
+            "graph.servicePrincipals.create",
+            self._wrap(self.create_service_principal),
+        )
+        router.add(
             g, "GET", _SP, "graph.servicePrincipals.get", self._wrap(self.get_service_principal)
+        )
+        router.add(
+            g, "GET", _MEMBER_OF, "graph.servicePrincipals.memberOf", self._wrap(self.member_of)
+        )
+        router.add(g, "GET", _GROUPS, "graph.groups.list", self._wrap(self.list_groups))
+        router.add(g, "POST", _GROUPS, "graph.groups.create", self._wrap(self.create_group))
+        router.add(g, "GET", _GROUP, "graph.groups.get", self._wrap(self.get_group))
+        router.add(g, "DELETE", _GROUP, "graph.groups.delete", self._wrap(self.delete_group))
+        router.add(g, "GET", _MEMBERS, "graph.groups.members.list", self._wrap(self.list_members))
+        router.add(
+            g, "POST", _MEMBERS + r"/\$ref", "graph.groups.members.add", self._wrap(self.add_member)
+        )
+        router.add(
+            g, "DELETE", _MEMBER_REF, "graph.groups.members.remove", self._wrap(self.remove_member)
         )
         router.add(g, "GET", _FICS, "graph.fic.list", self._wrap(self.list_credentials))
         router.add(g, "POST", _FICS, "graph.fic.create", self._wrap(self.create_credential))
@@ -360,7 +445,9 @@ class GraphService:
         found = [
             p
             for p in self.directory.principals()
-            if p.tenant_id == caller.tenant_id and self._may_read(caller, p)
+            if p.tenant_id == caller.tenant_id
+            and p.has_service_principal
+            and self._may_read(caller, p)
         ]
         if wanted is not None:
             field, value = wanted
@@ -378,6 +465,8 @@ class GraphService:
         if params.get("appid") is not None:
             key = params["appid"]
             found = self.directory.by_client_id(key)
+            if found is not None and not found.has_service_principal:
+                found = None
         else:
             key = params["spid"]
             found = self.directory.by_sp_object_id(key)
@@ -504,3 +593,266 @@ class GraphService:
         self._before_write(app, credential.name)
         self.directory.delete_credential(app, credential.name)
         return web.Response(status=204)
+
+    # -- creating applications and service principals ----------------------------------------
+    async def create_application(
+        self, request: web.Request, _: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        if not caller.roles & {WRITE_ALL_ROLE, OWNED_BY_ROLE}:
+            raise _DENIED
+        body = await self._body(request)
+        name = body.get("displayName")
+        if not isinstance(name, str) or not name.strip():
+            raise GraphError(
+                400,
+                "Request_BadRequest",
+                "Invalid value specified for property 'displayName' of resource 'Application'.",
+            )
+        # Graph makes an OwnedBy caller the owner of what it creates; an All caller owns nothing.
+        owners = {caller.principal.sp_object_id} if WRITE_ALL_ROLE not in caller.roles else set()
+        app = self.directory.create_application(caller.tenant_id, name, owners)
+        body = {
+            "@odata.context": self._context(request, "applications/$entity"),
+            **_application_json(app, self._domain(app.tenant_id)),
+        }
+        location = f"{base_url(request)}/v1.0/applications/{app.app_object_id}"
+        return web.json_response(body, status=201, headers={"Location": location})
+
+    async def delete_application(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        """Graph deletes the app's service principal in its home tenant with it."""
+        app = self._application(caller, params, write=True)
+        self.directory.delete_principal(app)
+        return web.Response(status=204)
+
+    async def create_service_principal(
+        self, request: web.Request, _: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        if not caller.roles & {WRITE_ALL_ROLE, OWNED_BY_ROLE}:
+            raise _DENIED
+        body = await self._body(request)
+        app_id = body.get("appId")
+        app = self.directory.by_client_id(str(app_id)) if isinstance(app_id, str) else None
+        if app is None or app.kind != "application" or app.tenant_id != caller.tenant_id:
+            raise GraphError(
+                400,
+                "Request_BadRequest",
+                f"The appId '{app_id}' of the service principal does not reference a valid "
+                "application object.",
+            )
+        if not self._may_write(caller, app):
+            raise _DENIED
+        if app.has_service_principal:
+            raise GraphError(
+                409,
+                "Request_MultipleObjectsWithSameKeyValue",
+                "The service principal cannot be created, updated, or restored because the "
+                f"service principal name {app.client_id} is already in use.",
+            )
+        owners = {caller.principal.sp_object_id} if WRITE_ALL_ROLE not in caller.roles else set()
+        self.directory.create_service_principal(app, owners)
+        body = {
+            "@odata.context": self._context(request, "servicePrincipals/$entity"),
+            **_service_principal_json(app),
+        }
+        location = f"{base_url(request)}/v1.0/servicePrincipals/{app.sp_object_id}"
+        return web.json_response(body, status=201, headers={"Location": location})
+
+    # -- security groups ---------------------------------------------------------------------
+    def _group(self, caller: Caller, params: PathParams, roles: frozenset[str]) -> Group:
+        """The addressed group, if ``caller`` holds one of ``roles`` or owns it (else 403)."""
+        group = self.directory.group(params["gid"])
+        if group is None or group.tenant_id != caller.tenant_id:
+            raise _not_found(params["gid"])
+        if not (caller.roles & roles or caller.principal.sp_object_id in group.owners):
+            raise _DENIED
+        return group
+
+    def _referenced(self, caller: Caller, reference: object) -> Principal | Group:
+        """The directory object an ``@odata.id`` URL names (400 if malformed, 404 if absent)."""
+        matched = _REFERENCE.fullmatch(reference) if isinstance(reference, str) else None
+        if matched is None:
+            raise GraphError(
+                400,
+                "Request_BadRequest",
+                f"Invalid object identifier '{reference}'. The @odata.id must be a URL such as "
+                "https://graph.microsoft.com/v1.0/directoryObjects/{id}.",
+            )
+        found = self.directory.directory_object(matched.group(1))
+        if found is None or found.tenant_id != caller.tenant_id:
+            raise _not_found(matched.group(1))
+        return found
+
+    def _check_may_bind(self, caller: Caller, obj: Principal | Group) -> None:
+        """Graph: a ``Group.Create`` app may name itself owner or member of the group it creates,
+        and others only if it may read them (e.g. ``Application.Read.All`` for service
+        principals); ``Group.ReadWrite.All``/``Directory.ReadWrite.All`` may name anyone."""
+        if caller.roles & {"Group.ReadWrite.All", "Directory.ReadWrite.All"}:
+            return
+        if isinstance(obj, Group):
+            allowed = bool(caller.roles & GROUP_READ_ROLES)
+        else:
+            allowed = obj is caller.principal or self._may_read(caller, obj)
+        if not allowed:
+            raise _DENIED
+
+    @staticmethod
+    def _object_id(obj: Principal | Group) -> str:
+        return obj.id if isinstance(obj, Group) else obj.sp_object_id
+
+    def _group_entity(self, request: web.Request, group: Group) -> dict[str, Any]:
+        return {"@odata.context": self._context(request, "groups/$entity"), **_group_json(group)}
+
+    async def list_groups(
+        self, request: web.Request, _: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        if not caller.roles & GROUP_READ_ROLES:
+            raise _DENIED
+        wanted = self._filter(request)
+        groups = [g for g in self.directory.groups.values() if g.tenant_id == caller.tenant_id]
+        if wanted is not None:
+            field, value = wanted
+            groups = [
+                g for g in groups if (g.display_name if field == "displayname" else g.id) == value
+            ]
+        return web.json_response(
+            {
+                "@odata.context": self._context(request, "groups"),
+                "value": [_group_json(g) for g in groups],
+            }
+        )
+
+    async def create_group(
+        self, request: web.Request, _: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        if not caller.roles & GROUP_CREATE_ROLES:
+            raise _DENIED
+        body = await self._body(request)
+        for prop in ("displayName", "mailNickname"):
+            value = body.get(prop)
+            if not isinstance(value, str) or not value.strip():
+                raise GraphError(
+                    400,
+                    "Request_BadRequest",
+                    f"Invalid value specified for property '{prop}' of resource 'Group'.",
+                )
+        if body.get("mailEnabled") is not False or body.get("securityEnabled") is not True:
+            # Only security groups are emulated; the wording is the emulator's own.
+            raise GraphError(
+                400,
+                "Request_BadRequest",
+                "Only security groups can be created here: mailEnabled must be false and "
+                "securityEnabled true (Microsoft 365 and mail-enabled groups are not emulated).",
+            )
+        if body.get("groupTypes"):
+            raise GraphError(
+                400,
+                "Request_BadRequest",
+                "Only security groups can be created here: groupTypes must be empty.",
+            )
+        bound: dict[str, set[str]] = {}
+        for relation in ("owners", "members"):
+            references = body.get(f"{relation}@odata.bind") or []
+            if not isinstance(references, list):
+                raise GraphError(
+                    400, "Request_BadRequest", f"'{relation}@odata.bind' must be a list of URLs."
+                )
+            objects = [self._referenced(caller, r) for r in references]
+            for obj in objects:
+                self._check_may_bind(caller, obj)
+            bound[relation] = {self._object_id(obj) for obj in objects}
+        description = body.get("description")
+        group = self.directory.create_group(
+            caller.tenant_id,
+            str(body["displayName"]),
+            str(body["mailNickname"]),
+            None if description is None else str(description),
+            bound["owners"],
+            bound["members"],
+            dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        location = f"{base_url(request)}/v1.0/groups/{group.id}"
+        return web.json_response(
+            self._group_entity(request, group), status=201, headers={"Location": location}
+        )
+
+    async def get_group(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        group = self._group(caller, params, GROUP_READ_ROLES)
+        return web.json_response(self._group_entity(request, group))
+
+    async def delete_group(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        group = self._group(
+            caller, params, frozenset({"Group.ReadWrite.All", "Directory.ReadWrite.All"})
+        )
+        self.directory.delete_group(group)
+        return web.Response(status=204)
+
+    async def list_members(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        group = self._group(caller, params, GROUP_READ_ROLES)
+        if not caller.roles & GROUP_READ_ROLES:
+            raise _DENIED  # owning a group does not let an app list its members
+        members = [
+            found
+            for found in (self.directory.directory_object(m) for m in sorted(group.members))
+            if found is not None
+        ]
+        return web.json_response(
+            {
+                "@odata.context": self._context(request, "directoryObjects"),
+                "value": [_directory_object_json(m) for m in members],
+            }
+        )
+
+    async def add_member(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        group = self._group(caller, params, GROUP_MEMBER_WRITE_ROLES)
+        body = await self._body(request)
+        member_id = self._object_id(self._referenced(caller, body.get("@odata.id")))
+        if member_id.lower() in {m.lower() for m in group.members}:
+            raise GraphError(
+                400,
+                "Request_BadRequest",
+                "One or more added object references already exist for the following modified "
+                "properties: 'members'.",
+            )
+        if member_id.lower() == group.id.lower():
+            raise GraphError(
+                400, "Request_BadRequest", "A group cannot be added as a member of itself."
+            )
+        group.members.add(member_id)
+        return web.Response(status=204)
+
+    async def remove_member(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        group = self._group(caller, params, GROUP_MEMBER_WRITE_ROLES)
+        member = next((m for m in group.members if m.lower() == params["mid"].lower()), None)
+        if member is None:
+            raise _not_found(params["mid"])
+        group.members.discard(member)
+        return web.Response(status=204)
+
+    async def member_of(
+        self, request: web.Request, params: PathParams, caller: Caller
+    ) -> web.StreamResponse:
+        if not caller.roles & MEMBER_OF_ROLES:
+            raise _DENIED
+        found = self.directory.by_sp_object_id(params["spid"])
+        if found is None or found.tenant_id != caller.tenant_id:
+            raise _not_found(params["spid"])
+        transitive = params["relation"].lower() == "transitivememberof"
+        groups = self.directory.member_of(found.sp_object_id, transitive=transitive)
+        return web.json_response(
+            {
+                "@odata.context": self._context(request, "directoryObjects"),
+                "value": [_directory_object_json(g) for g in groups],
+            }
+        )

@@ -362,6 +362,15 @@ class LoginService:
                 "by the administrator of the tenant or consented to by any user in the tenant. "
                 "You may have sent your authentication request to the wrong tenant.",
             )
+        if not principal.has_service_principal:
+            # An app registered through Graph signs in only once its service principal exists.
+            raise Aadsts(
+                400,
+                "invalid_client",
+                7000229,
+                f"The client application {client_id} is missing service principal in the tenant "
+                f"{tenant.id}.",
+            )
         return principal
 
     async def _authenticate_client(self, fields: dict[str, str], principal: Principal) -> str:

@@ -4,6 +4,9 @@ Flow: ``load_world`` reads the ``entra:`` section of ``sandbox/world.yaml`` into
 (the seed). ``Directory.from_world`` builds the mutable in-memory state from it; ``reset`` rebuilds
 it. Only federated identity credentials change at run time, so a snapshot (``--snapshot FILE``)
 holds just those, keyed by the holder's client id, and is rewritten after every change.
+Applications, service principals, managed identities and security groups can also be created at
+run time (Graph and ARM); those objects live in memory only (a restart or ``reset`` is back to the
+seed), and the snapshot keeps credentials of seeded principals only.
 
 An app registration and a user-assigned managed identity are both a ``Principal``: something with
 a client id and a service principal that can sign in at the token endpoint. Apps hold their
@@ -89,9 +92,40 @@ class Principal:
     owners: set[str] = field(default_factory=set)  # service principal object ids (apps)
     writers: set[str] = field(default_factory=set)  # service principal object ids (identities)
     credentials: dict[str, FederatedCredential] = field(default_factory=dict)  # by name
+    # An application registered through Graph has no service principal until one is created for
+    # it (POST /servicePrincipals); seeded principals and managed identities always have one.
+    has_service_principal: bool = True
+    location: str = "eastus"  # managed identities only (ARM)
+    tags: dict[str, str] = field(default_factory=dict)  # managed identities only (ARM)
 
     def credential_by_id(self, credential_id: str) -> FederatedCredential | None:
         return next((c for c in self.credentials.values() if c.id == credential_id), None)
+
+
+@dataclass
+class Group:
+    """A security group (Graph ``group`` with ``securityEnabled`` and not ``mailEnabled``).
+
+    ``owners`` and ``members`` hold directory object ids: service principals, and for members
+    also other groups (nesting, which ``transitiveMemberOf`` follows).
+    """
+
+    id: str
+    tenant_id: str
+    display_name: str
+    mail_nickname: str
+    description: str | None
+    created: str
+    owners: set[str] = field(default_factory=set)
+    members: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class ResourceGroup:
+    """A resource group and who holds Managed Identity Contributor on all of it (sp object ids)."""
+
+    name: str
+    contributors: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -101,6 +135,7 @@ class World:
     tenants: tuple[Tenant, ...]
     subscription_id: str
     principals: tuple[Principal, ...]
+    resource_groups: tuple[ResourceGroup, ...] = ()
 
 
 class CredentialProblem(enum.Enum):
@@ -202,7 +237,19 @@ def load_world(path: Path) -> World:
     for p in principals:
         if p.tenant_id not in tenant_ids:
             raise WorldError(f"{p.name}: tenant {p.tenant_id} is not in entra.tenants")
-    return World(tenants, _require(section, "subscription", "entra"), principals)
+    resource_groups = tuple(
+        ResourceGroup(
+            _require(entry, "name", "entra.resourceGroups"),
+            frozenset(
+                principals_named(
+                    entry.get("managedIdentityContributors") or [],
+                    f"entra.resourceGroups[{entry.get('name')}].managedIdentityContributors",
+                )
+            ),
+        )
+        for entry in section.get("resourceGroups") or []
+    )
+    return World(tenants, _require(section, "subscription", "entra"), principals, resource_groups)
 
 
 def _copy(template: Principal) -> Principal:
@@ -231,6 +278,7 @@ class Directory:
         self._by_client_id: dict[str, Principal] = {}
         self._by_sp_id: dict[str, Principal] = {}
         self._by_app_object_id: dict[str, Principal] = {}
+        self.groups: dict[str, Group] = {}  # by lower-case object id
         self._build()
         if snapshot is not None and snapshot.exists():
             self._load_snapshot(snapshot)
@@ -242,10 +290,17 @@ class Directory:
 
     def _build(self) -> None:
         self.tenants = {t.id: t for t in self.world.tenants}
-        principals = [_copy(p) for p in self.world.principals]
-        self._by_client_id = {p.client_id.lower(): p for p in principals}
-        self._by_sp_id = {p.sp_object_id.lower(): p for p in principals}
-        self._by_app_object_id = {p.app_object_id.lower(): p for p in principals if p.app_object_id}
+        self._by_client_id, self._by_sp_id, self._by_app_object_id = {}, {}, {}
+        for p in self.world.principals:
+            self._index(_copy(p))
+        self.groups = {}
+
+    def _index(self, p: Principal) -> None:
+        self._by_client_id[p.client_id.lower()] = p
+        if p.has_service_principal:
+            self._by_sp_id[p.sp_object_id.lower()] = p
+        if p.app_object_id:
+            self._by_app_object_id[p.app_object_id.lower()] = p
 
     # -- lookups ---------------------------------------------------------------------------
     def tenant(self, key: str) -> Tenant | None:
@@ -287,9 +342,122 @@ class Directory:
         ]
 
     def resource_groups(self) -> set[str]:
-        return {(p.resource_group or "").lower() for p in self.managed_identities()}
+        seeded = {rg.name.lower() for rg in self.world.resource_groups}
+        return seeded | {(p.resource_group or "").lower() for p in self.managed_identities()}
+
+    def may_write_identity(self, sp_object_id: str, resource_group: str, name: str) -> bool:
+        """Managed Identity Contributor on the identity itself or on its whole resource group."""
+        identity = self.managed_identity(resource_group, name)
+        if identity is not None and sp_object_id in identity.writers:
+            return True
+        return any(
+            rg.name.lower() == resource_group.lower() and sp_object_id in rg.contributors
+            for rg in self.world.resource_groups
+        )
+
+    def group(self, object_id: str) -> Group | None:
+        return self.groups.get(object_id.lower())
+
+    def directory_object(self, object_id: str) -> Principal | Group | None:
+        """A service principal or a group by object id (what ``directoryObjects/{id}`` names)."""
+        return self.by_sp_object_id(object_id) or self.group(object_id)
+
+    def member_of(self, object_id: str, *, transitive: bool) -> list[Group]:
+        """The groups ``object_id`` is a member of; with ``transitive``, through nesting too."""
+        found: dict[str, Group] = {}
+        frontier = {object_id.lower()}
+        while frontier:
+            direct = [
+                g
+                for g in self.groups.values()
+                if g.id not in found and {m.lower() for m in g.members} & frontier
+            ]
+            for g in direct:
+                found[g.id] = g
+            frontier = {g.id.lower() for g in direct} if transitive else set()
+        return sorted(found.values(), key=lambda g: g.display_name.lower())
+
+    def _forget_member(self, object_id: str) -> None:
+        for g in self.groups.values():
+            g.members.discard(object_id)
+            g.owners.discard(object_id)
 
     # -- writes ----------------------------------------------------------------------------
+    def create_application(self, tenant_id: str, name: str, owners: set[str]) -> Principal:
+        """A new app registration (no service principal yet), with fresh ids."""
+        app = Principal(
+            kind="application",
+            name=name,
+            tenant_id=tenant_id,
+            client_id=str(uuid.uuid4()),
+            sp_object_id=str(uuid.uuid4()),
+            app_object_id=str(uuid.uuid4()),
+            owners=set(owners),
+            has_service_principal=False,
+        )
+        self._index(app)
+        return app
+
+    def create_service_principal(self, app: Principal, owners: set[str]) -> None:
+        app.has_service_principal = True
+        app.owners |= owners
+        self._index(app)
+
+    def create_managed_identity(
+        self, tenant_id: str, resource_group: str, name: str, location: str, tags: dict[str, str]
+    ) -> Principal:
+        identity = Principal(
+            kind="managedIdentity",
+            name=name,
+            tenant_id=tenant_id,
+            client_id=str(uuid.uuid4()),
+            sp_object_id=str(uuid.uuid4()),
+            resource_group=resource_group,
+            location=location,
+            tags=dict(tags),
+        )
+        self._index(identity)
+        return identity
+
+    def delete_principal(self, principal: Principal) -> None:
+        """An app registration or managed identity, gone with its service principal, its
+        credentials and its group memberships."""
+        self._by_client_id.pop(principal.client_id.lower(), None)
+        self._by_sp_id.pop(principal.sp_object_id.lower(), None)
+        if principal.app_object_id:
+            self._by_app_object_id.pop(principal.app_object_id.lower(), None)
+        self._forget_member(principal.sp_object_id)
+        if principal.credentials:
+            principal.credentials.clear()
+            self.save()
+
+    def create_group(
+        self,
+        tenant_id: str,
+        display_name: str,
+        mail_nickname: str,
+        description: str | None,
+        owners: set[str],
+        members: set[str],
+        created: str,
+    ) -> Group:
+        group = Group(
+            id=str(uuid.uuid4()),
+            tenant_id=tenant_id,
+            display_name=display_name,
+            mail_nickname=mail_nickname,
+            description=description,
+            created=created,
+            owners=set(owners),
+            members=set(members),
+        )
+        self.groups[group.id.lower()] = group
+        return group
+
+    def delete_group(self, group: Group) -> None:
+        self.groups.pop(group.id.lower(), None)
+        self._forget_member(group.id)
+
     def put_credential(
         self,
         holder: Principal,

@@ -7,21 +7,35 @@ explicitly (``connection_verify=``, ``EntraService.http``) rather than through
 for the rest of the session. Every test starts from the world seed with no injected faults
 (``reset_emulator`` is autouse). ``issuer`` is a small HTTPS OIDC issuer on loopback (its own RSA
 keys, certificate from the sandbox CA) that plays a cluster's issuer for the fast jwt-bearer
-tests; test_controlplane_federation.py uses the real control plane's issuer.
+tests; test_controlplane_federation.py uses the real control plane's issuer. ``graph_as(app)``
+is msgraph-sdk signed in as one of the world's apps, pointed at the emulator the documented way
+(a ``GraphClientFactory`` httpx client whose ``base_url`` is the emulator's ``/v1.0``, explicit
+scopes, an async azure-identity credential; nothing in the SDK is patched).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 
+import httpx
 import pytest
+from azure.identity.aio import ClientSecretCredential
 from entra_harness import (
     WORLD_FILE,
     EntraService,
+    GraphFactory,
     OidcIssuer,
     start_emulator,
     stop_emulator,
 )
+from kiota_authentication_azure.azure_identity_authentication_provider import (
+    AzureIdentityAuthenticationProvider,
+)
+from msgraph.graph_request_adapter import GraphRequestAdapter
+from msgraph.graph_service_client import GraphServiceClient
+from msgraph_core import GraphClientFactory  # type: ignore[import-untyped]
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +67,34 @@ def fresh_issuer(issuer: OidcIssuer) -> OidcIssuer:
     """The issuer with its published keys as at start (undoes key rotation and outages)."""
     issuer.restore()
     return issuer
+
+
+@pytest.fixture
+async def graph_as(entra: EntraService) -> AsyncIterator[GraphFactory]:
+    """``graph_as(app_name)`` -> a GraphServiceClient signed in as that app (closed afterwards)."""
+    async with AsyncExitStack() as stack:
+
+        def build(app: str) -> GraphServiceClient:
+            principal = entra.principal(app)
+            credential = ClientSecretCredential(
+                entra.tenant_id,
+                principal.client_id,
+                principal.secrets[0],
+                authority=entra.url,
+                disable_instance_discovery=True,
+                connection_verify=str(entra.ca),
+            )
+            stack.push_async_callback(credential.close)
+            http = httpx.AsyncClient(
+                base_url=entra.graph_url, verify=ssl.create_default_context(cafile=str(entra.ca))
+            )
+            stack.push_async_callback(http.aclose)
+            auth = AzureIdentityAuthenticationProvider(
+                credential, scopes=["https://graph.microsoft.com/.default"]
+            )
+            adapter = GraphRequestAdapter(
+                auth, GraphClientFactory.create_with_default_middleware(client=http)
+            )
+            return GraphServiceClient(request_adapter=adapter)
+
+        yield build

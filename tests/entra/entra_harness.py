@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +32,7 @@ import pytest
 import requests
 from azure.identity import ClientSecretCredential
 from cryptography.hazmat.primitives.asymmetric import rsa
+from msgraph.graph_service_client import GraphServiceClient
 
 from sandbox.entra.ctl import AdminClient
 from sandbox.entra.state import Principal, World, load_world
@@ -39,6 +40,8 @@ from sandbox.pki import ensure_ca
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORLD_FILE = REPO_ROOT / "sandbox" / "world.yaml"
+# ``graph_as(app)`` (conftest.py): msgraph-sdk signed in as one of the world's apps.
+GraphFactory = Callable[[str], GraphServiceClient]
 ADMIN_APP = "sandbox-admin"  # Application.ReadWrite.All; writer of every managed identity
 
 

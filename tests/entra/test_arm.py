@@ -13,7 +13,7 @@ import requests
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.identity import WorkloadIdentityCredential
 from azure.mgmt.msi import ManagedServiceIdentityClient
-from azure.mgmt.msi.models import FederatedIdentityCredential
+from azure.mgmt.msi.models import FederatedIdentityCredential, Identity
 from entra_harness import EntraService, OidcIssuer
 
 OPERATOR = "sql-workload-identity-operator"  # writer of customer-api-identity only
@@ -289,3 +289,106 @@ def test_rate_limit_per_identity(entra: EntraService) -> None:
     assert (limited.status_code, limited.headers["Retry-After"]) == (429, "2")
     assert limited.json()["error"]["code"] == "TooManyRequests"
     assert put(OTHER_IDENTITY, "one").status_code == 201  # another identity, another bucket
+
+
+# -- identity pools: user-assigned identities created and deleted through ARM -----------------
+
+POOL_RG = "sandbox-pool-rg"  # the operator holds Managed Identity Contributor on all of it
+
+
+def test_operator_creates_and_deletes_identities_in_its_resource_group(
+    entra: EntraService, arm_as: ArmFactory
+) -> None:
+    arm = arm_as(OPERATOR)
+    created = arm.user_assigned_identities.create_or_update(
+        POOL_RG, "pool-mi-1", Identity(location="eastus", tags={"pool": "readers"})
+    )
+    assert created.principal_id and created.client_id and created.tenant_id == entra.tenant_id
+    assert created.name == "pool-mi-1" and created.tags == {"pool": "readers"}
+    assert created.id == (
+        f"/subscriptions/{entra.subscription_id}/resourceGroups/{POOL_RG}/providers/"
+        "Microsoft.ManagedIdentity/userAssignedIdentities/pool-mi-1"
+    )
+    # Create-or-update of an existing identity keeps its ids and replaces its tags.
+    again = arm.user_assigned_identities.create_or_update(
+        POOL_RG, "pool-mi-1", Identity(location="eastus", tags={})
+    )
+    assert (again.principal_id, again.client_id, again.tags) == (
+        created.principal_id,
+        created.client_id,
+        {},
+    )
+    listed = arm.user_assigned_identities.list_by_resource_group(POOL_RG)
+    assert [i.name for i in listed] == ["pool-mi-1"]
+    # Its service principal exists in the directory, as a managed identity's does.
+    sp = entra.graph("GET", f"/servicePrincipals/{created.principal_id}")
+    assert sp.status_code == 200 and sp.json()["servicePrincipalType"] == "ManagedIdentity"
+    # And it can hold federated credentials, written by the same role.
+    arm.federated_identity_credentials.create_or_update(POOL_RG, "pool-mi-1", "ns-a", _fic("a"))
+
+    arm.user_assigned_identities.delete(POOL_RG, "pool-mi-1")
+    with pytest.raises(ResourceNotFoundError):
+        arm.user_assigned_identities.get(POOL_RG, "pool-mi-1")
+    assert entra.graph("GET", f"/servicePrincipals/{created.principal_id}").status_code == 404
+    arm.user_assigned_identities.delete(POOL_RG, "pool-mi-1")  # 204: already gone, no error
+
+
+def test_deleted_identity_leaves_its_groups(entra: EntraService, arm_as: ArmFactory) -> None:
+    arm = arm_as(ADMIN)
+    made = arm.user_assigned_identities.create_or_update(
+        POOL_RG, "member", Identity(location="eastus")
+    )
+    group = entra.graph(
+        "POST",
+        "/groups",
+        {
+            "displayName": "pool",
+            "mailNickname": "pool",
+            "mailEnabled": False,
+            "securityEnabled": True,
+            "members@odata.bind": [
+                f"https://graph.microsoft.com/v1.0/directoryObjects/{made.principal_id}"
+            ],
+        },
+    )
+    assert group.status_code == 201, group.text
+    members = f"/groups/{group.json()['id']}/members"
+    assert [m["id"] for m in entra.graph("GET", members).json()["value"]] == [made.principal_id]
+    arm.user_assigned_identities.delete(POOL_RG, "member")
+    assert entra.graph("GET", members).json()["value"] == []
+
+
+def test_identity_writes_need_the_role_and_valid_input(
+    entra: EntraService, arm_as: ArmFactory
+) -> None:
+    operator = arm_as(OPERATOR)
+    # The operator's role in sandbox-rg is on customer-api-identity alone, not on the group.
+    with pytest.raises(HttpResponseError) as denied:
+        operator.user_assigned_identities.create_or_update(
+            _rg(entra), "not-mine", Identity(location="eastus")
+        )
+    assert denied.value.status_code == 403 and _error_code(denied.value) == "AuthorizationFailed"
+    assert "Microsoft.ManagedIdentity/userAssignedIdentities/write" in str(denied.value)
+    with pytest.raises(HttpResponseError) as delete_denied:
+        operator.user_assigned_identities.delete(_rg(entra), OTHER_IDENTITY)
+    assert delete_denied.value.status_code == 403
+    assert arm_as(ADMIN).user_assigned_identities.get(_rg(entra), OTHER_IDENTITY).name == (
+        OTHER_IDENTITY
+    )
+
+    with pytest.raises(HttpResponseError) as no_location:
+        operator.user_assigned_identities.create_or_update(
+            POOL_RG, "pool-mi", Identity(location="")
+        )
+    assert no_location.value.status_code == 400
+    assert _error_code(no_location.value) == "LocationRequired"
+    with pytest.raises(HttpResponseError) as bad_name:
+        operator.user_assigned_identities.create_or_update(
+            POOL_RG, "x", Identity(location="eastus")
+        )
+    assert _error_code(bad_name.value) == "InvalidResourceName"
+    with pytest.raises(ResourceNotFoundError) as no_group:
+        operator.user_assigned_identities.create_or_update(
+            "no-such-rg", "pool-mi", Identity(location="eastus")
+        )
+    assert _error_code(no_group.value) == "ResourceGroupNotFound"

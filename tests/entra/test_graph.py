@@ -6,66 +6,23 @@ The SDK gets an httpx client built by ``GraphClientFactory`` whose ``base_url`` 
 
 from __future__ import annotations
 
-import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
 from pathlib import Path
 
-import httpx
 import jwt
 import pytest
-from azure.identity.aio import ClientSecretCredential, WorkloadIdentityCredential
-from entra_harness import EntraService, OidcIssuer
+from azure.identity.aio import WorkloadIdentityCredential
+from entra_harness import EntraService, GraphFactory, OidcIssuer
 from kiota_abstractions.base_request_configuration import RequestConfiguration
-from kiota_authentication_azure.azure_identity_authentication_provider import (
-    AzureIdentityAuthenticationProvider,
-)
 from msgraph.generated.models.federated_identity_credential import FederatedIdentityCredential
 from msgraph.generated.models.o_data_errors.o_data_error import ODataError
 from msgraph.generated.service_principals.service_principals_request_builder import (
     ServicePrincipalsRequestBuilder,
 )
-from msgraph.graph_request_adapter import GraphRequestAdapter
-from msgraph.graph_service_client import GraphServiceClient
-from msgraph_core import GraphClientFactory  # type: ignore[import-untyped]
 
 OPERATOR = "sql-workload-identity-operator"  # Application.ReadWrite.OwnedBy, owns customer-api
 APP = "customer-api"
 AUDIENCE = "api://AzureADTokenExchange"
-
-GraphFactory = Callable[[str], GraphServiceClient]
-
-
-@pytest.fixture
-async def graph_as(entra: EntraService) -> AsyncIterator[GraphFactory]:
-    """``graph_as(app_name)`` -> a GraphServiceClient signed in as that app (closed afterwards)."""
-    async with AsyncExitStack() as stack:
-
-        def build(app: str) -> GraphServiceClient:
-            principal = entra.principal(app)
-            credential = ClientSecretCredential(
-                entra.tenant_id,
-                principal.client_id,
-                principal.secrets[0],
-                authority=entra.url,
-                disable_instance_discovery=True,
-                connection_verify=str(entra.ca),
-            )
-            stack.push_async_callback(credential.close)
-            http = httpx.AsyncClient(
-                base_url=entra.graph_url, verify=ssl.create_default_context(cafile=str(entra.ca))
-            )
-            stack.push_async_callback(http.aclose)
-            auth = AzureIdentityAuthenticationProvider(
-                credential, scopes=["https://graph.microsoft.com/.default"]
-            )
-            adapter = GraphRequestAdapter(
-                auth, GraphClientFactory.create_with_default_middleware(client=http)
-            )
-            return GraphServiceClient(request_adapter=adapter)
-
-        yield build
 
 
 def _credential(

@@ -80,7 +80,7 @@ def test_sql_token_audience_and_graph_roles(entra: EntraService) -> None:
     )
     graph_token = entra.secret_credential("sandbox-sql-server").get_token(GRAPH)
     claims = _verify(entra, graph_token.token, "https://graph.microsoft.com")
-    assert claims["roles"] == ["Application.Read.All"]
+    assert claims["roles"] == ["Application.Read.All", "GroupMember.Read.All"]
 
 
 def test_authority_from_environment(entra: EntraService, monkeypatch: pytest.MonkeyPatch) -> None:
