@@ -16,8 +16,8 @@ This is also what lifts permanent conditions once their cause is gone (a freed c
 granted permission), without a retry loop per resource.
 
 With ``--peering``, kopf pauses the handlers of standby replicas but knows nothing of this loop, so
-``PeeringGate`` applies kopf's own rule to the same peering object before each cycle: this replica
-is active unless another live peer has the same or a higher priority.
+``PeeringGate`` applies kopf's own rule (``peers.active``) to the same peering object before each
+cycle: this replica is active unless another live peer has the same or a higher priority.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from swi_operator import peers
 from swi_operator.cycle import drift_cycle
 from swi_operator.errors import ReconcileError
 from swi_operator.events import EventRecorder
@@ -54,19 +55,8 @@ class PeeringGate:
     async def active(self, namespace: str | None) -> bool:
         if self._name is None:
             return True  # standalone
-        now = dt.datetime.now(dt.UTC)
-        for peer, info in (await self._kube.peering_status(self._name, namespace)).items():
-            if peer == self._identity or not isinstance(info, Mapping):
-                continue
-            try:
-                seen = dt.datetime.fromisoformat(str(info["lastseen"]))
-                alive = seen + dt.timedelta(seconds=float(info.get("lifetime", 60))) > now
-                priority = int(info.get("priority", 0))
-            except (KeyError, TypeError, ValueError):
-                continue
-            if alive and priority >= self._priority:
-                return False
-        return True
+        listed = await self._kube.peering_status(self._name, namespace)
+        return peers.active(listed, self._identity, self._priority, dt.datetime.now(dt.UTC))
 
 
 class DriftLoop:

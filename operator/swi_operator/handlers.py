@@ -23,11 +23,14 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import secrets
+import time
 from typing import Any
 
 import kopf
 
 from swi_operator import config as config_module
+from swi_operator import peers, readiness
 from swi_operator.errors import TransientError, backoff_delay
 from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION, in_cluster_server
 from swi_operator.naming import OPERATOR_NAME
@@ -39,7 +42,9 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 log = logging.getLogger(__name__)
 
 
-def configure(settings: kopf.OperatorSettings, config: config_module.Config) -> None:
+def configure(
+    settings: kopf.OperatorSettings, config: config_module.Config, priority: int = 0
+) -> None:
     settings.persistence.finalizer = FINALIZER
     # kopf's state in status, which namespace teams cannot write: in annotations a tenant could
     # patch the diff-base and take its resource out of the operator's view (issue 18).
@@ -55,7 +60,11 @@ def configure(settings: kopf.OperatorSettings, config: config_module.Config) -> 
     settings.posting.event_name_prefix = "swi-"
     settings.peering.standalone = config.peering is None
     if config.peering is not None:
+        # One priority per replica, the oldest highest (peers.py): kopf pauses every replica
+        # that shares its priority with another; a short lifetime lets a killed one go quickly.
         settings.peering.name = config.peering
+        settings.peering.priority = priority
+        settings.peering.lifetime = peers.PEERING_LIFETIME_S
     # A watch that silently stalls would stall the operator: make the server end it regularly.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -71,9 +80,18 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     config = memo.get("config")
     if config is None:  # started by `kopf run` rather than by our __main__
         config, _args = config_module.load([])
-    configure(settings, config)
-    runtime = Runtime.start(config, memo.get("peer_identity"))
+    priority = peers.replica_priority(time.time(), secrets.randbelow(1_000_000))
+    configure(settings, config, priority)
+    runtime = Runtime.start(config, memo.get("peer_identity"), priority)
     memo["runtime"] = runtime
+    ready = readiness.Readiness(
+        webhooks=config.injection_webhook or config.policy_webhook or config.workload_webhook
+    )
+    memo["readiness"] = ready  # the webhook server (webhooks.py) says when it listens
+    if config.readiness_endpoint is not None:
+        memo["readiness_server"] = asyncio.create_task(
+            readiness.serve(config.readiness_endpoint, ready), name="swi-readiness"
+        )
     if config.install_crds is not None:
         await runtime.install_crds(config.install_crds)
     memo["drift"] = asyncio.create_task(runtime.drift.run(), name="swi-drift")
@@ -81,6 +99,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         runtime.policy_review.run(), name="swi-policy-review"
     )
     memo["sweep"] = asyncio.create_task(runtime.sweep.run(), name="swi-sweep")
+    ready.started = True
     log.info("operator started: %s", runtime.config.redacted())
     # The sandbox launcher waits for a line starting with READY on stdout.
     print(f"READY {OPERATOR_NAME} drift_interval={config.drift_interval:g}s", flush=True)
@@ -100,7 +119,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for key in ("drift", "policy_review", "sweep"):
+    for key in ("drift", "policy_review", "sweep", "readiness_server"):
         task: asyncio.Task[None] | None = memo.get(key)
         if task is not None:
             task.cancel()

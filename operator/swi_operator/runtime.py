@@ -174,7 +174,9 @@ class Runtime:
     reconcile_slots: asyncio.Semaphore
 
     @classmethod
-    def start(cls, config: Config, peer_identity: str | None = None) -> Runtime:
+    def start(
+        cls, config: Config, peer_identity: str | None = None, peer_priority: int = 0
+    ) -> Runtime:
         credential = build_credential(config)
         graph_client, graph_http = build_graph_client(
             credential, config.graph_url, config.graph_scope, config.ca_bundle
@@ -223,12 +225,13 @@ class Runtime:
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
+        gate = PeeringGate(kube, config.peering, peer_identity, peer_priority)
         drift = DriftLoop(
             pipeline,
             kube,
             resource_locks,
             events,
-            PeeringGate(kube, config.peering, peer_identity),
+            gate,
             namespaces=config.namespaces,
             interval=config.drift_interval,
             finalizer=FINALIZER,
@@ -237,7 +240,7 @@ class Runtime:
         policy_review = PolicyReview(
             kube,
             drift,
-            PeeringGate(kube, config.peering, peer_identity),
+            gate,
             namespaces=config.namespaces,
             require_policy=config.require_policy,
             interval=config.drift_interval,
@@ -248,7 +251,7 @@ class Runtime:
             issuer,
             policies,
             identity_locks,
-            PeeringGate(kube, config.peering, peer_identity),
+            gate,
             namespaces=config.namespaces,
             require_policy=config.require_policy,
             interval=config.sweep_interval,
