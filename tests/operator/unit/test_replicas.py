@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from swi_operator import peers
 from swi_operator.readiness import Readiness, serve, tls_answers
 from swi_operator.webhooks import issue_bundle, write_tls_files
