@@ -45,14 +45,22 @@ class PeeringGate:
     """Whether this replica is the active one, by kopf's rule on its peering objects."""
 
     def __init__(
-        self, kube: KubeClient, name: str | None, identity: str | None, priority: int = 0
+        self,
+        kube: KubeClient,
+        name: str | None,
+        identity: str | None,
+        priority: int = 0,
+        drain: peers.Drain | None = None,
     ) -> None:
         self._kube = kube
         self._name = name
         self._identity = identity
         self._priority = priority
+        self.drain = drain or peers.Drain()
 
     async def active(self, namespace: str | None) -> bool:
+        if self.drain.draining:
+            return False  # this replica is leaving (peers.Drain)
         if self._name is None:
             return True  # standalone
         listed = await self._kube.peering_status(self._name, namespace)
@@ -98,7 +106,8 @@ class DriftLoop:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await self.check_all()
+                async with self._gate.drain.work():
+                    await self.check_all()
             except ReconcileError as err:
                 log.warning("drift check skipped: %s", err.message)
             except Exception:

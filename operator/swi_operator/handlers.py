@@ -24,6 +24,7 @@ import datetime as dt
 import logging
 import os
 import secrets
+import signal
 import time
 from typing import Any
 
@@ -38,6 +39,8 @@ from swi_operator.runtime import FINALIZER, Runtime
 from swi_operator.steps import Event
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+LEAVE_SETTLE_S = 0.5
+_LEAVING: set[asyncio.Task[None]] = set()  # a task the loop must not garbage-collect
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +102,33 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         runtime.policy_review.run(), name="swi-policy-review"
     )
     memo["sweep"] = asyncio.create_task(runtime.sweep.run(), name="swi-sweep")
+    stop_flag: asyncio.Event | None = memo.get("stop_flag")  # given by __main__ with peering
+    if stop_flag is not None and config.peering is not None:
+        # Replaces kopf's own SIGTERM/SIGINT handling (installed before start-up handlers run).
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: _leave(runtime, stop_flag))
     ready.started = True
     log.info("operator started: %s", runtime.config.redacted())
     # The sandbox launcher waits for a line starting with READY on stdout.
     print(f"READY {OPERATOR_NAME} drift_interval={config.drift_interval:g}s", flush=True)
+
+
+def _leave(runtime: Runtime, stop_flag: asyncio.Event) -> None:
+    """A stop was asked for: drain (peers.Drain), then let kopf stop, which leaves the peering
+    object; the next replica resumes only once nothing here writes any more."""
+
+    async def leave() -> None:
+        log.info("stopping: no new work; waiting for the running handlers and cycles")
+        if not await runtime.drain.drained():
+            log.warning("stopping with work still running after %.0f s", peers.DRAIN_TIMEOUT_S)
+        await asyncio.sleep(LEAVE_SETTLE_S)  # kopf's status patch after the last handler
+        stop_flag.set()
+
+    if not runtime.drain.draining:
+        task = asyncio.get_running_loop().create_task(leave(), name="swi-leave")
+        _LEAVING.add(task)
+        task.add_done_callback(_LEAVING.discard)
 
 
 @kopf.on.login()
@@ -141,12 +167,13 @@ async def reconcile(
     body: kopf.Body, patch: kopf.Patch, retry: int, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _runtime(memo)
-    state.drift.handling(str(body.metadata.uid))
-    async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
-        outcome = await state.pipeline.reconcile(body)
-    if outcome.changed:  # a resume pass over a settled fleet writes nothing (bench/fleet.py)
-        patch.status.update(outcome.status)
-    await state.events.post(body, outcome.events)
+    async with state.drain.work():  # kopf writes the status patch right after this returns
+        state.drift.handling(str(body.metadata.uid))
+        async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
+            outcome = await state.pipeline.reconcile(body)
+        if outcome.changed:  # a resume pass over a settled fleet writes nothing (bench/fleet.py)
+            patch.status.update(outcome.status)
+        await state.events.post(body, outcome.events)
     if outcome.retry is not None:
         raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
 
@@ -171,10 +198,11 @@ async def finalize(
     body: kopf.Body, retry: int, runtime: dt.timedelta, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _runtime(memo)
-    state.drift.handling(str(body.metadata.uid))
-    async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
-        outcome = await state.pipeline.finalize(body)
-    await state.events.post(body, outcome.events)
+    async with state.drain.work():
+        state.drift.handling(str(body.metadata.uid))
+        async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
+            outcome = await state.pipeline.finalize(body)
+        await state.events.post(body, outcome.events)
     if outcome.retry is None:
         state.drift.forget(str(body.metadata.uid))
         return
@@ -187,4 +215,5 @@ async def finalize(
         f"clean-up still failing after {elapsed:.0f}s ({outcome.retry.message}); releasing the "
         "resource: check the identity's federated credentials and database user by hand",
     )
-    await state.events.post(body, [abandoned])
+    async with state.drain.work():
+        await state.events.post(body, [abandoned])

@@ -34,6 +34,7 @@ from swi_operator.errors import ARM, GRAPH
 from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.locks import KeyedLocks
+from swi_operator.peers import Drain
 from swi_operator.pipeline import Pipeline
 from swi_operator.policy_review import PolicyReview
 from swi_operator.sql import Database, OdbcDatabase
@@ -172,6 +173,8 @@ class Runtime:
     # kopf starts a handler for every resource at once (a thousand at a restart): past this many,
     # they wait their turn instead of queueing one call each at every service.
     reconcile_slots: asyncio.Semaphore
+    # Every write runs inside drain.work(); a stopping replica drains before it leaves (peers.py).
+    drain: Drain
 
     @classmethod
     def start(
@@ -225,7 +228,8 @@ class Runtime:
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
-        gate = PeeringGate(kube, config.peering, peer_identity, peer_priority)
+        drain = Drain()  # a stopping replica lets its writes finish first (peers.py)
+        gate = PeeringGate(kube, config.peering, peer_identity, peer_priority, drain)
         drift = DriftLoop(
             pipeline,
             kube,
@@ -273,6 +277,7 @@ class Runtime:
             database,
             exchange,
             asyncio.Semaphore(config.max_reconciles),
+            drain,
         )
 
     async def install_crds(self, directory: Path) -> None:

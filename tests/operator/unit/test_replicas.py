@@ -15,7 +15,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from operator_fakes import FakeKube  # type: ignore[import-not-found]
 from swi_operator import peers
+from swi_operator.drift import PeeringGate
 from swi_operator.readiness import Readiness, serve, tls_answers
 from swi_operator.webhooks import issue_bundle, write_tls_files
 
@@ -160,3 +162,57 @@ async def test_the_endpoint_answers_503_with_the_reasons_then_200() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# --- leaving -----------------------------------------------------------------------------------
+
+
+async def test_a_draining_replica_lets_running_work_finish_and_starts_none() -> None:
+    drain = peers.Drain()
+    release = asyncio.Event()
+    done: list[str] = []
+
+    async def job(name: str) -> None:
+        async with drain.work():
+            await release.wait()
+            done.append(name)
+
+    running = asyncio.create_task(job("running"))
+    await asyncio.sleep(0)
+    leaving = asyncio.create_task(drain.drained(limit=5))
+    await asyncio.sleep(0)
+    late = asyncio.create_task(job("late"))  # started after the stop: never runs
+    await asyncio.sleep(0.05)
+    assert not leaving.done()  # the running job holds the replica in the peering
+    release.set()
+    assert await leaving is True
+    await running
+    assert done == ["running"]
+    assert not late.done()
+    late.cancel()  # as kopf cancels what is left at exit
+    with pytest.raises(asyncio.CancelledError):
+        await late
+
+
+async def test_draining_gives_up_at_its_limit() -> None:
+    drain = peers.Drain()
+    stuck = asyncio.Event()
+
+    async def job() -> None:
+        async with drain.work():
+            await stuck.wait()
+
+    task = asyncio.create_task(job())
+    await asyncio.sleep(0)
+    assert await drain.drained(limit=0.05) is False
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_the_gate_says_standby_once_draining() -> None:
+    drain = peers.Drain()
+    gate = PeeringGate(FakeKube(), None, "me", drain=drain)  # standalone: active
+    assert await gate.active(None)
+    await drain.drained(limit=0.01)
+    assert not await gate.active(None)
