@@ -40,6 +40,7 @@ from swi_operator.steps import Event
 
 RESOURCE = (GROUP, VERSION, PLURAL)
 LEAVE_SETTLE_S = 0.5
+TAKE_SIGNALS_AFTER_S = 1.0
 _LEAVING: set[asyncio.Task[None]] = set()  # a task the loop must not garbage-collect
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,22 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo["sweep"] = asyncio.create_task(runtime.sweep.run(), name="swi-sweep")
     stop_flag: asyncio.Event | None = memo.get("stop_flag")  # given by __main__ with peering
     if stop_flag is not None and config.peering is not None:
-        # Replaces kopf's own SIGTERM/SIGINT handling (installed before start-up handlers run).
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, lambda: _leave(runtime, stop_flag))
+        memo["signals"] = asyncio.create_task(_take_signals(runtime, stop_flag), name="swi-signals")
     ready.started = True
     log.info("operator started: %s", runtime.config.redacted())
     # The sandbox launcher waits for a line starting with READY on stdout.
     print(f"READY {OPERATOR_NAME} drift_interval={config.drift_interval:g}s", flush=True)
+
+
+async def _take_signals(runtime: Runtime, stop_flag: asyncio.Event) -> None:
+    """SIGTERM and SIGINT drain first (``_leave``). kopf installs its own handlers for them in
+    the same loop iteration as the start-up handlers begin, so ours replace them a moment later
+    (a stop within that moment is kopf's, without the drain)."""
+    await asyncio.sleep(TAKE_SIGNALS_AFTER_S)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _leave, runtime, stop_flag)
+    log.debug("SIGTERM and SIGINT drain before the operator stops")
 
 
 def _leave(runtime: Runtime, stop_flag: asyncio.Event) -> None:
@@ -145,7 +154,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for key in ("drift", "policy_review", "sweep", "readiness_server"):
+    for key in ("drift", "policy_review", "sweep", "readiness_server", "signals"):
         task: asyncio.Task[None] | None = memo.get(key)
         if task is not None:
             task.cancel()

@@ -163,6 +163,7 @@ def _operator_pods(env: dict[str, str]) -> list[dict[str, Any]]:
 
 PEERING = "sql-workload-identity-operator"  # the chart's ClusterKopfPeering
 RESUMED = "Resuming operations"  # kopf, when a paused replica becomes the active one
+DRAINING = "stopping: no new work"  # the operator, on SIGTERM, before it leaves the peering
 # What only a reconciling replica logs: kopf's handler outcomes and our drift check.
 WRITES = ("Handler '", "drift check of")
 
@@ -404,11 +405,10 @@ def test_the_active_operator_pod_killed_while_onboarding_50_resources(
         active = wait_for("a replica reconciling", lambda: _active_pod(env), timeout=120)
         (standby,) = [p["metadata"]["name"] for p in _operator_pods(env)
                       if p["metadata"]["name"] != active]  # fmt: skip
-        kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
-        started = wait_for("a few resources Ready", lambda: 3 <= _ready_count(env) < N, 300)
-        assert started
         with AdmissionProbe(env, "e2e-00", apps[0]) as probe:
-            time.sleep(3)  # a few probes before the kill
+            kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
+            started = wait_for("a few resources Ready", lambda: 3 <= _ready_count(env) < N, 300)
+            assert started
             killed_at = _ready_count(env)
             killed = time.time()
             kubectl(
@@ -445,6 +445,8 @@ def test_the_active_operator_pod_killed_while_onboarding_50_resources(
         f"{ready - killed:.0f} s after); admission requests refused during the kill: "
         f"{probe.summary()}; peering samples: {peering.samples}"
     )
+    print("writers in turn:\n  " + "\n  ".join(logs.transitions()))
+    print(f"the killed pod drained: {logs.first(active, DRAINING) is not None}")
     assert killed_at < N, "the kill came after onboarding ended: it tested nothing"
     assert not probe.errors, probe.errors[:3]
     assert probe.sent["policy"] > 10 and probe.sent["injection"] > 10
@@ -562,6 +564,10 @@ def test_helm_upgrade_to_another_image_refuses_no_admission_and_keeps_everything
     assert len(writers) == len(set(writers)), logs.transitions()
     assert not logs.wrote_before_resuming(), logs.wrote_before_resuming()
     assert not peering.clashes, peering.clashes[:3]
+    # Each replaced pod was stopped by SIGTERM and drained before it left the peering.
+    assert all(logs.first(pod, DRAINING) is not None for pod in old), {
+        pod: logs.lines.get(pod, [])[-3:] for pod in old
+    }
     # Nothing lost: every resource Ready again, the same credentials, the workload still labelled.
     wait_for("every resource Ready after the upgrade", lambda: _ready_count(env) == N + 2, 300)
     after = {p["name"]: p["credentials"] for p in entra.call("GET", "state")["principals"]}
