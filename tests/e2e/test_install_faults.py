@@ -405,8 +405,8 @@ def test_the_active_operator_pod_killed_while_onboarding_50_resources(
         active = wait_for("a replica reconciling", lambda: _active_pod(env), timeout=120)
         (standby,) = [p["metadata"]["name"] for p in _operator_pods(env)
                       if p["metadata"]["name"] != active]  # fmt: skip
+        kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
         with AdmissionProbe(env, "e2e-00", apps[0]) as probe:
-            kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
             started = wait_for("a few resources Ready", lambda: 3 <= _ready_count(env) < N, 300)
             assert started
             killed_at = _ready_count(env)
