@@ -62,6 +62,8 @@ class Config:
     drift_interval: float = 600.0
     sweep_interval: float = 300.0  # seconds between sweeps of this cluster's credentials (sweep.py)
     peering: str | None = None  # None: standalone, no peering objects needed
+    # Where the ledger ConfigMap lives (ledger.py): a namespace no tenant writes, the operator's.
+    ledger_namespace: str = "default"
     posting_level: int = logging.INFO
     cloud_concurrency: int = 8
     max_reconciles: int = 64  # reconciles running at once; kopf starts one per resource at once
@@ -111,6 +113,7 @@ class Config:
             "drift_interval": self.drift_interval,
             "sweep_interval": self.sweep_interval,
             "peering": self.peering or "(standalone)",
+            "ledger_namespace": self.ledger_namespace,
             "require_policy": self.require_policy,
         }
 
@@ -205,6 +208,14 @@ _SETTINGS: tuple[_Setting, ...] = (
         "--peering",
         "SWI_PEERING",
         "kopf peering object name for active/standby replicas (default: standalone)",
+    ),
+    _Setting(
+        "ledger_namespace",
+        "--ledger-namespace",
+        "SWI_LEDGER_NAMESPACE",
+        "namespace of the ledger ConfigMap that records the database users and identities the "
+        "operator made (the operator's own: no tenant may write ConfigMaps there); default: "
+        "POD_NAMESPACE, else default",
     ),
     _Setting(
         "posting_level",
@@ -529,6 +540,12 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
     if peering is not None and not _DNS1123_LABEL.match(str(peering)):
         raise ConfigError(f"{_name('peering')} must be a DNS label, got {peering!r}")
 
+    ledger_namespace = str(raw.get("ledger_namespace") or env.get("POD_NAMESPACE") or "default")
+    if not _DNS1123_LABEL.match(ledger_namespace):
+        raise ConfigError(
+            f"{_name('ledger_namespace')} must be a namespace name, got {ledger_namespace!r}"
+        )
+
     crds = raw.get("install_crds")
     if crds is not None and not Path(str(crds)).is_dir():
         raise ConfigError(f"{_name('install_crds')}: no such directory {crds!r}")
@@ -576,6 +593,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         drift_interval=_number(raw, "drift_interval", 1),
         sweep_interval=_number(raw, "sweep_interval", 1),
         peering=str(peering) if peering is not None else None,
+        ledger_namespace=ledger_namespace,
         posting_level=getattr(logging, level),
         cloud_concurrency=int(_number(raw, "cloud_concurrency", 1)),
         max_reconciles=int(_number(raw, "max_reconciles", 1)),

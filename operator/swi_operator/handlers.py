@@ -9,7 +9,8 @@
   after which the finalizer lets go and an Event says what may be left behind;
 * any SqlIdentityPolicy event: the policy cache is dropped and ``PolicyReview`` looks at the fleet
   (prompt revocation, policy status), and the sweep (``sweep.py``) runs;
-* a SqlWorkloadIdentity gone from the API (finalizer or not): the sweep runs.
+* a SqlWorkloadIdentity gone from the API (finalizer or not): the sweep runs;
+* a Namespace's labels changed: the policy review and the sweep run (policies select by label).
 
 Run by ``python -m swi_operator`` (see ``__main__``), or by kopf itself
 (``kopf run -m swi_operator.handlers``, configured from the environment), as the tests do.
@@ -178,7 +179,10 @@ async def reconcile(
     state = _runtime(memo)
     async with state.drain.work():  # kopf writes the status patch right after this returns
         state.drift.handling(str(body.metadata.uid))
-        async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
+        async with (
+            state.reconcile_slots.hold(str(body.metadata.namespace)),
+            state.resource_locks.hold(str(body.metadata.uid)),
+        ):
             outcome = await state.pipeline.reconcile(body)
         if outcome.changed:  # a resume pass over a settled fleet writes nothing (bench/fleet.py)
             patch.status.update(outcome.status)
@@ -195,6 +199,16 @@ async def policy_changed(memo: kopf.Memo, **_: Any) -> None:
     state.sweep.changed()
 
 
+@kopf.on.event("", "v1", "namespaces", id="namespace-labels")
+async def namespace_labels_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Policies may select namespaces by label: a label change is reviewed at once (revoking, or
+    allowing), not at the next drift cycle (issue 18)."""
+    if "runtime" in memo and _runtime(memo).namespace_labels.changed(event):
+        state = _runtime(memo)
+        state.policy_review.changed()
+        state.sweep.changed()
+
+
 @kopf.on.event(*RESOURCE, id="resource-gone")
 async def resource_gone(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """A resource left the API (with or without our finalizer): sweep what it may have left."""
@@ -209,7 +223,10 @@ async def finalize(
     state = _runtime(memo)
     async with state.drain.work():
         state.drift.handling(str(body.metadata.uid))
-        async with state.reconcile_slots, state.resource_locks.hold(str(body.metadata.uid)):
+        async with (
+            state.reconcile_slots.hold(str(body.metadata.namespace)),
+            state.resource_locks.hold(str(body.metadata.uid)),
+        ):
             outcome = await state.pipeline.finalize(body)
         await state.events.post(body, outcome.events)
     if outcome.retry is None:

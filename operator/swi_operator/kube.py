@@ -517,6 +517,51 @@ class KubernetesClient:
 
         return dict(await shared_read(("namespace", namespace), fetch))
 
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A ConfigMap's data; None if it does not exist."""
+        found = await self._call(
+            f"read ConfigMap {namespace}/{name}",
+            "GET",
+            f"/api/v1/namespaces/{namespace}/configmaps/{name}",
+            missing_ok=True,
+        )
+        if found is None:
+            return None
+        return {str(k): str(v) for k, v in (_dig(found, "data") or {}).items()}
+
+    async def patch_config_map(
+        self, namespace: str, name: str, changes: Mapping[str, str | None]
+    ) -> None:
+        """Set (or, with None, remove) keys of a ConfigMap's data; created if it is missing."""
+        path = f"/api/v1/namespaces/{namespace}/configmaps"
+        doing = f"update ConfigMap {namespace}/{name}"
+        patched = await self._call(
+            doing,
+            "PATCH",
+            f"{path}/{name}",
+            body={"data": dict(changes)},
+            content_type=MERGE_PATCH,
+            missing_ok=True,
+        )
+        if patched is not None:
+            return
+        data = {k: v for k, v in changes.items() if v is not None}
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
+        try:
+            await self._call(f"create ConfigMap {namespace}/{name}", "POST", path, body=body)
+        except ReconcileError:
+            # Created meanwhile (another replica, 409): patch that one; else the create's error.
+            again = await self._call(
+                doing,
+                "PATCH",
+                f"{path}/{name}",
+                body={"data": dict(changes)},
+                content_type=MERGE_PATCH,
+                missing_ok=True,
+            )
+            if again is None:
+                raise
+
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
         await self._call(
             f"update the status of SqlIdentityPolicy {name}",

@@ -38,3 +38,37 @@ class KeyedLocks:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+class SharedSlots:
+    """``total`` slots, of which one key (a namespace, a database) holds at most ``share``: a
+    tenant with a thousand resources, or a database whose statements wait on a tenant's locks,
+    leaves the others the rest instead of queueing them behind it (issue 18). Per-key entries
+    live only while someone holds or awaits them."""
+
+    def __init__(self, total: int, share: int | None = None) -> None:
+        self.total = total
+        self.share = share if share is not None else max(1, total // 2)
+        self._all = asyncio.Semaphore(total)
+        self._keys: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        slots, users = self._keys.get(key, (asyncio.Semaphore(self.share), 0))
+        self._keys[key] = (slots, users + 1)
+        try:
+            async with slots, self._all:
+                yield
+        finally:
+            slots, users = self._keys[key]
+            if users <= 1:
+                del self._keys[key]
+            else:
+                self._keys[key] = (slots, users - 1)
+
+    def in_use(self) -> int:
+        """Slots held now (of ``total``)."""
+        return self.total - self._all._value
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -146,3 +146,24 @@ class PolicyReview(DebouncedTask):
             }
             if any(current.get(key) != value for key, value in status.items()):
                 await self._kube.patch_policy_status(name, status)
+
+
+class NamespaceLabels:
+    """Which Namespace events change labels (policies select namespaces by them): the watch's
+    first listing of a namespace is not a change; a later event with other labels is."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, dict[str, str]] = {}
+
+    def changed(self, event: Mapping[str, Any]) -> bool:
+        obj = event.get("object")
+        meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+        if not isinstance(meta, Mapping) or not meta.get("name"):
+            return False
+        name, labels = str(meta["name"]), dict(meta.get("labels") or {})
+        if event.get("type") == "DELETED":
+            self._seen.pop(name, None)
+            return False
+        before = self._seen.get(name)
+        self._seen[name] = labels
+        return before is not None and before != labels

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ from swi_operator.drift import DriftLoop, PeeringGate
 from swi_operator.errors import ARM, GRAPH
 from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
-from swi_operator.locks import KeyedLocks
+from swi_operator.ledger import ConfigMapLedgerStore, Ledger
+from swi_operator.locks import KeyedLocks, SharedSlots
 from swi_operator.peers import Drain
 from swi_operator.pipeline import Pipeline
-from swi_operator.policy_review import PolicyReview
+from swi_operator.policy_review import NamespaceLabels, PolicyReview
 from swi_operator.sql import Database, OdbcDatabase
 from swi_operator.steps import Step
 from swi_operator.steps.authorization import AuthorizationStep, KubePolicySource
@@ -111,6 +113,7 @@ def build_pipeline(
     backing: Backing | None = None,
     identity_locks: KeyedLocks | None = None,
     operator_client_id: str | None = None,
+    ledger: Ledger | None = None,
 ) -> Pipeline:
     """The steps in order; ``later`` ones (database access, verification) come last. The policy
     ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out.
@@ -124,6 +127,7 @@ def build_pipeline(
             identity_locks or KeyedLocks(),
             backing,
             operator_client_id,
+            ledger,
         ),
         ServiceAccountStep(kube),
         WorkloadsStep(kube, pod_token_grace),
@@ -138,11 +142,12 @@ def build_database_steps(
     database: Database,
     exchange: TokenExchange,
     principals: GraphServicePrincipals,
-) -> tuple[Step, ...]:
+    ledger: Ledger,
+) -> tuple[DatabaseAccessStep, VerificationStep]:
     """DatabaseAccessReady, then Verified (the probe of everything before it)."""
     form: UserForm = "object-id" if config.sql_user_form == "object-id" else "sid"
     return (
-        DatabaseAccessStep(database, KeyedLocks(), form, principals),
+        DatabaseAccessStep(database, KeyedLocks(), form, principals, ledger, kube),
         VerificationStep(
             kube,
             exchange,
@@ -171,10 +176,13 @@ class Runtime:
     _database: OdbcDatabase
     _exchange: EntraTokenExchange
     # kopf starts a handler for every resource at once (a thousand at a restart): past this many,
-    # they wait their turn instead of queueing one call each at every service.
-    reconcile_slots: asyncio.Semaphore
+    # they wait their turn instead of queueing one call each at every service. One namespace
+    # holds at most half of them: a tenant with a thousand resources leaves the others the rest.
+    reconcile_slots: SharedSlots
     # Every write runs inside drain.work(); a stopping replica drains before it leaves (peers.py).
     drain: Drain
+    # Namespace labels as the watch last saw them (handlers.namespace_labels_changed).
+    namespace_labels: NamespaceLabels = dataclasses.field(default_factory=NamespaceLabels)
 
     @classmethod
     def start(
@@ -207,8 +215,14 @@ class Runtime:
             statement_timeout=config.sql_statement_timeout,
         )
         exchange = EntraTokenExchange(config.authority_host, config.ca_bundle)
+        ledger = Ledger(ConfigMapLedgerStore(kube, config.ledger_namespace))
         later = build_database_steps(
-            config, kube, database, exchange, GraphServicePrincipals(graph_client, graph_gate)
+            config,
+            kube,
+            database,
+            exchange,
+            GraphServicePrincipals(graph_client, graph_gate),
+            ledger,
         )
         policies = KubePolicySource(kube, config.require_policy)
         store = IdentityRouter(graph, arm)
@@ -225,6 +239,7 @@ class Runtime:
             backing=Backing(kube, policies, config.require_policy),
             identity_locks=identity_locks,
             operator_client_id=config.client_id,
+            ledger=ledger,
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
@@ -259,6 +274,8 @@ class Runtime:
             namespaces=config.namespaces,
             require_policy=config.require_policy,
             interval=config.sweep_interval,
+            ledger=ledger,
+            users=later[0],
         )
         return cls(
             config,
@@ -276,7 +293,7 @@ class Runtime:
             kube_api,
             database,
             exchange,
-            asyncio.Semaphore(config.max_reconciles),
+            SharedSlots(config.max_reconciles),
             drain,
         )
 

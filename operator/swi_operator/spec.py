@@ -27,12 +27,16 @@ def is_guid(value: object) -> bool:
 _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 )
+# Exactly the CRDs' pattern (issue 18 found this parser looser): "/subscriptions/" in lower case,
+# the fixed segments in any case, ASCII \w as the API server's RE2 has it; and their maxLength.
 _MANAGED_IDENTITY_ID = re.compile(
     r"^/subscriptions/(?P<subscription>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
-    r"-[0-9a-fA-F]{12})/resourceGroups/(?P<group>[-\w.()]{1,90})/providers/"
-    r"Microsoft\.ManagedIdentity/userAssignedIdentities/(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{2,127})$",
-    re.IGNORECASE,
+    r"-[0-9a-fA-F]{12})/(?i:resourceGroups)/(?P<group>[-\w.()]{1,90})/"
+    r"(?i:providers/Microsoft\.ManagedIdentity/userAssignedIdentities)/"
+    r"(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{2,127})$",
+    re.ASCII,
 )
+_MANAGED_IDENTITY_ID_MAX = 512
 # A port 1-65535 without leading zeros, as the CRDs' patterns say: what the API server admits is
 # exactly what the operator accepts.
 SQL_PORT_PATTERN = (
@@ -150,6 +154,8 @@ class Spec:
 
 
 def parse_managed_identity_id(resource_id: str) -> ManagedIdentityRef | None:
+    if len(resource_id) > _MANAGED_IDENTITY_ID_MAX:
+        return None
     match = _MANAGED_IDENTITY_ID.fullmatch(resource_id)
     if match is None:
         return None

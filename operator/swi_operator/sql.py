@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -61,6 +62,7 @@ from swi_operator.errors import (
     operator_authentication_error,
     sql_error,
 )
+from swi_operator.locks import SharedSlots
 
 T = TypeVar("T")
 
@@ -289,26 +291,25 @@ class OdbcDatabase:
         self._client_id = operator_client_id
         self._operator = f"the operator's identity (client id {operator_client_id})"
         self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="swi-sql")
-        self._slots = asyncio.Semaphore(concurrency)
-        self._per_target_limit = max(1, concurrency // 2)
-        self._per_target: dict[SqlTarget, asyncio.Semaphore] = {}
+        # One database (however its server is spelled) holds at most half of the sessions: a
+        # database whose statements wait on a tenant's locks leaves the others the rest.
+        self._slots = SharedSlots(concurrency)
         self._lock_timeout_ms = int(lock_timeout * 1000)
         self._statement_timeout = max(1, int(statement_timeout))
         self._clients: dict[SqlTarget, list[SqlClient]] = {}  # every session opened
         self._idle: dict[SqlTarget, list[SqlClient]] = {}  # those no query is using
         self._clock = clock
 
-    def _target_slots(self, target: SqlTarget) -> asyncio.Semaphore:
-        """One database's share of the sessions: a database whose statements wait on a tenant's
-        locks holds at most this many, and the others go on with the rest."""
-        key = SqlTarget(server_host(target.server), target.database.lower())
-        slots = self._per_target.get(key)
-        if slots is None:
-            slots = self._per_target[key] = asyncio.Semaphore(self._per_target_limit)
-        return slots
+    @staticmethod
+    def _slot_key(target: SqlTarget) -> str:
+        """One database, however its server is spelled."""
+        return f"{server_host(target.server)}/{target.database.lower()}"
+
+    def _slot(self, target: SqlTarget) -> AbstractAsyncContextManager[None]:
+        return self._slots.hold(self._slot_key(target))
 
     async def _in_thread(self, target: SqlTarget, fn: Callable[[], T]) -> T:
-        async with self._target_slots(target), self._slots:
+        async with self._slot(target):
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _check_server(self, target: SqlTarget) -> None:
@@ -351,7 +352,7 @@ class OdbcDatabase:
             except WorkloadError as exc:
                 raise sql_error(failure_of(exc), target.display, doing, self._operator) from exc
 
-        async with self._target_slots(target), self._slots:
+        async with self._slot(target):
             client = self._take(target)
             try:
                 loop = asyncio.get_running_loop()

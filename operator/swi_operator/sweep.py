@@ -6,8 +6,9 @@ delete, the resource's identity changed. So, after every policy change and every
 resource (debounced), and every ``interval`` regardless, the sweep:
 
 1. collects the identities the operator may touch: those the current policies name, those the
-   served resources name (spec, and the identity status recorded), and every one it has seen since
-   it started (a withdrawn policy's identity is still swept);
+   served resources name (spec, and the identity status recorded), every one it has seen since
+   it started, and every one the ledger says it federated (``ledger.py``: a withdrawn policy's
+   identity is still swept, also after a restart);
 2. lists each identity's federated credentials, and keeps those with this cluster's issuer and a
    service account subject of a served namespace;
 3. lists the resources and the policies again (after the credentials, so a credential a resource
@@ -16,7 +17,13 @@ resource (debounced), and every ``interval`` regardless, the sweep:
 4. deletes every credential from step 2 that no such grant backs, under the identity's lock (the
    one the federated credential step holds), and logs it; unless a policy that sets
    ``allowRetain`` lets the credential's namespace bind the identity (what a ``Retain`` resource
-   left behind stays while such a policy allows it, and no longer).
+   left behind stays while such a policy allows it, and no longer);
+5. does the same for the database users the ledger says the operator created (or granted roles
+   to) in served namespaces: an entry is backed while its resource (by uid) is live, allowed, and
+   its spec still names the same identity, server and database. An unbacked entry's user is
+   dropped (or the roles revoked: ``DatabaseAccessStep.release_entry``), unless another backed
+   entry uses the same user (then the entry is handed over) or ``allowRetain`` keeps it. A live
+   resource whose status records the user gets one pass to revoke it itself (with its Event).
 
 Nothing tenant-writable besides a resource's spec takes part: not status, annotations, finalizers
 or ``deletionPolicy``. With ``--peering`` only the active replica sweeps (``PeeringGate``).
@@ -25,6 +32,7 @@ or ``deletionPolicy``. With ``--peering`` only the active replica sweeps (``Peer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,10 +42,12 @@ from swi_operator.backing import Grant, backed_grants, parse_subject
 from swi_operator.cloud import CredentialStore, FederatedCredential, ResolvedIdentity
 from swi_operator.drift import PeeringGate
 from swi_operator.errors import PermanentError, Reason, ReconcileError
+from swi_operator.ledger import Ledger, UserEntry
 from swi_operator.locks import KeyedLocks
 from swi_operator.periodic import DebouncedTask
-from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels
+from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels, server_key
 from swi_operator.spec import IdentityRef, SpecError, parse_spec
+from swi_operator.steps.database import DatabaseUserRecord
 from swi_operator.steps.federation import IssuerSource, identity_from_status
 
 log = logging.getLogger(__name__)
@@ -55,13 +65,19 @@ class SweepPolicies(Protocol):
     async def namespace_labels(self, namespace: str) -> Mapping[str, str]: ...
 
 
+class UserReleaser(Protocol):
+    """Drops a ledger entry's database user, or revokes its roles (``DatabaseAccessStep``)."""
+
+    async def release_entry(self, entry: UserEntry) -> str: ...
+
+
 @dataclass(frozen=True)
 class Removed:
-    """A credential the sweep deleted."""
+    """A credential (or a database user) the sweep removed."""
 
-    identity: str  # IdentityRef.display
-    name: str
-    subject: str
+    identity: str  # IdentityRef.display, or the identity's status string for a database user
+    name: str  # the credential's name, or what was done to the database user
+    subject: str  # the credential's subject, or namespace/name of the resource that made the user
 
 
 class CredentialSweep(DebouncedTask):
@@ -79,8 +95,12 @@ class CredentialSweep(DebouncedTask):
         namespaces: Sequence[str],
         require_policy: bool,
         interval: float,
+        ledger: Ledger | None = None,
+        users: UserReleaser | None = None,
     ) -> None:
         super().__init__(gate, namespaces=namespaces, interval=interval)
+        self._ledger = ledger
+        self._users = users
         self._kube = kube
         self._store = store
         self._issuer = issuer
@@ -88,6 +108,9 @@ class CredentialSweep(DebouncedTask):
         self._locks = locks
         self._require = require_policy
         self._seen: dict[str, IdentityRef] = {}  # every identity named since start, by key
+        # Ledger entries whose live resource's status records the user: its own revocation drops
+        # it (with an Event); the sweep waits one pass for that before it does it itself.
+        self._revoking: set[str] = set()
 
     async def _parsed(self) -> ParsedPolicies:
         self._policies.invalidate()  # never decide a removal on a cached view
@@ -123,6 +146,8 @@ class CredentialSweep(DebouncedTask):
         except PermanentError as err:
             if err.reason is Reason.IDENTITY_NOT_FOUND:
                 self._seen.pop(ref.key, None)  # gone, and its credentials with it
+                if self._ledger is not None:
+                    await self._ledger.forget_identity(ref)
             else:
                 log.warning("sweep: cannot list %s: %s", ref.display, err.message)
             return None
@@ -156,17 +181,37 @@ class CredentialSweep(DebouncedTask):
         if served is None:
             return []
         issuer = await self._issuer.get()
+        entries: list[UserEntry] = []
+        if self._ledger is not None:
+            await self._ledger.refresh()  # another replica may have written since
+            for ref in await self._ledger.identities():
+                self._seen.setdefault(ref.key, ref)
+            if self._users is not None:
+                entries = [
+                    entry
+                    for entry in await self._ledger.users()
+                    if not served or entry.namespace in served
+                ]
         self._remember(await self._parsed(), await self._kube.list_resources(served))
         found = await asyncio.gather(
             *(self._ours(ref, issuer, served) for ref in list(self._seen.values()))
         )
         candidates = [entry for entry in found if entry is not None and entry[1]]
-        if not candidates:
+        if not candidates and not entries:
             return []
         resources = await self._kube.list_resources(served)
         parsed = await self._parsed()
         self._remember(parsed, resources)
         backed = await backed_grants(resources, _Fixed(parsed, self._policies), self._require)
+        removed = await self._credentials(candidates, parsed, backed)
+        return removed + await self._database_users(entries, resources, parsed, backed)
+
+    async def _credentials(
+        self,
+        candidates: Sequence[tuple[ResolvedIdentity, list[FederatedCredential]]],
+        parsed: ParsedPolicies,
+        backed: set[Grant],
+    ) -> list[Removed]:
         removed: list[Removed] = []
         for identity, credentials in candidates:
             stale = []
@@ -201,6 +246,100 @@ class CredentialSweep(DebouncedTask):
                         Removed(identity.ref.display, credential.name, credential.subject)
                     )
         return removed
+
+    async def _database_users(
+        self,
+        entries: Sequence[UserEntry],
+        resources: Sequence[Mapping[str, Any]],
+        parsed: ParsedPolicies,
+        backed: set[Grant],
+    ) -> list[Removed]:
+        if not entries or self._users is None or self._ledger is None:
+            return []
+        live: dict[str, Mapping[str, Any]] = {}
+        for body in resources:
+            meta = body.get("metadata") or {}
+            if meta.get("uid") and not meta.get("deletionTimestamp"):
+                live[str(meta["uid"])] = body
+        kept = [entry for entry in entries if _backs(live.get(entry.uid), entry, backed)]
+        in_use = {entry.user_key: entry for entry in kept}
+        removed: list[Removed] = []
+        revoking = {e.key for e in entries if e not in kept and _recorded(live.get(e.uid), e)}
+        waited, self._revoking = self._revoking & revoking, revoking
+        for entry in entries:
+            ref = entry.identity_ref
+            if entry in kept or ref is None:
+                continue
+            if entry.key in revoking and entry.key not in waited:
+                continue  # the resource's own revocation comes first (the next pass: the sweep)
+            if await self._retention_allowed(parsed, ref, entry.namespace):
+                continue
+            heir = in_use.get(entry.user_key)
+            if not entry.created and not entry.granted_roles:
+                await self._ledger.remove_user(entry)  # adopted as it was: nothing to undo
+                continue
+            if heir is not None:
+                # Another live resource uses the same user (a shared identity): it stays, and
+                # whoever holds it now drops it when it goes, if this one had created it.
+                heir = dataclasses.replace(
+                    heir,
+                    created=heir.created or entry.created,
+                    granted_roles=tuple(sorted({*heir.granted_roles, *entry.granted_roles})),
+                )
+                in_use[entry.user_key] = heir
+                await self._ledger.put_user(heir)
+                await self._ledger.remove_user(entry)
+                continue
+            try:
+                done = await self._users.release_entry(entry)
+            except ReconcileError as err:
+                log.warning(
+                    "sweep: could not remove database user %s of %s/%s in %s: %s",
+                    entry.user,
+                    entry.namespace,
+                    entry.resource,
+                    entry.target.display,
+                    err.message,
+                )
+                continue
+            log.warning(
+                "sweep: %s, made for %s/%s: no live SqlWorkloadIdentity that a current "
+                "SqlIdentityPolicy allows backs it",
+                done,
+                entry.namespace,
+                entry.resource,
+            )
+            removed.append(Removed(entry.identity, done, f"{entry.namespace}/{entry.resource}"))
+        return removed
+
+
+def _backs(body: Mapping[str, Any] | None, entry: UserEntry, backed: set[Grant]) -> bool:
+    """Whether live resource ``body`` (the one that made ``entry``) still wants that user: the
+    same identity, server (however spelled) and database, and a grant the policies allow."""
+    ref = entry.identity_ref
+    if body is None or ref is None:
+        return False
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except SpecError:
+        return False
+    if spec.sql is None or spec.identity.key != ref.key:
+        return False
+    if server_key(spec.sql.server) != server_key(entry.server):
+        return False
+    if spec.sql.database != entry.database:
+        return False
+    return Grant(ref.key, entry.namespace, spec.service_account_name) in backed
+
+
+def _recorded(body: Mapping[str, Any] | None, entry: UserEntry) -> bool:
+    """Whether live resource ``body`` records ``entry``'s user in its status (so its revocation
+    or clean-up will undo it, and say so in an Event)."""
+    if body is None:
+        return False
+    status = body.get("status")
+    record = DatabaseUserRecord.from_status(status) if isinstance(status, Mapping) else None
+    return record is not None and record.same_user(entry.target, entry.client_id)
 
 
 class _Fixed:

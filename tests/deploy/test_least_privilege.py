@@ -52,9 +52,6 @@ TLS_SECRET = "sql-workload-identity-operator-webhook-tls"
 
 # Rules this story cannot exercise, and why. Everything else deploy/ grants must be used.
 NOT_EXERCISED = {
-    # kopf lists and watches Namespaces only with SWI_NAMESPACES; deploy/ serves all of them.
-    "list core/namespaces": "only with SWI_NAMESPACES (a namespaced install)",
-    "watch core/namespaces": "only with SWI_NAMESPACES (a namespaced install)",
     # The certificate Secret is created at the first start (here) and updated only when the
     # certificate nears expiry or lacks a name (tests/injection's certificate tests).
     f"update core/secrets ['{TLS_SECRET}'] in {NAMESPACE}": "re-issue of the webhook certificate",
@@ -96,7 +93,7 @@ def test_the_operator_needs_every_rule_it_has_and_no_other(
         d for d in docs if d["kind"] in ("ClusterRole", "Role") and d["metadata"]["name"] in bound
     ]
     grants = [g for role in roles for g in grants_of(role)]
-    assert len(roles) == 3, [r["metadata"]["name"] for r in roles]
+    assert len(roles) == 4, [r["metadata"]["name"] for r in roles]
 
     world = load_world(WORLD_FILE)
     me = next(p for p in world.principals if p.name == "sql-workload-identity-operator")
@@ -177,6 +174,7 @@ def test_the_operator_needs_every_rule_it_has_and_no_other(
                 "SWI_WEBHOOK_PORT": str(port),
                 "SWI_WEBHOOK_URL_HOST": "localhost",
                 "SWI_WEBHOOK_NAMESPACE": NAMESPACE,
+                "POD_NAMESPACE": NAMESPACE,  # as in the pod: the ledger lives there
             }
             env.pop("SWI_NAMESPACES", None)
             with log_path.open("wb") as log:

@@ -45,8 +45,8 @@ def tenant(sandbox: Any, namespace: str) -> Iterator[Any]:
     kubectl(sandbox, "apply", "-n", namespace, "-f", "-", input=json.dumps(SWI))
     kubectl(sandbox, "create", "serviceaccount", "reader", "-n", namespace)
 
-    def run(*args: str, user: str = "alice") -> Any:
-        return kubectl(sandbox, *args, "-n", namespace, f"--as={user}", check=False)
+    def run(*args: str, user: str = "alice", **kw: Any) -> Any:
+        return kubectl(sandbox, *args, "-n", namespace, f"--as={user}", check=False, **kw)
 
     # The role binding and the policy's activation both take a moment (a re-created policy is
     # compiled and loaded by the API server asynchronously; on a loaded 2-core machine that took
@@ -118,3 +118,60 @@ def test_a_cluster_administrator_can_still_repair(
         "-n", namespace,
     )  # fmt: skip
     assert done.returncode == 0
+
+
+DEPLOYMENT = {
+    "apiVersion": "apps/v1",
+    "kind": "Deployment",
+    "metadata": {"name": "api"},
+    "spec": {
+        "replicas": 0,
+        "selector": {"matchLabels": {"app": "api"}},
+        "template": {
+            "metadata": {"labels": {"app": "api"}},
+            "spec": {
+                "serviceAccountName": "reader",
+                "containers": [{"name": "api", "image": "registry.example/api:1"}],
+            },
+        },
+    },
+}
+
+
+def test_the_operator_may_only_toggle_the_workload_identity_label_on_workloads(
+    tenant: Any, sandbox: Any, namespace: str
+) -> None:
+    """Issue 18: RBAC lets the operator patch every workload; the second policy keeps what it may
+    change to the one label it manages, so a compromised operator cannot run pods through it."""
+    assert tenant("apply", "-f", "-", input=json.dumps(DEPLOYMENT)).returncode == 0
+
+    def patch(body: dict[str, Any], user: str = OPERATOR_USER) -> Any:
+        return tenant(
+            "patch", "deployment", "api", "--type=strategic", "-p", json.dumps(body), user=user
+        )
+
+    def template(**parts: Any) -> dict[str, Any]:
+        return {"spec": {"template": parts}}
+
+    # The policy is compiled asynchronously after the fixture's wait (another policy): retry.
+    image = template(spec={"containers": [{"name": "api", "image": "evil.example/miner:1"}]})
+    wait_for(
+        "the workload policy",
+        lambda: "may only set or remove the label" in patch(image).stderr or None,
+        timeout=120,
+    )
+    use = "azure.workload.identity/use"
+    assert patch(template(metadata={"labels": {use: "true"}})).returncode == 0
+    assert patch({"metadata": {"annotations": {"sqlidentity.io/labelled-by": "x"}}}).returncode == 0
+    assert patch(template(metadata={"labels": {use: None}})).returncode == 0
+    for forbidden in (
+        image,
+        template(metadata={"labels": {"tier": "x", use: "true"}}),
+        template(metadata={"annotations": {"example.com/run-as": "root"}}),
+        template(spec={"hostNetwork": True}),
+    ):
+        refused = patch(forbidden)
+        assert refused.returncode != 0, forbidden
+        assert "may only set or remove the label" in refused.stderr, refused.stderr
+    # The tenant itself is not limited by it.
+    assert patch(image, user="alice").returncode == 0

@@ -274,9 +274,11 @@ def test_a_tenant_cannot_reach_another_tenants_identity_or_namespace(
         )
         ready = cluster.wait_condition(name, "False", reason="NotAuthorized")
         assert "does not allow" in ready["message"], ready["message"]
-    # Only reads of the identity meanwhile (tenant B's drift checks, the sweep looking up the app
-    # to list its credentials after the policy changes): nothing was written to it.
-    assert set(cloud_calls(entra)) <= {"graph.fic.list", "graph.applications.get"}
+    # Only reads meanwhile (tenant B's drift checks; the sweep after the policy changes looking up
+    # every identity the policies, resources and the ledger name, other tests' managed identities
+    # among them, to list their credentials): nothing was written anywhere.
+    reads = {"graph.fic.list", "graph.applications.get", "arm.fic.list", "arm.identities.get"}
+    assert set(cloud_calls(entra)) <= reads | {"login.token"}
     assert entra.credentials(world.demo_app) == [b_credential]
     assert all(cluster.service_account(f"borrow-{i}") is None for i in range(21))
     assert "SP-AZURESQL-USER" in sql.users()

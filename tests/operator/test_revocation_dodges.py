@@ -11,6 +11,7 @@ the sweep interval generously, never tighter.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any
@@ -25,12 +26,14 @@ from operator_harness import (  # type: ignore[import-not-found]
     World,
     eventually,
 )
+from sql_harness import SqlAdmin  # type: ignore[import-not-found]
 from test_policy_guardrails import (  # type: ignore[import-not-found]  # noqa: F401
     Policies,
     app,
     guarded,
     guarded_env,
     policies,
+    sql_spec,
     tenant_b,
 )
 
@@ -210,3 +213,117 @@ def test_a_credential_nothing_backs_goes_within_one_sweep_without_any_event(
         entra, world, subject, "out-of-band credential (periodic sweep)", since="it was added"
     )
     assert f"system:serviceaccount:{cluster.namespace}:reader" in subjects(entra, world)
+
+
+def ledger_entries(cluster: Cluster, uid: str) -> list[dict[str, Any]]:
+    """The ledger's database-user entries of one resource (swi_operator.ledger; the in-process
+    operator has no POD_NAMESPACE, so its ledger lives in ``default``)."""
+    from swi_operator.ledger import LEDGER_NAME
+
+    found = cluster.core.read_namespaced_config_map(LEDGER_NAME, "default")
+    entries = [json.loads(v) for k, v in (found.data or {}).items() if k.startswith("db.")]
+    return [e for e in entries if e["uid"] == uid]
+
+
+def test_the_database_user_goes_too_whatever_the_tenant_did(
+    sql: SqlAdmin,
+    guarded: Any,
+    cluster: Cluster,
+    entra: Entra,
+    world: World,
+    policies: Policies,
+) -> None:
+    """The users the operator created: one left by Retain then delete goes when the platform
+    withdraws the policy; one whose resource was deleted with its finalizer stripped goes at
+    the sweep the deletion woke. Neither resource's status exists any more: the ledger decides."""
+    customer = {"applicationClientId": world.customer_api.client_id}
+    policy = policies.create(
+        "db",
+        customer,
+        {"names": [cluster.namespace]},
+        sql={"servers": [sql.server], "databases": ["mydb"], "roles": ["db_datareader"]},
+    )
+    policies.custom.patch_cluster_custom_object(
+        GROUP, VERSION, "sqlidentitypolicies", policy, {"spec": {"allowRetain": True}}
+    )
+    retained_sql = {**sql_spec(sql, "db_datareader"), "userName": "retained-user"}
+    escapee_sql = {**sql_spec(sql, "db_datareader"), "userName": "escapee-user"}
+    retained = app(world, "retained", deletionPolicy="Retain", sql=retained_sql)
+    cluster.create("retained", {**retained, "identity": customer})
+    cluster.wait_condition("retained", timeout=30)
+    assert "retained-user" in sql.users()
+    uid = (cluster.get("retained") or {})["metadata"]["uid"]
+    assert [e["created"] for e in ledger_entries(cluster, uid)] == [True]
+    cluster.delete("retained")
+    cluster.wait_gone("retained")
+    time.sleep(3)  # the deletion's sweep has run: what Retain left, a policy allows
+    assert "retained-user" in sql.users()
+
+    policies.delete(policy)
+    started = time.monotonic()
+    eventually(lambda: "retained-user" not in sql.users(), BOUND_S, "Retain: the user dropped")
+    print(
+        f"\nRetain then delete: database user dropped {time.monotonic() - started:.1f}s after "
+        "the policy was withdrawn",
+        file=sys.__stderr__,
+    )
+    assert ledger_entries(cluster, uid) == []
+
+    policy = policies.create(
+        "db2",
+        customer,
+        {"names": [cluster.namespace]},
+        sql={"servers": [sql.server], "databases": ["mydb"], "roles": ["db_datareader"]},
+    )
+    # The same identity again (its earlier user is gone), deleted with its finalizer stripped.
+    cluster.create("escapee", {**app(world, "escapee", sql=escapee_sql), "identity": customer})
+    cluster.wait_condition("escapee", timeout=30)
+    assert "escapee-user" in sql.users()
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        cluster.namespace,
+        PLURAL,
+        "escapee",
+        [{"op": "replace", "path": "/metadata/finalizers", "value": []}],
+        _content_type="application/json-patch+json",
+    )
+    cluster.delete("escapee")
+    cluster.wait_gone("escapee")
+    started = time.monotonic()
+    eventually(lambda: "escapee-user" not in sql.users(), BOUND_S, "finalizer: the user dropped")
+    print(
+        f"\nfinalizer removed, then delete: database user dropped "
+        f"{time.monotonic() - started:.1f}s after the deletion",
+        file=sys.__stderr__,
+    )
+    policies.delete(policy)
+
+
+def test_a_namespace_label_change_revokes_without_waiting_for_drift(
+    guarded: Any, cluster: Cluster, entra: Entra, world: World, policies: Policies
+) -> None:
+    """A policy that selects namespaces by label: when the label goes, access goes at once, not
+    at the next drift cycle (600 s here). The operator's namespace watch wakes the policy review
+    (``NamespaceLabels``, unit-tested in test_policy_gate.py); in this test's namespaced mode
+    kopf's own namespace watch also re-runs the namespace's handlers. Either way the condition
+    must turn NotAuthorized, which the sweep alone never does."""
+    label = {"sqlidentity.io/dodge-test": cluster.namespace}
+    cluster.core.patch_namespace(cluster.namespace, {"metadata": {"labels": label}})
+    policies.create(
+        "by-label",
+        {"applicationClientId": world.demo_app.client_id},
+        {"selector": {"matchLabels": label}},
+    )
+    cluster.create("reader", app(world, "reader"))
+    cluster.wait_condition("reader")
+    subject = f"system:serviceaccount:{cluster.namespace}:reader"
+    assert subject in subjects(entra, world)
+
+    removed = {"metadata": {"labels": {"sqlidentity.io/dodge-test": None}}}
+    cluster.core.patch_namespace(cluster.namespace, removed)
+
+    revoked_within(
+        entra, world, subject, "namespace label removed", bound=20, since="the label went"
+    )
+    cluster.wait_condition("reader", "False", reason="NotAuthorized", timeout=20)

@@ -19,21 +19,28 @@ of the admin group; ``sql.OdbcDatabase``). Read before write, under a lock per d
 Deletion (``deletionPolicy: Delete``), ``spec.sql`` removed, or moved to another database, user
 name or identity: the user the operator created is dropped; from an adopted user only the roles
 the operator granted are removed. Only a user whose SID is the recorded identity's is ever dropped.
+
+Before it creates a user or grants a role, the step writes what it is about to do into the
+ledger (``ledger.py``, out of tenants' reach), and removes the entry once it is undone: the sweep
+drops what no live, allowed resource backs any more (``release_entry``), whatever status says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from swi_operator.cloud import ResolvedIdentity
 from swi_operator.errors import PermanentError, Reason
+from swi_operator.ledger import Ledger, MemoryLedgerStore, UserEntry
 from swi_operator.locks import KeyedLocks
 from swi_operator.policy import server_key
 from swi_operator.spec import ApplicationRef
 from swi_operator.sql import Database, Principal, SqlTarget, quote_name, roles_in, sid_of
 from swi_operator.steps import Context, StepResult
+from swi_operator.steps.federation import identity_key
 
 UserForm = Literal["sid", "object-id"]
 PUBLIC_ROLE = "public"  # every user is a member; it cannot be granted or dropped
@@ -41,6 +48,10 @@ PUBLIC_ROLE = "public"  # every user is a member; it cannot be granted or droppe
 
 class ServicePrincipals(Protocol):
     async def object_id(self, identity: ResolvedIdentity) -> str: ...
+
+
+class Resources(Protocol):
+    async def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,28 @@ class DatabaseUserRecord:
 
     def same_user(self, target: SqlTarget, client_id: str) -> bool:
         """Whether this records the identity's user in ``target`` (a user is its SID: its name
-        may differ from today's spec)."""
-        return (self.target, self.client_id) == (target, client_id)
+        may differ from today's spec; the server may be spelled another way, ``tcp:host,1433``
+        for ``host``: issue 18 found a re-spelled server dropping the user it had just kept)."""
+        return (
+            server_key(self.server) == server_key(target.server)
+            and self.database == target.database
+            and self.client_id.lower() == client_id.lower()
+        )
+
+    def entry(self, ctx: Context, identity: str = "") -> UserEntry:
+        """This record as the ledger keeps it for ``ctx``'s resource."""
+        return UserEntry(
+            namespace=ctx.resource.namespace,
+            resource=ctx.resource.name,
+            uid=ctx.resource.uid,
+            identity=identity,
+            server=self.server,
+            database=self.database,
+            client_id=self.client_id,
+            user=self.name,
+            created=self.created,
+            granted_roles=self.granted_roles,
+        )
 
 
 def _lock_key(target: SqlTarget, sid: bytes) -> str:
@@ -114,9 +145,13 @@ class DatabaseAccessStep:
         locks: KeyedLocks,
         user_form: UserForm = "sid",
         principals: ServicePrincipals | None = None,
+        ledger: Ledger | None = None,
+        resources: Resources | None = None,
     ) -> None:
         if user_form == "object-id" and principals is None:
             raise ValueError("the object-id form needs service principal lookups")
+        self._ledger = ledger or Ledger(MemoryLedgerStore())
+        self._resources = resources  # None: every other ledger entry counts as live (unit tests)
         self._db = database
         self._locks = locks
         self._form = user_form
@@ -160,19 +195,35 @@ class DatabaseAccessStep:
                 if recorded is not None and recorded.same_user(target, identity.client_id)
                 else None
             )
-            user, created = await self._ensure_user(ctx, target, name, sid, identity, previous)
-            granted = await self._ensure_roles(ctx, target, user, wanted, previous)
+            # What the ledger says this resource did here (if status was lost: a crash
+            # between the CREATE USER and the status write, or status re-created).
+            noted = await self._ledger.user(
+                DatabaseUserRecord(
+                    name, target.server, target.database, identity.client_id, (), (), False
+                )
+                .entry(ctx)
+                .key
+            )
+            note = _Note(ctx, target, identity_key(identity.ref), identity.client_id, noted, wanted)
+            user, created = await self._ensure_user(
+                ctx, target, name, sid, identity, previous, note
+            )
+            note.created = created
+            granted = await self._ensure_roles(ctx, target, user, wanted, previous, note)
+            record = DatabaseUserRecord(
+                name=user.name,
+                server=target.server,
+                database=target.database,
+                client_id=identity.client_id,
+                roles=tuple(sorted(wanted)),
+                granted_roles=tuple(sorted(granted)),
+                created=created,
+            )
+            # Also an adopted user with nothing granted: whoever created it then sees that
+            # another resource uses it (``_release``, the sweep's hand-over).
+            await self._ledger.put_user(record.entry(ctx, note.identity))
         if recorded is not None and previous is None:
             await self._release_previous(ctx, recorded)
-        record = DatabaseUserRecord(
-            name=user.name,
-            server=target.server,
-            database=target.database,
-            client_id=identity.client_id,
-            roles=tuple(sorted(wanted)),
-            granted_roles=tuple(sorted(granted)),
-            created=created,
-        )
         roles = ", ".join(record.roles) or "no roles"
         renamed = (
             f"; it is not named {quote_name(name)}: rename it with ALTER USER "
@@ -188,12 +239,12 @@ class DatabaseAccessStep:
             {"databaseUser": record.to_status()},
         )
 
-    async def _refuse_ddl_triggers(self, ctx: Context, target: SqlTarget, doing: str) -> None:
+    async def _refuse_ddl_triggers(self, allowed: bool, target: SqlTarget, doing: str) -> None:
         """A DDL trigger runs with the rights of whoever ran the statement, the operator's (the
         server's Entra admin) here: a tenant with db_ddladmin could make itself dbo through one.
         So no CREATE USER, ALTER ROLE or DROP USER where one exists, unless the policies say the
-        database's triggers are trusted (``sql.allowDdlTriggers``)."""
-        if ctx.allow_ddl_triggers:
+        database's triggers are trusted (``sql.allowDdlTriggers``: ``allowed``)."""
+        if allowed:
             return
         triggers = await self._db.ddl_triggers(target)
         if triggers:
@@ -214,6 +265,7 @@ class DatabaseAccessStep:
         sid: bytes,
         identity: ResolvedIdentity,
         previous: DatabaseUserRecord | None,
+        note: _Note,
     ) -> tuple[Principal, bool]:
         """The identity's user and whether the operator created it (found by SID first)."""
         found = await self._db.find_principals(target, name, sid)
@@ -221,6 +273,8 @@ class DatabaseAccessStep:
         if mine is not None:
             if previous is not None:
                 return mine, previous.created
+            if note.noted is not None and note.noted.created:
+                return mine, True  # created by this resource, its status lost since
             ctx.record(
                 "DatabaseUserAdopted",
                 f"adopted the existing user {quote_name(mine.name)} of {identity.ref.display} in "
@@ -235,7 +289,14 @@ class DatabaseAccessStep:
                 f"{identity.ref.display} (SID 0x{sid.hex().upper()}); the operator does not take "
                 "it over: drop it, or set spec.sql.userName to another name",
             )
-        await self._refuse_ddl_triggers(ctx, target, f"create the user {quote_name(name)}")
+        await self._refuse_ddl_triggers(
+            ctx.allow_ddl_triggers, target, f"create the user {quote_name(name)}"
+        )
+        # The roles it is about to grant the new user too: one ledger write, not two.
+        planned = [role for role in note.wanted if role.lower() != PUBLIC_ROLE]
+        await note.write(
+            self._ledger, name, True, [*(previous.granted_roles if previous else ()), *planned]
+        )
         object_id = None
         if self._form == "object-id":
             assert self._principals is not None
@@ -256,17 +317,26 @@ class DatabaseAccessStep:
         user: Principal,
         wanted: list[str],
         previous: DatabaseUserRecord | None,
+        note: _Note,
     ) -> set[str]:
         """Add the missing roles, drop the ones the operator granted and no longer wanted; the
         roles the operator now holds granted (as the database spells them)."""
         current = {role.lower() for role in user.roles}
-        granted = {role.lower(): role for role in (previous.granted_roles if previous else ())}
+        before = previous or note.noted  # what this resource granted: status, else the ledger
+        granted = {role.lower(): role for role in (before.granted_roles if before else ())}
         wanted_by_lower = {role.lower(): role for role in wanted if role.lower() != PUBLIC_ROLE}
         changes = [lower for lower in wanted_by_lower if lower not in current] + [
             lower for lower in granted if lower not in wanted_by_lower and lower in current
         ]
         if changes:
-            await self._refuse_ddl_triggers(ctx, target, f"change the roles of {user.name!r}")
+            await self._refuse_ddl_triggers(
+                ctx.allow_ddl_triggers, target, f"change the roles of {user.name!r}"
+            )
+            adding = [wanted_by_lower[lower] for lower in changes if lower in wanted_by_lower]
+            if adding:
+                await note.write(
+                    self._ledger, user.name, note.created, (*granted.values(), *adding)
+                )
         for lower, role in sorted(wanted_by_lower.items()):
             if lower not in current:
                 await self._db.set_role_member(target, role, user.name, member=True)
@@ -299,36 +369,109 @@ class DatabaseAccessStep:
             )
             ctx.record("DatabaseUserNotRemoved", done, "Warning")
             return done
-        target, sid = recorded.target, sid_of(recorded.client_id)
+        mine = recorded.entry(ctx)
+        noted = await self._ledger.user(mine.key)
+        created = recorded.created or (noted is not None and noted.created)
+        granted = tuple({*recorded.granted_roles, *(noted.granted_roles if noted else ())})
+        heir = None
+        for other in await self._ledger.users():
+            if (
+                other.user_key == mine.user_key
+                and other.uid != mine.uid
+                and await self._live(other)
+            ):
+                heir = other
+                break
+        if heir is not None:
+            # A shared identity: another resource (maybe of another namespace) uses the same
+            # user. It stays, with its roles; whoever holds it now undoes it when it goes.
+            await self._ledger.put_user(
+                dataclasses.replace(
+                    heir,
+                    created=heir.created or created,
+                    granted_roles=tuple(sorted({*heir.granted_roles, *granted})),
+                )
+            )
+            await self._ledger.remove_user(mine)
+            done = (
+                f"left the user {quote_name(recorded.name)} in {recorded.target.display}: "
+                f"SqlWorkloadIdentity {heir.namespace}/{heir.resource} uses it too"
+            )
+            ctx.record("DatabaseUserShared", done)
+            return done
+        done, event = await self._undo(
+            recorded.target,
+            recorded.name,
+            recorded.client_id,
+            created,
+            granted,
+            ctx.allow_ddl_triggers,
+        )
+        if event:
+            ctx.record(event, done)
+        await self._ledger.remove_user(mine)
+        return done
+
+    async def _live(self, entry: UserEntry) -> bool:
+        """Whether the resource that made ``entry`` still exists (one left by ``Retain`` then
+        delete does not keep a user another resource's deletion should drop: the sweep decides
+        about what it left)."""
+        if self._resources is None:
+            return True
+        body = await self._resources.get_resource(entry.namespace, entry.resource)
+        meta = (body or {}).get("metadata") or {}
+        return meta.get("uid") == entry.uid and not meta.get("deletionTimestamp")
+
+    async def release_entry(self, entry: UserEntry) -> str:
+        """Undo what a ledger entry records (the sweep: no live, allowed resource backs it any
+        more); the entry is removed once done. No policy decides here, so a database with DDL
+        triggers stays refused (``DatabaseHasDdlTriggers``)."""
+        done, _ = await self._undo(
+            entry.target, entry.user, entry.client_id, entry.created, entry.granted_roles, False
+        )
+        await self._ledger.remove_user(entry)
+        return done
+
+    async def _undo(
+        self,
+        target: SqlTarget,
+        name: str,
+        client_id: str,
+        created: bool,
+        granted_roles: tuple[str, ...],
+        allow_ddl_triggers: bool,
+    ) -> tuple[str, str | None]:
+        """Drop the user (``created``) or revoke ``granted_roles`` from it; what was done, and
+        the Event reason saying so (None: nothing was changed)."""
+        sid = sid_of(client_id)
         async with self._locks.hold(_lock_key(target, sid)):
-            found = await self._db.find_principals(target, recorded.name, sid)
+            found = await self._db.find_principals(target, name, sid)
             user = next((p for p in found if p.sid == sid), None)
             if user is None:
-                return (
-                    f"the user {quote_name(recorded.name)} was already gone from {target.display}"
-                )
+                return f"the user {quote_name(name)} was already gone from {target.display}", None
             held = {role.lower() for role in user.roles}
-            revoked = [role for role in recorded.granted_roles if role.lower() in held]
-            if recorded.created or revoked:
+            revoked = [role for role in granted_roles if role.lower() in held]
+            if created or revoked:
                 await self._refuse_ddl_triggers(
-                    ctx, target, f"remove the user {quote_name(user.name)} or its roles"
+                    allow_ddl_triggers,
+                    target,
+                    f"remove the user {quote_name(user.name)} or its roles",
                 )
-            if recorded.created:
+            if created:
                 await self._db.drop_user(target, user.name)
-                done = f"dropped the user {quote_name(user.name)} from {target.display}"
-                ctx.record("DatabaseUserDropped", done)
-                return done
+                return (
+                    f"dropped the user {quote_name(user.name)} from {target.display}",
+                    "DatabaseUserDropped",
+                )
             for role in revoked:
                 await self._db.set_role_member(target, role, user.name, member=False)
-            done = (
-                f"removed {quote_name(user.name)} from {', '.join(revoked)} in {target.display} "
-                "(the user existed before the operator, so it stays)"
-                if revoked
-                else f"left the user {quote_name(user.name)} in {target.display} as it found it"
-            )
             if revoked:
-                ctx.record("DatabaseRoleRevoked", done)
-            return done
+                return (
+                    f"removed {quote_name(user.name)} from {', '.join(revoked)} in "
+                    f"{target.display} (the user existed before the operator, so it stays)",
+                    "DatabaseRoleRevoked",
+                )
+            return f"left the user {quote_name(user.name)} in {target.display} as it found it", None
 
     async def _release_previous(self, ctx: Context, recorded: DatabaseUserRecord) -> None:
         """After a spec change: a permanent failure is reported and forgotten rather than
@@ -377,3 +520,36 @@ def _own_client_id(ctx: Context) -> str | None:
     if isinstance(ctx.spec.identity, ApplicationRef):
         return ctx.spec.identity.client_id
     return None
+
+
+@dataclass
+class _Note:
+    """Writes ahead into the ledger what a reconcile is about to do in one database."""
+
+    ctx: Context
+    target: SqlTarget
+    identity: str  # federation.identity_key of the resource's identity
+    client_id: str
+    noted: UserEntry | None  # what the ledger held for this resource and user before
+    wanted: list[str]  # the roles spec.sql asks for (as the database spells them)
+    created: bool = False
+
+    async def write(
+        self, ledger: Ledger, user: str, created: bool, granted: tuple[str, ...] | list[str]
+    ) -> None:
+        self.created = created
+        earlier = self.noted.granted_roles if self.noted else ()
+        await ledger.put_user(
+            UserEntry(
+                namespace=self.ctx.resource.namespace,
+                resource=self.ctx.resource.name,
+                uid=self.ctx.resource.uid,
+                identity=self.identity,
+                server=self.target.server,
+                database=self.target.database,
+                client_id=self.client_id,
+                user=user,
+                created=created,
+                granted_roles=tuple(sorted({*earlier, *granted})),
+            )
+        )

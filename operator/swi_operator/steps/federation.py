@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from swi_operator.backing import Backing, Grant, parse_subject
 from swi_operator.cloud import (
@@ -92,6 +92,12 @@ def identity_from_status(value: str) -> IdentityRef | None:
     return parse_managed_identity_id(value)
 
 
+class IdentityNotes(Protocol):
+    """Where the identities the operator federated are written down (``ledger.Ledger``)."""
+
+    async def remember_identity(self, ref: IdentityRef) -> None: ...
+
+
 class FederatedCredentialStep:
     condition = "FederatedCredentialReady"
 
@@ -103,7 +109,9 @@ class FederatedCredentialStep:
         locks: KeyedLocks,
         backing: Backing | None = None,
         operator_client_id: str | None = None,
+        identities: IdentityNotes | None = None,
     ) -> None:
+        self._identities = identities
         self._operator_client_id = (operator_client_id or "").lower()
         self._store = store
         self._issuer = issuer
@@ -138,6 +146,10 @@ class FederatedCredentialStep:
             audiences=(ctx.spec.audience,),
             description=credential_description(ctx.issuer, Owner(res.namespace, res.name)),
         )
+        if self._identities is not None:
+            # Written ahead, once per identity: the sweep lists its credentials after a restart
+            # too, whatever becomes of this resource (ledger.py).
+            await self._identities.remember_identity(ref)
         async with self._locks.hold(ref.key):
             credential = await self._ensure(ctx, identity, desired)
         await self._remove_previous(ctx, identity, subject)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from swi_operator.naming import credential_name, is_valid_credential_name, subject_for
 from swi_operator.policy import parse_policy, server_key
-from swi_operator.spec import SpecError, parse_spec
+from swi_operator.spec import SpecError, parse_managed_identity_id, parse_spec
 from swi_operator.steps.federation import in_namespace
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -38,12 +38,13 @@ SIP = _schema("sqlidentity.io_sqlidentitypolicies.yaml")
 
 
 def crd_accepts(field: dict[str, Any], value: str) -> bool:
-    """The CRD's own string rules (pattern, length) for ``field``, as the API server applies them
-    (RE2: a final `$` is the end of the text, where Python's also matches before a newline)."""
+    r"""The CRD's own string rules (pattern, length) for ``field``, as the API server applies them
+    (RE2: a final `$` is the end of the text, where Python's also matches before a newline;
+    `\w` is ASCII)."""
     pattern = field.get("pattern")
     if pattern and pattern.endswith("$"):
         pattern = pattern[:-1] + r"\Z"
-    if pattern and not re.search(pattern, value):
+    if pattern and not re.search(pattern, value, re.ASCII):
         return False
     return field.get("minLength", 0) <= len(value) <= field.get("maxLength", 10**9)
 
@@ -143,6 +144,39 @@ def test_identity_fields_take_only_identifiers(value: str) -> None:
         problems = problems_of(valid_spec(identity=identity))
         assert problems, (key, value)
         assert all(path.startswith("spec.identity") for path, _ in problems)
+
+
+MI_ID = (
+    "/subscriptions/0b5e0c1d-7b3f-4c2e-9a1d-000000000001/resourceGroups/rg-1/providers/"
+    "Microsoft.ManagedIdentity/userAssignedIdentities/reader-id"
+)
+# Spellings of one managed identity id that only some parsers take (issue 18: the operator's was
+# looser than the CRD's pattern).
+mi_variants = st.sampled_from(
+    [
+        MI_ID,
+        MI_ID.replace("/subscriptions/", "/SUBSCRIPTIONS/"),
+        MI_ID.replace("resourceGroups", "RESOURCEGROUPS"),
+        MI_ID.replace("providers/Microsoft", "PROVIDERS/microsoft"),
+        MI_ID.replace("rg-1", "rg-\u00e9t\u00e9"),
+        MI_ID.replace("rg-1", "rg(1).x_y"),
+        MI_ID.replace("rg-1", "r" * 91),
+        MI_ID.replace("reader-id", "r" * 128),
+        MI_ID.replace("reader-id", "r" * 129),
+        MI_ID.replace("reader-id", "_x1"),
+        MI_ID.replace("rg-1", "g" * 90) + "",
+        MI_ID + "/",
+        MI_ID + "\n",
+    ]
+)
+
+
+@FAST
+@given(mi_variants, st.integers(0, 400))
+def test_the_managed_identity_parser_takes_exactly_what_the_crd_does(value: str, pad: int) -> None:
+    field = SWI["identity"]["properties"]["managedIdentityResourceId"]
+    long = value.replace("rg-1", "g" * min(90, 4 + pad)) if pad > 300 else value
+    assert (parse_managed_identity_id(long) is not None) == crd_accepts(field, long), long
 
 
 @FAST

@@ -30,3 +30,24 @@ async def test_locked_reports_holders():
         assert locks.locked("x")
         assert not locks.locked("y")
     assert not locks.locked("x")
+
+
+async def test_one_namespace_holds_at_most_its_share_of_the_slots():
+    """Issue 18: a tenant with many resources cannot queue everyone else behind it."""
+    from swi_operator.locks import SharedSlots
+
+    slots = SharedSlots(4)
+    release = asyncio.Event()
+
+    async def busy(key: str) -> None:
+        async with slots.hold(key):
+            await release.wait()
+
+    noisy = [asyncio.create_task(busy("noisy-tenant")) for _ in range(10)]
+    await asyncio.sleep(0)
+    assert slots.in_use() == 2  # its share; eight of its handlers wait
+    async with asyncio.timeout(5), slots.hold("quiet-tenant"):
+        assert slots.in_use() == 3  # another namespace goes in at once
+    release.set()
+    await asyncio.gather(*noisy)
+    assert slots.in_use() == 0 and len(slots) == 0  # nothing accumulates

@@ -380,3 +380,19 @@ def test_parse_policies_keeps_valid_ones_only():
 
 def test_errors_are_what_the_pipeline_expects():
     assert issubclass(type(PermanentError(Reason.NOT_AUTHORIZED, "x")), PermanentError)
+
+
+def test_a_namespace_label_change_is_told_from_the_watchs_first_listing() -> None:
+    from swi_operator.policy_review import NamespaceLabels
+
+    def event(kind: str, labels: dict[str, str] | None) -> dict[str, Any]:
+        return {"type": kind, "object": {"metadata": {"name": NS, "labels": labels}}}
+
+    watch = NamespaceLabels()
+    assert not watch.changed(event("ADDED", {"team": "a"}))  # first sight: no change
+    assert not watch.changed(event("MODIFIED", {"team": "a"}))  # an annotation, say
+    assert watch.changed(event("MODIFIED", {}))  # the label went: review now
+    assert watch.changed(event("MODIFIED", {"team": "b"}))
+    assert not watch.changed(event("DELETED", None))
+    assert not watch.changed(event("ADDED", {"team": "c"}))  # re-created: first sight again
+    assert not watch.changed({"type": "MODIFIED", "object": None})

@@ -52,19 +52,19 @@ async def test_one_stuck_database_holds_at_most_half_the_sessions() -> None:
     release = asyncio.Event()
 
     async def hold(target: SqlTarget) -> None:
-        async with database._target_slots(target), database._slots:
+        async with database._slot(target):
             await release.wait()
 
     holders = [asyncio.create_task(hold(stuck)) for _ in range(4)]
     await asyncio.sleep(0)
     # Only two of the four wait inside; the other database still gets a session at once.
-    assert database._slots._value == 2
+    assert database._slots.in_use() == 2
     async with asyncio.timeout(5):
-        async with database._target_slots(other), database._slots:
+        async with database._slot(other):
             pass
     # Spelled differently, the same database shares the same slots.
     same = SqlTarget("tcp:A.database.windows.net,1433", "STUCK")
-    assert database._target_slots(same) is database._target_slots(stuck)
+    assert database._slot_key(same) == database._slot_key(stuck)
     release.set()
     await asyncio.gather(*holders)
     await database.close()
