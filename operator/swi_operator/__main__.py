@@ -6,6 +6,7 @@ naming it and exits 2. See ``swi-operator --help`` for every flag and its enviro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     # Our own peer identity, so that the drift loop can recognise this replica among the peers.
     identity = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+    # With peering, SIGTERM drains before kopf stops and leaves the peering (handlers.start).
+    stop_flag = asyncio.Event()
     kopf.run(
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         peering_name=config.peering,
         identity=identity,  # type: ignore[arg-type]  # kopf's NewType over str, not exported
         liveness_endpoint=config.liveness_endpoint,
-        memo=kopf.Memo(config=config, peer_identity=identity),
+        stop_flag=stop_flag,
+        memo=kopf.Memo(config=config, peer_identity=identity, stop_flag=stop_flag),
     )
     return 0
 

@@ -83,6 +83,7 @@ class Config:
     # Where an Entra token for Azure SQL may be sent (spec.sql.server comes from users).
     allowed_sql_servers: tuple[str, ...] = DEFAULT_SQL_SERVERS
     liveness_endpoint: str | None = None
+    readiness_endpoint: str | None = None  # swi_operator.readiness
     install_crds: Path | None = None
     injection_webhook: bool = False  # serve the pod injection webhook (swi_operator.webhooks)
     require_policy: bool = True  # refuse what no SqlIdentityPolicy allows (swi_operator.policy)
@@ -351,6 +352,13 @@ _SETTINGS: tuple[_Setting, ...] = (
         "serve a liveness probe, e.g. http://0.0.0.0:8080/healthz",
     ),
     _Setting(
+        "readiness_endpoint",
+        "--readiness",
+        "SWI_READINESS",
+        "serve a readiness probe (start-up done, webhook server answering), e.g. "
+        "http://0.0.0.0:8081/readyz",
+    ),
+    _Setting(
         "install_crds",
         "--install-crds",
         "SWI_INSTALL_CRDS",
@@ -563,6 +571,12 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
             f"{_name('liveness_endpoint')} must be an http(s):// URL, got {liveness!r}"
         )
 
+    readiness = raw.get("readiness_endpoint")
+    if readiness is not None and urlsplit(str(readiness)).scheme != "http":
+        raise ConfigError(
+            f"{_name('readiness_endpoint')} must be an http:// URL, got {readiness!r}"
+        )
+
     return Config(
         tenant_id=tenant,
         client_id=client,
@@ -597,6 +611,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         sql_statement_timeout=_number(raw, "sql_statement_timeout", 1),
         allowed_sql_servers=_sql_servers(raw),
         liveness_endpoint=str(liveness) if liveness is not None else None,
+        readiness_endpoint=str(readiness) if readiness is not None else None,
         install_crds=Path(str(crds)) if crds is not None else None,
         injection_webhook=injection == "true",
         require_policy=flags["require_policy"],

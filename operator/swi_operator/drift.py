@@ -16,8 +16,8 @@ This is also what lifts permanent conditions once their cause is gone (a freed c
 granted permission), without a retry loop per resource.
 
 With ``--peering``, kopf pauses the handlers of standby replicas but knows nothing of this loop, so
-``PeeringGate`` applies kopf's own rule to the same peering object before each cycle: this replica
-is active unless another live peer has the same or a higher priority.
+``PeeringGate`` applies kopf's own rule (``peers.active``) to the same peering object before each
+cycle: this replica is active unless another live peer has the same or a higher priority.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from swi_operator import peers
 from swi_operator.cycle import drift_cycle
 from swi_operator.errors import ReconcileError
 from swi_operator.events import EventRecorder
@@ -44,29 +45,26 @@ class PeeringGate:
     """Whether this replica is the active one, by kopf's rule on its peering objects."""
 
     def __init__(
-        self, kube: KubeClient, name: str | None, identity: str | None, priority: int = 0
+        self,
+        kube: KubeClient,
+        name: str | None,
+        identity: str | None,
+        priority: int = 0,
+        drain: peers.Drain | None = None,
     ) -> None:
         self._kube = kube
         self._name = name
         self._identity = identity
         self._priority = priority
+        self.drain = drain or peers.Drain()
 
     async def active(self, namespace: str | None) -> bool:
+        if self.drain.draining:
+            return False  # this replica is leaving (peers.Drain)
         if self._name is None:
             return True  # standalone
-        now = dt.datetime.now(dt.UTC)
-        for peer, info in (await self._kube.peering_status(self._name, namespace)).items():
-            if peer == self._identity or not isinstance(info, Mapping):
-                continue
-            try:
-                seen = dt.datetime.fromisoformat(str(info["lastseen"]))
-                alive = seen + dt.timedelta(seconds=float(info.get("lifetime", 60))) > now
-                priority = int(info.get("priority", 0))
-            except (KeyError, TypeError, ValueError):
-                continue
-            if alive and priority >= self._priority:
-                return False
-        return True
+        listed = await self._kube.peering_status(self._name, namespace)
+        return peers.active(listed, self._identity, self._priority, dt.datetime.now(dt.UTC))
 
 
 class DriftLoop:
@@ -108,7 +106,8 @@ class DriftLoop:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await self.check_all()
+                async with self._gate.drain.work():
+                    await self.check_all()
             except ReconcileError as err:
                 log.warning("drift check skipped: %s", err.message)
             except Exception:

@@ -24,11 +24,15 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import secrets
+import signal
+import time
 from typing import Any
 
 import kopf
 
 from swi_operator import config as config_module
+from swi_operator import peers, readiness
 from swi_operator.errors import TransientError, backoff_delay
 from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION, in_cluster_server
 from swi_operator.naming import OPERATOR_NAME
@@ -36,11 +40,16 @@ from swi_operator.runtime import FINALIZER, Runtime
 from swi_operator.steps import Event
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+LEAVE_SETTLE_S = 0.5
+TAKE_SIGNALS_AFTER_S = 1.0
+_LEAVING: set[asyncio.Task[None]] = set()  # a task the loop must not garbage-collect
 
 log = logging.getLogger(__name__)
 
 
-def configure(settings: kopf.OperatorSettings, config: config_module.Config) -> None:
+def configure(
+    settings: kopf.OperatorSettings, config: config_module.Config, priority: int = 0
+) -> None:
     settings.persistence.finalizer = FINALIZER
     # kopf's state in status, which namespace teams cannot write: in annotations a tenant could
     # patch the diff-base and take its resource out of the operator's view (issue 18).
@@ -56,7 +65,11 @@ def configure(settings: kopf.OperatorSettings, config: config_module.Config) -> 
     settings.posting.event_name_prefix = "swi-"
     settings.peering.standalone = config.peering is None
     if config.peering is not None:
+        # One priority per replica, the oldest highest (peers.py): kopf pauses every replica
+        # that shares its priority with another; a short lifetime lets a killed one go quickly.
         settings.peering.name = config.peering
+        settings.peering.priority = priority
+        settings.peering.lifetime = peers.PEERING_LIFETIME_S
     # A watch that silently stalls would stall the operator: make the server end it regularly.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -72,9 +85,18 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     config = memo.get("config")
     if config is None:  # started by `kopf run` rather than by our __main__
         config, _args = config_module.load([])
-    configure(settings, config)
-    runtime = Runtime.start(config, memo.get("peer_identity"))
+    priority = peers.replica_priority(time.time(), secrets.randbelow(1_000_000))
+    configure(settings, config, priority)
+    runtime = Runtime.start(config, memo.get("peer_identity"), priority)
     memo["runtime"] = runtime
+    ready = readiness.Readiness(
+        webhooks=config.injection_webhook or config.policy_webhook or config.workload_webhook
+    )
+    memo["readiness"] = ready  # the webhook server (webhooks.py) says when it listens
+    if config.readiness_endpoint is not None:
+        memo["readiness_server"] = asyncio.create_task(
+            readiness.serve(config.readiness_endpoint, ready), name="swi-readiness"
+        )
     if config.install_crds is not None:
         await runtime.install_crds(config.install_crds)
     memo["drift"] = asyncio.create_task(runtime.drift.run(), name="swi-drift")
@@ -82,9 +104,41 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         runtime.policy_review.run(), name="swi-policy-review"
     )
     memo["sweep"] = asyncio.create_task(runtime.sweep.run(), name="swi-sweep")
+    stop_flag: asyncio.Event | None = memo.get("stop_flag")  # given by __main__ with peering
+    if stop_flag is not None and config.peering is not None:
+        memo["signals"] = asyncio.create_task(_take_signals(runtime, stop_flag), name="swi-signals")
+    ready.started = True
     log.info("operator started: %s", runtime.config.redacted())
     # The sandbox launcher waits for a line starting with READY on stdout.
     print(f"READY {OPERATOR_NAME} drift_interval={config.drift_interval:g}s", flush=True)
+
+
+async def _take_signals(runtime: Runtime, stop_flag: asyncio.Event) -> None:
+    """SIGTERM and SIGINT drain first (``_leave``). kopf installs its own handlers for them in
+    the same loop iteration as the start-up handlers begin, so ours replace them a moment later
+    (a stop within that moment is kopf's, without the drain)."""
+    await asyncio.sleep(TAKE_SIGNALS_AFTER_S)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _leave, runtime, stop_flag)
+    log.debug("SIGTERM and SIGINT drain before the operator stops")
+
+
+def _leave(runtime: Runtime, stop_flag: asyncio.Event) -> None:
+    """A stop was asked for: drain (peers.Drain), then let kopf stop, which leaves the peering
+    object; the next replica resumes only once nothing here writes any more."""
+
+    async def leave() -> None:
+        log.info("stopping: no new work; waiting for the running handlers and cycles")
+        if not await runtime.drain.drained():
+            log.warning("stopping with work still running after %.0f s", peers.DRAIN_TIMEOUT_S)
+        await asyncio.sleep(LEAVE_SETTLE_S)  # kopf's status patch after the last handler
+        stop_flag.set()
+
+    if not runtime.drain.draining:
+        task = asyncio.get_running_loop().create_task(leave(), name="swi-leave")
+        _LEAVING.add(task)
+        task.add_done_callback(_LEAVING.discard)
 
 
 @kopf.on.login()
@@ -101,7 +155,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for key in ("drift", "policy_review", "sweep"):
+    for key in ("drift", "policy_review", "sweep", "readiness_server", "signals"):
         task: asyncio.Task[None] | None = memo.get(key)
         if task is not None:
             task.cancel()
@@ -123,15 +177,16 @@ async def reconcile(
     body: kopf.Body, patch: kopf.Patch, retry: int, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _runtime(memo)
-    state.drift.handling(str(body.metadata.uid))
-    async with (
-        state.reconcile_slots.hold(str(body.metadata.namespace)),
-        state.resource_locks.hold(str(body.metadata.uid)),
-    ):
-        outcome = await state.pipeline.reconcile(body)
-    if outcome.changed:  # a resume pass over a settled fleet writes nothing (bench/fleet.py)
-        patch.status.update(outcome.status)
-    await state.events.post(body, outcome.events)
+    async with state.drain.work():  # kopf writes the status patch right after this returns
+        state.drift.handling(str(body.metadata.uid))
+        async with (
+            state.reconcile_slots.hold(str(body.metadata.namespace)),
+            state.resource_locks.hold(str(body.metadata.uid)),
+        ):
+            outcome = await state.pipeline.reconcile(body)
+        if outcome.changed:  # a resume pass over a settled fleet writes nothing (bench/fleet.py)
+            patch.status.update(outcome.status)
+        await state.events.post(body, outcome.events)
     if outcome.retry is not None:
         raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
 
@@ -166,13 +221,14 @@ async def finalize(
     body: kopf.Body, retry: int, runtime: dt.timedelta, memo: kopf.Memo, **_: Any
 ) -> None:
     state = _runtime(memo)
-    state.drift.handling(str(body.metadata.uid))
-    async with (
-        state.reconcile_slots.hold(str(body.metadata.namespace)),
-        state.resource_locks.hold(str(body.metadata.uid)),
-    ):
-        outcome = await state.pipeline.finalize(body)
-    await state.events.post(body, outcome.events)
+    async with state.drain.work():
+        state.drift.handling(str(body.metadata.uid))
+        async with (
+            state.reconcile_slots.hold(str(body.metadata.namespace)),
+            state.resource_locks.hold(str(body.metadata.uid)),
+        ):
+            outcome = await state.pipeline.finalize(body)
+        await state.events.post(body, outcome.events)
     if outcome.retry is None:
         state.drift.forget(str(body.metadata.uid))
         return
@@ -185,4 +241,5 @@ async def finalize(
         f"clean-up still failing after {elapsed:.0f}s ({outcome.retry.message}); releasing the "
         "resource: check the identity's federated credentials and database user by hand",
     )
-    await state.events.post(body, [abandoned])
+    async with state.drain.work():
+        await state.events.post(body, [abandoned])

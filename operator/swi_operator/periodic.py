@@ -45,7 +45,8 @@ class DebouncedTask(ABC):
                 pass
             self._wake.clear()
             try:
-                await self.once()
+                async with self._gate.drain.work():
+                    await self.once()
             except ReconcileError as err:
                 log.warning("%s skipped: %s", self.what, err.message)
             except Exception:

@@ -36,6 +36,7 @@ from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.ledger import ConfigMapLedgerStore, Ledger
 from swi_operator.locks import KeyedLocks, SharedSlots
+from swi_operator.peers import Drain
 from swi_operator.pipeline import Pipeline
 from swi_operator.policy_review import NamespaceLabels, PolicyReview
 from swi_operator.sql import Database, OdbcDatabase
@@ -178,11 +179,15 @@ class Runtime:
     # they wait their turn instead of queueing one call each at every service. One namespace
     # holds at most half of them: a tenant with a thousand resources leaves the others the rest.
     reconcile_slots: SharedSlots
+    # Every write runs inside drain.work(); a stopping replica drains before it leaves (peers.py).
+    drain: Drain
     # Namespace labels as the watch last saw them (handlers.namespace_labels_changed).
     namespace_labels: NamespaceLabels = dataclasses.field(default_factory=NamespaceLabels)
 
     @classmethod
-    def start(cls, config: Config, peer_identity: str | None = None) -> Runtime:
+    def start(
+        cls, config: Config, peer_identity: str | None = None, peer_priority: int = 0
+    ) -> Runtime:
         credential = build_credential(config)
         graph_client, graph_http = build_graph_client(
             credential, config.graph_url, config.graph_scope, config.ca_bundle
@@ -238,12 +243,14 @@ class Runtime:
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
+        drain = Drain()  # a stopping replica lets its writes finish first (peers.py)
+        gate = PeeringGate(kube, config.peering, peer_identity, peer_priority, drain)
         drift = DriftLoop(
             pipeline,
             kube,
             resource_locks,
             events,
-            PeeringGate(kube, config.peering, peer_identity),
+            gate,
             namespaces=config.namespaces,
             interval=config.drift_interval,
             finalizer=FINALIZER,
@@ -252,7 +259,7 @@ class Runtime:
         policy_review = PolicyReview(
             kube,
             drift,
-            PeeringGate(kube, config.peering, peer_identity),
+            gate,
             namespaces=config.namespaces,
             require_policy=config.require_policy,
             interval=config.drift_interval,
@@ -263,7 +270,7 @@ class Runtime:
             issuer,
             policies,
             identity_locks,
-            PeeringGate(kube, config.peering, peer_identity),
+            gate,
             namespaces=config.namespaces,
             require_policy=config.require_policy,
             interval=config.sweep_interval,
@@ -287,6 +294,7 @@ class Runtime:
             database,
             exchange,
             SharedSlots(config.max_reconciles),
+            drain,
         )
 
     async def install_crds(self, directory: Path) -> None:

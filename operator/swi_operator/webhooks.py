@@ -73,6 +73,7 @@ from swi_operator.injection import (
     plan,
     service_account_name,
 )
+from swi_operator.readiness import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -474,11 +475,16 @@ class InjectionServer:
     """
 
     def __init__(
-        self, server: kopf.WebhookServer, api: ApiClient, settings: WebhookSettings
+        self,
+        server: kopf.WebhookServer,
+        api: ApiClient,
+        settings: WebhookSettings,
+        readiness: Readiness | None = None,
     ) -> None:
         self._server = server
         self._api = api
         self._settings = settings
+        self._readiness = readiness
 
     async def __call__(self, fn: Any) -> AsyncIterator[Any]:
         async with self._server as server:
@@ -492,6 +498,8 @@ class InjectionServer:
                             patch["webhooks"][0]["clientConfig"].get("url")
                             or f"service {self._settings.namespace}/{self._settings.service}",
                         )
+                if self._readiness is not None:  # listening, and the configurations point here
+                    self._readiness.listening(self._settings.addr, str(kopf_config.get("url")))
                 yield kopf_config
 
 
@@ -530,7 +538,12 @@ class WebhookState:
         return {"metadata": {"name": name, "annotations": annotations}}
 
 
-def build_server(settings: WebhookSettings, api: ApiClient, state: WebhookState) -> InjectionServer:
+def build_server(
+    settings: WebhookSettings,
+    api: ApiClient,
+    state: WebhookState,
+    readiness: Readiness | None = None,
+) -> InjectionServer:
     if settings.tls_dir is not None:
         ca = settings.tls_dir / "ca.crt"
         certfile, pkeyfile, cafile = (
@@ -550,7 +563,7 @@ def build_server(settings: WebhookSettings, api: ApiClient, state: WebhookState)
         pkeyfile=str(pkeyfile),
         cafile=str(cafile) if cafile is not None else None,
     )
-    return InjectionServer(server, api, settings)
+    return InjectionServer(server, api, settings, readiness)
 
 
 @kopf.on.startup()
@@ -570,7 +583,9 @@ async def start_webhook(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: A
         )
     api = await asyncio.to_thread(build_kube_api)
     state = WebhookState(webhook, api)
-    settings.admission.server = await asyncio.to_thread(build_server, webhook, api, state)
+    settings.admission.server = await asyncio.to_thread(
+        build_server, webhook, api, state, memo.get("readiness")
+    )
     memo[MEMO_KEY] = state
     log.info(
         "admission webhooks on %s:%s (TLS: %s; configurations: %s)",

@@ -98,14 +98,8 @@ def install_generic(sandbox: Any, policy_webhook: bool = False) -> None:
         POLICY_CONFIGURATION,
         "--ignore-not-found",
     )
-    kubectl(
-        sandbox,
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-k",
-        str(REPO / "deploy/overlays/generic"),
-    )
+    # The CRDs first: the base holds a ClusterKopfPeering, which needs its CRD established.
+    kubectl(sandbox, "apply", "--server-side", "--force-conflicts", "-k", str(REPO / "crds"))
     kubectl(
         sandbox,
         "wait",
@@ -114,6 +108,14 @@ def install_generic(sandbox: Any, policy_webhook: bool = False) -> None:
         "crd/clusterkopfpeerings.kopf.dev",
         "crd/sqlidentitypolicies.sqlidentity.io",
         "--timeout=60s",
+    )
+    kubectl(
+        sandbox,
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        str(REPO / "deploy/overlays/generic"),
     )
     kubectl(sandbox, "scale", "deployment", OPERATOR, "-n", NAMESPACE, "--replicas=0")
     deadline = time.monotonic() + 120

@@ -128,18 +128,21 @@ def test_schema_accepts_what_the_sandbox_installs() -> None:
 
 
 @pytest.mark.parametrize("values", ["aks-values.yaml", "generic-values.yaml"])
-def test_no_pdb_priority_or_spread_by_default(values: str) -> None:
+def test_two_replicas_that_roll_one_by_one_with_a_pdb_by_default(values: str) -> None:
+    """Some webhooks fail closed: two pods serve them, a rollout never has fewer than two ready,
+    a drain keeps one; the peering object keeps one of them reconciling."""
     docs = render_helm(values)
-    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]
-    pod = _deployment(docs)["spec"]["template"]["spec"]
-    assert "priorityClassName" not in pod and "topologySpreadConstraints" not in pod
-    assert "nodeSelector" not in pod
-
-
-def test_pdb_selects_the_operator_pods_when_enabled() -> None:
-    docs = render_helm(
-        "aks-values.yaml", set_values=("replicaCount=2", "podDisruptionBudget.enabled=true")
-    )
+    deployment = _deployment(docs)
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SWI_PEERING"] == OPERATOR
+    (peering,) = [d for d in docs if d["kind"] == "ClusterKopfPeering"]
+    assert peering["metadata"]["name"] == OPERATOR
     (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["metadata"]["namespace"] == NAMESPACE and pdb["metadata"]["name"] == OPERATOR
@@ -147,10 +150,42 @@ def test_pdb_selects_the_operator_pods_when_enabled() -> None:
     selector = pdb["spec"]["selector"]["matchLabels"]
     key, value = OPERATOR_PODS.split("=")
     assert selector == {key: value}
-    deployment = _deployment(docs)
     assert selector == deployment["spec"]["selector"]["matchLabels"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
+
+
+@pytest.mark.parametrize("values", ["aks-values.yaml", "generic-values.yaml"])
+def test_readiness_is_the_operators_endpoint_and_liveness_kopfs(values: str) -> None:
+    (container,) = _deployment(render_helm(values))["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    ready, live = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
+    assert (ready["path"], ports[ready["port"]]) == ("/readyz", 8081)
+    assert env["SWI_READINESS"] == "http://0.0.0.0:8081/readyz"
+    assert (live["path"], ports[live["port"]]) == ("/healthz", 8080)
+    assert env["SWI_LIVENESS"] == "http://0.0.0.0:8080/healthz"
+    assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+
+
+def test_one_replica_recreates_without_peering_or_pdb() -> None:
+    docs = render_helm(
+        "aks-values.yaml", set_values=("replicaCount=1", "podDisruptionBudget.enabled=false")
+    )
+    deployment = _deployment(docs)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "SWI_PEERING" not in {e["name"] for e in container["env"]}
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"PodDisruptionBudget", "ClusterKopfPeering"}
+
+
+@pytest.mark.parametrize("values", ["aks-values.yaml", "generic-values.yaml"])
+def test_no_priority_or_spread_by_default(values: str) -> None:
+    pod = _deployment(render_helm(values))["spec"]["template"]["spec"]
+    assert "priorityClassName" not in pod and "topologySpreadConstraints" not in pod
+    assert "nodeSelector" not in pod
 
 
 def test_pdb_takes_a_percentage() -> None:
@@ -163,13 +198,12 @@ def test_pdb_takes_a_percentage() -> None:
 
 
 def test_pdb_that_would_block_every_drain_is_refused() -> None:
-    result = _template(
-        "-f", str(CHART / "ci" / "aks-values.yaml"), "--set", "podDisruptionBudget.enabled=true"
-    )
+    result = _template("-f", str(CHART / "ci" / "aks-values.yaml"), "--set", "replicaCount=1")
     assert result.returncode != 0
     assert "podDisruptionBudget.minAvailable (1) must be lower than replicaCount (1)" in (
         result.stderr
     )
+    assert "one replica: podDisruptionBudget.enabled=false" in result.stderr
 
 
 def test_priority_class_spread_and_node_selector_reach_the_pod() -> None:

@@ -1,12 +1,18 @@
-"""Faults on a running install (e2e tier, a sandbox of its own): the operator installed with its
-chart is killed (its pod force-deleted) in the middle of onboarding 50 resources; its Deployment
-starts a new pod, every resource turns Ready, and no federated credential or database user is
-duplicated or left without a resource."""
+"""Faults on a running install (e2e tier, a sandbox of its own), with the chart's two replicas:
+the active operator pod is force-deleted in the middle of onboarding 50 resources; the standby
+takes over (its failover time is printed), every resource turns Ready, a resource created after
+the kill too, and no federated credential or database user is duplicated or left without a
+resource. Then `helm upgrade` rolls both pods to another image. Through both, server-side dry runs
+probe the two fail-closed webhooks every 0.2 s and none may be refused, and the pods' logs and the
+peering object show one writer at a time, never two."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -155,7 +161,237 @@ def _operator_pods(env: dict[str, str]) -> list[dict[str, Any]]:
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
 
-def test_the_operator_pod_killed_while_onboarding_50_resources(
+PEERING = "sql-workload-identity-operator"  # the chart's ClusterKopfPeering
+RESUMED = "Resuming operations"  # kopf, when a paused replica becomes the active one
+DRAINING = "stopping: no new work"  # the operator, on SIGTERM, before it leaves the peering
+# What only a reconciling replica logs: kopf's handler outcomes and our drift check.
+WRITES = ("Handler '", "drift check of")
+
+
+def _peering(env: dict[str, str]) -> dict[str, Any]:
+    found = json.loads(kubectl(env, "get", "clusterkopfpeering", PEERING, "-o", "json"))
+    status: dict[str, Any] = found.get("status") or {}
+    return status
+
+
+def _live_peers(status: dict[str, Any]) -> dict[str, int]:
+    """pod name -> priority of the records kopf counts now (our identity: <pod>/<pid>/<random>)."""
+    now = dt.datetime.now(dt.UTC)
+    live = {}
+    for identity, info in status.items():
+        if not isinstance(info, dict) or "lastseen" not in info:
+            continue
+        seen = dt.datetime.fromisoformat(str(info["lastseen"]))
+        if seen + dt.timedelta(seconds=int(info.get("lifetime", 60))) > now:
+            live[identity.split("/")[0]] = int(info.get("priority", 0))
+    return live
+
+
+def _active_pod(env: dict[str, str]) -> str | None:
+    live = _live_peers(_peering(env))
+    return max(live, key=lambda pod: live[pod]) if live else None
+
+
+def _stamp(text: str) -> float:
+    """kubectl logs --timestamps' RFC 3339 (nanoseconds) as Unix seconds."""
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z", text)
+    assert m, text
+    whole = dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.UTC).timestamp()
+    return whole + float(f"0.{m.group(2) or 0}")
+
+
+class OperatorLogs:
+    """Follows every operator pod's log from the moment it runs (kubectl logs -f --timestamps),
+    whatever happens to the pod later."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self.lines: dict[str, list[tuple[float, str]]] = {}
+        self._procs: list[subprocess.Popen[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._discover, daemon=True)
+
+    def __enter__(self) -> OperatorLogs:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for proc in self._procs:
+            proc.terminate()
+
+    def _discover(self) -> None:
+        while not self._stop.is_set():
+            raw = subprocess.run(
+                ["kubectl", "-n", install.NAMESPACE, "get", "pods", "-o", "json"],
+                capture_output=True, text=True, env=self._env, check=False,
+            )  # fmt: skip
+            pods = json.loads(raw.stdout)["items"] if raw.returncode == 0 else []
+            for pod in pods:
+                name = pod["metadata"]["name"]
+                if name not in self.lines and pod["status"].get("phase") == "Running":
+                    self.lines[name] = []
+                    proc = subprocess.Popen(
+                        ["kubectl", "-n", install.NAMESPACE, "logs", "-f", "--timestamps", name],
+                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                        env=self._env,
+                    )  # fmt: skip
+                    self._procs.append(proc)
+                    threading.Thread(target=self._read, args=(name, proc), daemon=True).start()
+            time.sleep(0.5)
+
+    def _read(self, pod: str, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            stamp, _, text = line.rstrip("\n").partition(" ")
+            self.lines[pod].append((_stamp(stamp), text))
+
+    def first(self, pod: str, needle: str, after: float = 0.0) -> float | None:
+        return next(
+            (t for t, text in self.lines.get(pod, []) if needle in text and t > after), None
+        )
+
+    def transitions(self) -> list[str]:
+        """Each change of writer: when, which pod, what it logged (for a failure's message)."""
+        events = sorted(
+            (t, pod, text)
+            for pod, lines in self.lines.items()
+            for t, text in lines
+            if any(w in text for w in WRITES)
+        )
+        changes, last = [], None
+        for t, pod, text in events:
+            if pod != last:
+                changes.append(f"{t:.3f} {pod}: {text[:120]}")
+                last = pod
+        return changes
+
+    def writers(self) -> list[str]:
+        """The pods in the order they reconciled, consecutive runs merged: a pod listed twice
+        wrote again after another one had written, i.e. two writers at once."""
+        events = sorted(
+            (t, pod)
+            for pod, lines in self.lines.items()
+            for t, text in lines
+            if any(w in text for w in WRITES)
+        )
+        order: list[str] = []
+        for _, pod in events:
+            if not order or order[-1] != pod:
+                order.append(pod)
+        return order
+
+    def wrote_before_resuming(self) -> list[str]:
+        """Pods that reconciled before kopf let them (a write before their own RESUMED line)."""
+        early = []
+        for pod, lines in self.lines.items():
+            resumed = self.first(pod, RESUMED)
+            writes = [t for t, text in lines if any(w in text for w in WRITES)]
+            if writes and (resumed is None or min(writes) < resumed):
+                early.append(pod)
+        return early
+
+
+class PeeringWatch:
+    """Samples the peering object every 0.2 s: kopf pauses every replica that shares its priority
+    with a live peer, so no sample may show two live records with the same priority."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self.samples = 0
+        self.clashes: list[dict[str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeeringWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(AssertionError, ValueError):
+                live = _live_peers(_peering(self._env))
+                self.samples += 1
+                if len(set(live.values())) < len(live):
+                    self.clashes.append(live)
+            time.sleep(0.2)
+
+
+class AdmissionProbe:
+    """Server-side dry runs every 0.2 s of a SqlWorkloadIdentity (the policy webhook, Fail) and
+    of a labelled pod (the injection webhook, Fail); counts what was sent and refused."""
+
+    def __init__(self, env: dict[str, str], ns: str, app: dict[str, Any]) -> None:
+        self._env = env
+        self._docs = {
+            "policy": {
+                "apiVersion": "sqlidentity.io/v1alpha1",
+                "kind": "SqlWorkloadIdentity",
+                "metadata": {"name": "probe", "namespace": ns},
+                "spec": {
+                    "serviceAccountName": "probe",
+                    "identity": {"applicationClientId": app["appId"]},
+                },
+            },
+            "injection": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": "probe",
+                    "namespace": ns,
+                    "labels": {"azure.workload.identity/use": "true"},
+                },
+                "spec": {
+                    "serviceAccountName": "probe",
+                    "containers": [
+                        {"name": "main", "image": "sql-workload-identity-workload:0.1.0"}
+                    ],
+                },
+            },
+        }
+        self.sent: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> AdmissionProbe:
+        # The pod's service account must exist (the API server checks it before the webhooks);
+        # a plain one: nothing to inject, the request only has to be answered.
+        sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "probe"}}
+        ns = self._docs["injection"]["metadata"]["namespace"]
+        kubectl(self._env, "-n", ns, "apply", "-f", "-", stdin=json.dumps(sa))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for kind, doc in self._docs.items():
+                proc = subprocess.run(
+                    ["kubectl", "apply", "--dry-run=server", "-f", "-"],
+                    input=json.dumps(doc), capture_output=True, text=True, env=self._env,
+                    check=False,
+                )  # fmt: skip
+                self.sent[kind] += 1
+                if proc.returncode != 0:
+                    self.refused[kind] += 1
+                    self.errors.append(f"{kind}: {proc.stderr.strip()}")
+            time.sleep(0.2)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {self.refused[k]}/{self.sent[k]}" for k in ("policy", "injection"))
+
+
+def test_the_active_operator_pod_killed_while_onboarding_50_resources(
     installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
 ) -> None:
     state_dir, env, apps = installed
@@ -163,27 +399,62 @@ def test_the_operator_pod_killed_while_onboarding_50_resources(
     entra = AdminClient.from_state_dir(state_dir)
     entra.latency("graph.*", 0.3)
     docs, subjects = _manifests(apps)
-    kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
-    (first,) = _operator_pods(env)
-    started = wait_for("a few resources Ready", lambda: 3 <= _ready_count(env) < N, timeout=300)
-    assert started
-    killed_at = _ready_count(env)
-    kubectl(
-        env, "-n", install.NAMESPACE, "delete", "pod", first["metadata"]["name"],
-        "--grace-period=0", "--force", "--wait=false",
-    )  # fmt: skip
-    # The Deployment starts another pod, which takes the work over.
-    wait_for(
-        "the operator's new pod to run",
-        lambda: any(
-            p["metadata"]["name"] != first["metadata"]["name"]
-            and p["status"].get("phase") == "Running"
-            for p in _operator_pods(env)
-        ),
-        timeout=180,
+    pods = wait_for("the chart's two replicas", lambda: len(_operator_pods(env)) == 2, 120)
+    assert pods
+    with OperatorLogs(env) as logs, PeeringWatch(env) as peering:
+        active = wait_for("a replica reconciling", lambda: _active_pod(env), timeout=120)
+        (standby,) = [p["metadata"]["name"] for p in _operator_pods(env)
+                      if p["metadata"]["name"] != active]  # fmt: skip
+        kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
+        with AdmissionProbe(env, "e2e-00", apps[0]) as probe:
+            started = wait_for("a few resources Ready", lambda: 3 <= _ready_count(env) < N, 300)
+            assert started
+            killed_at = _ready_count(env)
+            killed = time.time()
+            kubectl(
+                env, "-n", install.NAMESPACE, "delete", "pod", active,
+                "--grace-period=0", "--force", "--wait=false",
+            )  # fmt: skip
+            # The standby takes over; the Deployment starts a third pod, which waits on standby.
+            resumed = wait_for(
+                "the standby to take over", lambda: logs.first(standby, RESUMED, killed), 120
+            )
+            after = {
+                "apiVersion": "sqlidentity.io/v1alpha1",
+                "kind": "SqlWorkloadIdentity",
+                "metadata": {"name": "after-kill", "namespace": "e2e-00"},
+                "spec": {
+                    "serviceAccountName": "after-kill",
+                    "identity": {"applicationClientId": apps[0]["appId"]},
+                },
+            }
+            kubectl(env, "apply", "-f", "-", stdin=json.dumps(after))
+            subjects[apps[0]["name"]].add("system:serviceaccount:e2e-00:after-kill")
+            wait_for(
+                "the operator's new pod to run",
+                lambda: len([p for p in _operator_pods(env)
+                             if p["status"].get("phase") == "Running"]) == 2,
+                timeout=180,
+            )  # fmt: skip
+            wait_for(f"all {N + 1} resources Ready", lambda: _ready_count(env) == N + 1, 600)
+            ready = time.time()
+        time.sleep(2)  # the last log lines
+    print(
+        f"\nfailover: the standby resumed {resumed - killed:.1f} s after the active pod was "
+        f"force-deleted ({killed_at}/{N} Ready then; all {N + 1} Ready "
+        f"{ready - killed:.0f} s after); admission requests refused during the kill: "
+        f"{probe.summary()}; peering samples: {peering.samples}"
     )
-    wait_for(f"all {N} resources Ready", lambda: _ready_count(env) == N, timeout=600)
+    print("writers in turn:\n  " + "\n  ".join(logs.transitions()))
+    print(f"the killed pod drained: {logs.first(active, DRAINING) is not None}")
     assert killed_at < N, "the kill came after onboarding ended: it tested nothing"
+    assert not probe.errors, probe.errors[:3]
+    assert probe.sent["policy"] > 10 and probe.sent["injection"] > 10
+    # One writer at a time: the killed pod, then the standby, and the new pod not yet.
+    assert logs.writers() == [active, standby], (killed, resumed, logs.transitions())
+    assert not logs.wrote_before_resuming(), logs.wrote_before_resuming()
+    assert not peering.clashes, peering.clashes[:3]
+    assert peering.samples > 10
 
     # No duplicate and no orphan federated credential: each app trusts exactly its resources'
     # subjects, once each.
@@ -203,15 +474,14 @@ def test_the_operator_pod_killed_while_onboarding_50_resources(
     assert all("db_datareader" in roles[app["name"]] for app in apps), roles
 
 
-def test_helm_upgrade_to_another_image_keeps_everything_and_counts_refusals(
+def test_helm_upgrade_to_another_image_refuses_no_admission_and_keeps_everything(
     installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
 ) -> None:
-    """After the 50 (the test above): a labelled Deployment exists, then `helm upgrade` moves the
-    operator to another image reference while admission requests keep coming. Nothing is lost;
-    the requests the webhooks refused while the one replica was replaced are counted (printed;
-    the high-availability issue brings them to zero)."""
+    """After the test above: a labelled Deployment exists, then `helm upgrade` rolls both replicas
+    to another image reference while admission requests keep coming. None is refused, one replica
+    reconciles at a time, and nothing is lost."""
     state_dir, env, apps = installed
-    assert _ready_count(env) == N, "needs the 50 Ready resources of the test above"
+    assert _ready_count(env) == N + 1, "needs the Ready resources of the test above"
     entra = AdminClient.from_state_dir(state_dir)
     before = {p["name"]: p["credentials"] for p in entra.call("GET", "state")["principals"]}
     ns, app = "e2e-00", apps[0]
@@ -250,87 +520,57 @@ def test_helm_upgrade_to_another_image_keeps_everything_and_counts_refusals(
     }
     kubectl(env, "apply", "-f", "-", stdin=json.dumps(reader))
     kubectl(env, "apply", "-f", "-", stdin=json.dumps(deployment))
-    wait_for("the reader resource Ready", lambda: _ready_count(env) == N + 1, timeout=300)
+    wait_for("the reader resource Ready", lambda: _ready_count(env) == N + 2, timeout=300)
     label = "{.spec.template.metadata.labels.azure\\.workload\\.identity/use}"
     assert kubectl(env, "-n", ns, "get", "deploy", "reader", "-o", f"jsonpath={label}") == "true"
 
-    # Admission requests during the upgrade: a resource (the policy webhook, Fail) and a
-    # labelled pod (the injection webhook, Fail), both server-side dry runs, every 0.2 s.
-    refused: Counter[str] = Counter()
-    sent: Counter[str] = Counter()
-    unexpected: list[str] = []
-    stop = threading.Event()
-    probe_swi = {
-        **reader,
-        "metadata": {"name": "probe", "namespace": ns},
-        "spec": {**reader["spec"], "serviceAccountName": "probe"},  # reader's is taken
-    }
-    probe_pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": "probe",
-            "namespace": ns,
-            "labels": {"azure.workload.identity/use": "true"},
-        },
-        "spec": {
-            "serviceAccountName": "reader",
-            "containers": [{"name": "main", "image": "sql-workload-identity-workload:0.1.0"}],
-        },
-    }
+    # Admission requests during the upgrade: both fail-closed webhooks, every 0.2 s.
+    with OperatorLogs(env) as logs, PeeringWatch(env) as peering:
+        with AdmissionProbe(env, ns, app) as probe:
+            old = {p["metadata"]["name"] for p in _operator_pods(env)}
+            assert len(old) == 2, old
+            # Another reference to the operator's image, as a rebuilt image would be.
+            ref = next(r for r in images.image_refs() if r.startswith(f"{install.RELEASE}:"))
+            tag = node.ctr(state_dir, "images", "tag", "--force", images.qualified(ref),
+                           images.qualified(f"{ref}-upgrade"))  # fmt: skip
+            subprocess.run(tag, check=True, capture_output=True)
+            started = time.time()
+            subprocess.run(
+                [str(helm_binary()), "upgrade", install.RELEASE, str(install.CHART), "-n",
+                 install.NAMESPACE, "--reuse-values",
+                 "--set", f"image.tag={ref.split(':')[1]}-upgrade", "--wait", "--timeout", "5m"],
+                check=True, capture_output=True, env=env,
+            )  # fmt: skip
 
-    def probe() -> None:
-        while not stop.is_set():
-            for kind, doc in (("policy", probe_swi), ("injection", probe_pod)):
-                proc = subprocess.run(
-                    ["kubectl", "apply", "--dry-run=server", "-f", "-"],
-                    input=json.dumps(doc), capture_output=True, text=True, env=env, check=False,
-                )  # fmt: skip
-                sent[kind] += 1
-                if proc.returncode != 0:
-                    refused[kind] += 1
-                    # Only an unreachable webhook may refuse these (the API server's words).
-                    if "failed calling webhook" not in proc.stderr:
-                        unexpected.append(proc.stderr)
-            time.sleep(0.2)
+            def upgraded_alone() -> list[dict[str, Any]] | None:
+                pods = _operator_pods(env)
+                names = {p["metadata"]["name"] for p in pods}
+                return pods if len(pods) == 2 and not names & old else None
 
-    prober = threading.Thread(target=probe, daemon=True)
-    prober.start()
-    try:
-        (old,) = _operator_pods(env)
-        # Another reference to the operator's image, as a rebuilt image would be.
-        ref = next(r for r in images.image_refs() if r.startswith(f"{install.RELEASE}:"))
-        tag = node.ctr(state_dir, "images", "tag", "--force", images.qualified(ref),
-                       images.qualified(f"{ref}-upgrade"))  # fmt: skip
-        subprocess.run(tag, check=True, capture_output=True)
-        subprocess.run(
-            [str(helm_binary()), "upgrade", install.RELEASE, str(install.CHART), "-n",
-             install.NAMESPACE, "--reuse-values", "--set", f"image.tag={ref.split(':')[1]}-upgrade",
-             "--wait", "--timeout", "5m"],
-            check=True, capture_output=True, env=env,
-        )  # fmt: skip
-
-        def upgraded_alone() -> list[dict[str, Any]] | None:
-            pods = _operator_pods(env)
-            alone = len(pods) == 1 and pods[0]["metadata"]["name"] != old["metadata"]["name"]
-            return pods if alone else None
-
-        (new,) = wait_for("the upgraded operator alone", upgraded_alone, timeout=180)
-        assert new["spec"]["containers"][0]["image"].endswith("-upgrade")
-        time.sleep(5)  # a few more probes against the new pod
-    finally:
-        stop.set()
-        prober.join(timeout=60)
+            new = wait_for("the two upgraded replicas alone", upgraded_alone, timeout=180)
+            rolled = time.time()
+            assert all(p["spec"]["containers"][0]["image"].endswith("-upgrade") for p in new)
+            wait_for("an upgraded replica reconciling", lambda: _active_pod(env) in {
+                p["metadata"]["name"] for p in new}, timeout=120)  # fmt: skip
+            time.sleep(5)  # a few more probes against the new pods
+        time.sleep(2)  # the last log lines
     print(
-        f"\nadmission requests refused during the upgrade: policy {refused['policy']}/"
-        f"{sent['policy']}, injection {refused['injection']}/{sent['injection']}"
+        f"\nadmission requests refused during the upgrade ({rolled - started:.0f} s): "
+        f"{probe.summary()}; writers in turn: {logs.writers()}"
     )
+    assert not probe.errors, probe.errors[:3]
+    assert probe.sent["policy"] > 10 and probe.sent["injection"] > 10
+    writers = logs.writers()
+    assert len(writers) == len(set(writers)), logs.transitions()
+    assert not logs.wrote_before_resuming(), logs.wrote_before_resuming()
+    assert not peering.clashes, peering.clashes[:3]
+    # Each replaced pod was stopped by SIGTERM and drained before it left the peering.
+    assert all(logs.first(pod, DRAINING) is not None for pod in old), {
+        pod: logs.lines.get(pod, [])[-3:] for pod in old
+    }
     # Nothing lost: every resource Ready again, the same credentials, the workload still labelled.
-    wait_for("every resource Ready after the upgrade", lambda: _ready_count(env) == N + 1, 300)
+    wait_for("every resource Ready after the upgrade", lambda: _ready_count(env) == N + 2, 300)
     after = {p["name"]: p["credentials"] for p in entra.call("GET", "state")["principals"]}
     for each in apps[1:]:
         assert after[each["name"]] == before[each["name"]], each["name"]
     assert kubectl(env, "-n", ns, "get", "deploy", "reader", "-o", f"jsonpath={label}") == "true"
-    assert not unexpected, unexpected[:3]
-    # The probes were admitted when a pod served them (before and after the rollout).
-    assert sent["policy"] > refused["policy"] and sent["injection"] > refused["injection"]

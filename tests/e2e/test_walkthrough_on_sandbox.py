@@ -177,11 +177,13 @@ def test_the_readme_walkthrough_runs_on_the_sandbox(own_sandbox: Path, tmp_path:
             capture_output=True, text=True, env=env, check=True,
         ).stdout
     )  # fmt: skip
-    (operator_pod,) = pods["items"]
-    container = operator_pod["spec"]["containers"][0]
-    assert container["image"] == f"{ACR}.azurecr.io/sql-workload-identity-operator:0.1.0"
-    names = {e["name"] for e in container.get("env", [])}
-    assert "AZURE_FEDERATED_TOKEN_FILE" in names and "AZURE_CLIENT_SECRET" not in names
+    live = [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")]
+    assert len(live) == 2, [p["metadata"]["name"] for p in live]  # the chart's two replicas
+    for operator_pod in live:
+        container = operator_pod["spec"]["containers"][0]
+        assert container["image"] == f"{ACR}.azurecr.io/sql-workload-identity-operator:0.1.0"
+        names = {e["name"] for e in container.get("env", [])}
+        assert "AZURE_FEDERATED_TOKEN_FILE" in names and "AZURE_CLIENT_SECRET" not in names
     # The seed's ending: the workload's pod prints the five customers.
     deadline = time.monotonic() + 180
     while "(5 rows)" not in (log := _logs(env)) and time.monotonic() < deadline:

@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 import pytest
 from operator_fakes import APP, ISSUER, MI_ID, TENANT, FakeKube, FakeStore, resource  # type: ignore[import-not-found]
-from swi_operator import conditions
+from swi_operator import conditions, peers
 from swi_operator.cloud import FederatedCredential, ResolvedIdentity
 from swi_operator.errors import PermanentError, Reason, TransientError
 from swi_operator.naming import credential_name, subject_for
@@ -252,6 +252,8 @@ class RecordingDrift:
 
 
 class AlwaysActive:
+    drain = peers.Drain()
+
     async def active(self, namespace: str | None) -> bool:
         return True
 
