@@ -30,6 +30,7 @@ import kopf
 from swi_operator import config as config_module
 from swi_operator.errors import TransientError, backoff_delay
 from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION, in_cluster_server
+from swi_operator.metrics import MetricsServer
 from swi_operator.naming import OPERATOR_NAME
 from swi_operator.runtime import FINALIZER, Runtime
 from swi_operator.steps import Event
@@ -72,6 +73,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     if config is None:  # started by `kopf run` rather than by our __main__
         config, _args = config_module.load([])
     configure(settings, config)
+    if config.metrics_port:
+        try:
+            memo["metrics"] = MetricsServer.start(config.metrics_address, config.metrics_port)
+        except OSError as exc:
+            raise kopf.PermanentError(str(exc)) from exc
     runtime = Runtime.start(config, memo.get("peer_identity"))
     memo["runtime"] = runtime
     if config.install_crds is not None:
@@ -108,6 +114,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
                 await task
     if "runtime" in memo:
         await _runtime(memo).close()
+    if "metrics" in memo:
+        memo["metrics"].stop()
 
 
 def _retry(error: TransientError, attempt: int, cap: float) -> kopf.TemporaryError:

@@ -34,6 +34,7 @@ from swi_operator.errors import ARM, GRAPH
 from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.locks import KeyedLocks
+from swi_operator.metrics import TrackedSlots
 from swi_operator.pipeline import Pipeline
 from swi_operator.policy_review import PolicyReview
 from swi_operator.sql import Database, OdbcDatabase
@@ -179,7 +180,9 @@ class Runtime:
         graph_client, graph_http = build_graph_client(
             credential, config.graph_url, config.graph_scope, config.ca_bundle
         )
-        graph_writes = Pacer(config.graph_write_rate, burst=max(config.graph_write_rate, 1.0))
+        graph_writes = Pacer(
+            config.graph_write_rate, burst=max(config.graph_write_rate, 1.0), name="graph"
+        )
         graph_gate = CallGate(GRAPH, config.cloud_concurrency, writes=graph_writes)
         graph = GraphCredentialStore(graph_client, graph_gate, config.tenant_id)
         arm = ArmCredentialStore(
@@ -269,7 +272,7 @@ class Runtime:
             kube_api,
             database,
             exchange,
-            asyncio.Semaphore(config.max_reconciles),
+            TrackedSlots(config.max_reconciles),
         )
 
     async def install_crds(self, directory: Path) -> None:
