@@ -30,12 +30,14 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from swi_operator import version
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+disable_created_metrics()  # no *_created series: a restart shows in process_start_time_seconds
 
 # Cloud calls last from milliseconds (a cached Graph read) to a 30 s timeout; reconciles and
 # drift cycles up to minutes (a fleet of a thousand at a restart).
