@@ -176,9 +176,6 @@ def _operator_env(state_dir: Path) -> dict[str, str]:
         # As deployed: a resource needs a SqlIdentityPolicy (deploy/examples/policies.yaml);
         # SWI_REQUIRE_POLICY=false leaves identities no policy names unrestricted.
         "SWI_REQUIRE_POLICY": os.environ.get("SWI_REQUIRE_POLICY", "true"),
-        # Metrics only when asked for (SWI_METRICS_PORT=9090): the default port of an operator
-        # on this machine would clash with every other sandbox's.
-        "SWI_METRICS_PORT": os.environ.get("SWI_METRICS_PORT", "0"),
         # The ODBC driver's registration: database users and the Verified probe log in to the
         # SQL emulator (what /etc/odbcinst.ini does in the operator's image).
         **{k: v for k, v in sandbox.items() if k == "ODBCSYSINI"},

@@ -83,7 +83,7 @@ class Config:
     # Where an Entra token for Azure SQL may be sent (spec.sql.server comes from users).
     allowed_sql_servers: tuple[str, ...] = DEFAULT_SQL_SERVERS
     liveness_endpoint: str | None = None
-    metrics_port: int = 9090  # Prometheus metrics (swi_operator.metrics); 0: not served
+    metrics_port: int = 0  # Prometheus metrics (swi_operator.metrics); 0: not served
     metrics_address: str = "0.0.0.0"
     log_format: str = "text"  # text (kopf's) or json: one JSON object per line
     install_crds: Path | None = None
@@ -351,8 +351,9 @@ _SETTINGS: tuple[_Setting, ...] = (
         "metrics_port",
         "--metrics-port",
         "SWI_METRICS_PORT",
-        "port of the Prometheus metrics endpoint (/metrics, plain HTTP); 0 serves none",
-        "9090",
+        "port of the Prometheus metrics endpoint (/metrics, plain HTTP), e.g. 9090 as deploy/ "
+        "and the chart set it; 0 serves none",
+        "0",
     ),
     _Setting(
         "metrics_address",

@@ -1,7 +1,7 @@
 """Faults on a running install (e2e tier, a sandbox of its own): the operator installed with its
 chart is killed (its pod force-deleted) in the middle of onboarding 50 resources; its Deployment
 starts a new pod, every resource turns Ready, and no federated credential or database user is
-duplicated or left without a resource."""
+duplicated or left without a resource; the pod's metrics count what it did."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox import images, install, launcher, node
 from sandbox.entra.ctl import AdminClient
@@ -201,6 +202,44 @@ def test_the_operator_pod_killed_while_onboarding_50_resources(
         assert users[app["name"]] == 1, users
     roles = {u["name"]: u["roles"] for u in server["databases"]["mydb"]}
     assert all("db_datareader" in roles[app["name"]] for app in apps), roles
+
+
+def test_the_operator_pod_serves_its_metrics(
+    installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
+) -> None:
+    """The chart's metrics Service, through the API server's service proxy (the way Prometheus
+    in the cluster reaches it over the pod network): the operator pod that onboarded the 50 (the
+    test above; applied again here, which is a no-op after it) counts its reconciles and its
+    Graph requests with their statuses, and the policy webhook's answer to a server-side dry run
+    of one more resource."""
+    _, env, apps = installed
+    docs, _ = _manifests(apps)
+    kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
+    wait_for(f"all {N} resources Ready", lambda: _ready_count(env) == N, timeout=600)
+    (probe,) = [d for d in docs if d["metadata"]["name"] == "swi-00"]
+    probe = {**probe, "metadata": {**probe["metadata"], "name": "swi-metrics-probe"}}
+    kubectl(env, "apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(probe))
+    path = (
+        f"/api/v1/namespaces/{install.NAMESPACE}/services/"
+        "http:sql-workload-identity-operator-metrics:metrics/proxy/metrics"
+    )
+    text = kubectl(env, "get", "--raw", path)
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    ready = sum(
+        s.value
+        for s in families["swi_reconciles"]
+        if s.labels["operation"] == "reconcile" and s.labels["result"] == "ready"
+    )
+    assert ready > 0, families["swi_reconciles"]
+    graph = [s for s in families["swi_cloud_requests"] if s.labels["service"] == "graph"]
+    assert sum(s.value for s in graph if s.labels["status"].startswith("2")) > 0, graph
+    assert families["swi_reconcile_slots"][0].value > 0
+    admitted = [
+        s
+        for s in families["swi_webhook_requests"]
+        if s.labels["webhook"] == "validate-sqlworkloadidentity" and s.labels["result"] == "allowed"
+    ]
+    assert sum(s.value for s in admitted) > 0, families["swi_webhook_requests"]
 
 
 def test_helm_upgrade_to_another_image_keeps_everything_and_counts_refusals(

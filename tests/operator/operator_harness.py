@@ -189,9 +189,6 @@ def operator_environment(sandbox: Any, world: World, namespace: str) -> dict[str
         # Identities no SqlIdentityPolicy names are unrestricted here; the guardrail tests
         # (test_policy_*.py) turn requirePolicy on and create the policies they need.
         "SWI_REQUIRE_POLICY": "false",
-        # No metrics endpoint (its default port would be shared by every operator a test run
-        # starts at once); test_operator_metrics.py gives its operator a free port.
-        "SWI_METRICS_PORT": "0",
     }
 
 

@@ -100,18 +100,19 @@ def test_secret_and_token_file_together_are_refused(tmp_path):
 def test_metrics_and_log_format_settings():
     config, _ = load([], BASE)
     assert (config.metrics_port, config.metrics_address, config.log_format) == (
-        9090,
+        0,
         "0.0.0.0",
         "text",
     )
-    env = {**BASE, "SWI_METRICS_PORT": "0", "SWI_LOG_FORMAT": "JSON"}
+    assert config.redacted()["metrics"] == "(off)"
+    env = {**BASE, "SWI_METRICS_PORT": "9090", "SWI_LOG_FORMAT": "JSON"}
     config, _ = load(["--metrics-address", "127.0.0.1"], env)
     assert (config.metrics_port, config.metrics_address, config.log_format) == (
-        0,
+        9090,
         "127.0.0.1",
         "json",
     )
-    assert config.redacted()["metrics"] == "(off)"
+    assert config.redacted()["metrics"] == "127.0.0.1:9090"
 
 
 def test_version_is_the_package_version(capsys):
