@@ -221,11 +221,11 @@ def timed(histogram: Histogram, *labels: str) -> Iterator[None]:
 
 
 def observed_webhook(
-    webhook: str,
+    webhook: str, refusal: type[Exception]
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """Wrap an admission handler: its duration, and whether it allowed, denied (an exception
-    named ``AdmissionError``: kopf's refusal, recognised by name so this module needs no kopf)
-    or failed."""
+    """Wrap an admission handler: its duration, and whether it allowed, denied (it raised
+    ``refusal``: kopf's ``AdmissionError``, passed in so that this module needs no kopf) or
+    failed."""
 
     def wrap(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(handler)
@@ -236,9 +236,8 @@ def observed_webhook(
                     returned = await handler(*args, **kwargs)
                 result = "allowed"
                 return returned
-            except Exception as exc:
-                if type(exc).__name__ == "AdmissionError":
-                    result = "denied"
+            except refusal:
+                result = "denied"
                 raise
             finally:
                 WEBHOOK_REQUESTS.labels(webhook, result).inc()

@@ -595,7 +595,7 @@ async def stop_webhook(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.mutate("", "v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], labels={USE_LABEL: "true"})
-@metrics.observed_webhook(WEBHOOK_ID)
+@metrics.observed_webhook(WEBHOOK_ID, kopf.AdmissionError)
 async def inject(
     body: kopf.Body,
     patch: kopf.Patch,

@@ -125,7 +125,7 @@ def _handler(kind: WorkloadKind) -> Any:
         id=webhooks.WORKLOAD_WEBHOOK_ID,
         operations=["CREATE", "UPDATE"],
     )
-    @metrics.observed_webhook(webhooks.WORKLOAD_WEBHOOK_ID)
+    @metrics.observed_webhook(webhooks.WORKLOAD_WEBHOOK_ID, kopf.AdmissionError)
     async def label(
         body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, namespace: str | None, **_: Any
     ) -> None:

@@ -162,10 +162,10 @@ async def test_pipeline_counts_reconciles_by_result_and_reason_and_times_steps()
 
 
 async def test_webhook_wrapper_counts_allowed_denied_and_failed():
-    class AdmissionError(Exception):  # kopf's refusal is recognised by its name
+    class AdmissionError(Exception):  # stands for kopf's
         pass
 
-    @metrics.observed_webhook("test-hook")
+    @metrics.observed_webhook("test-hook", AdmissionError)
     async def handler(verdict: str) -> str:
         await asyncio.sleep(0)
         if verdict == "deny":
