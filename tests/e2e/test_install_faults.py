@@ -217,7 +217,11 @@ def test_the_operator_pod_serves_its_metrics(
     kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
     wait_for(f"all {N} resources Ready", lambda: _ready_count(env) == N, timeout=600)
     (probe,) = [d for d in docs if d["metadata"]["name"] == "swi-00"]
-    probe = {**probe, "metadata": {**probe["metadata"], "name": "swi-metrics-probe"}}
+    probe = {
+        **probe,
+        "metadata": {**probe["metadata"], "name": "swi-metrics-probe"},
+        "spec": {**probe["spec"], "serviceAccountName": "sa-metrics-probe"},
+    }
     kubectl(env, "apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(probe))
     path = (
         f"/api/v1/namespaces/{install.NAMESPACE}/services/"
