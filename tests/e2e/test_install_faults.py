@@ -207,11 +207,12 @@ def test_the_operator_pod_killed_while_onboarding_50_resources(
 def test_the_operator_pod_serves_its_metrics(
     installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
 ) -> None:
-    """The chart's metrics Service, through the API server's service proxy (the way Prometheus
-    in the cluster reaches it over the pod network): the operator pod that onboarded the 50 (the
-    test above; applied again here, which is a no-op after it) counts its reconciles and its
-    Graph requests with their statuses, and the policy webhook's answer to a server-side dry run
-    of one more resource."""
+    """The chart's metrics Service and port, and the operator pod's /metrics fetched over the pod
+    network through the API server's pod proxy (the sandbox's controller-manager keeps
+    EndpointSlices only, which the service proxy does not read): the pod that onboarded the 50
+    (the test above; applied again here, which is a no-op after it) counts its reconciles and
+    its Graph requests with their statuses, and the policy webhook's answer to a server-side dry
+    run of one more resource."""
     _, env, apps = installed
     docs, _ = _manifests(apps)
     kubectl(env, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
@@ -223,9 +224,19 @@ def test_the_operator_pod_serves_its_metrics(
         "spec": {**probe["spec"], "serviceAccountName": "sa-metrics-probe"},
     }
     kubectl(env, "apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(probe))
+    service = json.loads(
+        kubectl(
+            env, "-n", install.NAMESPACE, "get", "service",
+            "sql-workload-identity-operator-metrics", "-o", "json",
+        )
+    )  # fmt: skip
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9090, "protocol": "TCP", "targetPort": "metrics"}
+    ]
+    (pod,) = [p for p in _operator_pods(env) if p["status"].get("phase") == "Running"]
     path = (
-        f"/api/v1/namespaces/{install.NAMESPACE}/services/"
-        "http:sql-workload-identity-operator-metrics:metrics/proxy/metrics"
+        f"/api/v1/namespaces/{install.NAMESPACE}/pods/"
+        f"http:{pod['metadata']['name']}:9090/proxy/metrics"
     )
     text = kubectl(env, "get", "--raw", path)
     families = {f.name: f.samples for f in text_string_to_metric_families(text)}
