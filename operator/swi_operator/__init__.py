@@ -16,3 +16,15 @@ Where things are (the layout is the architecture):
 
 Domain modules never import kopf, so they are testable with the fakes in tests/operator/unit.
 """
+
+from importlib import metadata as _metadata
+
+DISTRIBUTION = "sql-workload-identity-operator"
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml's), for ``--version`` and the metrics."""
+    try:
+        return _metadata.version(DISTRIBUTION)
+    except _metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"

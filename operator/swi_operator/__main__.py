@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     if config.workload_webhook:
         from swi_operator import workload_webhook  # noqa: F401  (labels workloads at admission)
 
-    kopf.configure(verbose=args.verbose, log_prefix=True)
+    # kopf's JSON formatter (python-json-logger, a dependency of kopf's) for --log-format json:
+    # one object per line with the resource's namespace and name as fields of their own.
+    log_format = kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(
+        verbose=args.verbose, log_format=log_format, log_prefix=log_format != kopf.LogFormat.JSON
+    )
     for chatty in ("azure", "httpx"):  # one log line per HTTP request otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     # Our own peer identity, so that the drift loop can recognise this replica among the peers.

@@ -11,6 +11,7 @@ Everything is validated before kopf starts, and each message names the flag and 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from swi_operator import version
 from swi_operator.spec import is_guid
 
 PUBLIC_AUTHORITY = "https://login.microsoftonline.com"
@@ -84,6 +86,9 @@ class Config:
     allowed_sql_servers: tuple[str, ...] = DEFAULT_SQL_SERVERS
     liveness_endpoint: str | None = None
     readiness_endpoint: str | None = None  # swi_operator.readiness
+    metrics_port: int = 0  # Prometheus metrics (swi_operator.metrics); 0: not served
+    metrics_address: str = "0.0.0.0"
+    log_format: str = "text"  # text (kopf's) or json: one JSON object per line
     install_crds: Path | None = None
     injection_webhook: bool = False  # serve the pod injection webhook (swi_operator.webhooks)
     require_policy: bool = True  # refuse what no SqlIdentityPolicy allows (swi_operator.policy)
@@ -115,6 +120,9 @@ class Config:
             "peering": self.peering or "(standalone)",
             "ledger_namespace": self.ledger_namespace,
             "require_policy": self.require_policy,
+            "metrics": f"{self.metrics_address}:{self.metrics_port}"
+            if self.metrics_port
+            else "(off)",
         }
 
 
@@ -359,6 +367,28 @@ _SETTINGS: tuple[_Setting, ...] = (
         "http://0.0.0.0:8081/readyz",
     ),
     _Setting(
+        "metrics_port",
+        "--metrics-port",
+        "SWI_METRICS_PORT",
+        "port of the Prometheus metrics endpoint (/metrics, plain HTTP), e.g. 9090 as deploy/ "
+        "and the chart set it; 0 serves none",
+        "0",
+    ),
+    _Setting(
+        "metrics_address",
+        "--metrics-address",
+        "SWI_METRICS_ADDRESS",
+        "address the metrics endpoint listens on (127.0.0.1: this machine only)",
+        "0.0.0.0",
+    ),
+    _Setting(
+        "log_format",
+        "--log-format",
+        "SWI_LOG_FORMAT",
+        "text (kopf's lines) or json (one JSON object per line, for log collectors)",
+        "text",
+    ),
+    _Setting(
         "install_crds",
         "--install-crds",
         "SWI_INSTALL_CRDS",
@@ -424,6 +454,7 @@ def parser() -> argparse.ArgumentParser:
             help=f"{s.help} [{s.env}]{default_note}",
         )
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return p
 
 
@@ -577,6 +608,26 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
             f"{_name('readiness_endpoint')} must be an http:// URL, got {readiness!r}"
         )
 
+    metrics_port = _number(raw, "metrics_port", 0)
+    if metrics_port > 65535 or metrics_port != int(metrics_port):
+        raise ConfigError(
+            f"{_name('metrics_port')} must be a port number (0 to 65535), got {metrics_port:g}"
+        )
+    for key, endpoint in (("liveness_endpoint", liveness), ("readiness_endpoint", readiness)):
+        if endpoint is not None and metrics_port and urlsplit(str(endpoint)).port == metrics_port:
+            raise ConfigError(
+                f"{_name('metrics_port')} {metrics_port:g} is the port of {_name(key)}: "
+                "give them different ports"
+            )
+    metrics_address = str(raw.get("metrics_address"))
+    try:
+        ipaddress.ip_address(metrics_address)
+    except ValueError:
+        raise ConfigError(
+            f"{_name('metrics_address')} must be an IP address such as 0.0.0.0 or 127.0.0.1, "
+            f"got {metrics_address!r}"
+        ) from None
+
     return Config(
         tenant_id=tenant,
         client_id=client,
@@ -612,6 +663,9 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         allowed_sql_servers=_sql_servers(raw),
         liveness_endpoint=str(liveness) if liveness is not None else None,
         readiness_endpoint=str(readiness) if readiness is not None else None,
+        metrics_port=int(metrics_port),
+        metrics_address=metrics_address,
+        log_format=_choice(raw, "log_format", ("text", "json")),
         install_crds=Path(str(crds)) if crds is not None else None,
         injection_webhook=injection == "true",
         require_policy=flags["require_policy"],

@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from swi_operator import peers
+from swi_operator import metrics, peers
 from swi_operator.cycle import drift_cycle
 from swi_operator.errors import ReconcileError
 from swi_operator.events import EventRecorder
@@ -124,9 +124,11 @@ class DriftLoop:
             served = []  # every namespace
         listed_at = next(self._ticks)
         started = time.monotonic()
-        resources = await self._kube.list_resources(served)
-        with drift_cycle():  # one read per identity, namespace and database (cycle.py)
-            await asyncio.gather(*(self._check(body, listed_at) for body in resources))
+        with metrics.timed(metrics.DRIFT_CYCLE_DURATION):
+            resources = await self._kube.list_resources(served)
+            metrics.DRIFT_RESOURCES.set(len(resources))
+            with drift_cycle():  # one read per identity, namespace and database (cycle.py)
+                await asyncio.gather(*(self._check(body, listed_at) for body in resources))
         log.info(
             "drift check of %d resources done in %.1f s", len(resources), time.monotonic() - started
         )

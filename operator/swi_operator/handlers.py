@@ -35,6 +35,7 @@ from swi_operator import config as config_module
 from swi_operator import peers, readiness
 from swi_operator.errors import TransientError, backoff_delay
 from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION, in_cluster_server
+from swi_operator.metrics import MetricsServer
 from swi_operator.naming import OPERATOR_NAME
 from swi_operator.runtime import FINALIZER, Runtime
 from swi_operator.steps import Event
@@ -87,6 +88,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         config, _args = config_module.load([])
     priority = peers.replica_priority(time.time(), secrets.randbelow(1_000_000))
     configure(settings, config, priority)
+    if config.metrics_port:
+        try:
+            memo["metrics"] = MetricsServer.start(config.metrics_address, config.metrics_port)
+        except OSError as exc:
+            raise kopf.PermanentError(str(exc)) from exc
     runtime = Runtime.start(config, memo.get("peer_identity"), priority)
     memo["runtime"] = runtime
     ready = readiness.Readiness(
@@ -163,6 +169,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
                 await task
     if "runtime" in memo:
         await _runtime(memo).close()
+    if "metrics" in memo:
+        memo["metrics"].stop()
 
 
 def _retry(error: TransientError, attempt: int, cap: float) -> kopf.TemporaryError:

@@ -44,12 +44,15 @@ class SharedSlots:
     """``total`` slots, of which one key (a namespace, a database) holds at most ``share``: a
     tenant with a thousand resources, or a database whose statements wait on a tenant's locks,
     leaves the others the rest instead of queueing them behind it (issue 18). Per-key entries
-    live only while someone holds or awaits them."""
+    live only while someone holds or awaits them. ``slots`` is the semaphore of the ``total``
+    (a ``metrics.TrackedSlots`` counts its holders), a plain one if not given."""
 
-    def __init__(self, total: int, share: int | None = None) -> None:
+    def __init__(
+        self, total: int, share: int | None = None, slots: asyncio.Semaphore | None = None
+    ) -> None:
         self.total = total
         self.share = share if share is not None else max(1, total // 2)
-        self._all = asyncio.Semaphore(total)
+        self._all = slots if slots is not None else asyncio.Semaphore(total)
         self._keys: dict[str, tuple[asyncio.Semaphore, int]] = {}
 
     @contextlib.asynccontextmanager

@@ -25,11 +25,12 @@ never had access is refused without any call beyond the gate's own.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from swi_operator import conditions
+from swi_operator import conditions, metrics
 from swi_operator.conditions import Condition
 from swi_operator.errors import (
     NotAuthorizedError,
@@ -39,7 +40,7 @@ from swi_operator.errors import (
     TransientError,
 )
 from swi_operator.spec import Spec, SpecError, parse_spec
-from swi_operator.steps import Context, Event, ResourceRef, Revocable, Step
+from swi_operator.steps import Context, Event, ResourceRef, Revocable, Step, StepResult
 
 
 @dataclass
@@ -69,6 +70,31 @@ class Pipeline:
         return Context(resource_ref(body), spec, body.get("status") or {}, self._tenant)
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
+        outcome = await self._reconcile(body)
+        ready = conditions.find(outcome.status.get("conditions") or [], conditions.READY)
+        if outcome.retry is not None:
+            result, reason = "retry", str(outcome.retry.reason)
+        elif ready is not None and ready.is_true:
+            result, reason = "ready", ready.reason
+        else:
+            result, reason = "not_ready", ready.reason if ready is not None else ""
+        metrics.RECONCILES.labels("reconcile", result, reason).inc()
+        return outcome
+
+    async def _step(self, step: Step, ctx: Context) -> StepResult:
+        """One step's reconcile, timed (metrics.STEP_DURATION)."""
+        started = time.perf_counter()
+        result = "ok"
+        try:
+            return await step.reconcile(ctx)
+        except ReconcileError as err:
+            result = "transient" if err.transient else "permanent"
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.STEP_DURATION.labels(step.condition, result).observe(elapsed)
+
+    async def _reconcile(self, body: Mapping[str, Any]) -> Outcome:
         ref = resource_ref(body)
         previous: Mapping[str, Any] = body.get("status") or {}
         old_conditions: list[Mapping[str, Any]] = list(previous.get("conditions") or [])
@@ -88,7 +114,7 @@ class Pipeline:
         retry: TransientError | None = None
         for index, step in enumerate(self.steps):
             try:
-                result = await step.reconcile(ctx)
+                result = await self._step(step, ctx)
             except ReconcileError as err:
                 before = conditions.find(old_conditions, step.condition)
                 if isinstance(err, TransientError):
@@ -204,4 +230,8 @@ class Pipeline:
                     f"clean-up of {step.condition} failed and will not be retried: {err.message}",
                     "Warning",
                 )
+        if retry is None:
+            metrics.RECONCILES.labels("finalize", "done", "").inc()
+        else:
+            metrics.RECONCILES.labels("finalize", "retry", str(retry.reason)).inc()
         return Outcome({}, ctx.events, retry)

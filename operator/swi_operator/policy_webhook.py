@@ -30,7 +30,7 @@ from typing import Any
 
 import kopf
 
-from swi_operator import webhooks
+from swi_operator import metrics, webhooks
 from swi_operator.errors import ReconcileError
 from swi_operator.kube import GROUP, PLURAL, VERSION
 from swi_operator.runtime import Runtime
@@ -55,6 +55,7 @@ def _same_service_account_claimed(
 @kopf.on.validate(
     GROUP, VERSION, PLURAL, id=webhooks.POLICY_WEBHOOK_ID, operations=["CREATE", "UPDATE"]
 )
+@metrics.observed_webhook(webhooks.POLICY_WEBHOOK_ID, kopf.AdmissionError)
 async def validate(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     old, new = kwargs.get("old"), kwargs.get("new")
     same_spec = old is not None and new is not None and old.get("spec") == new.get("spec")

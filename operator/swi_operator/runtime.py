@@ -36,6 +36,7 @@ from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient, KubernetesClient
 from swi_operator.ledger import ConfigMapLedgerStore, Ledger
 from swi_operator.locks import KeyedLocks, SharedSlots
+from swi_operator.metrics import TrackedSlots
 from swi_operator.peers import Drain
 from swi_operator.pipeline import Pipeline
 from swi_operator.policy_review import NamespaceLabels, PolicyReview
@@ -192,7 +193,9 @@ class Runtime:
         graph_client, graph_http = build_graph_client(
             credential, config.graph_url, config.graph_scope, config.ca_bundle
         )
-        graph_writes = Pacer(config.graph_write_rate, burst=max(config.graph_write_rate, 1.0))
+        graph_writes = Pacer(
+            config.graph_write_rate, burst=max(config.graph_write_rate, 1.0), name="graph"
+        )
         graph_gate = CallGate(GRAPH, config.cloud_concurrency, writes=graph_writes)
         graph = GraphCredentialStore(graph_client, graph_gate, config.tenant_id)
         arm = ArmCredentialStore(
@@ -293,7 +296,9 @@ class Runtime:
             kube_api,
             database,
             exchange,
-            SharedSlots(config.max_reconciles),
+            SharedSlots(
+                config.max_reconciles, slots=TrackedSlots(config.max_reconciles)
+            ),
             drain,
         )
 

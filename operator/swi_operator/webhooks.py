@@ -65,6 +65,7 @@ from kubernetes import config as kube_config
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from swi_operator import metrics
 from swi_operator.injection import (
     PUBLIC_AUTHORITY_HOST,
     USE_LABEL,
@@ -609,6 +610,7 @@ async def stop_webhook(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.mutate("", "v1", "pods", id=WEBHOOK_ID, operations=["CREATE"], labels={USE_LABEL: "true"})
+@metrics.observed_webhook(WEBHOOK_ID, kopf.AdmissionError)
 async def inject(
     body: kopf.Body,
     patch: kopf.Patch,

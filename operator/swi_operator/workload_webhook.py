@@ -38,7 +38,7 @@ from typing import Any
 
 import kopf
 
-from swi_operator import webhooks
+from swi_operator import metrics, webhooks
 from swi_operator.errors import ReconcileError
 from swi_operator.kube import WORKLOAD_KINDS, WorkloadKind
 from swi_operator.runtime import Runtime
@@ -125,6 +125,7 @@ def _handler(kind: WorkloadKind) -> Any:
         id=webhooks.WORKLOAD_WEBHOOK_ID,
         operations=["CREATE", "UPDATE"],
     )
+    @metrics.observed_webhook(webhooks.WORKLOAD_WEBHOOK_ID, kopf.AdmissionError)
     async def label(
         body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, namespace: str | None, **_: Any
     ) -> None:

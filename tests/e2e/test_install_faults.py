@@ -4,7 +4,7 @@ takes over (its failover time is printed), every resource turns Ready, a resourc
 the kill too, and no federated credential or database user is duplicated or left without a
 resource. Then `helm upgrade` rolls both pods to another image. Through both, server-side dry runs
 probe the two fail-closed webhooks every 0.2 s and none may be refused, and the pods' logs and the
-peering object show one writer at a time, never two."""
+peering object show one writer at a time, never two; the pods' metrics count what each did."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox import images, install, launcher, node
 from sandbox.entra.ctl import AdminClient
@@ -472,6 +473,68 @@ def test_the_active_operator_pod_killed_while_onboarding_50_resources(
         assert users[app["name"]] == 1, users
     roles = {u["name"]: u["roles"] for u in server["databases"]["mydb"]}
     assert all("db_datareader" in roles[app["name"]] for app in apps), roles
+
+
+def test_the_operator_pods_serve_their_metrics(
+    installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
+) -> None:
+    """The chart's metrics Service and port, and each operator pod's /metrics fetched over the
+    pod network through the API server's pod proxy (the sandbox's controller-manager keeps
+    EndpointSlices only, which the service proxy does not read): the active replica, which took
+    over the onboarding in the test above, counts its reconciles and its Graph requests with
+    their statuses, the standby counts none, and the policy webhook's answers to server-side dry
+    runs (either replica may serve them) are counted."""
+    _, env, apps = installed
+    assert _ready_count(env) == N + 1, "needs the Ready resources of the test above"
+    docs, _ = _manifests(apps)
+    (probe,) = [d for d in docs if d["metadata"]["name"] == "swi-00"]
+    probe = {
+        **probe,
+        "metadata": {**probe["metadata"], "name": "swi-metrics-probe"},
+        "spec": {**probe["spec"], "serviceAccountName": "sa-metrics-probe"},
+    }
+    for _ in range(4):
+        kubectl(env, "apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(probe))
+    service = json.loads(
+        kubectl(
+            env, "-n", install.NAMESPACE, "get", "service",
+            "sql-workload-identity-operator-metrics", "-o", "json",
+        )
+    )  # fmt: skip
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9090, "protocol": "TCP", "targetPort": "metrics"}
+    ]
+    running = [p["metadata"]["name"] for p in _operator_pods(env)
+               if p["status"].get("phase") == "Running"]  # fmt: skip
+    assert len(running) == 2, running
+    active = _active_pod(env)
+    assert active in running, (active, running)
+    families: dict[str, dict[str, Any]] = {}
+    for pod in running:
+        path = f"/api/v1/namespaces/{install.NAMESPACE}/pods/http:{pod}:9090/proxy/metrics"
+        text = kubectl(env, "get", "--raw", path)
+        families[pod] = {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+    def ready(pod: str) -> float:
+        return sum(
+            s.value
+            for s in families[pod]["swi_reconciles"]
+            if s.labels["operation"] == "reconcile" and s.labels["result"] == "ready"
+        )
+
+    assert ready(active) > 0, families[active]["swi_reconciles"]
+    (standby,) = [pod for pod in running if pod != active]
+    assert ready(standby) == 0, families[standby]["swi_reconciles"]
+    graph = [s for s in families[active]["swi_cloud_requests"] if s.labels["service"] == "graph"]
+    assert sum(s.value for s in graph if s.labels["status"].startswith("2")) > 0, graph
+    assert families[active]["swi_reconcile_slots"][0].value > 0
+    admitted = [
+        s
+        for pod in running
+        for s in families[pod]["swi_webhook_requests"]
+        if s.labels["webhook"] == "validate-sqlworkloadidentity" and s.labels["result"] == "allowed"
+    ]
+    assert sum(s.value for s in admitted) >= 4, admitted
 
 
 def test_helm_upgrade_to_another_image_refuses_no_admission_and_keeps_everything(

@@ -115,6 +115,13 @@ def test_cli_help_runs(image: tuple[str, str]) -> None:
     assert "usage:" in proc.stdout
 
 
+def test_cli_version_is_the_package_version(image: tuple[str, str]) -> None:
+    ref, container = image
+    proc = run(container, EXPECTED[ref]["cli"], "--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == images.project_version(), proc.stdout
+
+
 def test_every_console_script_runs(image: tuple[str, str]) -> None:
     ref, container = image
     listed = run(container, "sh", "-c", "ls /opt/swi/bin | grep '^swi-'")

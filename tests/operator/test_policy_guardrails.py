@@ -360,7 +360,9 @@ def test_the_narrower_policy_wins(
     assert cluster.wait_condition("reader")["status"] == "True"
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_no_secret_or_token_in_logs_events_or_status(
+    log_format: str,
     sql: SqlAdmin,
     guarded_env: dict[str, str],
     cluster: Cluster,
@@ -370,8 +372,9 @@ def test_no_secret_or_token_in_logs_events_or_status(
     tmp_path: Path,
 ) -> None:
     """The whole chain (federation, database user, the Verified probe's token exchange and SQL
-    login), then a revocation, with debug logging; then every log line, Event and status is
-    scanned for the operator's secret and for anything shaped like a token or a key."""
+    login), then a revocation, with debug logging in both log formats (--log-format); then every
+    log line, Event and status is scanned for the operator's secret and for anything shaped like
+    a token or a key."""
     policies.create(
         "customer",
         {"applicationClientId": world.customer_api.client_id},
@@ -381,7 +384,7 @@ def test_no_secret_or_token_in_logs_events_or_status(
     log_path = tmp_path / "operator.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "swi_operator", "--verbose"],
+            [sys.executable, "-m", "swi_operator", "--verbose", "--log-format", log_format],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **guarded_env},
@@ -427,6 +430,8 @@ def test_no_secret_or_token_in_logs_events_or_status(
         "a client secret field": re.compile(r"client_secret=[^&\s]+"),
     }
     assert len(haystacks["the operator's log"]) > 1000, "the scan needs a real log"
+    if log_format == "json":  # the scan read JSON records, not kopf's text lines
+        assert '"message":' in haystacks["the operator's log"]
     reasons = {e.split()[0] for e in events}
     assert {"DatabaseUserCreated", "AccessRevoked", "DatabaseUserDropped"} <= reasons, reasons
     for where, text in haystacks.items():

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from dataclasses import replace
+from importlib import metadata
 
 from swi_workload.client import SqlClient
 from swi_workload.errors import ConfigurationError, WorkloadError
@@ -43,7 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retry-delay", type=float, help="first backoff delay in seconds (5)")
     parser.add_argument("--login-timeout", type=int, help="seconds to wait for a login (30)")
     parser.add_argument("--verbose", "-v", action="store_true", help="timings on stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return parser.parse_args(argv)
+
+
+def version() -> str:
+    """The installed distribution's version (the image installs it with pip)."""
+    try:
+        return metadata.version("sql-workload-identity-operator")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

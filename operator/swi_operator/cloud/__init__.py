@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from swi_operator import metrics
 from swi_operator.errors import Reason, TransientError, classify
 from swi_operator.spec import ApplicationRef, IdentityRef, ManagedIdentityRef
 
@@ -128,8 +129,10 @@ class Pacer:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         *,
         headroom: float = 0.0,
+        name: str = "",
     ) -> None:
         self.rate = rate
+        self.name = name  # the pacer label of its wait metric (metrics.PACER_WAIT): not an id
         self._interval = 1.0 / (rate * (1.0 - headroom)) if rate > 0 else 0.0
         self._tolerance = max(burst - 1.0, 0.0) * self._interval
         self._clock = clock
@@ -143,6 +146,8 @@ class Pacer:
         due = max(self._next, now)
         self._next = due + self._interval
         wait = due - self._tolerance - now
+        if self.name:
+            metrics.PACER_WAIT.labels(self.name).observe(max(wait, 0.0))
         if wait > 0:
             await self._sleep(wait)
 

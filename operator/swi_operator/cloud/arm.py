@@ -29,6 +29,7 @@ from azure.mgmt.msi.v2024_11_30.models import (
     FederatedIdentityCredential as ArmCredential,
 )
 
+from swi_operator import metrics
 from swi_operator.cloud import CallGate, FederatedCredential, Lookups, Pacer, ResolvedIdentity
 from swi_operator.cycle import changed, shared_read
 from swi_operator.spec import IdentityRef, ManagedIdentityRef
@@ -55,6 +56,7 @@ def arm_client_factory(
             base_url=base_url,
             credential_scopes=[scope],
             retry_total=0,
+            **metrics.azure_hooks("arm"),
             **(transport_options or {}),
         )
 
@@ -91,14 +93,16 @@ class ArmCredentialStore:
 
     def _paces(self, mi: ManagedIdentityRef) -> tuple[Pacer, ...]:
         wanted = (
-            (f"subscription {mi.subscription_id}", self._subscription_rate),
-            (mi.key, self._identity_rate),
+            (f"subscription {mi.subscription_id}", "arm-subscription", self._subscription_rate),
+            (mi.key, "arm-identity", self._identity_rate),
         )
-        for key, rate in wanted:
+        for key, name, rate in wanted:
             if key not in self._pacers:
                 # a second's worth of burst; 5% of the rate left unused against arrival jitter
-                self._pacers[key] = Pacer(rate, burst=max(rate, 1.0), headroom=ARM_HEADROOM)
-        return tuple(self._pacers[key] for key, _ in wanted)
+                self._pacers[key] = Pacer(
+                    rate, burst=max(rate, 1.0), headroom=ARM_HEADROOM, name=name
+                )
+        return tuple(self._pacers[key] for key, _, _ in wanted)
 
     def _client(self, subscription_id: str) -> ManagedServiceIdentityClient:
         client = self._clients.get(subscription_id)

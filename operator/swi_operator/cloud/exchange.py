@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from swi_operator import metrics
 from swi_operator.errors import Reason, TransientError, retry_after_seconds
 
 HTTP_TIMEOUT_S = 30.0
@@ -56,7 +57,12 @@ class EntraTokenExchange:
             ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
         )
         # trust_env: HTTPS_PROXY as for the operator's other Azure calls.
-        self._http = httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, verify=verify, trust_env=True)
+        self._http = httpx.AsyncClient(
+            timeout=HTTP_TIMEOUT_S,
+            verify=verify,
+            trust_env=True,
+            event_hooks=metrics.httpx_hooks("entra"),
+        )
 
     async def exchange(self, tenant_id: str, client_id: str, assertion: str, scope: str) -> str:
         url = f"{self._authority}/{tenant_id}/oauth2/v2.0/token"

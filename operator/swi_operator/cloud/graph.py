@@ -44,6 +44,7 @@ from msgraph.graph_request_adapter import GraphRequestAdapter
 from msgraph.graph_service_client import GraphServiceClient
 from msgraph_core import GraphClientFactory  # type: ignore[import-untyped]
 
+from swi_operator import metrics
 from swi_operator.cloud import CallGate, FederatedCredential, Lookups, ResolvedIdentity
 from swi_operator.cycle import changed, shared_read
 from swi_operator.errors import PermanentError, Reason
@@ -63,7 +64,12 @@ def build_graph_client(
         ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
     )
     http = GraphClientFactory.create_with_default_middleware(
-        client=httpx.AsyncClient(base_url=base_url, timeout=HTTP_TIMEOUT_S, verify=verify),
+        client=httpx.AsyncClient(
+            base_url=base_url,
+            timeout=HTTP_TIMEOUT_S,
+            verify=verify,
+            event_hooks=metrics.httpx_hooks("graph"),
+        ),
         options={RetryHandlerOption.get_key(): RetryHandlerOption(max_retries=0)},
     )
     host = urlsplit(base_url).hostname or ""

@@ -34,9 +34,9 @@ from typing import Any, Protocol
 from swi_workload.settings import SQL_SCOPE
 from swi_workload.tokens import unverified_claims
 
-from swi_operator import conditions
+from swi_operator import conditions, metrics
 from swi_operator.cloud.exchange import ExchangeRejected, TokenExchange
-from swi_operator.errors import Reason, TransientError
+from swi_operator.errors import Reason, ReconcileError, TransientError
 from swi_operator.sql import Database, SqlFailed, SqlTarget
 from swi_operator.steps import Context, StepResult
 
@@ -136,6 +136,15 @@ class VerificationStep:
             assert previous is not None
             kept = conditions.parse(previous)
             return StepResult(kept.status, kept.reason, kept.message, _fields(ctx, record))
+        try:
+            result = await self._probe(ctx, record, now)
+        except ReconcileError as err:  # the probe could not finish (an outage): no verdict
+            metrics.VERIFIED_PROBES.labels("Unknown", str(err.reason)).inc()
+            raise
+        metrics.VERIFIED_PROBES.labels(result.status, result.reason).inc()
+        return result
+
+    async def _probe(self, ctx: Context, record: dict[str, Any], now: float) -> StepResult:
         record["lastProbeTime"] = _rfc3339(now)
         identity = ctx.require_identity()
         sa, namespace = ctx.spec.service_account_name, ctx.resource.namespace

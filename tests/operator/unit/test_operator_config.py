@@ -71,6 +71,20 @@ def test_secret_is_never_shown():
         (["--posting-level", "LOUD"], BASE, "--posting-level / SWI_POSTING_LEVEL"),
         (["--ca-bundle", "/nonexistent.pem"], BASE, "--ca-bundle / SWI_CA_BUNDLE"),
         (["--subscription-id", "sub"], BASE, "--subscription-id / AZURE_SUBSCRIPTION_ID"),
+        (["--metrics-port", "70000"], BASE, "--metrics-port / SWI_METRICS_PORT"),
+        (["--metrics-port", "80.5"], BASE, "--metrics-port / SWI_METRICS_PORT"),
+        (
+            ["--metrics-port", "8080", "--liveness", "http://0.0.0.0:8080/healthz"],
+            BASE,
+            "--metrics-port / SWI_METRICS_PORT 8080 is the port of --liveness / SWI_LIVENESS",
+        ),
+        (
+            ["--metrics-port", "8081", "--readiness", "http://0.0.0.0:8081/readyz"],
+            BASE,
+            "--metrics-port / SWI_METRICS_PORT 8081 is the port of --readiness / SWI_READINESS",
+        ),
+        (["--metrics-address", "any"], BASE, "--metrics-address / SWI_METRICS_ADDRESS"),
+        (["--log-format", "xml"], BASE, "--log-format / SWI_LOG_FORMAT"),
     ],
 )
 def test_bad_settings_are_named(argv, env, named):
@@ -86,3 +100,31 @@ def test_secret_and_token_file_together_are_refused(tmp_path):
     env = {k: v for k, v in BASE.items() if k != "AZURE_CLIENT_SECRET"}
     config, _ = load(["--federated-token-file", str(token)], env)
     assert config.federated_token_file == token and config.client_secret is None
+
+
+def test_metrics_and_log_format_settings():
+    config, _ = load([], BASE)
+    assert (config.metrics_port, config.metrics_address, config.log_format) == (
+        0,
+        "0.0.0.0",
+        "text",
+    )
+    assert config.redacted()["metrics"] == "(off)"
+    env = {**BASE, "SWI_METRICS_PORT": "9090", "SWI_LOG_FORMAT": "JSON"}
+    config, _ = load(["--metrics-address", "127.0.0.1"], env)
+    assert (config.metrics_port, config.metrics_address, config.log_format) == (
+        9090,
+        "127.0.0.1",
+        "json",
+    )
+    assert config.redacted()["metrics"] == "127.0.0.1:9090"
+
+
+def test_version_is_the_package_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exited:
+        load(["--version"], BASE)
+    assert exited.value.code == 0
+    expected = metadata.version("sql-workload-identity-operator")
+    assert capsys.readouterr().out.strip() == f"swi-operator {expected}"
