@@ -109,6 +109,16 @@ _AUTH_CODES = {
 }
 
 
+async def _request_json(request: web.Request) -> Any:
+    """The request's JSON body (``{}`` when empty), or ARM's 400 for one that does not parse."""
+    try:
+        return json.loads(await request.text() or "{}")
+    except ValueError as exc:
+        raise ArmError(
+            400, "InvalidRequestContent", f"The request content was invalid: {exc}"
+        ) from exc
+
+
 def _identity_json(sub: str, identity: Principal) -> dict[str, Any]:
     return {
         "id": _identity_id(sub, identity),
@@ -302,12 +312,7 @@ class ArmService:
                 f"Resource name '{name}' is invalid. The name can be 3 to 128 characters long: "
                 "letters, digits, '-' and '_', starting with a letter or digit.",
             )
-        try:
-            body = json.loads(await request.text() or "{}")
-        except ValueError as exc:
-            raise ArmError(
-                400, "InvalidRequestContent", f"The request content was invalid: {exc}"
-            ) from exc
+        body = await _request_json(request)
         location = body.get("location") if isinstance(body, dict) else None
         if not isinstance(location, str) or not location:
             raise ArmError(
@@ -414,12 +419,7 @@ class ArmService:
         self, request: web.Request, params: PathParams, caller: Caller
     ) -> web.StreamResponse:
         identity = self._identity(caller, params, f"{CREDENTIAL_TYPE}/write")
-        try:
-            body = json.loads(await request.text() or "{}")
-        except ValueError as exc:
-            raise ArmError(
-                400, "InvalidRequestContent", f"The request content was invalid: {exc}"
-            ) from exc
+        body = await _request_json(request)
         properties = body.get("properties") if isinstance(body, dict) else None
         if not isinstance(properties, dict):
             raise ArmError(400, "BadRequest", "The request body must contain 'properties'.")

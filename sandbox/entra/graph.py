@@ -393,6 +393,14 @@ class GraphService:
     def _context(self, request: web.Request, fragment: str) -> str:
         return f"{base_url(request)}/v1.0/$metadata#{fragment}"
 
+    def _collection(
+        self, request: web.Request, fragment: str, values: list[dict[str, Any]]
+    ) -> web.Response:
+        """A Graph collection: its context and the objects under ``value``."""
+        return web.json_response(
+            {"@odata.context": self._context(request, fragment), "value": values}
+        )
+
     # -- applications and service principals -------------------------------------------------
     async def list_applications(
         self, request: web.Request, _: PathParams, caller: Caller
@@ -411,11 +419,8 @@ class GraphService:
             field, value = wanted
             apps = [a for a in apps if self._field(a, field, app=True) == value]
         domain = self._domain(caller.tenant_id)
-        return web.json_response(
-            {
-                "@odata.context": self._context(request, "applications"),
-                "value": [_application_json(a, domain) for a in apps],
-            }
+        return self._collection(
+            request, "applications", [_application_json(a, domain) for a in apps]
         )
 
     async def get_application(
@@ -452,11 +457,8 @@ class GraphService:
         if wanted is not None:
             field, value = wanted
             found = [p for p in found if self._field(p, field, app=False) == value]
-        return web.json_response(
-            {
-                "@odata.context": self._context(request, "servicePrincipals"),
-                "value": [_service_principal_json(p) for p in found],
-            }
+        return self._collection(
+            request, "servicePrincipals", [_service_principal_json(p) for p in found]
         )
 
     async def get_service_principal(
@@ -486,11 +488,8 @@ class GraphService:
     ) -> web.StreamResponse:
         app = self._application(caller, params, write=False)
         fragment = f"applications('{app.app_object_id}')/federatedIdentityCredentials"
-        return web.json_response(
-            {
-                "@odata.context": self._context(request, fragment),
-                "value": [_credential_json(c) for c in self._replica(app).values()],
-            }
+        return self._collection(
+            request, fragment, [_credential_json(c) for c in self._replica(app).values()]
         )
 
     async def get_credential(
@@ -716,12 +715,7 @@ class GraphService:
             groups = [
                 g for g in groups if (g.display_name if field == "displayname" else g.id) == value
             ]
-        return web.json_response(
-            {
-                "@odata.context": self._context(request, "groups"),
-                "value": [_group_json(g) for g in groups],
-            }
-        )
+        return self._collection(request, "groups", [_group_json(g) for g in groups])
 
     async def create_group(
         self, request: web.Request, _: PathParams, caller: Caller
@@ -803,11 +797,8 @@ class GraphService:
             for found in (self.directory.directory_object(m) for m in sorted(group.members))
             if found is not None
         ]
-        return web.json_response(
-            {
-                "@odata.context": self._context(request, "directoryObjects"),
-                "value": [_directory_object_json(m) for m in members],
-            }
+        return self._collection(
+            request, "directoryObjects", [_directory_object_json(m) for m in members]
         )
 
     async def add_member(
@@ -850,9 +841,6 @@ class GraphService:
             raise _not_found(params["spid"])
         transitive = params["relation"].lower() == "transitivememberof"
         groups = self.directory.member_of(found.sp_object_id, transitive=transitive)
-        return web.json_response(
-            {
-                "@odata.context": self._context(request, "directoryObjects"),
-                "value": [_directory_object_json(g) for g in groups],
-            }
+        return self._collection(
+            request, "directoryObjects", [_directory_object_json(g) for g in groups]
         )
