@@ -44,12 +44,15 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import os
+import re
+import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -96,8 +99,14 @@ MEMO_KEY = "injection_webhook"
 REQUEST_TIMEOUT_S = 5.0
 
 CA_VALIDITY = dt.timedelta(days=3650)
-CERT_VALIDITY = dt.timedelta(days=365)
-RENEW_BEFORE = dt.timedelta(days=30)
+CERT_VALIDITY = dt.timedelta(days=365)  # SWI_WEBHOOK_CERT_VALIDITY
+RENEW_BEFORE = dt.timedelta(days=30)  # SWI_WEBHOOK_CERT_RENEW_BEFORE
+MIN_CERT_VALIDITY = dt.timedelta(seconds=10)
+CONFIG_CHECK_INTERVAL_S = 5.0  # how often each configuration's client config is put back
+TLS_FILE_CHECK_INTERVAL_S = 10.0  # provided mode: how often the mounted files are re-read
+# kopf's own watch of the certificate files restarts its server (a moment with the port closed,
+# so admissions fail); the rotation below loads renewed files into the live SSL context instead.
+KOPF_FILE_CHECK_OFF_S = 10.0**9
 
 
 class WebhookConfigError(ValueError):
@@ -128,6 +137,9 @@ class WebhookSettings:
     inject: bool = True  # the pod injection webhook is on (its configuration is kept in line)
     policy_configuration: str | None = None  # the policy webhook's; None: off, or not managed
     workload_configuration: str | None = None  # the workload labelling one's; None: off
+    cert_validity: dt.timedelta = CERT_VALIDITY  # self-managed serving certificate's lifetime
+    renew_before: dt.timedelta = RENEW_BEFORE  # re-issued when less than this is left
+    config_check_interval: float = CONFIG_CHECK_INTERVAL_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookSettings:
@@ -159,6 +171,13 @@ class WebhookSettings:
             raise WebhookConfigError(
                 f"SWI_INJECTION_AUTHORITY_HOST must be an https:// URL, got {authority!r}"
             )
+        validity = parse_duration(
+            "SWI_WEBHOOK_CERT_VALIDITY", get("SWI_WEBHOOK_CERT_VALIDITY"), CERT_VALIDITY
+        )
+        renew_before = parse_duration(
+            "SWI_WEBHOOK_CERT_RENEW_BEFORE", get("SWI_WEBHOOK_CERT_RENEW_BEFORE"), RENEW_BEFORE
+        )
+        check_validity(validity, renew_before)
         configuration = env.get("SWI_WEBHOOK_CONFIGURATION", DEFAULT_CONFIGURATION).strip()
         policy = env.get("SWI_POLICY_WEBHOOK", "false").strip().lower() == "true"
         policy_configuration = env.get(
@@ -181,7 +200,17 @@ class WebhookSettings:
             # `kopf run -m swi_operator.webhooks` serves the injection; the operator says itself.
             inject=env.get("SWI_INJECTION_WEBHOOK", "true").strip().lower() != "false",
             policy_configuration=(policy_configuration or None) if policy else None,
+            cert_validity=validity,
+            renew_before=renew_before,
         )
+
+    @property
+    def tls_check_interval(self) -> float:
+        """Seconds between checks of the served certificate (Secret, or provided files)."""
+        if self.tls_dir is not None:
+            return TLS_FILE_CHECK_INTERVAL_S
+        # Four chances inside the renewal window, at most a minute apart, at least a second.
+        return min(60.0, max(1.0, self.renew_before.total_seconds() / 4))
 
     @property
     def targets(self) -> list[WebhookTarget]:
@@ -220,6 +249,37 @@ class WebhookSettings:
     @property
     def ip_addresses(self) -> list[str]:
         return [self.url_host] if self.url_host and _is_ip(self.url_host) else []
+
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(name: str, raw: str | None, default: dt.timedelta) -> dt.timedelta:
+    """``90``, ``90s``, ``15m``, ``12h`` or ``365d``; unset: ``default``."""
+    if raw is None:
+        return default
+    found = _DURATION.match(raw.strip().lower())
+    if not found or int(found.group(1)) <= 0:
+        raise WebhookConfigError(
+            f"{name} must be a positive duration such as 365d, 12h, 15m or 40s, got {raw!r}"
+        )
+    return dt.timedelta(seconds=int(found.group(1)) * _UNIT_S[found.group(2)])
+
+
+def check_validity(validity: dt.timedelta, renew_before: dt.timedelta) -> None:
+    """The serving certificate's lifetime and renewal window must leave time to serve it."""
+    if not MIN_CERT_VALIDITY <= validity <= CA_VALIDITY / 2:
+        raise WebhookConfigError(
+            f"SWI_WEBHOOK_CERT_VALIDITY must be between {MIN_CERT_VALIDITY.total_seconds():.0f}s "
+            f"and {(CA_VALIDITY / 2).days}d, got {validity}"
+        )
+    if renew_before >= validity:
+        raise WebhookConfigError(
+            f"SWI_WEBHOOK_CERT_RENEW_BEFORE ({renew_before}) must be shorter than "
+            f"SWI_WEBHOOK_CERT_VALIDITY ({validity}): a new certificate would be due at once; "
+            "e.g. a third or half of the validity"
+        )
 
 
 def _is_ip(host: str) -> bool:
@@ -304,8 +364,13 @@ def issue_bundle(
     ip_addresses: list[str],
     ca: tuple[bytes, bytes] | None = None,
     now: dt.datetime | None = None,
+    validity: dt.timedelta = CERT_VALIDITY,
 ) -> TlsBundle:
-    """A serving certificate for the names, signed by ``ca`` (PEM cert, key) or a new CA."""
+    """A serving certificate for the names, signed by ``ca`` (PEM cert, key) or a new CA.
+
+    ``ca``'s certificate PEM may be a bundle: the first certificate signs, the whole bundle is
+    kept as ``ca_crt`` (the CA bundle the configurations trust).
+    """
     now = now or dt.datetime.now(dt.UTC)
     ca_crt, ca_key_pem = ca or _new_ca(now)
     ca_cert = x509.load_pem_x509_certificate(ca_crt)
@@ -322,7 +387,7 @@ def issue_bundle(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc))
+        .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -333,12 +398,21 @@ def issue_bundle(
     )
 
 
+def renewal_due(not_after: dt.datetime, now: dt.datetime, renew_before: dt.timedelta) -> bool:
+    """Whether a certificate valid until ``not_after`` is inside its renewal window."""
+    return not_after - now < renew_before
+
+
 def needs_reissue(
-    bundle: TlsBundle, dns_names: list[str], ip_addresses: list[str], now: dt.datetime
+    bundle: TlsBundle,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    now: dt.datetime,
+    renew_before: dt.timedelta = RENEW_BEFORE,
 ) -> bool:
     """Whether the serving certificate expires soon or lacks a name the API server will dial."""
     cert = x509.load_pem_x509_certificate(bundle.tls_crt)
-    if cert.not_valid_after_utc - now < RENEW_BEFORE:
+    if renewal_due(cert.not_valid_after_utc, now, renew_before):
         return True
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -349,15 +423,27 @@ def needs_reissue(
     return not (set(dns_names) <= have_dns and set(ip_addresses) <= have_ips)
 
 
-def _ca_still_good(bundle: TlsBundle, now: dt.datetime) -> bool:
+def _ca_still_good(bundle: TlsBundle, now: dt.datetime, validity: dt.timedelta) -> bool:
     ca = x509.load_pem_x509_certificate(bundle.ca_crt)
-    return ca.not_valid_after_utc - now > CERT_VALIDITY
+    return ca.not_valid_after_utc - now > validity
+
+
+def _new_ca_keeping_old(current: TlsBundle | None, now: dt.datetime) -> tuple[bytes, bytes]:
+    """A new CA whose bundle still carries the old CA while that is valid: replicas still serving
+    a certificate of the old one stay trusted until they read the Secret again."""
+    ca_crt, ca_key = _new_ca(now)
+    if current is not None:
+        old = x509.load_pem_x509_certificate(current.ca_crt)
+        if old.not_valid_after_utc > now:
+            ca_crt += old.public_bytes(serialization.Encoding.PEM)
+    return ca_crt, ca_key
 
 
 def ensure_tls_secret(api: ApiClient, settings: WebhookSettings) -> TlsBundle:
     """Read the webhook's Secret, creating it or re-issuing its certificate when needed."""
     core = k8s.CoreV1Api(api)
     names, ips = settings.dns_names, settings.ip_addresses
+    validity, renew_before = settings.cert_validity, settings.renew_before
     for _attempt in range(5):
         now = dt.datetime.now(dt.UTC)
         try:
@@ -367,7 +453,7 @@ def ensure_tls_secret(api: ApiClient, settings: WebhookSettings) -> TlsBundle:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            fresh = issue_bundle(names, ips, now=now)
+            fresh = issue_bundle(names, ips, now=now, validity=validity)
             body = k8s.V1Secret(
                 metadata=k8s.V1ObjectMeta(
                     name=settings.secret,
@@ -387,11 +473,15 @@ def ensure_tls_secret(api: ApiClient, settings: WebhookSettings) -> TlsBundle:
             log.info("created the webhook TLS Secret %s/%s", settings.namespace, settings.secret)
             return fresh
         current = TlsBundle.from_secret_data(secret.data)
-        if current is not None and not needs_reissue(current, names, ips, now):
+        if current is not None and not needs_reissue(current, names, ips, now, renew_before):
             return current
-        keep_ca = current is not None and _ca_still_good(current, now)
-        ca = (current.ca_crt, current.ca_key) if current is not None and keep_ca else None
-        renewed = issue_bundle(names, ips, ca=ca, now=now)
+        keep_ca = current is not None and _ca_still_good(current, now, validity)
+        ca = (
+            (current.ca_crt, current.ca_key)
+            if current is not None and keep_ca
+            else _new_ca_keeping_old(current, now)
+        )
+        renewed = issue_bundle(names, ips, ca=ca, now=now, validity=validity)
         secret.data = renewed.as_secret_data()
         try:
             core.replace_namespaced_secret(
@@ -433,46 +523,163 @@ def client_config_patch(
     return {"webhooks": [{"name": target.entry, "clientConfig": client_config}]}
 
 
-def patch_configuration(api: ApiClient, target: WebhookTarget, patch: dict[str, Any]) -> bool:
-    """Apply ``patch`` to the configuration; False (and a log line) if it is not installed."""
+def _apply_patch(api: ApiClient, target: WebhookTarget, patch: dict[str, Any]) -> Any:
+    """The strategic-merge patch; returns the configuration as it is now (ApiException: as is)."""
     admission = k8s.AdmissionregistrationV1Api(api)
     apply = (
         admission.patch_mutating_webhook_configuration
         if target.kind == "mutating"
         else admission.patch_validating_webhook_configuration
     )
+    return apply(
+        target.configuration,
+        patch,
+        _content_type="application/strategic-merge-patch+json",
+        _request_timeout=REQUEST_TIMEOUT_S,
+    )
+
+
+def _missing_configuration(target: WebhookTarget) -> None:
+    log.error(
+        "%s%sWebhookConfiguration %s not found: install it from deploy/ (or the chart); "
+        "%s meanwhile",
+        target.kind[0].upper(),
+        target.kind[1:],
+        target.configuration,
+        {
+            WEBHOOK_ID: "pods are not injected",
+            POLICY_WEBHOOK_ID: "SqlWorkloadIdentities are checked against policies only at "
+            "reconcile",
+            WORKLOAD_WEBHOOK_ID: "new workloads are labelled by the drift check only",
+        }[target.handler_id],
+    )
+
+
+def patch_configuration(api: ApiClient, target: WebhookTarget, patch: dict[str, Any]) -> bool:
+    """Apply ``patch`` to the configuration; False (and a log line) if it is not installed."""
     try:
-        apply(
-            target.configuration,
-            patch,
-            _content_type="application/strategic-merge-patch+json",
-            _request_timeout=REQUEST_TIMEOUT_S,
-        )
+        _apply_patch(api, target, patch)
     except ApiException as exc:
         if exc.status != 404:
             raise
-        log.error(
-            "%s%sWebhookConfiguration %s not found: install it from deploy/ (or the chart); "
-            "%s meanwhile",
-            target.kind[0].upper(),
-            target.kind[1:],
-            target.configuration,
-            {
-                WEBHOOK_ID: "pods are not injected",
-                POLICY_WEBHOOK_ID: "SqlWorkloadIdentities are checked against policies only at "
-                "reconcile",
-                WORKLOAD_WEBHOOK_ID: "new workloads are labelled by the drift check only",
-            }[target.handler_id],
-        )
+        _missing_configuration(target)
         return False
     return True
 
 
+# --- serving, and keeping the certificate and the configurations current ----------------------
+
+
+def server_ssl_context() -> ssl.SSLContext:
+    """The webhook server's context: TLS 1.3 only (as azure-workload-identity's webhook); kopf
+    loads the certificate into it at start, ``ServedCertificate`` loads renewed ones."""
+    context = ssl.create_default_context(purpose=ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def ca_bundle_of(ca_crt: bytes | None, tls_crt: bytes) -> str:
+    """The configurations' caBundle: the CA, or (no ca.crt) the certificate itself, as kopf."""
+    return base64.b64encode(ca_crt or tls_crt).decode("ascii")
+
+
+def _serial(tls_crt: bytes) -> str:
+    return format(x509.load_pem_x509_certificate(tls_crt).serial_number, "x")
+
+
+class ServedCertificate:
+    """The certificate the server presents, and where a newer one comes from.
+
+    ``refresh`` (blocking: call it in a thread) looks for a newer certificate -- self-managed:
+    ``ensure_tls_secret`` (re-issues into the Secret when the renewal window is reached, or
+    returns what another replica wrote there); provided: the mounted files' contents -- and
+    loads it into a new SSL context. The listening context kopf was given stays as it is; its
+    ``sni_callback`` (called at every ClientHello, with or without SNI) hands each new
+    connection the newest context. So the port never closes, open connections keep their
+    session, every later handshake gets the new certificate, and a certificate whose key does not
+    match (a half-written update) changes nothing: ``load_cert_chain`` into the live context
+    would have left it with the new certificate and the old key, failing every handshake.
+    """
+
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        api: ApiClient,
+        context: ssl.SSLContext,
+        files: tuple[Path, Path, Path | None],
+        bundle: TlsBundle | None,
+    ) -> None:
+        self.settings = settings
+        self.api = api
+        self.certfile, self.keyfile, self.cafile = files
+        self.bundle = bundle  # self-managed: what is served
+        self.digest = self._files_digest() if bundle is None else ""
+        self.ca_bundle = self._read_ca_bundle()
+        self.current: ssl.SSLContext | None = None  # None: the listening context's own
+        context.sni_callback = self._choose
+
+    def _choose(self, connection: ssl.SSLObject, _name: str | None, _: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not None:
+            connection.context = current
+
+    def _files_digest(self) -> str:
+        hasher = hashlib.sha256()  # of the files together: the key is not kept in memory
+        for path in (self.certfile, self.keyfile, self.cafile):
+            if path is not None:
+                hasher.update(path.read_bytes())
+        return hasher.hexdigest()
+
+    def _read_ca_bundle(self) -> str:
+        ca = self.cafile.read_bytes() if self.cafile is not None else None
+        return ca_bundle_of(ca, self.certfile.read_bytes())
+
+    @property
+    def serial(self) -> str:
+        return _serial(self.certfile.read_bytes())
+
+    def refresh(self, trust_new_ca: Callable[[], None] | None = None) -> bool:
+        """Load a newer certificate if there is one; True if the served one changed.
+
+        When the CA bundle changes too, ``trust_new_ca`` runs first (the configurations get the
+        new bundle before any handshake presents a certificate only it trusts).
+        """
+        if self.bundle is not None:
+            fresh = ensure_tls_secret(self.api, self.settings)
+            if fresh.tls_crt == self.bundle.tls_crt:
+                return False
+            write_tls_files(fresh, self.certfile.parent)
+            self.bundle = fresh
+        else:
+            digest = self._files_digest()
+            if digest == self.digest:
+                return False
+        ca_bundle = self._read_ca_bundle()
+        if ca_bundle != self.ca_bundle:
+            self.ca_bundle = ca_bundle
+            if trust_new_ca is not None:
+                trust_new_ca()
+        # Secrets mounted in a pod are swapped at once (a symlink); should a certificate and key
+        # ever not match, load_cert_chain raises here and the old pair is still served.
+        fresh_context = server_ssl_context()
+        fresh_context.load_cert_chain(self.certfile, self.keyfile)
+        self.current = fresh_context
+        if self.bundle is None:
+            self.digest = digest
+        return True
+
+
 class InjectionServer:
-    """kopf's HTTPS server, plus: after each (re)start, the configuration is brought in line.
+    """kopf's HTTPS server, plus: the configurations are brought in line at start, and kept so.
 
     kopf's own "managed" mode would rewrite the whole configuration without a namespaceSelector
-    or reinvocationPolicy; this keeps the manifest's and patches only the client config.
+    or reinvocationPolicy; this keeps the manifest's and patches only the client config. While
+    the server runs, a task (``maintain``) re-checks the certificate every
+    ``settings.tls_check_interval`` and loads a renewed one into the live context, and every
+    ``settings.config_check_interval`` re-applies the client config patch to each configuration:
+    a re-created configuration (kubectl apply of deploy/, a helm upgrade: no caBundle) gets it
+    back within seconds. The patch is idempotent; one unchanged is not written (its
+    resourceVersion stays), so it costs what a GET would and needs no verb beyond ``patch``.
     """
 
     def __init__(
@@ -481,27 +688,104 @@ class InjectionServer:
         api: ApiClient,
         settings: WebhookSettings,
         readiness: Readiness | None = None,
+        served: ServedCertificate | None = None,
     ) -> None:
         self._server = server
         self._api = api
         self._settings = settings
         self._readiness = readiness
+        self.served = served
+        self.task: asyncio.Task[None] | None = None
+        self._url: str | None = None
+        self._known: dict[WebhookTarget, str | None] = {}  # uid last patched; None: missing
+
+    def _patches(self) -> list[tuple[WebhookTarget, dict[str, Any]]]:
+        kopf_config: dict[str, Any] = {"url": self._url}
+        if self.served is not None:
+            kopf_config["caBundle"] = self.served.ca_bundle
+        return [
+            (target, client_config_patch(kopf_config, self._settings, target))
+            for target in self._settings.targets
+        ]
+
+    def keep_configurations(self) -> None:
+        """Re-apply each configuration's client config; log when one was (re-)created or gone."""
+        for target, patch in self._patches():
+            try:
+                current = _apply_patch(self._api, target, patch)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                if self._known.get(target, "") is not None:  # log once per disappearance
+                    _missing_configuration(target)
+                self._known[target] = None
+                continue
+            uid = current.metadata.uid if current is not None and current.metadata else None
+            if target in self._known and self._known[target] != uid:
+                log.warning(
+                    "webhook configuration %s was re-created or re-installed: its client config "
+                    "(caBundle%s) is restored",
+                    target.configuration,
+                    ", url" if self._settings.url_host else "",
+                )
+            self._known[target] = uid
+
+    async def maintain(self) -> None:
+        """Until cancelled: the certificate renewed in time, the configurations kept in line."""
+        tls_every = self._settings.tls_check_interval
+        config_every = self._settings.config_check_interval
+        loop = asyncio.get_running_loop()
+        next_tls = loop.time() + tls_every
+        while True:
+            await asyncio.sleep(min(tls_every, config_every))
+            if self.served is not None and loop.time() >= next_tls:
+                next_tls = loop.time() + tls_every
+                try:
+                    if await asyncio.to_thread(self.served.refresh, self.keep_configurations):
+                        log.info(
+                            "serving the renewed webhook certificate (serial %s)",
+                            self.served.serial,
+                        )
+                except (ApiException, OSError, ssl.SSLError, ValueError, RuntimeError) as exc:
+                    log.warning("the webhook certificate check failed, retrying: %s", exc)
+            try:
+                await asyncio.to_thread(self.keep_configurations)
+            except (ApiException, OSError, ValueError) as exc:
+                log.warning("keeping the webhook configurations failed, retrying: %s", exc)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
 
     async def __call__(self, fn: Any) -> AsyncIterator[Any]:
         async with self._server as server:
-            async for kopf_config in server(fn):
-                for target in self._settings.targets:
-                    patch = client_config_patch(kopf_config, self._settings, target)
-                    if await asyncio.to_thread(patch_configuration, self._api, target, patch):
-                        log.info(
-                            "webhook configuration %s points at %s",
-                            target.configuration,
-                            patch["webhooks"][0]["clientConfig"].get("url")
-                            or f"service {self._settings.namespace}/{self._settings.service}",
-                        )
-                if self._readiness is not None:  # listening, and the configurations point here
-                    self._readiness.listening(self._settings.addr, str(kopf_config.get("url")))
-                yield kopf_config
+            try:
+                async for kopf_config in server(fn):
+                    self._url = str(kopf_config.get("url"))
+                    for target in self._settings.targets:
+                        patch = client_config_patch(kopf_config, self._settings, target)
+                        if not await asyncio.to_thread(
+                            patch_configuration, self._api, target, patch
+                        ):
+                            self._known[target] = None  # logged; logged again once it is back
+                        else:
+                            log.info(
+                                "webhook configuration %s points at %s",
+                                target.configuration,
+                                patch["webhooks"][0]["clientConfig"].get("url")
+                                or f"service {self._settings.namespace}/{self._settings.service}",
+                            )
+                    await asyncio.to_thread(self.keep_configurations)  # remember what is there
+                    if self._readiness is not None:  # listening, configurations point here
+                        self._readiness.listening(self._settings.addr, self._url)
+                    if self.task is None:
+                        self.task = asyncio.create_task(self.maintain(), name="webhook-upkeep")
+                    yield kopf_config
+            finally:
+                await self.stop()
 
 
 # --- kopf wiring -------------------------------------------------------------------------------
@@ -523,6 +807,7 @@ class WebhookState:
     settings: WebhookSettings
     api: ApiClient
     tls_dir: tempfile.TemporaryDirectory[str] | None = None
+    server: InjectionServer | None = None
 
     def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The service account's metadata as ``plan`` reads it; None when it does not exist."""
@@ -545,6 +830,7 @@ def build_server(
     state: WebhookState,
     readiness: Readiness | None = None,
 ) -> InjectionServer:
+    bundle: TlsBundle | None = None
     if settings.tls_dir is not None:
         ca = settings.tls_dir / "ca.crt"
         certfile, pkeyfile, cafile = (
@@ -556,6 +842,7 @@ def build_server(
         bundle = ensure_tls_secret(api, settings)
         state.tls_dir = tempfile.TemporaryDirectory(prefix="swi-webhook-")
         certfile, pkeyfile, cafile = write_tls_files(bundle, Path(state.tls_dir.name))
+    context = server_ssl_context()
     server = kopf.WebhookServer(
         addr=settings.addr,
         port=settings.port or None,
@@ -563,8 +850,12 @@ def build_server(
         certfile=str(certfile),
         pkeyfile=str(pkeyfile),
         cafile=str(cafile) if cafile is not None else None,
+        context=context,
+        file_check_interval=KOPF_FILE_CHECK_OFF_S,
     )
-    return InjectionServer(server, api, settings, readiness)
+    served = ServedCertificate(settings, api, context, (certfile, pkeyfile, cafile), bundle)
+    state.server = InjectionServer(server, api, settings, readiness, served)
+    return state.server
 
 
 @kopf.on.startup()
@@ -604,6 +895,8 @@ async def stop_webhook(memo: kopf.Memo, **_: Any) -> None:
     state: WebhookState | None = memo.get(MEMO_KEY)
     if state is None:
         return
+    if state.server is not None:
+        await state.server.stop()
     if state.tls_dir is not None:
         state.tls_dir.cleanup()
     state.api.close()  # type: ignore[no-untyped-call]
