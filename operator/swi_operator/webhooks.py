@@ -14,22 +14,37 @@ could answer with the annotation missing), asks ``injection.plan`` for the JSONP
 back to kopf, which answers the API server. An invalid annotation rejects the pod with its reason;
 a webhook that cannot be reached is the configuration's ``failurePolicy`` (deploy/: ``Fail``).
 
-TLS, one of two ways (docs/deploy.md):
+TLS 1.3 only (as azure-workload-identity's webhook), one of two ways (docs/deploy.md):
 
 * provided: ``SWI_WEBHOOK_TLS_DIR`` holds ``tls.crt``, ``tls.key`` and, if the issuer is not the
-  certificate itself, ``ca.crt`` (a cert-manager Certificate's Secret, mounted). kopf re-reads the
-  files when they change.
+  certificate itself, ``ca.crt`` (a cert-manager Certificate's Secret, mounted). The files are
+  re-read every 10 s; changed ones are served from the next handshake on, and ``ca.crt`` (else
+  ``tls.crt``) is the configurations' caBundle.
 * self-managed (default): the operator keeps a CA and a serving certificate in the Secret
   ``SWI_WEBHOOK_SECRET`` of its own namespace, creates it on first start and re-issues the serving
-  certificate from the same CA when it has less than 30 days left at a start. Replicas share it
-  (the first one to create it wins; the others read it).
+  certificate from the same CA when it has less than ``SWI_WEBHOOK_CERT_RENEW_BEFORE`` (30 days)
+  of its ``SWI_WEBHOOK_CERT_VALIDITY`` (365 days) left -- at start, and while running: the Secret
+  is read every quarter of the renewal window (at most a minute apart). Replicas share it (the
+  first one to create it or renew it wins, by resourceVersion; the others serve what it wrote).
+  A new CA (when the old one has less than a certificate's validity left) keeps the old CA in
+  ``ca.crt`` while it is valid, so replicas still serving a certificate of the old one stay trusted.
+
+A renewed certificate is served without a restart (``ServedCertificate``): a fresh SSL context is
+built and the listening one's ``sni_callback`` hands it to each new connection; the port never
+closes. (kopf's own watch of the files restarts its server, closing the port for a moment; it is
+turned off.)
 
 Either way the operator then writes the CA bundle into its MutatingWebhookConfiguration
 (``SWI_WEBHOOK_CONFIGURATION``, shipped in deploy/), and the policy one into its
 ValidatingWebhookConfiguration: a strategic-merge patch of each one webhook entry's
 ``clientConfig``, leaving rules, selectors and failurePolicy to the manifest. Outside a cluster
 (the sandbox), ``SWI_WEBHOOK_URL_HOST`` makes that patch point the API server at
-``https://<host>:<port>/...`` instead of the Service.
+``https://<host>:<port>/...`` instead of the Service. The same patch is re-applied every 5 s while
+the server runs (``InjectionServer.maintain``), so a configuration re-created without a caBundle
+(``kubectl apply`` of deploy/, a ``helm upgrade``) has it back within seconds: a periodic patch
+rather than a watch, since it needs no RBAC verb beyond ``patch`` on the named configurations, no
+watch to re-establish, and an unchanged configuration is not written (the API server drops a no-op
+patch), so it costs one request, as a GET would.
 
 The same server answers the SqlIdentityPolicy check (``swi_operator.policy_webhook``, a
 ValidatingWebhookConfiguration, ``SWI_POLICY_WEBHOOK=true``) and labels new workloads

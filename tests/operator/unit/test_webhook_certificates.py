@@ -279,3 +279,18 @@ async def test_a_mismatched_pair_keeps_the_old_certificate(
             break
         await asyncio.sleep(0.1)
     assert await _served_serial(port) == x509.load_pem_x509_certificate(other.tls_crt).serial_number
+
+
+def test_the_operator_refuses_bad_webhook_settings_before_it_connects(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from swi_operator.__main__ import main
+
+    monkeypatch.setenv("AZURE_TENANT_ID", "8a1f3c2e-5b7d-4e90-a1c3-0f2e4d6b8a10")
+    monkeypatch.setenv("AZURE_CLIENT_ID", "5e0c1d9a-7b3f-4c2e-9a1d-000000000001")
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", "s3cret")
+    monkeypatch.setenv("SWI_WEBHOOK_CERT_VALIDITY", "20s")
+    monkeypatch.setenv("SWI_WEBHOOK_CERT_RENEW_BEFORE", "1m")
+    assert main(["--policy-webhook", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SWI_WEBHOOK_CERT_RENEW_BEFORE (0:01:00) must be shorter than")
