@@ -684,6 +684,13 @@ class ServedCertificate:
         return True
 
 
+def _reason(exc: Exception) -> str:
+    """An error for the log: an API error by status only (its body is the server's to word)."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class InjectionServer:
     """kopf's HTTPS server, plus: the configurations are brought in line at start, and kept so.
 
@@ -713,6 +720,7 @@ class InjectionServer:
         self.task: asyncio.Task[None] | None = None
         self._url: str | None = None
         self._known: dict[WebhookTarget, str | None] = {}  # uid last patched; None: missing
+        self._errors: dict[str, str | None] = {}  # the last failure of each check, as logged
 
     def _patches(self) -> list[tuple[WebhookTarget, dict[str, Any]]]:
         kopf_config: dict[str, Any] = {"url": self._url}
@@ -761,12 +769,27 @@ class InjectionServer:
                             "serving the renewed webhook certificate (serial %s)",
                             self.served.serial,
                         )
-                except (ApiException, OSError, ssl.SSLError, ValueError, RuntimeError) as exc:
-                    log.warning("the webhook certificate check failed, retrying: %s", exc)
+                    self._failing("certificate", None)
+                except Exception as exc:  # the upkeep must outlive any one error
+                    self._failing("certificate", exc)
             try:
                 await asyncio.to_thread(self.keep_configurations)
-            except (ApiException, OSError, ValueError) as exc:
-                log.warning("keeping the webhook configurations failed, retrying: %s", exc)
+                self._failing("configurations", None)
+            except Exception as exc:  # as above
+                self._failing("configurations", exc)
+
+    def _failing(self, what: str, exc: Exception | None) -> None:
+        """Log a failed check once per distinct reason (a warning every 5 s says nothing new),
+        and the recovery."""
+        reason = None if exc is None else _reason(exc)
+        before = self._errors.get(what)
+        if reason == before:
+            return
+        self._errors[what] = reason
+        if reason is None:
+            log.info("the webhook %s check works again", what)
+        else:
+            log.warning("the webhook %s check failed, retrying: %s", what, reason)
 
     async def stop(self) -> None:
         if self.task is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -294,3 +295,27 @@ def test_the_operator_refuses_bad_webhook_settings_before_it_connects(
     assert main(["--policy-webhook", "true"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: SWI_WEBHOOK_CERT_RENEW_BEFORE (0:01:00) must be shorter than")
+
+
+async def test_the_upkeep_outlives_a_failed_check_and_logs_it_once(
+    provided_server: tuple[int, Path, TlsBundle], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="swi_operator.webhooks")
+    port, folder, first = provided_server
+    (folder / "tls.key").unlink()  # a mount gone for a while
+    await asyncio.sleep(1.0)  # five checks
+    failures = [r for r in caplog.records if "certificate check failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "FileNotFoundError" in failures[0].getMessage()
+    renewed = issue_bundle(NAMES, IPS, ca=(first.ca_crt, first.ca_key))
+    write_tls_files(renewed, folder)
+    serial = x509.load_pem_x509_certificate(renewed.tls_crt).serial_number
+    for _ in range(40):
+        if await _served_serial(port) == serial:
+            break
+        await asyncio.sleep(0.1)
+    assert await _served_serial(port) == serial
+    await asyncio.sleep(0.3)  # the log lines follow the switch
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"serving the renewed webhook certificate (serial {serial:x})" in messages
+    assert "the webhook certificate check works again" in messages
