@@ -39,12 +39,15 @@ Either way the operator then writes the CA bundle into its MutatingWebhookConfig
 ValidatingWebhookConfiguration: a strategic-merge patch of each one webhook entry's
 ``clientConfig``, leaving rules, selectors and failurePolicy to the manifest. Outside a cluster
 (the sandbox), ``SWI_WEBHOOK_URL_HOST`` makes that patch point the API server at
-``https://<host>:<port>/...`` instead of the Service. The same patch is re-applied every 5 s while
-the server runs (``InjectionServer.maintain``), so a configuration re-created without a caBundle
-(``kubectl apply`` of deploy/, a ``helm upgrade``) has it back within seconds: a periodic patch
-rather than a watch, since it needs no RBAC verb beyond ``patch`` on the named configurations, no
-watch to re-establish, and an unchanged configuration is not written (the API server drops a no-op
-patch), so it costs one request, as a GET would.
+``https://<host>:<port>/...`` instead of the Service. While the server runs
+(``InjectionServer.maintain``), each configuration is read every 5 s -- with an empty patch, as the
+RBAC rules grant ``patch`` and not ``get`` -- and patched again when it is out of line, so one
+re-created without a caBundle (``kubectl apply`` of deploy/, a ``helm upgrade``) has it back
+within seconds. A periodic read rather than a watch: no RBAC verb beyond ``patch`` on the named
+configurations, no watch to re-establish, one request per configuration per 5 s, and nothing
+written while it is in line. A caBundle that is not ours but trusts the served certificate (a
+newer CA next to ours, written by another replica or cert-manager's CA injector) is left alone,
+so replicas do not take turns overwriting each other during a CA rollover.
 
 The same server answers the SqlIdentityPolicy check (``swi_operator.policy_webhook``, a
 ValidatingWebhookConfiguration, ``SWI_POLICY_WEBHOOK=true``) and labels new workloads
@@ -75,6 +78,7 @@ from typing import Any, Literal
 import jsonpatch
 import kopf
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -630,6 +634,7 @@ class ServedCertificate:
         self.bundle = bundle  # self-managed: what is served
         self.digest = self._files_digest() if bundle is None else ""
         self.ca_bundle = self._read_ca_bundle()
+        self.served_crt = self.certfile.read_bytes()  # the certificate (public) being served
         self.current: ssl.SSLContext | None = None  # None: the listening context's own
         context.sni_callback = self._choose
 
@@ -670,18 +675,60 @@ class ServedCertificate:
             if digest == self.digest:
                 return False
         ca_bundle = self._read_ca_bundle()
+        new_crt, old_crt = self.certfile.read_bytes(), self.served_crt
         if ca_bundle != self.ca_bundle:
             self.ca_bundle = ca_bundle
             if trust_new_ca is not None:
-                trust_new_ca()
+                self.served_crt = new_crt  # what the configurations must trust from now on
+                try:
+                    trust_new_ca()
+                finally:
+                    self.served_crt = old_crt
         # Secrets mounted in a pod are swapped at once (a symlink); should a certificate and key
         # ever not match, load_cert_chain raises here and the old pair is still served.
         fresh_context = server_ssl_context()
         fresh_context.load_cert_chain(self.certfile, self.keyfile)
         self.current = fresh_context
+        self.served_crt = new_crt
         if self.bundle is None:
             self.digest = digest
         return True
+
+
+def bundle_trusts(ca_bundle: str | None, served_crt: bytes) -> bool:
+    """Whether a configuration's caBundle (base64 PEM) trusts the certificate: it holds the
+    certificate's issuer (a signature check, not a name match) or the certificate itself."""
+    if not ca_bundle:
+        return False
+    try:
+        cas = x509.load_pem_x509_certificates(base64.b64decode(ca_bundle))
+    except ValueError:
+        return False
+    served = x509.load_pem_x509_certificate(served_crt)
+    for ca in cas:
+        if ca == served:
+            return True
+        try:
+            served.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+def client_config_in_line(
+    live: Mapping[str, Any], wanted: Mapping[str, Any], served_crt: bytes | None
+) -> bool:
+    """Whether a configuration entry's live ``clientConfig`` already does what ``wanted`` (our
+    patch's) would: the same URL (sandbox mode), and a caBundle that is ours or trusts the served
+    certificate anyway. The latter leaves alone a bundle another replica (or cert-manager's CA
+    injector) wrote with a newer CA next to ours, instead of taking turns overwriting it."""
+    if "url" in wanted and (live.get("url") != wanted["url"] or live.get("service")):
+        return False
+    have, want = live.get("caBundle"), wanted.get("caBundle")
+    if want is None or have == want:
+        return True
+    return served_crt is not None and bundle_trusts(have, served_crt)
 
 
 def _reason(exc: Exception) -> str:
@@ -698,10 +745,10 @@ class InjectionServer:
     or reinvocationPolicy; this keeps the manifest's and patches only the client config. While
     the server runs, a task (``maintain``) re-checks the certificate every
     ``settings.tls_check_interval`` and loads a renewed one into the live context, and every
-    ``settings.config_check_interval`` re-applies the client config patch to each configuration:
-    a re-created configuration (kubectl apply of deploy/, a helm upgrade: no caBundle) gets it
-    back within seconds. The patch is idempotent; one unchanged is not written (its
-    resourceVersion stays), so it costs what a GET would and needs no verb beyond ``patch``.
+    ``settings.config_check_interval`` reads each configuration and patches its client config
+    when it is out of line (``client_config_in_line``): a re-created configuration (kubectl apply
+    of deploy/, a helm upgrade: no caBundle) gets it back within seconds; one in line is not
+    written (its resourceVersion stays).
     """
 
     def __init__(
@@ -732,10 +779,12 @@ class InjectionServer:
         ]
 
     def keep_configurations(self) -> None:
-        """Re-apply each configuration's client config; log when one was (re-)created or gone."""
+        """Bring each configuration's client config in line; log when one was re-created, changed
+        or is gone. An empty patch reads it (the RBAC rules grant ``patch``, not ``get``); only a
+        configuration out of line is written."""
         for target, patch in self._patches():
             try:
-                current = _apply_patch(self._api, target, patch)
+                live = _apply_patch(self._api, target, {})
             except ApiException as exc:
                 if exc.status != 404:
                     raise
@@ -743,12 +792,31 @@ class InjectionServer:
                     _missing_configuration(target)
                 self._known[target] = None
                 continue
-            uid = current.metadata.uid if current is not None and current.metadata else None
-            if target in self._known and self._known[target] != uid:
+            raw = self._api.sanitize_for_serialization(live)  # type: ignore[no-untyped-call]
+            uid = (raw.get("metadata") or {}).get("uid")
+            entry = next(
+                (w for w in raw.get("webhooks") or [] if w.get("name") == target.entry), None
+            )
+            if entry is None:
+                if self._known.get(target) != uid:  # once per configuration
+                    log.error(
+                        "webhook configuration %s has no webhook named %s: install it from "
+                        "deploy/ (or the chart)",
+                        target.configuration,
+                        target.entry,
+                    )
+                self._known[target] = uid
+                continue
+            wanted = patch["webhooks"][0]["clientConfig"]
+            served = self.served.served_crt if self.served is not None else None
+            if not client_config_in_line(entry.get("clientConfig") or {}, wanted, served):
+                _apply_patch(self._api, target, patch)
                 log.warning(
-                    "webhook configuration %s was re-created or re-installed: its client config "
-                    "(caBundle%s) is restored",
+                    "webhook configuration %s %s: its client config (caBundle%s) is restored",
                     target.configuration,
+                    "was re-created or re-installed"
+                    if self._known.get(target) != uid
+                    else "had its client config changed",
                     ", url" if self._settings.url_host else "",
                 )
             self._known[target] = uid

@@ -168,7 +168,7 @@ def test_a_recreated_configuration_gets_its_ca_bundle_back_within_seconds(
     admission: Any = client.AdmissionregistrationV1Api(kube)
     before = admission.read_mutating_webhook_configuration(CONFIGURATION)
 
-    # Unchanged, it is left unwritten: the periodic patch is a no-op (checks every 5 s).
+    # In line, it is left unwritten: read every 5 s, never patched (renewals keep the CA).
     time.sleep(11)
     assert (
         admission.read_mutating_webhook_configuration(CONFIGURATION).metadata.resource_version

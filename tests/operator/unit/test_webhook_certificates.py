@@ -9,6 +9,7 @@ self-managed mode and the configurations through the API server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import logging
@@ -31,6 +32,8 @@ from swi_operator.webhooks import (
     _new_ca,
     _new_ca_keeping_old,
     build_server,
+    bundle_trusts,
+    client_config_in_line,
     issue_bundle,
     needs_reissue,
     parse_duration,
@@ -154,6 +157,45 @@ def test_a_new_ca_keeps_the_old_one_in_the_bundle_while_it_is_valid() -> None:
     # An expired old CA is dropped.
     later = NOW + dt.timedelta(days=3651)
     assert len(x509.load_pem_x509_certificates(_new_ca_keeping_old(old, later)[0])) == 1
+
+
+# --- whether a configuration is in line --------------------------------------------------------
+
+
+def _b64(pem: bytes) -> str:
+    return base64.b64encode(pem).decode()
+
+
+def test_a_bundle_trusts_by_signature_not_by_name() -> None:
+    ours = issue_bundle(NAMES, IPS, now=NOW)
+    other = issue_bundle(NAMES, IPS, now=NOW)  # another CA with the very same subject name
+    assert bundle_trusts(_b64(ours.ca_crt), ours.tls_crt)
+    assert not bundle_trusts(_b64(other.ca_crt), ours.tls_crt)
+    assert bundle_trusts(_b64(other.ca_crt + ours.ca_crt), ours.tls_crt)  # new next to old
+    assert bundle_trusts(_b64(ours.tls_crt), ours.tls_crt)  # no ca.crt: the certificate itself
+    assert not bundle_trusts(None, ours.tls_crt)
+    assert not bundle_trusts("", ours.tls_crt)
+    assert not bundle_trusts(_b64(b"not a certificate"), ours.tls_crt)
+
+
+def test_which_client_configs_are_restored() -> None:
+    ours = issue_bundle(NAMES, IPS, now=NOW)
+    rolled = _new_ca_keeping_old(ours, NOW)[0]  # another replica's new CA, next to ours
+    stale = issue_bundle(NAMES, IPS, now=NOW).ca_crt  # an old manifest's baked-in bundle
+    service = {"caBundle": _b64(ours.ca_crt)}
+    url = {"caBundle": _b64(ours.ca_crt), "url": "https://localhost:9443/inject-workload-identity"}
+    svc_ref = {"name": "x", "namespace": "y"}
+    cases = [
+        ({}, service, False),  # re-created from the manifest: no caBundle
+        ({"caBundle": _b64(ours.ca_crt), "service": svc_ref}, service, True),
+        ({"caBundle": _b64(rolled), "service": svc_ref}, service, True),  # left to the other
+        ({"caBundle": _b64(stale), "service": svc_ref}, service, False),
+        ({"caBundle": _b64(ours.ca_crt), "service": svc_ref}, url, False),  # sandbox: url
+        ({"caBundle": _b64(ours.ca_crt), "url": url["url"]}, url, True),
+        ({"caBundle": _b64(ours.ca_crt), "url": "https://elsewhere/"}, url, False),
+    ]
+    for live, wanted, in_line in cases:
+        assert client_config_in_line(live, wanted, ours.tls_crt) is in_line, (live, wanted)
 
 
 # --- the live server -----------------------------------------------------------------------------
