@@ -22,6 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     except config_module.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if config.injection_webhook or config.policy_webhook or config.workload_webhook:
+        from swi_operator.webhooks import WebhookConfigError, WebhookSettings
+
+        try:  # the webhook server's settings (SWI_WEBHOOK_*), read again at its start
+            WebhookSettings.from_env()
+        except WebhookConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
     import kopf
 

@@ -14,22 +14,40 @@ could answer with the annotation missing), asks ``injection.plan`` for the JSONP
 back to kopf, which answers the API server. An invalid annotation rejects the pod with its reason;
 a webhook that cannot be reached is the configuration's ``failurePolicy`` (deploy/: ``Fail``).
 
-TLS, one of two ways (docs/deploy.md):
+TLS 1.3 only (as azure-workload-identity's webhook), one of two ways (docs/deploy.md):
 
 * provided: ``SWI_WEBHOOK_TLS_DIR`` holds ``tls.crt``, ``tls.key`` and, if the issuer is not the
-  certificate itself, ``ca.crt`` (a cert-manager Certificate's Secret, mounted). kopf re-reads the
-  files when they change.
+  certificate itself, ``ca.crt`` (a cert-manager Certificate's Secret, mounted). The files are
+  re-read every 10 s; changed ones are served from the next handshake on, and ``ca.crt`` (else
+  ``tls.crt``) is the configurations' caBundle.
 * self-managed (default): the operator keeps a CA and a serving certificate in the Secret
   ``SWI_WEBHOOK_SECRET`` of its own namespace, creates it on first start and re-issues the serving
-  certificate from the same CA when it has less than 30 days left at a start. Replicas share it
-  (the first one to create it wins; the others read it).
+  certificate from the same CA when it has less than ``SWI_WEBHOOK_CERT_RENEW_BEFORE`` (30 days)
+  of its ``SWI_WEBHOOK_CERT_VALIDITY`` (365 days) left -- at start, and while running: the Secret
+  is read every quarter of the renewal window (at most a minute apart). Replicas share it (the
+  first one to create it or renew it wins, by resourceVersion; the others serve what it wrote).
+  A new CA (when the old one has less than a certificate's validity left) keeps the old CA in
+  ``ca.crt`` while it is valid, so replicas still serving a certificate of the old one stay trusted.
+
+A renewed certificate is served without a restart (``ServedCertificate``): a fresh SSL context is
+built and the listening one's ``sni_callback`` hands it to each new connection; the port never
+closes. (kopf's own watch of the files restarts its server, closing the port for a moment; it is
+turned off.)
 
 Either way the operator then writes the CA bundle into its MutatingWebhookConfiguration
 (``SWI_WEBHOOK_CONFIGURATION``, shipped in deploy/), and the policy one into its
 ValidatingWebhookConfiguration: a strategic-merge patch of each one webhook entry's
 ``clientConfig``, leaving rules, selectors and failurePolicy to the manifest. Outside a cluster
 (the sandbox), ``SWI_WEBHOOK_URL_HOST`` makes that patch point the API server at
-``https://<host>:<port>/...`` instead of the Service.
+``https://<host>:<port>/...`` instead of the Service. While the server runs
+(``InjectionServer.maintain``), each configuration is read every 5 s -- with an empty patch, as the
+RBAC rules grant ``patch`` and not ``get`` -- and patched again when it is out of line, so one
+re-created without a caBundle (``kubectl apply`` of deploy/, a ``helm upgrade``) has it back
+within seconds. A periodic read rather than a watch: no RBAC verb beyond ``patch`` on the named
+configurations, no watch to re-establish, one request per configuration per 5 s, and nothing
+written while it is in line. A caBundle that is not ours but trusts the served certificate (a
+newer CA next to ours, written by another replica or cert-manager's CA injector) is left alone,
+so replicas do not take turns overwriting each other during a CA rollover.
 
 The same server answers the SqlIdentityPolicy check (``swi_operator.policy_webhook``, a
 ValidatingWebhookConfiguration, ``SWI_POLICY_WEBHOOK=true``) and labels new workloads
@@ -44,12 +62,15 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import os
+import re
+import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +78,7 @@ from typing import Any, Literal
 import jsonpatch
 import kopf
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -96,8 +118,14 @@ MEMO_KEY = "injection_webhook"
 REQUEST_TIMEOUT_S = 5.0
 
 CA_VALIDITY = dt.timedelta(days=3650)
-CERT_VALIDITY = dt.timedelta(days=365)
-RENEW_BEFORE = dt.timedelta(days=30)
+CERT_VALIDITY = dt.timedelta(days=365)  # SWI_WEBHOOK_CERT_VALIDITY
+RENEW_BEFORE = dt.timedelta(days=30)  # SWI_WEBHOOK_CERT_RENEW_BEFORE
+MIN_CERT_VALIDITY = dt.timedelta(seconds=10)
+CONFIG_CHECK_INTERVAL_S = 5.0  # how often each configuration's client config is put back
+TLS_FILE_CHECK_INTERVAL_S = 10.0  # provided mode: how often the mounted files are re-read
+# kopf's own watch of the certificate files restarts its server (a moment with the port closed,
+# so admissions fail); the rotation below loads renewed files into the live SSL context instead.
+KOPF_FILE_CHECK_OFF_S = 10.0**9
 
 
 class WebhookConfigError(ValueError):
@@ -128,6 +156,9 @@ class WebhookSettings:
     inject: bool = True  # the pod injection webhook is on (its configuration is kept in line)
     policy_configuration: str | None = None  # the policy webhook's; None: off, or not managed
     workload_configuration: str | None = None  # the workload labelling one's; None: off
+    cert_validity: dt.timedelta = CERT_VALIDITY  # self-managed serving certificate's lifetime
+    renew_before: dt.timedelta = RENEW_BEFORE  # re-issued when less than this is left
+    config_check_interval: float = CONFIG_CHECK_INTERVAL_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookSettings:
@@ -159,6 +190,13 @@ class WebhookSettings:
             raise WebhookConfigError(
                 f"SWI_INJECTION_AUTHORITY_HOST must be an https:// URL, got {authority!r}"
             )
+        validity = parse_duration(
+            "SWI_WEBHOOK_CERT_VALIDITY", get("SWI_WEBHOOK_CERT_VALIDITY"), CERT_VALIDITY
+        )
+        renew_before = parse_duration(
+            "SWI_WEBHOOK_CERT_RENEW_BEFORE", get("SWI_WEBHOOK_CERT_RENEW_BEFORE"), RENEW_BEFORE
+        )
+        check_validity(validity, renew_before)
         configuration = env.get("SWI_WEBHOOK_CONFIGURATION", DEFAULT_CONFIGURATION).strip()
         policy = env.get("SWI_POLICY_WEBHOOK", "false").strip().lower() == "true"
         policy_configuration = env.get(
@@ -181,7 +219,17 @@ class WebhookSettings:
             # `kopf run -m swi_operator.webhooks` serves the injection; the operator says itself.
             inject=env.get("SWI_INJECTION_WEBHOOK", "true").strip().lower() != "false",
             policy_configuration=(policy_configuration or None) if policy else None,
+            cert_validity=validity,
+            renew_before=renew_before,
         )
+
+    @property
+    def tls_check_interval(self) -> float:
+        """Seconds between checks of the served certificate (Secret, or provided files)."""
+        if self.tls_dir is not None:
+            return TLS_FILE_CHECK_INTERVAL_S
+        # Four chances inside the renewal window, at most a minute apart, at least a second.
+        return min(60.0, max(1.0, self.renew_before.total_seconds() / 4))
 
     @property
     def targets(self) -> list[WebhookTarget]:
@@ -220,6 +268,37 @@ class WebhookSettings:
     @property
     def ip_addresses(self) -> list[str]:
         return [self.url_host] if self.url_host and _is_ip(self.url_host) else []
+
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(name: str, raw: str | None, default: dt.timedelta) -> dt.timedelta:
+    """``90``, ``90s``, ``15m``, ``12h`` or ``365d``; unset: ``default``."""
+    if raw is None:
+        return default
+    found = _DURATION.match(raw.strip().lower())
+    if not found or int(found.group(1)) <= 0:
+        raise WebhookConfigError(
+            f"{name} must be a positive duration such as 365d, 12h, 15m or 40s, got {raw!r}"
+        )
+    return dt.timedelta(seconds=int(found.group(1)) * _UNIT_S[found.group(2)])
+
+
+def check_validity(validity: dt.timedelta, renew_before: dt.timedelta) -> None:
+    """The serving certificate's lifetime and renewal window must leave time to serve it."""
+    if not MIN_CERT_VALIDITY <= validity <= CA_VALIDITY / 2:
+        raise WebhookConfigError(
+            f"SWI_WEBHOOK_CERT_VALIDITY must be between {MIN_CERT_VALIDITY.total_seconds():.0f}s "
+            f"and {(CA_VALIDITY / 2).days}d, got {validity}"
+        )
+    if renew_before >= validity:
+        raise WebhookConfigError(
+            f"SWI_WEBHOOK_CERT_RENEW_BEFORE ({renew_before}) must be shorter than "
+            f"SWI_WEBHOOK_CERT_VALIDITY ({validity}): a new certificate would be due at once; "
+            "e.g. a third or half of the validity"
+        )
 
 
 def _is_ip(host: str) -> bool:
@@ -304,8 +383,13 @@ def issue_bundle(
     ip_addresses: list[str],
     ca: tuple[bytes, bytes] | None = None,
     now: dt.datetime | None = None,
+    validity: dt.timedelta = CERT_VALIDITY,
 ) -> TlsBundle:
-    """A serving certificate for the names, signed by ``ca`` (PEM cert, key) or a new CA."""
+    """A serving certificate for the names, signed by ``ca`` (PEM cert, key) or a new CA.
+
+    ``ca``'s certificate PEM may be a bundle: the first certificate signs, the whole bundle is
+    kept as ``ca_crt`` (the CA bundle the configurations trust).
+    """
     now = now or dt.datetime.now(dt.UTC)
     ca_crt, ca_key_pem = ca or _new_ca(now)
     ca_cert = x509.load_pem_x509_certificate(ca_crt)
@@ -322,7 +406,7 @@ def issue_bundle(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc))
+        .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -333,12 +417,21 @@ def issue_bundle(
     )
 
 
+def renewal_due(not_after: dt.datetime, now: dt.datetime, renew_before: dt.timedelta) -> bool:
+    """Whether a certificate valid until ``not_after`` is inside its renewal window."""
+    return not_after - now < renew_before
+
+
 def needs_reissue(
-    bundle: TlsBundle, dns_names: list[str], ip_addresses: list[str], now: dt.datetime
+    bundle: TlsBundle,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    now: dt.datetime,
+    renew_before: dt.timedelta = RENEW_BEFORE,
 ) -> bool:
     """Whether the serving certificate expires soon or lacks a name the API server will dial."""
     cert = x509.load_pem_x509_certificate(bundle.tls_crt)
-    if cert.not_valid_after_utc - now < RENEW_BEFORE:
+    if renewal_due(cert.not_valid_after_utc, now, renew_before):
         return True
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -349,15 +442,27 @@ def needs_reissue(
     return not (set(dns_names) <= have_dns and set(ip_addresses) <= have_ips)
 
 
-def _ca_still_good(bundle: TlsBundle, now: dt.datetime) -> bool:
+def _ca_still_good(bundle: TlsBundle, now: dt.datetime, validity: dt.timedelta) -> bool:
     ca = x509.load_pem_x509_certificate(bundle.ca_crt)
-    return ca.not_valid_after_utc - now > CERT_VALIDITY
+    return ca.not_valid_after_utc - now > validity
+
+
+def _new_ca_keeping_old(current: TlsBundle | None, now: dt.datetime) -> tuple[bytes, bytes]:
+    """A new CA whose bundle still carries the old CA while that is valid: replicas still serving
+    a certificate of the old one stay trusted until they read the Secret again."""
+    ca_crt, ca_key = _new_ca(now)
+    if current is not None:
+        old = x509.load_pem_x509_certificate(current.ca_crt)
+        if old.not_valid_after_utc > now:
+            ca_crt += old.public_bytes(serialization.Encoding.PEM)
+    return ca_crt, ca_key
 
 
 def ensure_tls_secret(api: ApiClient, settings: WebhookSettings) -> TlsBundle:
     """Read the webhook's Secret, creating it or re-issuing its certificate when needed."""
     core = k8s.CoreV1Api(api)
     names, ips = settings.dns_names, settings.ip_addresses
+    validity, renew_before = settings.cert_validity, settings.renew_before
     for _attempt in range(5):
         now = dt.datetime.now(dt.UTC)
         try:
@@ -367,7 +472,7 @@ def ensure_tls_secret(api: ApiClient, settings: WebhookSettings) -> TlsBundle:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            fresh = issue_bundle(names, ips, now=now)
+            fresh = issue_bundle(names, ips, now=now, validity=validity)
             body = k8s.V1Secret(
                 metadata=k8s.V1ObjectMeta(
                     name=settings.secret,
@@ -387,11 +492,15 @@ def ensure_tls_secret(api: ApiClient, settings: WebhookSettings) -> TlsBundle:
             log.info("created the webhook TLS Secret %s/%s", settings.namespace, settings.secret)
             return fresh
         current = TlsBundle.from_secret_data(secret.data)
-        if current is not None and not needs_reissue(current, names, ips, now):
+        if current is not None and not needs_reissue(current, names, ips, now, renew_before):
             return current
-        keep_ca = current is not None and _ca_still_good(current, now)
-        ca = (current.ca_crt, current.ca_key) if current is not None and keep_ca else None
-        renewed = issue_bundle(names, ips, ca=ca, now=now)
+        keep_ca = current is not None and _ca_still_good(current, now, validity)
+        ca = (
+            (current.ca_crt, current.ca_key)
+            if current is not None and keep_ca
+            else _new_ca_keeping_old(current, now)
+        )
+        renewed = issue_bundle(names, ips, ca=ca, now=now, validity=validity)
         secret.data = renewed.as_secret_data()
         try:
             core.replace_namespaced_secret(
@@ -433,46 +542,213 @@ def client_config_patch(
     return {"webhooks": [{"name": target.entry, "clientConfig": client_config}]}
 
 
-def patch_configuration(api: ApiClient, target: WebhookTarget, patch: dict[str, Any]) -> bool:
-    """Apply ``patch`` to the configuration; False (and a log line) if it is not installed."""
+def _apply_patch(api: ApiClient, target: WebhookTarget, patch: dict[str, Any]) -> Any:
+    """The strategic-merge patch; returns the configuration as it is now (ApiException: as is)."""
     admission = k8s.AdmissionregistrationV1Api(api)
     apply = (
         admission.patch_mutating_webhook_configuration
         if target.kind == "mutating"
         else admission.patch_validating_webhook_configuration
     )
+    return apply(
+        target.configuration,
+        patch,
+        _content_type="application/strategic-merge-patch+json",
+        _request_timeout=REQUEST_TIMEOUT_S,
+    )
+
+
+def _missing_configuration(target: WebhookTarget) -> None:
+    log.error(
+        "%s%sWebhookConfiguration %s not found: install it from deploy/ (or the chart); "
+        "%s meanwhile",
+        target.kind[0].upper(),
+        target.kind[1:],
+        target.configuration,
+        {
+            WEBHOOK_ID: "pods are not injected",
+            POLICY_WEBHOOK_ID: "SqlWorkloadIdentities are checked against policies only at "
+            "reconcile",
+            WORKLOAD_WEBHOOK_ID: "new workloads are labelled by the drift check only",
+        }[target.handler_id],
+    )
+
+
+def patch_configuration(api: ApiClient, target: WebhookTarget, patch: dict[str, Any]) -> bool:
+    """Apply ``patch`` to the configuration; False (and a log line) if it is not installed."""
     try:
-        apply(
-            target.configuration,
-            patch,
-            _content_type="application/strategic-merge-patch+json",
-            _request_timeout=REQUEST_TIMEOUT_S,
-        )
+        _apply_patch(api, target, patch)
     except ApiException as exc:
         if exc.status != 404:
             raise
-        log.error(
-            "%s%sWebhookConfiguration %s not found: install it from deploy/ (or the chart); "
-            "%s meanwhile",
-            target.kind[0].upper(),
-            target.kind[1:],
-            target.configuration,
-            {
-                WEBHOOK_ID: "pods are not injected",
-                POLICY_WEBHOOK_ID: "SqlWorkloadIdentities are checked against policies only at "
-                "reconcile",
-                WORKLOAD_WEBHOOK_ID: "new workloads are labelled by the drift check only",
-            }[target.handler_id],
-        )
+        _missing_configuration(target)
         return False
     return True
 
 
+# --- serving, and keeping the certificate and the configurations current ----------------------
+
+
+def server_ssl_context() -> ssl.SSLContext:
+    """The webhook server's context: TLS 1.3 only (as azure-workload-identity's webhook); kopf
+    loads the certificate into it at start, ``ServedCertificate`` loads renewed ones."""
+    context = ssl.create_default_context(purpose=ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def ca_bundle_of(ca_crt: bytes | None, tls_crt: bytes) -> str:
+    """The configurations' caBundle: the CA, or (no ca.crt) the certificate itself, as kopf."""
+    return base64.b64encode(ca_crt or tls_crt).decode("ascii")
+
+
+def _serial(tls_crt: bytes) -> str:
+    return format(x509.load_pem_x509_certificate(tls_crt).serial_number, "x")
+
+
+class ServedCertificate:
+    """The certificate the server presents, and where a newer one comes from.
+
+    ``refresh`` (blocking: call it in a thread) looks for a newer certificate -- self-managed:
+    ``ensure_tls_secret`` (re-issues into the Secret when the renewal window is reached, or
+    returns what another replica wrote there); provided: the mounted files' contents -- and
+    loads it into a new SSL context. The listening context kopf was given stays as it is; its
+    ``sni_callback`` (called at every ClientHello, with or without SNI) hands each new
+    connection the newest context. So the port never closes, open connections keep their
+    session, every later handshake gets the new certificate, and a certificate whose key does not
+    match (a half-written update) changes nothing: ``load_cert_chain`` into the live context
+    would have left it with the new certificate and the old key, failing every handshake.
+    """
+
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        api: ApiClient,
+        context: ssl.SSLContext,
+        files: tuple[Path, Path, Path | None],
+        bundle: TlsBundle | None,
+    ) -> None:
+        self.settings = settings
+        self.api = api
+        self.certfile, self.keyfile, self.cafile = files
+        self.bundle = bundle  # self-managed: what is served
+        self.digest = self._files_digest() if bundle is None else ""
+        self.ca_bundle = self._read_ca_bundle()
+        self.served_crt = self.certfile.read_bytes()  # the certificate (public) being served
+        self.current: ssl.SSLContext | None = None  # None: the listening context's own
+        context.sni_callback = self._choose
+
+    def _choose(self, connection: ssl.SSLObject, _name: str | None, _: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not None:
+            connection.context = current
+
+    def _files_digest(self) -> str:
+        hasher = hashlib.sha256()  # of the files together: the key is not kept in memory
+        for path in (self.certfile, self.keyfile, self.cafile):
+            if path is not None:
+                hasher.update(path.read_bytes())
+        return hasher.hexdigest()
+
+    def _read_ca_bundle(self) -> str:
+        ca = self.cafile.read_bytes() if self.cafile is not None else None
+        return ca_bundle_of(ca, self.certfile.read_bytes())
+
+    @property
+    def serial(self) -> str:
+        return _serial(self.certfile.read_bytes())
+
+    def refresh(self, trust_new_ca: Callable[[], None] | None = None) -> bool:
+        """Load a newer certificate if there is one; True if the served one changed.
+
+        When the CA bundle changes too, ``trust_new_ca`` runs first (the configurations get the
+        new bundle before any handshake presents a certificate only it trusts).
+        """
+        if self.bundle is not None:
+            fresh = ensure_tls_secret(self.api, self.settings)
+            if fresh.tls_crt == self.bundle.tls_crt:
+                return False
+            write_tls_files(fresh, self.certfile.parent)
+            self.bundle = fresh
+        else:
+            digest = self._files_digest()
+            if digest == self.digest:
+                return False
+        ca_bundle = self._read_ca_bundle()
+        new_crt, old_crt = self.certfile.read_bytes(), self.served_crt
+        if ca_bundle != self.ca_bundle:
+            self.ca_bundle = ca_bundle
+            if trust_new_ca is not None:
+                self.served_crt = new_crt  # what the configurations must trust from now on
+                try:
+                    trust_new_ca()
+                finally:
+                    self.served_crt = old_crt
+        # Secrets mounted in a pod are swapped at once (a symlink); should a certificate and key
+        # ever not match, load_cert_chain raises here and the old pair is still served.
+        fresh_context = server_ssl_context()
+        fresh_context.load_cert_chain(self.certfile, self.keyfile)
+        self.current = fresh_context
+        self.served_crt = new_crt
+        if self.bundle is None:
+            self.digest = digest
+        return True
+
+
+def bundle_trusts(ca_bundle: str | None, served_crt: bytes) -> bool:
+    """Whether a configuration's caBundle (base64 PEM) trusts the certificate: it holds the
+    certificate's issuer (a signature check, not a name match) or the certificate itself."""
+    if not ca_bundle:
+        return False
+    try:
+        cas = x509.load_pem_x509_certificates(base64.b64decode(ca_bundle))
+    except ValueError:
+        return False
+    served = x509.load_pem_x509_certificate(served_crt)
+    for ca in cas:
+        if ca == served:
+            return True
+        try:
+            served.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+def client_config_in_line(
+    live: Mapping[str, Any], wanted: Mapping[str, Any], served_crt: bytes | None
+) -> bool:
+    """Whether a configuration entry's live ``clientConfig`` already does what ``wanted`` (our
+    patch's) would: the same URL (sandbox mode), and a caBundle that is ours or trusts the served
+    certificate anyway. The latter leaves alone a bundle another replica (or cert-manager's CA
+    injector) wrote with a newer CA next to ours, instead of taking turns overwriting it."""
+    if "url" in wanted and (live.get("url") != wanted["url"] or live.get("service")):
+        return False
+    have, want = live.get("caBundle"), wanted.get("caBundle")
+    if want is None or have == want:
+        return True
+    return served_crt is not None and bundle_trusts(have, served_crt)
+
+
+def _reason(exc: Exception) -> str:
+    """An error for the log: an API error by status only (its body is the server's to word)."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class InjectionServer:
-    """kopf's HTTPS server, plus: after each (re)start, the configuration is brought in line.
+    """kopf's HTTPS server, plus: the configurations are brought in line at start, and kept so.
 
     kopf's own "managed" mode would rewrite the whole configuration without a namespaceSelector
-    or reinvocationPolicy; this keeps the manifest's and patches only the client config.
+    or reinvocationPolicy; this keeps the manifest's and patches only the client config. While
+    the server runs, a task (``maintain``) re-checks the certificate every
+    ``settings.tls_check_interval`` and loads a renewed one into the live context, and every
+    ``settings.config_check_interval`` reads each configuration and patches its client config
+    when it is out of line (``client_config_in_line``): a re-created configuration (kubectl apply
+    of deploy/, a helm upgrade: no caBundle) gets it back within seconds; one in line is not
+    written (its resourceVersion stays).
     """
 
     def __init__(
@@ -481,27 +757,141 @@ class InjectionServer:
         api: ApiClient,
         settings: WebhookSettings,
         readiness: Readiness | None = None,
+        served: ServedCertificate | None = None,
     ) -> None:
         self._server = server
         self._api = api
         self._settings = settings
         self._readiness = readiness
+        self.served = served
+        self.task: asyncio.Task[None] | None = None
+        self._url: str | None = None
+        self._known: dict[WebhookTarget, str | None] = {}  # uid last patched; None: missing
+        self._errors: dict[str, str | None] = {}  # the last failure of each check, as logged
+
+    def _patches(self) -> list[tuple[WebhookTarget, dict[str, Any]]]:
+        kopf_config: dict[str, Any] = {"url": self._url}
+        if self.served is not None:
+            kopf_config["caBundle"] = self.served.ca_bundle
+        return [
+            (target, client_config_patch(kopf_config, self._settings, target))
+            for target in self._settings.targets
+        ]
+
+    def keep_configurations(self) -> None:
+        """Bring each configuration's client config in line; log when one was re-created, changed
+        or is gone. An empty patch reads it (the RBAC rules grant ``patch``, not ``get``); only a
+        configuration out of line is written."""
+        for target, patch in self._patches():
+            try:
+                live = _apply_patch(self._api, target, {})
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                if self._known.get(target, "") is not None:  # log once per disappearance
+                    _missing_configuration(target)
+                self._known[target] = None
+                continue
+            raw = self._api.sanitize_for_serialization(live)  # type: ignore[no-untyped-call]
+            uid = (raw.get("metadata") or {}).get("uid")
+            entry = next(
+                (w for w in raw.get("webhooks") or [] if w.get("name") == target.entry), None
+            )
+            if entry is None:
+                if self._known.get(target) != uid:  # once per configuration
+                    log.error(
+                        "webhook configuration %s has no webhook named %s: install it from "
+                        "deploy/ (or the chart)",
+                        target.configuration,
+                        target.entry,
+                    )
+                self._known[target] = uid
+                continue
+            wanted = patch["webhooks"][0]["clientConfig"]
+            served = self.served.served_crt if self.served is not None else None
+            if not client_config_in_line(entry.get("clientConfig") or {}, wanted, served):
+                _apply_patch(self._api, target, patch)
+                log.warning(
+                    "webhook configuration %s %s: its client config (caBundle%s) is restored",
+                    target.configuration,
+                    "was re-created or re-installed"
+                    if self._known.get(target) != uid
+                    else "had its client config changed",
+                    ", url" if self._settings.url_host else "",
+                )
+            self._known[target] = uid
+
+    async def maintain(self) -> None:
+        """Until cancelled: the certificate renewed in time, the configurations kept in line."""
+        tls_every = self._settings.tls_check_interval
+        config_every = self._settings.config_check_interval
+        loop = asyncio.get_running_loop()
+        next_tls = loop.time() + tls_every
+        while True:
+            await asyncio.sleep(min(tls_every, config_every))
+            if self.served is not None and loop.time() >= next_tls:
+                next_tls = loop.time() + tls_every
+                try:
+                    if await asyncio.to_thread(self.served.refresh, self.keep_configurations):
+                        log.info(
+                            "serving the renewed webhook certificate (serial %s)",
+                            self.served.serial,
+                        )
+                    self._failing("certificate", None)
+                except Exception as exc:  # the upkeep must outlive any one error
+                    self._failing("certificate", exc)
+            try:
+                await asyncio.to_thread(self.keep_configurations)
+                self._failing("configurations", None)
+            except Exception as exc:  # as above
+                self._failing("configurations", exc)
+
+    def _failing(self, what: str, exc: Exception | None) -> None:
+        """Log a failed check once per distinct reason (a warning every 5 s says nothing new),
+        and the recovery."""
+        reason = None if exc is None else _reason(exc)
+        before = self._errors.get(what)
+        if reason == before:
+            return
+        self._errors[what] = reason
+        if reason is None:
+            log.info("the webhook %s check works again", what)
+        else:
+            log.warning("the webhook %s check failed, retrying: %s", what, reason)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
 
     async def __call__(self, fn: Any) -> AsyncIterator[Any]:
         async with self._server as server:
-            async for kopf_config in server(fn):
-                for target in self._settings.targets:
-                    patch = client_config_patch(kopf_config, self._settings, target)
-                    if await asyncio.to_thread(patch_configuration, self._api, target, patch):
-                        log.info(
-                            "webhook configuration %s points at %s",
-                            target.configuration,
-                            patch["webhooks"][0]["clientConfig"].get("url")
-                            or f"service {self._settings.namespace}/{self._settings.service}",
-                        )
-                if self._readiness is not None:  # listening, and the configurations point here
-                    self._readiness.listening(self._settings.addr, str(kopf_config.get("url")))
-                yield kopf_config
+            try:
+                async for kopf_config in server(fn):
+                    self._url = str(kopf_config.get("url"))
+                    for target in self._settings.targets:
+                        patch = client_config_patch(kopf_config, self._settings, target)
+                        if not await asyncio.to_thread(
+                            patch_configuration, self._api, target, patch
+                        ):
+                            self._known[target] = None  # logged; logged again once it is back
+                        else:
+                            log.info(
+                                "webhook configuration %s points at %s",
+                                target.configuration,
+                                patch["webhooks"][0]["clientConfig"].get("url")
+                                or f"service {self._settings.namespace}/{self._settings.service}",
+                            )
+                    await asyncio.to_thread(self.keep_configurations)  # remember what is there
+                    if self._readiness is not None:  # listening, configurations point here
+                        self._readiness.listening(self._settings.addr, self._url)
+                    if self.task is None:
+                        self.task = asyncio.create_task(self.maintain(), name="webhook-upkeep")
+                    yield kopf_config
+            finally:
+                await self.stop()
 
 
 # --- kopf wiring -------------------------------------------------------------------------------
@@ -523,6 +913,7 @@ class WebhookState:
     settings: WebhookSettings
     api: ApiClient
     tls_dir: tempfile.TemporaryDirectory[str] | None = None
+    server: InjectionServer | None = None
 
     def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The service account's metadata as ``plan`` reads it; None when it does not exist."""
@@ -545,6 +936,7 @@ def build_server(
     state: WebhookState,
     readiness: Readiness | None = None,
 ) -> InjectionServer:
+    bundle: TlsBundle | None = None
     if settings.tls_dir is not None:
         ca = settings.tls_dir / "ca.crt"
         certfile, pkeyfile, cafile = (
@@ -556,6 +948,7 @@ def build_server(
         bundle = ensure_tls_secret(api, settings)
         state.tls_dir = tempfile.TemporaryDirectory(prefix="swi-webhook-")
         certfile, pkeyfile, cafile = write_tls_files(bundle, Path(state.tls_dir.name))
+    context = server_ssl_context()
     server = kopf.WebhookServer(
         addr=settings.addr,
         port=settings.port or None,
@@ -563,8 +956,12 @@ def build_server(
         certfile=str(certfile),
         pkeyfile=str(pkeyfile),
         cafile=str(cafile) if cafile is not None else None,
+        context=context,
+        file_check_interval=KOPF_FILE_CHECK_OFF_S,
     )
-    return InjectionServer(server, api, settings, readiness)
+    served = ServedCertificate(settings, api, context, (certfile, pkeyfile, cafile), bundle)
+    state.server = InjectionServer(server, api, settings, readiness, served)
+    return state.server
 
 
 @kopf.on.startup()
@@ -604,6 +1001,8 @@ async def stop_webhook(memo: kopf.Memo, **_: Any) -> None:
     state: WebhookState | None = memo.get(MEMO_KEY)
     if state is None:
         return
+    if state.server is not None:
+        await state.server.stop()
     if state.tls_dir is not None:
         state.tls_dir.cleanup()
     state.api.close()  # type: ignore[no-untyped-call]

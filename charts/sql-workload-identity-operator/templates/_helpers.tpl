@@ -23,3 +23,25 @@ app.kubernetes.io/name: {{ include "swi.name" . }}
 {{- define "swi.clientId" -}}
 {{- required "identity.clientId is required: the client id of the operator's own app registration" .Values.identity.clientId -}}
 {{- end -}}
+
+{{/* The Secret the webhook server's certificate is mounted from; empty: self-managed. */}}
+{{- define "swi.webhookTlsSecret" -}}
+{{- if .Values.webhook.tls.certManager.enabled -}}
+{{- .Values.webhook.tls.secretName | default (printf "%s-webhook-cert" (include "swi.name" .)) -}}
+{{- else -}}
+{{- .Values.webhook.tls.secretName -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A webhook configuration's annotations: its values', plus cert-manager's CA injection. */}}
+{{- define "swi.webhookAnnotations" -}}
+{{- $root := index . 0 -}}
+{{- $annotations := deepCopy (index . 1 | default dict) -}}
+{{- if $root.Values.webhook.tls.certManager.enabled -}}
+{{- $_ := set $annotations "cert-manager.io/inject-ca-from" (printf "%s/%s-webhook" $root.Release.Namespace (include "swi.name" $root)) -}}
+{{- end -}}
+{{- with $annotations -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
