@@ -296,9 +296,7 @@ class Runtime:
             kube_api,
             database,
             exchange,
-            SharedSlots(
-                config.max_reconciles, slots=TrackedSlots(config.max_reconciles)
-            ),
+            SharedSlots(config.max_reconciles, slots=TrackedSlots(config.max_reconciles)),
             drain,
         )
 
