@@ -11,6 +11,7 @@ folder) and runs the workload with the injected environment: it prints the seed'
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -267,14 +268,68 @@ def test_invalid_expiration_rejects_the_pod_with_the_reason(
     assert "expected 3600 to 86400" in str(caught.value.body)
 
 
-def test_unlabelled_pods_sa_without_client_id_and_opted_out_namespaces_are_untouched(
+def test_a_service_account_without_client_id_gets_all_but_azure_client_id(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    """As azure-workload-identity: the app picks its client id itself (issue 19)."""
+    _service_account(kube, namespace, SA)  # no client-id annotation
+    pod = _core(kube).create_namespaced_pod(namespace, _bare_pod("no-id", USE))
+    app = pod.spec.containers[0]
+    env = {e.name: e.value for e in app.env}
+    assert set(env) == {"AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST"}
+    assert env["AZURE_TENANT_ID"] == os.environ["AZURE_TENANT_ID"]
+    reserved = next(v for v in pod.spec.volumes if v.name.startswith("azure-workload-identity"))
+    assert any(m.name == reserved.name for m in app.volume_mounts)
+
+
+def test_the_proxy_sidecar_annotation_rejects_the_pod_with_the_fix(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    from kubernetes import client
+
+    _client_id_sa(kube, namespace)
+    pod = _bare_pod("proxy", USE, **{"azure.workload.identity/inject-proxy-sidecar": "true"})
+    with pytest.raises(client.ApiException) as caught:
+        _core(kube).create_namespaced_pod(namespace, pod)
+    assert caught.value.status == 400
+    assert "azure.workload.identity/inject-proxy-sidecar" in str(caught.value.body)
+    assert "remove the annotation" in str(caught.value.body)
+
+
+def test_the_proxy_port_annotation_alone_is_admitted_with_a_warning(
+    sandbox: Any, kube: Any, namespace: str, webhook: int
+) -> None:
+    """The warning reaches whoever created the pod (kubectl prints it)."""
+    from deploy_harness import kubectl  # type: ignore[import-not-found]
+
+    _client_id_sa(kube, namespace)
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "port",
+            "labels": USE,
+            "annotations": {"azure.workload.identity/proxy-sidecar-port": "8000"},
+        },
+        "spec": {
+            "serviceAccountName": SA,
+            "nodeSelector": {"sqlidentity.io/admission-test-only": "true"},
+            "containers": [{"name": "app", "image": "app:1"}],
+        },
+    }
+    created = kubectl(sandbox, "-n", namespace, "create", "-f", "-", input=json.dumps(manifest))
+    assert "Warning: pod annotation azure.workload.identity/proxy-sidecar-port has no effect" in (
+        created.stderr
+    )
+    pod = _core(kube).read_namespaced_pod("port", namespace)
+    assert any(e.name == "AZURE_CLIENT_ID" for e in pod.spec.containers[0].env)
+
+
+def test_unlabelled_pods_and_opted_out_namespaces_are_untouched(
     kube: Any, namespace: str, webhook: int
 ) -> None:
 
     core = _core(kube)
-    _service_account(kube, namespace, SA)  # no client-id annotation
-    assert not core.create_namespaced_pod(namespace, _bare_pod("no-id", USE)).spec.containers[0].env
-
     opted_out = f"t-{uuid.uuid4().hex[:10]}"
     _create_namespace(kube, opted_out, {"sqlidentity.io/injection": "disabled"})
     try:
