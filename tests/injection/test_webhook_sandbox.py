@@ -342,6 +342,71 @@ def test_unlabelled_pods_and_opted_out_namespaces_are_untouched(
         core.delete_namespace(opted_out)
 
 
+def _client_id_of(pod: Any) -> str | None:
+    return next((e.value for e in pod.spec.containers[0].env if e.name == "AZURE_CLIENT_ID"), None)
+
+
+def test_an_account_the_cache_has_not_seen_yet_is_read_live(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    """A cache miss falls back to the API server: a pod created right after its service account
+    (or right after the operator annotated it, before the watch delivers) gets the client id."""
+    from kubernetes import client
+
+    core = _core(kube)
+    client_id = _principal(APP).client_id
+    for i in range(5):
+        name = f"fresh-{i}"
+        _service_account(kube, namespace, name, **{"azure.workload.identity/client-id": client_id})
+        pod = _bare_pod(f"fresh-{i}", USE)
+        pod.spec.service_account_name = name
+        assert _client_id_of(core.create_namespaced_pod(namespace, pod)) == client_id
+    # The operator's order: the account exists without the annotation, is annotated, and the
+    # workload's pods follow at once.
+    for i in range(5):
+        name = f"later-{i}"
+        _service_account(kube, namespace, name)
+        pod = _bare_pod(f"later-{i}", USE)
+        pod.spec.service_account_name = name
+        assert _client_id_of(core.create_namespaced_pod(namespace, pod)) is None
+        core.patch_namespaced_service_account(
+            name,
+            namespace,
+            client.V1ServiceAccount(
+                metadata=client.V1ObjectMeta(
+                    annotations={"azure.workload.identity/client-id": client_id}
+                )
+            ),
+        )
+        pod = _bare_pod(f"later-{i}-annotated", USE)
+        pod.spec.service_account_name = name
+        assert _client_id_of(core.create_namespaced_pod(namespace, pod)) == client_id
+
+
+def test_a_changed_client_id_reaches_the_next_admissions(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    """The cache follows the watch: a new client id is what pods get, within moments."""
+    core = _core(kube)
+    _client_id_sa(kube, namespace)
+    pod = core.create_namespaced_pod(namespace, _bare_pod("before", USE))
+    assert _client_id_of(pod) == _principal(APP).client_id
+    other = "5e0c1d9a-7b3f-4c2e-9a1d-0000000000ff"
+    core.patch_namespaced_service_account(
+        SA, namespace, {"metadata": {"annotations": {"azure.workload.identity/client-id": other}}}
+    )
+    started = time.monotonic()
+    attempt = iter(range(1000))
+
+    def injected_other() -> bool:
+        created = core.create_namespaced_pod(namespace, _bare_pod(f"after-{next(attempt)}", USE))
+        return _client_id_of(created) == other
+
+    wait_for("a pod with the new client id", injected_other, timeout=5, interval=0.05)
+    # A watch delivers in milliseconds; the first or second pod after the patch has it.
+    assert time.monotonic() - started < 3.0
+
+
 def test_admission_latency(kube: Any, namespace: str, webhook: int, capsys: Any) -> None:
     """Pod creation with the webhook against the same without it (the objectSelector skips it)."""
 

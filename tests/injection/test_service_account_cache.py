@@ -1,0 +1,153 @@
+"""The injection webhook's service account cache (``service_account_cache``).
+
+Against the sandbox's real API server, in this process: the cache lists and watches with the real
+Kubernetes client, and follows what an admin does to service accounts. The webhook's use of it
+(a miss falls back to a live read) is in test_webhook_sandbox.py; the parts without a cluster
+(what is kept of an account, an expired watch) come first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from deploy_harness import wait_for  # type: ignore[import-not-found]
+from swi_operator.service_account_cache import (
+    ResourceVersionExpired,
+    ServiceAccountCache,
+    slim,
+)
+
+CLIENT_ID = "5e0c1d9a-7b3f-4c2e-9a1d-000000000002"
+OTHER_ID = "5e0c1d9a-7b3f-4c2e-9a1d-000000000003"
+
+
+def account(name: str, **annotations: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "ns", "annotations": annotations, "uid": "u"}}
+
+
+def test_only_accounts_with_a_client_id_are_kept_and_only_their_azure_annotations() -> None:
+    kept = slim(
+        account(
+            "app",
+            **{
+                "azure.workload.identity/client-id": CLIENT_ID,
+                "azure.workload.identity/tenant-id": "t",
+                "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+            },
+        )
+    )
+    assert kept == {
+        "metadata": {
+            "name": "app",
+            "namespace": "ns",
+            "annotations": {
+                "azure.workload.identity/client-id": CLIENT_ID,
+                "azure.workload.identity/tenant-id": "t",
+            },
+        }
+    }
+    assert slim(account("default")) is None
+    assert slim(account("empty", **{"azure.workload.identity/client-id": ""})) is None
+
+
+def test_an_expired_watch_lists_again_and_an_error_event_raises() -> None:
+    cache = ServiceAccountCache.__new__(ServiceAccountCache)
+    cache._entries = {}
+    with pytest.raises(ResourceVersionExpired):
+        cache._apply({"type": "ERROR", "object": {"code": 410, "message": "too old"}}, "1")
+    with pytest.raises(RuntimeError, match="watch error 500"):
+        cache._apply({"type": "ERROR", "object": {"code": 500, "message": "boom"}}, "1")
+    added = account("app", **{"azure.workload.identity/client-id": CLIENT_ID})
+    added["metadata"]["resourceVersion"] = "7"
+    assert cache._apply({"type": "ADDED", "object": added}, "1") == "7"
+    assert cache._apply({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}, "7")
+    assert ("ns", "app") in cache._entries
+    assert cache._apply({"type": "DELETED", "object": added}, "9") == "7"
+    assert cache._entries == {}
+
+
+# --- against the API server ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(kube: Any) -> Iterator[ServiceAccountCache]:
+    started = ServiceAccountCache(kube, watch_timeout_s=5)  # resumes the watch every 5 s too
+    started.start()
+    try:
+        wait_for("the cache to list", lambda: started.synced, timeout=30)
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.mark.controlplane
+def test_the_cache_follows_service_accounts(
+    kube: Any, namespace: str, cache: ServiceAccountCache
+) -> None:
+    from kubernetes import client
+
+    core: Any = client.CoreV1Api(kube)
+    name = f"sa-{uuid.uuid4().hex[:6]}"
+    plain = client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="plain"))
+    core.create_namespaced_service_account(namespace, plain)
+    core.create_namespaced_service_account(
+        namespace,
+        client.V1ServiceAccount(
+            metadata=client.V1ObjectMeta(
+                name=name,
+                annotations={"azure.workload.identity/client-id": CLIENT_ID, "team": "a"},
+            )
+        ),
+    )
+
+    def client_id() -> str | None:
+        found = cache.lookup(namespace, name)
+        return (
+            found["metadata"]["annotations"]["azure.workload.identity/client-id"] if found else None
+        )
+
+    wait_for("the cache to see the account", lambda: client_id() == CLIENT_ID, timeout=10)
+    assert cache.lookup(namespace, name)["metadata"]["annotations"] == {  # type: ignore[index]
+        "azure.workload.identity/client-id": CLIENT_ID
+    }
+    # An account without a client id, created before (watch events come in order), is not held:
+    # the webhook reads it live.
+    assert cache.lookup(namespace, "plain") is None
+
+    annotation = {"metadata": {"annotations": {"azure.workload.identity/client-id": OTHER_ID}}}
+    core.patch_namespaced_service_account(name, namespace, annotation)
+    wait_for("the cache to see the new client id", lambda: client_id() == OTHER_ID, timeout=10)
+
+    removed = {"metadata": {"annotations": {"azure.workload.identity/client-id": None}}}
+    core.patch_namespaced_service_account(name, namespace, removed)
+    wait_for("the cache to drop the account", lambda: client_id() is None, timeout=10)
+
+    core.patch_namespaced_service_account(name, namespace, annotation)
+    wait_for("the cache to hold it again", lambda: client_id() == OTHER_ID, timeout=10)
+    core.delete_namespaced_service_account(name, namespace)
+    wait_for("the cache to forget it", lambda: cache.lookup(namespace, name) is None, timeout=10)
+
+
+@pytest.mark.controlplane
+def test_the_cache_outlives_the_servers_watch_timeout(
+    kube: Any, namespace: str, cache: ServiceAccountCache
+) -> None:
+    """The API server ends each watch after timeout_seconds (5 here): the next one resumes."""
+    import time
+
+    from kubernetes import client
+
+    time.sleep(7)
+    core: Any = client.CoreV1Api(kube)
+    core.create_namespaced_service_account(
+        namespace,
+        client.V1ServiceAccount(
+            metadata=client.V1ObjectMeta(
+                name="late", annotations={"azure.workload.identity/client-id": CLIENT_ID}
+            )
+        ),
+    )
+    wait_for("a resumed watch", lambda: cache.lookup(namespace, "late") is not None, timeout=10)
