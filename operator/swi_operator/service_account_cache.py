@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 500
 WATCH_TIMEOUT_S = 240  # the API server ends each watch after this; the next resumes from there
 REQUEST_TIMEOUT_S = 10.0  # a list page, and connecting
+MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 
 Key = tuple[str, str]  # (namespace, name)
@@ -80,6 +81,7 @@ class ServiceAccountCache:
         self._synced = threading.Event()  # the first list is in
         self._stop = threading.Event()
         self._response: Any = None  # the open watch, closed by stop()
+        self._backoff = MIN_BACKOFF_S  # before the next list after a failure
         self._thread = threading.Thread(
             target=self._run, name="swi-service-account-cache", daemon=True
         )
@@ -117,11 +119,9 @@ class ServiceAccountCache:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        backoff = 0.5
         while not self._stop.is_set():
             try:
                 version = self._list()
-                backoff = 0.5
                 self._follow(version)
             except ResourceVersionExpired:
                 log.debug("service account watch expired; listing again")
@@ -133,10 +133,12 @@ class ServiceAccountCache:
                     "service account cache: %s; the injection webhook reads service accounts "
                     "from the API server until it lists again in %.1f s",
                     _describe(exc),
-                    backoff,
+                    self._backoff,
                 )
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                self._stop.wait(self._backoff)
+                # Only a watch that started resets it: a list that works and a watch that is
+                # refused (RBAC without watch) must not relist every half second.
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
     def _list(self) -> str:
         entries: dict[Key, dict[str, Any]] = {}
@@ -175,6 +177,7 @@ class ServiceAccountCache:
                 _request_timeout=(REQUEST_TIMEOUT_S, self._watch_timeout_s + 30),
             )
             self._response = response
+            self._backoff = MIN_BACKOFF_S  # the API server accepted the watch
             try:
                 for line in _lines(response):
                     version = self._apply(json.loads(line), version)

@@ -69,6 +69,36 @@ def test_an_expired_watch_lists_again_and_an_error_event_raises() -> None:
     assert cache._entries == {}
 
 
+def test_a_refused_watch_backs_off_although_the_list_works() -> None:
+    """RBAC with list but not watch: the cache must not relist every half second."""
+    from kubernetes.client.exceptions import ApiException
+
+    class Answer:
+        data = b'{"items": [], "metadata": {"resourceVersion": "1"}}'
+
+    class Core:
+        def list_service_account_for_all_namespaces(self, watch: bool = False, **_: Any) -> Any:
+            if watch:
+                raise ApiException(status=403, reason="Forbidden")
+            return Answer()
+
+    cache = ServiceAccountCache(None)  # type: ignore[arg-type]
+    cache._core = Core()  # type: ignore[assignment]
+    waits: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) == 5:
+            cache._stop.set()
+        return cache._stop.is_set()
+
+    cache._stop.wait = wait  # type: ignore[method-assign]
+    cache._run()
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert cache.synced  # the list worked: ready, and every admission reads live
+    assert cache.lookup("ns", "app") is None
+
+
 # --- against the API server ---------------------------------------------------------------------
 
 
