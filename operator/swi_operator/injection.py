@@ -41,7 +41,8 @@ Where this module deliberately differs from the add-on (docs/deploy.md says why)
 * the patch is idempotent: a pod that already carries the injection yields an empty patch, and a
   reserved volume that is already there (the pod was named between two invocations) is reused
   rather than doubled;
-* a container that already mounts something at ``/var/run/secrets/azure/wi`` keeps its mount.
+* a container that already mounts something at ``/var/run/secrets/azure/wi`` keeps its mount;
+* an empty tenant-id annotation means the cluster's tenant (the add-on injects no tenant then).
 
 The patch only adds (and, for a reserved volume or mount that differs from what it should be,
 replaces), so fields the operator's client library does not know survive untouched.

@@ -108,13 +108,16 @@ class ServiceAccountCache:
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop following: the open watch's socket is shut down, which wakes the thread's
+        blocked read (closing the response instead would wait for the read's lock, that is for
+        the next event, a minute away)."""
         self._stop.set()
         response = self._response
         if response is not None:
             try:
-                response.close()
-            except Exception:  # closing from another thread: best effort
-                log.debug("closing the service account watch failed", exc_info=True)
+                response.shutdown()
+            except Exception:  # the watch ended meanwhile: nothing to wake
+                log.debug("shutting the service account watch down failed", exc_info=True)
         if self._thread.is_alive():
             self._thread.join(timeout)
 

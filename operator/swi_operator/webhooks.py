@@ -650,7 +650,7 @@ async def stop_webhook(memo: kopf.Memo, **_: Any) -> None:
     state: WebhookState | None = memo.get(MEMO_KEY)
     if state is None:
         return
-    state.stop_cache()
+    await asyncio.to_thread(state.stop_cache)
     if state.tls_dir is not None:
         state.tls_dir.cleanup()
     state.api.close()  # type: ignore[no-untyped-call]

@@ -181,3 +181,18 @@ def test_the_cache_outlives_the_servers_watch_timeout(
         ),
     )
     wait_for("a resumed watch", lambda: cache.lookup(namespace, "late") is not None, timeout=10)
+
+
+@pytest.mark.controlplane
+def test_stop_wakes_the_open_watch_at_once(kube: Any) -> None:
+    """The operator's clean-up must not wait for the next watch event (a bookmark, a minute)."""
+    import time
+
+    cache = ServiceAccountCache(kube)  # the deployed watch timeout: minutes
+    cache.start()
+    wait_for("the watch to open", lambda: cache.synced and cache._response is not None, timeout=30)
+    time.sleep(0.5)  # the thread is blocked reading it
+    started = time.monotonic()
+    cache.stop(timeout=10)
+    assert time.monotonic() - started < 1.5
+    assert not cache._thread.is_alive()
