@@ -89,17 +89,23 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _handler_seconds(metrics_url: str) -> tuple[float, float]:
-    """(sum, count) of the operator's time in the injection handler, from its metrics."""
+def _handler_seconds(metrics_url: str) -> tuple[float, float, float, float]:
+    """(sum, count) of the operator's time in the injection handler, and its service account
+    reads from the cache and from the API server, from its metrics."""
     with urllib.request.urlopen(metrics_url, timeout=5) as answer:  # noqa: S310
         text = answer.read().decode()
     found = {}
+    for source in ("cache", "api"):
+        match = re.search(
+            rf'^swi_webhook_service_account_reads_total\{{source="{source}"\}} (\S+)$', text, re.M
+        )
+        found[source] = float(match.group(1)) if match else 0.0
     for kind in ("sum", "count"):
         match = re.search(
             rf'^swi_webhook_duration_seconds_{kind}\{{webhook="{WEBHOOK}"\}} (\S+)$', text, re.M
         )
         found[kind] = float(match.group(1)) if match else 0.0
-    return found["sum"], found["count"]
+    return found["sum"], found["count"], found["cache"], found["api"]
 
 
 def _direct_round_trips(
@@ -300,6 +306,10 @@ def measure(
         "apiserver_webhook_call_mean_ms": round(server_ms, 3),
         "apiserver_webhook_calls": int(server_calls),
         "handler_mean_ms": round(handler_ms, 3),
+        "service_account_reads": {
+            "cache": int(handler_after[2] - handler_before[2]),
+            "api": int(handler_after[3] - handler_before[3]),
+        },
         "handler_calls": int(calls),
     }
 

@@ -554,7 +554,9 @@ class WebhookState:
         if self.service_accounts is not None:
             cached = self.service_accounts.lookup(namespace, name)
             if cached is not None:
+                metrics.SERVICE_ACCOUNT_READS.labels("cache").inc()
                 return cached
+        metrics.SERVICE_ACCOUNT_READS.labels("api").inc()
         return await asyncio.to_thread(self.read_service_account, namespace, name)
 
     def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:

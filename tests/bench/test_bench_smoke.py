@@ -188,3 +188,5 @@ def test_injection_latency_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> 
     assert result["handler_calls"] == pods
     assert result["apiserver_webhook_calls"] == pods
     assert result["handler_mean_ms"] > 0
+    # Every measured admission was answered from the service account cache.
+    assert result["service_account_reads"] == {"cache": pods, "api": 0}

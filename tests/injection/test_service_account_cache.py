@@ -196,3 +196,30 @@ def test_stop_wakes_the_open_watch_at_once(kube: Any) -> None:
     cache.stop(timeout=10)
     assert time.monotonic() - started < 1.5
     assert not cache._thread.is_alive()
+
+
+async def test_the_webhook_reads_the_cache_first_and_counts_where_it_read() -> None:
+    from prometheus_client import REGISTRY
+    from swi_operator.webhooks import WebhookSettings, WebhookState
+
+    def reads(source: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "swi_webhook_service_account_reads_total", {"source": source}
+        )
+        return value or 0.0
+
+    held = slim(account("app", **{"azure.workload.identity/client-id": CLIENT_ID}))
+
+    class Cache:
+        def lookup(self, namespace: str, name: str) -> dict[str, Any] | None:
+            return held if (namespace, name) == ("ns", "app") else None
+
+    live: list[tuple[str, str]] = []
+    state = WebhookState(WebhookSettings(), api=None)  # type: ignore[arg-type]
+    state.service_accounts = Cache()  # type: ignore[assignment]
+    state.read_service_account = lambda ns, name: live.append((ns, name)) or None  # type: ignore[method-assign]
+    cache_before, api_before = reads("cache"), reads("api")
+    assert await state.find_service_account("ns", "app") is held
+    assert await state.find_service_account("ns", "other") is None
+    assert live == [("ns", "other")]
+    assert (reads("cache") - cache_before, reads("api") - api_before) == (1, 1)
