@@ -113,6 +113,9 @@ def operator(
         # for that test to see Ready before the old pod is reported.
         "SWI_POD_TOKEN_GRACE": "30",
         "SWI_WEBHOOK_NAMESPACE": NAMESPACE,
+        # As in the pod: the ledger ConfigMap lives in the operator's namespace, the only one
+        # the deployed RBAC lets it read (its default, "default", is refused: PermissionDenied).
+        "POD_NAMESPACE": NAMESPACE,
     }
     if (REPO / "operator/swi_operator/config.py").read_text().find("SWI_CA_BUNDLE") >= 0:
         env["SWI_CA_BUNDLE"] = str(sandbox.ca)
