@@ -63,7 +63,7 @@ TOKEN_EXPIRATION_ANNOTATION = "azure.workload.identity/service-account-token-exp
 SKIP_CONTAINERS_ANNOTATION = "azure.workload.identity/skip-containers"
 INJECT_PROXY_SIDECAR_ANNOTATION = "azure.workload.identity/inject-proxy-sidecar"
 PROXY_SIDECAR_PORT_ANNOTATION = "azure.workload.identity/proxy-sidecar-port"
-# Every annotation of the add-on's starts so; the webhook's service account cache keeps only these.
+# Every annotation of the add-on's starts so; the webhook's live read keeps only these.
 ANNOTATION_PREFIX = "azure.workload.identity/"
 
 CLIENT_ID_ENV = "AZURE_CLIENT_ID"

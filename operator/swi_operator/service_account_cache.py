@@ -7,7 +7,10 @@ webhook serves every namespace, whatever ``--namespace`` the operator reconciles
 daemon thread with the operator's Kubernetes client.
 
 What it keeps: only accounts with the ``azure.workload.identity/client-id`` annotation, and of
-each only its name, namespace and ``azure.workload.identity/*`` annotations. An account without
+each only its name, namespace and the ``azure.workload.identity/*`` annotations ``injection.plan``
+reads (client-id, tenant-id, service-account-token-expiration), none longer than 256 characters
+(a namespace tenant writes its own accounts: an account it stuffs is read live instead, so the
+operator's memory stays bounded by the number of accounts). An account without
 the client id is never answered from here: ``lookup`` says "ask the API server" (None) for it, as
 for any account it does not hold, and before the first list or while the watch is broken. The
 operator annotates an account just before it labels the workloads, so a cache that has not yet
@@ -36,7 +39,11 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client import ApiClient
 
-from swi_operator.injection import ANNOTATION_PREFIX, CLIENT_ID_ANNOTATION
+from swi_operator.injection import (
+    CLIENT_ID_ANNOTATION,
+    TENANT_ID_ANNOTATION,
+    TOKEN_EXPIRATION_ANNOTATION,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +54,26 @@ MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 
 Key = tuple[str, str]  # (namespace, name)
+# The service account annotations injection.plan reads; a GUID is 36 characters, an expiration 5.
+CACHED_ANNOTATIONS = frozenset(
+    {CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION, TOKEN_EXPIRATION_ANNOTATION}
+)
+MAX_VALUE_LENGTH = 256
 
 
 def slim(service_account: Mapping[str, Any]) -> dict[str, Any] | None:
-    """What the cache keeps of a service account (its JSON), or None if it has no client id."""
+    """What the cache keeps of a service account (its JSON), or None if it keeps nothing: no
+    client id, or a value longer than any real one (a tenant's own accounts must not fill the
+    operator's memory: those are read live, and plan() sees them whole)."""
     metadata = service_account.get("metadata") or {}
     annotations = {
         key: str(value)
         for key, value in (metadata.get("annotations") or {}).items()
-        if key.startswith(ANNOTATION_PREFIX)
+        if key in CACHED_ANNOTATIONS
     }
     if not annotations.get(CLIENT_ID_ANNOTATION):
+        return None
+    if any(len(value) > MAX_VALUE_LENGTH for value in annotations.values()):
         return None
     return {
         "metadata": {

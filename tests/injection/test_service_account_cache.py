@@ -35,6 +35,7 @@ def test_only_accounts_with_a_client_id_are_kept_and_only_their_azure_annotation
             **{
                 "azure.workload.identity/client-id": CLIENT_ID,
                 "azure.workload.identity/tenant-id": "t",
+                "azure.workload.identity/padding": "x" * 1000,  # not one plan() reads
                 "kubectl.kubernetes.io/last-applied-configuration": "{...}",
             },
         )
@@ -50,6 +51,12 @@ def test_only_accounts_with_a_client_id_are_kept_and_only_their_azure_annotation
         }
     }
     assert slim(account("default")) is None
+    # A tenant's stuffed account is not held (read live instead): memory stays bounded.
+    stuffed = {
+        "azure.workload.identity/client-id": CLIENT_ID,
+        "azure.workload.identity/tenant-id": "t" * 257,
+    }
+    assert slim(account("stuffed", **stuffed)) is None
     assert slim(account("empty", **{"azure.workload.identity/client-id": ""})) is None
 
 
