@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from swi_operator import version
+from swi_operator.injection import InjectionConfigError, authority_host_for_cloud
 from swi_operator.spec import is_guid
 
 PUBLIC_AUTHORITY = "https://login.microsoftonline.com"
@@ -91,6 +92,9 @@ class Config:
     log_format: str = "text"  # text (kopf's) or json: one JSON object per line
     install_crds: Path | None = None
     injection_webhook: bool = False  # serve the pod injection webhook (swi_operator.webhooks)
+    # The cloud whose Entra endpoint the injection webhook injects (azure-workload-identity's
+    # AZURE_ENVIRONMENT); None: the webhook's environment decides (docs/deploy.md).
+    azure_environment: str | None = None
     require_policy: bool = True  # refuse what no SqlIdentityPolicy allows (swi_operator.policy)
     policy_webhook: bool = False  # serve the validating webhook (swi_operator.policy_webhook)
     workload_webhook: bool = False  # label workloads at admission (swi_operator.workload_webhook)
@@ -403,6 +407,15 @@ _SETTINGS: tuple[_Setting, ...] = (
         "false",
     ),
     _Setting(
+        "azure_environment",
+        "--azure-environment",
+        "AZURE_ENVIRONMENT",
+        "the Azure cloud whose Entra endpoint the injection webhook injects as "
+        "AZURE_AUTHORITY_HOST, as azure-workload-identity names it: AzurePublicCloud (default), "
+        "AzureChinaCloud, AzureUSGovernmentCloud, AzureGermanCloud, AzureStackCloud (with "
+        "AZURE_ENVIRONMENT_FILEPATH); SWI_INJECTION_AUTHORITY_HOST, a URL, wins over it",
+    ),
+    _Setting(
         "require_policy",
         "--require-policy",
         "SWI_REQUIRE_POLICY",
@@ -585,6 +598,15 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
     if injection not in ("true", "false"):
         raise ConfigError(f"{_name('injection_webhook')} must be true or false, got {injection!r}")
 
+    azure_environment = raw.get("azure_environment")
+    if azure_environment is not None and injection == "true":  # only the injection reads it
+        try:
+            authority_host_for_cloud(str(azure_environment), env)
+        except InjectionConfigError as exc:
+            raise ConfigError(
+                f"{_name('azure_environment')}: {str(exc).removeprefix('AZURE_ENVIRONMENT=')}"
+            ) from None
+
     flags = {}
     for dest in ("require_policy", "policy_webhook", "workload_webhook"):
         value = str(raw.get(dest)).lower()
@@ -668,6 +690,7 @@ def _validate(raw: Mapping[str, object], env: Mapping[str, str]) -> Config:
         log_format=_choice(raw, "log_format", ("text", "json")),
         install_crds=Path(str(crds)) if crds is not None else None,
         injection_webhook=injection == "true",
+        azure_environment=str(azure_environment) if azure_environment is not None else None,
         require_policy=flags["require_policy"],
         policy_webhook=flags["policy_webhook"],
         workload_webhook=flags["workload_webhook"],

@@ -3,17 +3,24 @@
 On AKS the workload identity add-on mutates every new pod labelled
 ``azure.workload.identity/use: "true"``. Clusters without it get the same injection from the
 operator's optional webhook (``webhooks``), and this module decides what that injection is. It is
-pure: no I/O, no kopf; the webhook fetches the service account and applies the patch.
+pure: no I/O, no kopf; the webhook finds the service account and applies the patch.
 
-The contract is the add-on's, read from azure-workload-identity v1.6.0 (``pkg/webhook/consts.go``
-and ``webhook.go``), so a pod behaves the same on AKS and elsewhere:
+The contract is the add-on's, read from azure-workload-identity v1.6.0 (``pkg/webhook/consts.go``,
+``webhook.go`` and ``pkg/config/config.go``), so a pod behaves the same on AKS and elsewhere:
 
 * every container and init container not named in the pod annotation
   ``azure.workload.identity/skip-containers`` (``;``-separated) gets the environment variables
   ``AZURE_CLIENT_ID`` (service account annotation ``azure.workload.identity/client-id``),
   ``AZURE_TENANT_ID`` (annotation ``.../tenant-id``, else the cluster's tenant),
   ``AZURE_FEDERATED_TOKEN_FILE`` and ``AZURE_AUTHORITY_HOST``, each only when the container does
-  not set it already (by name, whether by value or ``valueFrom``) and only when it is not empty;
+  not set it already (by name, whether by value or ``valueFrom``) and only when it is not empty:
+  a service account without the client-id annotation still gets the other three, the volume and
+  the mount (an app that picks its client id itself works);
+* ``AZURE_AUTHORITY_HOST`` is the Entra endpoint of the cloud named by ``AZURE_ENVIRONMENT``
+  (``AzurePublicCloud``, the default, ``AzureChinaCloud``, ``AzureUSGovernmentCloud``,
+  ``AzureGermanCloud``, any case; ``AzureStackCloud`` reads ``activeDirectoryEndpoint`` from the
+  JSON file ``AZURE_ENVIRONMENT_FILEPATH``), as go-autorest's ``EnvironmentFromName`` maps them for
+  the add-on; ``authority_host_from_env`` also takes an explicit URL (below);
 * and a read-only mount of the volume ``azure-workload-identity-reserved-<sha256 of the pod name>``
   (truncated to 63 characters; the pod name is ``generateName + " (prefix)"`` while the API server
   has not named the pod yet, as for every pod a controller creates) at
@@ -25,12 +32,17 @@ and ``webhook.go``), so a pod behaves the same on AKS and elsewhere:
 
 Where this module deliberately differs from the add-on (docs/deploy.md says why):
 
-* a pod whose service account has no client-id annotation is left untouched (the add-on would
-  still add the volume and the tenant and authority variables);
+* the pod annotation ``azure.workload.identity/inject-proxy-sidecar`` (the add-on's IMDS proxy:
+  a privileged init container and a sidecar) rejects the pod, with the fix in the message, instead
+  of being silently ignored; ``azure.workload.identity/proxy-sidecar-port`` alone does nothing on
+  the add-on either, and admits the pod with an admission warning (``admission_warnings``);
+* a service account that does not exist leaves the pod untouched (the add-on rejects it; the API
+  server refuses such a pod anyway);
 * the patch is idempotent: a pod that already carries the injection yields an empty patch, and a
   reserved volume that is already there (the pod was named between two invocations) is reused
   rather than doubled;
-* a container that already mounts something at ``/var/run/secrets/azure/wi`` keeps its mount.
+* a container that already mounts something at ``/var/run/secrets/azure/wi`` keeps its mount;
+* an empty tenant-id annotation means the cluster's tenant (the add-on injects no tenant then).
 
 The patch only adds (and, for a reserved volume or mount that differs from what it should be,
 replaces), so fields the operator's client library does not know survive untouched.
@@ -39,6 +51,7 @@ replaces), so fields the operator's client library does not know survive untouch
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +61,10 @@ CLIENT_ID_ANNOTATION = "azure.workload.identity/client-id"
 TENANT_ID_ANNOTATION = "azure.workload.identity/tenant-id"
 TOKEN_EXPIRATION_ANNOTATION = "azure.workload.identity/service-account-token-expiration"  # noqa: S105
 SKIP_CONTAINERS_ANNOTATION = "azure.workload.identity/skip-containers"
+INJECT_PROXY_SIDECAR_ANNOTATION = "azure.workload.identity/inject-proxy-sidecar"
+PROXY_SIDECAR_PORT_ANNOTATION = "azure.workload.identity/proxy-sidecar-port"
+# Every annotation of the add-on's starts so; the webhook's live read keeps only these.
+ANNOTATION_PREFIX = "azure.workload.identity/"
 
 CLIENT_ID_ENV = "AZURE_CLIENT_ID"
 TENANT_ID_ENV = "AZURE_TENANT_ID"
@@ -62,6 +79,20 @@ DEFAULT_AUDIENCE = "api://AzureADTokenExchange"
 # What the add-on injects on Azure's public cloud (go-autorest's ActiveDirectoryEndpoint).
 PUBLIC_AUTHORITY_HOST = "https://login.microsoftonline.com/"
 
+# The add-on's cloud setting (its ConfigMap's AZURE_ENVIRONMENT, default AzurePublicCloud) and the
+# ActiveDirectoryEndpoint go-autorest's EnvironmentFromName gives each name (compared upper-case).
+AZURE_ENVIRONMENT_ENV = "AZURE_ENVIRONMENT"
+AZURE_ENVIRONMENT_FILEPATH_ENV = "AZURE_ENVIRONMENT_FILEPATH"
+AZURE_STACK_CLOUD = "AzureStackCloud"
+CLOUD_AUTHORITY_HOSTS = {
+    "AzurePublicCloud": PUBLIC_AUTHORITY_HOST,
+    "AzureChinaCloud": "https://login.chinacloudapi.cn/",
+    "AzureUSGovernmentCloud": "https://login.microsoftonline.us/",
+    "AzureGermanCloud": "https://login.microsoftonline.de/",
+}
+# An explicit injected AZURE_AUTHORITY_HOST (the emulator, a private cloud) beats the cloud name.
+AUTHORITY_HOST_SETTING = "SWI_INJECTION_AUTHORITY_HOST"
+
 MIN_TOKEN_EXPIRATION_S = 3600
 MAX_TOKEN_EXPIRATION_S = 86400
 DEFAULT_TOKEN_EXPIRATION_S = 3600
@@ -73,6 +104,65 @@ JsonPatchOp = dict[str, Any]
 
 class InjectionError(ValueError):
     """The pod or its service account asks for something invalid; the pod must be rejected."""
+
+
+class InjectionConfigError(ValueError):
+    """A cluster-wide injection setting is invalid; the message names the variable and the fix."""
+
+
+def authority_host_for_cloud(name: str, environ: Mapping[str, str]) -> str:
+    """The injected ``AZURE_AUTHORITY_HOST`` for the cloud ``name`` (``AZURE_ENVIRONMENT``)."""
+    wanted = name.strip()
+    if wanted.upper() == AZURE_STACK_CLOUD.upper():
+        return _stack_authority_host(environ.get(AZURE_ENVIRONMENT_FILEPATH_ENV, "").strip())
+    for cloud, host in CLOUD_AUTHORITY_HOSTS.items():
+        if cloud.upper() == wanted.upper():
+            return host
+    raise InjectionConfigError(
+        f"{AZURE_ENVIRONMENT_ENV}={name!r} names no Azure cloud: expected one of "
+        f"{', '.join([*CLOUD_AUTHORITY_HOSTS, AZURE_STACK_CLOUD])} (any case), or set "
+        f"{AUTHORITY_HOST_SETTING} to the authority URL itself"
+    )
+
+
+def _stack_authority_host(path: str) -> str:
+    where = f"{AZURE_ENVIRONMENT_ENV}={AZURE_STACK_CLOUD} reads {AZURE_ENVIRONMENT_FILEPATH_ENV}"
+    if not path:
+        raise InjectionConfigError(
+            f"{where}, which is not set: point it at the Azure Stack environment JSON file, or set "
+            f"{AUTHORITY_HOST_SETTING} instead"
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise InjectionConfigError(f"{where}={path!r}, which cannot be read: {exc}") from None
+    host = document.get("activeDirectoryEndpoint") if isinstance(document, Mapping) else None
+    if not isinstance(host, str) or not host.startswith("https://"):
+        raise InjectionConfigError(
+            f"{where}={path!r}: its activeDirectoryEndpoint must be an https:// URL, got {host!r}"
+        )
+    return host
+
+
+def authority_host_from_env(environ: Mapping[str, str]) -> str:
+    """The injected ``AZURE_AUTHORITY_HOST``: ``SWI_INJECTION_AUTHORITY_HOST`` if set, else the
+    cloud ``AZURE_ENVIRONMENT`` names (the add-on's setting), else the operator's own
+    ``AZURE_AUTHORITY_HOST``, else Azure's public cloud."""
+
+    def get(name: str) -> str:
+        return environ.get(name, "").strip()
+
+    if get(AUTHORITY_HOST_SETTING):
+        authority, source = get(AUTHORITY_HOST_SETTING), AUTHORITY_HOST_SETTING
+    elif get(AZURE_ENVIRONMENT_ENV):
+        return authority_host_for_cloud(get(AZURE_ENVIRONMENT_ENV), environ)
+    else:
+        authority = get(AUTHORITY_HOST_ENV) or PUBLIC_AUTHORITY_HOST
+        source = AUTHORITY_HOST_ENV
+    if not authority.startswith("https://"):
+        raise InjectionConfigError(f"{source} must be an https:// URL, got {authority!r}")
+    return authority
 
 
 @dataclass(frozen=True)
@@ -109,6 +199,40 @@ def pod_name(pod: Mapping[str, Any]) -> str:
 def volume_name(pod: Mapping[str, Any]) -> str:
     digest = hashlib.sha256(pod_name(pod).encode()).hexdigest()
     return VOLUME_NAME_PREFIX + digest[: _MAX_VOLUME_NAME - len(VOLUME_NAME_PREFIX)]
+
+
+def refuse_proxy_sidecar(pod: Mapping[str, Any]) -> None:
+    """The add-on's IMDS proxy sidecar is not something this webhook injects: say so, with the fix.
+
+    The add-on injects it whenever the annotation is present, whatever its value, so any value is
+    refused here: admitting the pod would start an app that waits for a proxy that never comes.
+    """
+    annotations = _meta(pod, "annotations")
+    if INJECT_PROXY_SIDECAR_ANNOTATION in annotations:
+        raise InjectionError(
+            f"pod annotation {INJECT_PROXY_SIDECAR_ANNOTATION}="
+            f"{annotations[INJECT_PROXY_SIDECAR_ANNOTATION]!r} asks for azure-workload-identity's "
+            "proxy sidecar, which this webhook does not inject (azure-workload-identity injects it "
+            "whatever the value): remove the annotation and let the app read "
+            f"{TOKEN_FILE_ENV} (every current Azure Identity library does), or run the pod on a "
+            "cluster with the AKS workload identity add-on"
+        )
+
+
+def admission_warnings(pod: Mapping[str, Any]) -> list[str]:
+    """What the API server should tell whoever created the pod (admitted anyway)."""
+    annotations = _meta(pod, "annotations")
+    found = []
+    if (
+        PROXY_SIDECAR_PORT_ANNOTATION in annotations
+        and INJECT_PROXY_SIDECAR_ANNOTATION not in annotations
+    ):
+        found.append(
+            f"pod annotation {PROXY_SIDECAR_PORT_ANNOTATION} has no effect: no proxy sidecar is "
+            f"injected (without {INJECT_PROXY_SIDECAR_ANNOTATION} azure-workload-identity ignores "
+            "it too, and this webhook never injects the proxy); remove it"
+        )
+    return found
 
 
 def skip_containers(pod: Mapping[str, Any]) -> frozenset[str]:
@@ -232,11 +356,14 @@ def plan(
     """The JSONPatch (RFC 6902) that injects workload identity into ``pod``; ``[]`` if none.
 
     ``service_account`` is the pod's (``service_account_name``) as read from the API server, or
-    None when it does not exist. Raises ``InjectionError`` for an invalid expiration annotation.
+    None when it does not exist; one without the client-id annotation gets everything but
+    ``AZURE_CLIENT_ID``. Raises ``InjectionError`` for an invalid expiration annotation or the
+    proxy sidecar annotation.
     """
-    if not wants_injection(pod) or service_account is None:
+    if not wants_injection(pod):
         return []
-    if not _meta(service_account, "annotations").get(CLIENT_ID_ANNOTATION):
+    refuse_proxy_sidecar(pod)
+    if service_account is None:
         return []
     expiration = token_expiration(pod, service_account)
     spec: Mapping[str, Any] = pod.get("spec") or {}

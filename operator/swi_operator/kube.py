@@ -90,7 +90,7 @@ class Pod:
     name: str
     service_account: str
     active: bool
-    has_token: bool
+    has_token: bool  # AZURE_FEDERATED_TOKEN_FILE and AZURE_CLIENT_ID injected into a container
     created: dt.datetime | None = None  # metadata.creationTimestamp, set by the API server
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
@@ -182,10 +182,14 @@ def _workload(kind: WorkloadKind, obj: Mapping[str, Any]) -> Workload:
 def _pod(obj: Mapping[str, Any]) -> Pod:
     spec = obj.get("spec") or {}
     containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    # The injection with its client id: since the webhooks (the add-on's and ours) inject the
+    # token even for a service account without the client-id annotation, a pod created before
+    # the operator annotated the account has the token file but no AZURE_CLIENT_ID, and cannot
+    # sign in as the resource's identity: it counts as without the token.
     has_token = any(
-        env.get("name") == "AZURE_FEDERATED_TOKEN_FILE"
+        {"AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ID"}
+        <= {env.get("name") for env in container.get("env") or []}
         for container in containers
-        for env in container.get("env") or []
     )
     phase = _dig(obj, "status", "phase")
     deleting = _dig(obj, "metadata", "deletionTimestamp") is not None

@@ -97,6 +97,12 @@ WEBHOOK_DURATION = Histogram(
     ["webhook"],
     buckets=_CALL_BUCKETS,
 )
+SERVICE_ACCOUNT_READS = Counter(
+    "swi_webhook_service_account_reads",
+    "service accounts the pod injection webhook read, by source: cache (its watch-fed cache) or "
+    "api (a live GET: a miss, an account without the client id, or a cache not following)",
+    ["source"],
+)
 DRIFT_CYCLE_DURATION = Histogram(
     "swi_drift_cycle_duration_seconds",
     "time one drift check of every served resource took",

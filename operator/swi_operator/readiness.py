@@ -3,10 +3,13 @@ replica can answer admission requests, 503 naming what is missing before that.
 
 Ready means: the operator's start-up is done (the policy webhook decides with its clients), and,
 when it serves webhooks, kopf's webhook server has started, the webhook configurations have been
-brought in line with it (its CA bundle), and its port completes a TLS handshake right now. The
-webhooks keep no watch-fed cache to wait for: they read through the API server (policies with a
-two-second cache, service accounts not cached at all). A standby replica is ready as soon as the
-active one would be: both serve the webhooks (peers.py); only reconciling is the active one's.
+brought in line with it (its CA bundle), its port completes a TLS handshake right now, and the
+caches its webhooks registered (``wait_for``) have synced: the pod injection webhook's service
+account cache (``service_account_cache``) has made its first list. Only that first sync counts: a
+watch that breaks later sends admissions to the API server instead, and does not make the replica
+unready. The policy webhook reads through the API server (policies with a two-second cache). A
+standby replica is ready as soon as the active one would be: both serve the webhooks (peers.py);
+only reconciling is the active one's.
 
 Liveness is another question, answered by kopf's own endpoint (``--liveness``): its event loop
 answers. A replica whose webhook port stops answering leaves the Service's endpoints (readiness)
@@ -18,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -31,6 +35,12 @@ class Readiness:
     webhooks: bool  # this replica serves admission webhooks
     started: bool = False  # the operator's start-up handler has finished
     webhook_address: tuple[str, int] | None = None  # set once the webhook server listens
+    # What must be true before this replica is ready, and what to say while it is not.
+    waits: list[tuple[str, Callable[[], bool]]] = field(default_factory=list)
+
+    def wait_for(self, problem: str, done: Callable[[], bool]) -> None:
+        """Not ready, saying ``problem``, until ``done()`` (e.g. a cache's first sync)."""
+        self.waits.append((problem, done))
 
     def listening(self, addr: str | None, url: str) -> None:
         """kopf's webhook server listens on ``addr`` (None or a wildcard: every interface) at
@@ -51,6 +61,7 @@ class Readiness:
             elif not await tls_answers(*self.webhook_address):
                 host, port = self.webhook_address
                 found.append(f"the webhook port {host}:{port} does not answer")
+        found += [problem for problem, done in self.waits if not done()]
         return found
 
 

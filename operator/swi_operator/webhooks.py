@@ -8,11 +8,15 @@ The flow of one admission request: the API server calls
 ``https://<service or host>:<port>/inject-workload-identity`` for a pod being created with the label
 ``azure.workload.identity/use: "true"`` (the MutatingWebhookConfiguration's objectSelector; its
 namespaceSelector leaves out kube-system and the operator's namespace), kopf decodes the review
-and calls ``inject``, which reads the pod's service account from the API server (one GET, no
-cache: the operator annotates a service account just before it labels the workloads, and a cache
-could answer with the annotation missing), asks ``injection.plan`` for the JSONPatch and hands it
-back to kopf, which answers the API server. An invalid annotation rejects the pod with its reason;
-a webhook that cannot be reached is the configuration's ``failurePolicy`` (deploy/: ``Fail``).
+and calls ``inject``, which finds the pod's service account (``WebhookState.find_service_account``:
+from the watch-fed ``service_account_cache`` when it holds the account with its client-id
+annotation, else one live GET: a miss, an account without the client id, or a cache not following
+the API server; the operator annotates a service account just before it labels the workloads, so
+an answer without the annotation is never taken from the cache), asks ``injection.plan`` for the
+JSONPatch and ``injection.admission_warnings`` for warnings, and hands both back to kopf, which
+answers the API server. An invalid annotation (token expiration, the proxy sidecar) rejects the
+pod with its reason and fix; a webhook that cannot be reached is the configuration's
+``failurePolicy`` (deploy/: ``Fail``). The cache's first list is part of readiness.
 
 TLS 1.3 only (as azure-workload-identity's webhook), one of two ways (docs/deploy.md):
 
@@ -89,14 +93,20 @@ from kubernetes.client.exceptions import ApiException
 
 from swi_operator import metrics
 from swi_operator.injection import (
-    PUBLIC_AUTHORITY_HOST,
+    ANNOTATION_PREFIX,
+    AUTHORITY_HOST_SETTING,
     USE_LABEL,
+    InjectionConfigError,
     InjectionError,
     InjectionSettings,
+    admission_warnings,
+    authority_host_for_cloud,
+    authority_host_from_env,
     plan,
     service_account_name,
 )
 from swi_operator.readiness import Readiness
+from swi_operator.service_account_cache import ServiceAccountCache
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +191,10 @@ class WebhookSettings:
                 raise WebhookConfigError(
                     f"SWI_WEBHOOK_TLS_DIR={tls_dir}: missing {' and '.join(missing)}"
                 )
-        authority = (
-            get("SWI_INJECTION_AUTHORITY_HOST")
-            or get("AZURE_AUTHORITY_HOST")
-            or PUBLIC_AUTHORITY_HOST
-        )
-        if not authority.startswith("https://"):
-            raise WebhookConfigError(
-                f"SWI_INJECTION_AUTHORITY_HOST must be an https:// URL, got {authority!r}"
-            )
+        try:
+            authority = authority_host_from_env(env)
+        except InjectionConfigError as exc:
+            raise WebhookConfigError(str(exc)) from None
         validity = parse_duration(
             "SWI_WEBHOOK_CERT_VALIDITY", get("SWI_WEBHOOK_CERT_VALIDITY"), CERT_VALIDITY
         )
@@ -914,6 +919,36 @@ class WebhookState:
     api: ApiClient
     tls_dir: tempfile.TemporaryDirectory[str] | None = None
     server: InjectionServer | None = None
+    # Watch-fed; None: every admission reads the service account live (start_cache starts it).
+    service_accounts: ServiceAccountCache | None = None
+
+    def start_cache(self, readiness: Readiness | None) -> None:
+        """Start the service account cache of the pod injection webhook; readiness waits for it."""
+        if not self.settings.inject or self.service_accounts is not None:
+            return
+        self.service_accounts = ServiceAccountCache(self.api)
+        self.service_accounts.start()
+        if readiness is not None:
+            readiness.wait_for("the service account cache has not listed yet", self.cache_synced)
+
+    def cache_synced(self) -> bool:
+        return self.service_accounts is not None and self.service_accounts.synced
+
+    def stop_cache(self) -> None:
+        if self.service_accounts is not None:
+            self.service_accounts.stop()
+
+    async def find_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod's service account for ``plan``: from the cache when it holds the account with
+        its client id, else read live (a miss, an account without the client id, or a cache that
+        is not following the API server: the operator may have annotated it a moment ago)."""
+        if self.service_accounts is not None:
+            cached = self.service_accounts.lookup(namespace, name)
+            if cached is not None:
+                metrics.SERVICE_ACCOUNT_READS.labels("cache").inc()
+                return cached
+        metrics.SERVICE_ACCOUNT_READS.labels("api").inc()
+        return await asyncio.to_thread(self.read_service_account, namespace, name)
 
     def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The service account's metadata as ``plan`` reads it; None when it does not exist."""
@@ -926,8 +961,12 @@ class WebhookState:
             if exc.status == 404:
                 return None
             raise
-        annotations = dict((sa.metadata.annotations if sa.metadata else None) or {})
-        return {"metadata": {"name": name, "annotations": annotations}}
+        annotations = {
+            key: value
+            for key, value in ((sa.metadata.annotations if sa.metadata else None) or {}).items()
+            if key.startswith(ANNOTATION_PREFIX)
+        }
+        return {"metadata": {"name": name, "namespace": namespace, "annotations": annotations}}
 
 
 def build_server(
@@ -973,14 +1012,23 @@ async def start_webhook(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: A
         workloads = os.environ.get(
             "SWI_WORKLOAD_CONFIGURATION", DEFAULT_WORKLOAD_CONFIGURATION
         ).strip()
+        injection = webhook.injection
+        if config.azure_environment and not os.environ.get(AUTHORITY_HOST_SETTING, "").strip():
+            # --azure-environment (validated at start-up) may be a flag, not in the environment.
+            injection = dataclasses.replace(
+                injection,
+                authority_host=authority_host_for_cloud(config.azure_environment, os.environ),
+            )
         webhook = dataclasses.replace(
             webhook,
+            injection=injection,
             inject=config.injection_webhook,
             policy_configuration=(policy or None) if config.policy_webhook else None,
             workload_configuration=(workloads or None) if config.workload_webhook else None,
         )
     api = await asyncio.to_thread(build_kube_api)
     state = WebhookState(webhook, api)
+    state.start_cache(memo.get("readiness"))
     settings.admission.server = await asyncio.to_thread(
         build_server, webhook, api, state, memo.get("readiness")
     )
@@ -1003,6 +1051,7 @@ async def stop_webhook(memo: kopf.Memo, **_: Any) -> None:
         return
     if state.server is not None:
         await state.server.stop()
+    await asyncio.to_thread(state.stop_cache)
     if state.tls_dir is not None:
         state.tls_dir.cleanup()
     state.api.close()  # type: ignore[no-untyped-call]
@@ -1015,6 +1064,7 @@ async def inject(
     patch: kopf.Patch,
     memo: kopf.Memo,
     namespace: str | None,
+    warnings: list[str],
     logger: logging.Logger | logging.LoggerAdapter[Any],
     **_: Any,
 ) -> None:
@@ -1025,7 +1075,7 @@ async def inject(
     if not namespace:
         raise kopf.AdmissionError("the pod has no namespace", code=400)
     try:
-        service_account = await asyncio.to_thread(state.read_service_account, namespace, sa_name)
+        service_account = await state.find_service_account(namespace, sa_name)
     except ApiException as exc:
         raise kopf.AdmissionError(
             f"reading service account {namespace}/{sa_name} failed: {exc.status} {exc.reason}",
@@ -1035,6 +1085,7 @@ async def inject(
         ops = plan(pod, service_account, state.settings.injection)
     except InjectionError as exc:
         raise kopf.AdmissionError(str(exc), code=400) from exc
+    warnings.extend(admission_warnings(pod))
     if ops:
         patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
     with contextlib.suppress(Exception):

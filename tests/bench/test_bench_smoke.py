@@ -149,3 +149,44 @@ def test_tokenless_pods_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> Non
     assert drift["pods"] > drift["pods_without_token"]  # and the labelled ones were injected
     assert webhook["pods_without_token"] == 0
     assert webhook["pods"] >= 2
+
+
+def test_injection_latency_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
+    """bench/injection_latency.py with a few pods of each kind: every measure is there, the
+    handler and the API server saw each labelled create, and the webhook's answer injected."""
+    out = tmp_path / "injection.json"
+    pods = 6
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "injection_latency.py"),
+            "--pods",
+            str(pods),
+            "--warmup",
+            "2",
+            "--state-dir",
+            str(state_dir),
+            "--name",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    stopped = subprocess.run(
+        [sys.executable, "-m", "sandbox", "--state-dir", str(state_dir), "down"],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stopped.returncode == 0
+    result = json.loads(out.read_text())
+    assert result["baseline"]["n"] == result["with_webhook"]["n"] == pods
+    assert result["direct_to_webhook"]["n"] == pods
+    # The webhook saw the labelled creates only (the objectSelector keeps the baseline away).
+    assert result["handler_calls"] == pods
+    assert result["apiserver_webhook_calls"] == pods
+    assert result["handler_mean_ms"] > 0
+    # Every measured admission was answered from the service account cache.
+    assert result["service_account_reads"] == {"cache": pods, "api": 0}

@@ -102,6 +102,11 @@ def test_schema_refuses_objects_it_describes_with_unknown_keys() -> None:
         ("image.pullPolicy=Sometimes", "/image/pullPolicy", "'IfNotPresent'"),
         ("identity.clientId=my-app", "/identity/clientId", "does not match pattern"),
         ("replicaCount=0", "/replicaCount", "minimum"),
+        (
+            "injectionWebhook.azureEnvironment=AzureCloud",
+            "/injectionWebhook/azureEnvironment",
+            "'AzureChinaCloud'",
+        ),
     ],
 )
 def test_schema_refuses_a_bad_value_naming_it(setting: str, named: str, says: str) -> None:
@@ -298,3 +303,15 @@ def test_readme_crd_step_applies_every_crd_helm_installs() -> None:
         f"customresourcedefinition.apiextensions.k8s.io/{d['metadata']['name']}" for d in crds
     )
     assert read == helm and len(read) == 4
+
+
+def test_azure_environment_reaches_the_operator_only_with_the_injection_webhook() -> None:
+    def config_map(*settings: str) -> dict[str, Any]:
+        result = _template("-f", str(CHART / "ci" / "generic-values.yaml"), *settings, check=True)
+        (found,) = [d for d in documents(result.stdout) if d["kind"] == "ConfigMap"]
+        return dict(found["data"])
+
+    china = ("--set", "injectionWebhook.azureEnvironment=AzureChinaCloud")
+    assert config_map(*china)["AZURE_ENVIRONMENT"] == "AzureChinaCloud"
+    assert "AZURE_ENVIRONMENT" not in config_map()
+    assert "AZURE_ENVIRONMENT" not in config_map(*china, "--set", "injectionWebhook.enabled=false")

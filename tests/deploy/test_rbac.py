@@ -110,6 +110,9 @@ def test_the_operator_can_do_its_job(
         "azure.workload.identity/client-id=5e0c1d9a-7b3f-4c2e-9a1d-000000000002",
     )  # fmt: skip
     as_operator("get", "serviceaccount", "customer-reader", *ns)
+    # The injection webhook's service account cache: list, then watch, every namespace.
+    as_operator("get", "serviceaccounts", "-A", "--watch", "--request-timeout=1s", check=False)
+    assert as_operator("auth", "can-i", "watch", "serviceaccounts", "-A").returncode == 0
     for kind in ("deployments", "statefulsets", "daemonsets", "jobs", "cronjobs"):
         as_operator("get", kind, *ns)
     apps: Any = client.AppsV1Api(as_operator.api)

@@ -16,15 +16,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from swi_operator.injection import (
     CLIENT_ID_ANNOTATION,
+    INJECT_PROXY_SIDECAR_ANNOTATION,
     MOUNT_PATH,
+    PROXY_SIDECAR_PORT_ANNOTATION,
     SKIP_CONTAINERS_ANNOTATION,
     TENANT_ID_ANNOTATION,
     TOKEN_EXPIRATION_ANNOTATION,
     TOKEN_FILE,
     USE_LABEL,
     VOLUME_NAME_PREFIX,
+    InjectionConfigError,
     InjectionError,
     InjectionSettings,
+    admission_warnings,
+    authority_host_for_cloud,
+    authority_host_from_env,
     plan,
     volume_name,
 )
@@ -235,12 +241,137 @@ def test_invalid_expiration_rejects_the_pod(value: str) -> None:
         ({USE_LABEL: "false"}, make_sa()),
         ({USE_LABEL: "True"}, make_sa()),  # the add-on's objectSelector is exact too
         ({USE_LABEL: "true"}, None),  # no such service account
-        ({USE_LABEL: "true"}, {"metadata": {"name": "customer-reader"}}),  # no client-id
-        ({USE_LABEL: "true"}, {"metadata": {"annotations": {CLIENT_ID_ANNOTATION: ""}}}),
     ],
 )
-def test_pods_not_asking_or_without_a_client_id_are_untouched(labels, sa) -> None:
+def test_pods_not_asking_or_without_a_service_account_are_untouched(labels, sa) -> None:
     assert plan(make_pod(labels=labels), sa, SETTINGS) == []
+
+
+@pytest.mark.parametrize(
+    "sa",
+    [
+        {"metadata": {"name": "customer-reader"}},  # no annotations at all
+        {"metadata": {"annotations": {CLIENT_ID_ANNOTATION: ""}}},  # an empty client id
+    ],
+)
+def test_without_a_client_id_everything_but_azure_client_id_is_injected(sa) -> None:
+    """As azure-workload-identity: the app may pick its client id itself (parity, issue 19)."""
+    pod = make_pod()
+    _, out = inject(pod, sa)
+    container = out["spec"]["containers"][0]
+    assert env_of(container) == {
+        "AZURE_TENANT_ID": TENANT_ID,
+        "AZURE_FEDERATED_TOKEN_FILE": TOKEN_FILE,
+        "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/",
+    }
+    assert container["volumeMounts"][0]["name"] == volume_name(pod)
+    assert [v["name"] for v in out["spec"]["volumes"]] == [volume_name(pod)]
+    assert plan(out, sa, SETTINGS) == []
+
+
+def test_a_client_id_annotated_later_is_added_by_a_reinvocation() -> None:
+    _, once = inject(make_pod(), {"metadata": {"name": "customer-reader"}})
+    ops, twice = inject(once, make_sa())
+    assert [op["path"] for op in ops] == ["/spec/containers/0/env/-"]
+    assert env_of(twice["spec"]["containers"][0])["AZURE_CLIENT_ID"] == CLIENT_ID
+
+
+# --- the proxy sidecar annotations ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["true", "false", ""])
+def test_inject_proxy_sidecar_rejects_the_pod_naming_the_annotation_and_the_fix(value) -> None:
+    """azure-workload-identity injects its proxy whenever the annotation is there, whatever the
+    value; this webhook never does, so it refuses rather than start an app that waits for it."""
+    pod = make_pod(annotations={INJECT_PROXY_SIDECAR_ANNOTATION: value})
+    with pytest.raises(InjectionError) as caught:
+        plan(pod, make_sa(), SETTINGS)
+    message = str(caught.value)
+    assert "azure.workload.identity/inject-proxy-sidecar" in message
+    assert "remove the annotation" in message
+    assert "AZURE_FEDERATED_TOKEN_FILE" in message
+    # Whatever the service account: it is the pod that asks for something we do not do.
+    with pytest.raises(InjectionError):
+        plan(pod, None, SETTINGS)
+    assert admission_warnings(pod) == []
+
+
+def test_proxy_sidecar_port_alone_is_admitted_with_a_warning() -> None:
+    pod = make_pod(annotations={PROXY_SIDECAR_PORT_ANNOTATION: "8000"})
+    _, out = inject(pod, make_sa())
+    assert set(env_of(out["spec"]["containers"][0])) == set(INJECTED)
+    (warning,) = admission_warnings(pod)
+    assert "azure.workload.identity/proxy-sidecar-port" in warning
+    assert "remove it" in warning
+    assert admission_warnings(make_pod()) == []
+
+
+def test_proxy_annotations_on_a_pod_not_asking_are_not_ours() -> None:
+    pod = make_pod(labels={}, annotations={INJECT_PROXY_SIDECAR_ANNOTATION: "true"})
+    assert plan(pod, make_sa(), SETTINGS) == []
+
+
+# --- the cloud: AZURE_ENVIRONMENT -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "host"),
+    [
+        ("AzurePublicCloud", "https://login.microsoftonline.com/"),
+        ("AzureChinaCloud", "https://login.chinacloudapi.cn/"),
+        ("AzureUSGovernmentCloud", "https://login.microsoftonline.us/"),
+        ("AzureGermanCloud", "https://login.microsoftonline.de/"),
+        ("azurechinacloud", "https://login.chinacloudapi.cn/"),  # go-autorest compares upper-case
+        (" AZUREUSGOVERNMENTCLOUD ", "https://login.microsoftonline.us/"),
+    ],
+)
+def test_azure_environment_picks_the_authority_host_as_the_add_on(name: str, host: str) -> None:
+    assert authority_host_for_cloud(name, {}) == host
+    assert authority_host_from_env({"AZURE_ENVIRONMENT": name}) == host
+    # ... and the pod gets it.
+    settings = InjectionSettings(
+        authority_host=authority_host_from_env({"AZURE_ENVIRONMENT": name})
+    )
+    _, out = inject(make_pod(), make_sa(), settings)
+    assert env_of(out["spec"]["containers"][0])["AZURE_AUTHORITY_HOST"] == host
+
+
+@pytest.mark.parametrize("name", ["AzureCloud", "china", "AzureUSGovernment", "public"])
+def test_an_unknown_azure_environment_is_a_clear_error(name: str) -> None:
+    with pytest.raises(InjectionConfigError) as caught:
+        authority_host_from_env({"AZURE_ENVIRONMENT": name})
+    message = str(caught.value)
+    assert f"AZURE_ENVIRONMENT={name!r}" in message
+    assert "AzureChinaCloud" in message and "AzureUSGovernmentCloud" in message
+    assert "SWI_INJECTION_AUTHORITY_HOST" in message
+
+
+def test_azure_stack_cloud_reads_its_environment_file(tmp_path) -> None:
+    env_file = tmp_path / "stack.json"
+    env_file.write_text(
+        '{"name": "AzureStackCloud", "activeDirectoryEndpoint": "https://adfs.local/"}'
+    )
+    environ = {"AZURE_ENVIRONMENT": "AzureStackCloud", "AZURE_ENVIRONMENT_FILEPATH": str(env_file)}
+    assert authority_host_from_env(environ) == "https://adfs.local/"
+    with pytest.raises(InjectionConfigError, match="AZURE_ENVIRONMENT_FILEPATH, which is not set"):
+        authority_host_from_env({"AZURE_ENVIRONMENT": "azurestackcloud"})
+    with pytest.raises(InjectionConfigError, match="cannot be read"):
+        authority_host_from_env({**environ, "AZURE_ENVIRONMENT_FILEPATH": str(tmp_path / "no")})
+    env_file.write_text('{"activeDirectoryEndpoint": "http://adfs.local/"}')
+    with pytest.raises(InjectionConfigError, match="activeDirectoryEndpoint must be an https"):
+        authority_host_from_env(environ)
+
+
+def test_authority_host_precedence() -> None:
+    china = "https://login.chinacloudapi.cn/"
+    assert authority_host_from_env({}) == "https://login.microsoftonline.com/"
+    assert authority_host_from_env({"AZURE_AUTHORITY_HOST": "https://e.test/"}) == "https://e.test/"
+    both = {"AZURE_AUTHORITY_HOST": "https://e.test/", "AZURE_ENVIRONMENT": "AzureChinaCloud"}
+    assert authority_host_from_env(both) == china
+    explicit = {**both, "SWI_INJECTION_AUTHORITY_HOST": "https://x.test/"}
+    assert authority_host_from_env(explicit) == "https://x.test/"
+    with pytest.raises(InjectionConfigError, match="SWI_INJECTION_AUTHORITY_HOST must be an https"):
+        authority_host_from_env({"SWI_INJECTION_AUTHORITY_HOST": "http://x.test/"})
 
 
 def test_a_mount_path_the_pod_already_uses_is_kept() -> None:

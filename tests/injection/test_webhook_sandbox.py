@@ -11,6 +11,7 @@ folder) and runs the workload with the injected environment: it prints the seed'
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -267,14 +268,68 @@ def test_invalid_expiration_rejects_the_pod_with_the_reason(
     assert "expected 3600 to 86400" in str(caught.value.body)
 
 
-def test_unlabelled_pods_sa_without_client_id_and_opted_out_namespaces_are_untouched(
+def test_a_service_account_without_client_id_gets_all_but_azure_client_id(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    """As azure-workload-identity: the app picks its client id itself (issue 19)."""
+    _service_account(kube, namespace, SA)  # no client-id annotation
+    pod = _core(kube).create_namespaced_pod(namespace, _bare_pod("no-id", USE))
+    app = pod.spec.containers[0]
+    env = {e.name: e.value for e in app.env}
+    assert set(env) == {"AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST"}
+    assert env["AZURE_TENANT_ID"] == os.environ["AZURE_TENANT_ID"]
+    reserved = next(v for v in pod.spec.volumes if v.name.startswith("azure-workload-identity"))
+    assert any(m.name == reserved.name for m in app.volume_mounts)
+
+
+def test_the_proxy_sidecar_annotation_rejects_the_pod_with_the_fix(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    from kubernetes import client
+
+    _client_id_sa(kube, namespace)
+    pod = _bare_pod("proxy", USE, **{"azure.workload.identity/inject-proxy-sidecar": "true"})
+    with pytest.raises(client.ApiException) as caught:
+        _core(kube).create_namespaced_pod(namespace, pod)
+    assert caught.value.status == 400
+    assert "azure.workload.identity/inject-proxy-sidecar" in str(caught.value.body)
+    assert "remove the annotation" in str(caught.value.body)
+
+
+def test_the_proxy_port_annotation_alone_is_admitted_with_a_warning(
+    sandbox: Any, kube: Any, namespace: str, webhook: int
+) -> None:
+    """The warning reaches whoever created the pod (kubectl prints it)."""
+    from deploy_harness import kubectl  # type: ignore[import-not-found]
+
+    _client_id_sa(kube, namespace)
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "port",
+            "labels": USE,
+            "annotations": {"azure.workload.identity/proxy-sidecar-port": "8000"},
+        },
+        "spec": {
+            "serviceAccountName": SA,
+            "nodeSelector": {"sqlidentity.io/admission-test-only": "true"},
+            "containers": [{"name": "app", "image": "app:1"}],
+        },
+    }
+    created = kubectl(sandbox, "-n", namespace, "create", "-f", "-", input=json.dumps(manifest))
+    assert "Warning: pod annotation azure.workload.identity/proxy-sidecar-port has no effect" in (
+        created.stderr
+    )
+    pod = _core(kube).read_namespaced_pod("port", namespace)
+    assert any(e.name == "AZURE_CLIENT_ID" for e in pod.spec.containers[0].env)
+
+
+def test_unlabelled_pods_and_opted_out_namespaces_are_untouched(
     kube: Any, namespace: str, webhook: int
 ) -> None:
 
     core = _core(kube)
-    _service_account(kube, namespace, SA)  # no client-id annotation
-    assert not core.create_namespaced_pod(namespace, _bare_pod("no-id", USE)).spec.containers[0].env
-
     opted_out = f"t-{uuid.uuid4().hex[:10]}"
     _create_namespace(kube, opted_out, {"sqlidentity.io/injection": "disabled"})
     try:
@@ -285,6 +340,71 @@ def test_unlabelled_pods_sa_without_client_id_and_opted_out_namespaces_are_untou
         )
     finally:
         core.delete_namespace(opted_out)
+
+
+def _client_id_of(pod: Any) -> str | None:
+    return next((e.value for e in pod.spec.containers[0].env if e.name == "AZURE_CLIENT_ID"), None)
+
+
+def test_an_account_the_cache_has_not_seen_yet_is_read_live(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    """A cache miss falls back to the API server: a pod created right after its service account
+    (or right after the operator annotated it, before the watch delivers) gets the client id."""
+    from kubernetes import client
+
+    core = _core(kube)
+    client_id = _principal(APP).client_id
+    for i in range(5):
+        name = f"fresh-{i}"
+        _service_account(kube, namespace, name, **{"azure.workload.identity/client-id": client_id})
+        pod = _bare_pod(f"fresh-{i}", USE)
+        pod.spec.service_account_name = name
+        assert _client_id_of(core.create_namespaced_pod(namespace, pod)) == client_id
+    # The operator's order: the account exists without the annotation, is annotated, and the
+    # workload's pods follow at once.
+    for i in range(5):
+        name = f"later-{i}"
+        _service_account(kube, namespace, name)
+        pod = _bare_pod(f"later-{i}", USE)
+        pod.spec.service_account_name = name
+        assert _client_id_of(core.create_namespaced_pod(namespace, pod)) is None
+        core.patch_namespaced_service_account(
+            name,
+            namespace,
+            client.V1ServiceAccount(
+                metadata=client.V1ObjectMeta(
+                    annotations={"azure.workload.identity/client-id": client_id}
+                )
+            ),
+        )
+        pod = _bare_pod(f"later-{i}-annotated", USE)
+        pod.spec.service_account_name = name
+        assert _client_id_of(core.create_namespaced_pod(namespace, pod)) == client_id
+
+
+def test_a_changed_client_id_reaches_the_next_admissions(
+    kube: Any, namespace: str, webhook: int
+) -> None:
+    """The cache follows the watch: a new client id is what pods get, within moments."""
+    core = _core(kube)
+    _client_id_sa(kube, namespace)
+    pod = core.create_namespaced_pod(namespace, _bare_pod("before", USE))
+    assert _client_id_of(pod) == _principal(APP).client_id
+    other = "5e0c1d9a-7b3f-4c2e-9a1d-0000000000ff"
+    core.patch_namespaced_service_account(
+        SA, namespace, {"metadata": {"annotations": {"azure.workload.identity/client-id": other}}}
+    )
+    started = time.monotonic()
+    attempt = iter(range(1000))
+
+    def injected_other() -> bool:
+        created = core.create_namespaced_pod(namespace, _bare_pod(f"after-{next(attempt)}", USE))
+        return _client_id_of(created) == other
+
+    wait_for("a pod with the new client id", injected_other, timeout=5, interval=0.05)
+    # A watch delivers in milliseconds; the first or second pod after the patch has it.
+    assert time.monotonic() - started < 3.0
 
 
 def test_admission_latency(kube: Any, namespace: str, webhook: int, capsys: Any) -> None:

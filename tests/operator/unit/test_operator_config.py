@@ -85,6 +85,18 @@ def test_secret_is_never_shown():
         ),
         (["--metrics-address", "any"], BASE, "--metrics-address / SWI_METRICS_ADDRESS"),
         (["--log-format", "xml"], BASE, "--log-format / SWI_LOG_FORMAT"),
+        (
+            ["--azure-environment", "AzureCloud", "--injection-webhook", "true"],
+            BASE,
+            "--azure-environment / AZURE_ENVIRONMENT: 'AzureCloud' names no Azure cloud: "
+            "expected one of AzurePublicCloud, AzureChinaCloud",
+        ),
+        (
+            [],
+            {**BASE, "AZURE_ENVIRONMENT": "AzureStackCloud", "SWI_INJECTION_WEBHOOK": "true"},
+            "--azure-environment / AZURE_ENVIRONMENT: AzureStackCloud reads "
+            "AZURE_ENVIRONMENT_FILEPATH, which is not set",
+        ),
     ],
 )
 def test_bad_settings_are_named(argv, env, named):
@@ -118,6 +130,17 @@ def test_metrics_and_log_format_settings():
         "json",
     )
     assert config.redacted()["metrics"] == "127.0.0.1:9090"
+
+
+def test_azure_environment_is_optional_and_a_flag_wins():
+    config, _ = load([], BASE)
+    assert config.azure_environment is None
+    env = {**BASE, "AZURE_ENVIRONMENT": "AzurePublicCloud"}
+    config, _ = load(["--azure-environment", "azurechinacloud", "--injection-webhook", "true"], env)
+    assert config.azure_environment == "azurechinacloud"
+    # Without the injection webhook nothing reads it, so an unknown name stops nothing.
+    config, _ = load([], {**BASE, "AZURE_ENVIRONMENT": "AzureCloud"})
+    assert not config.injection_webhook
 
 
 def test_version_is_the_package_version(capsys):

@@ -134,6 +134,16 @@ async def test_without_webhooks_ready_once_started() -> None:
     assert await readiness.problems() == []
 
 
+async def test_not_ready_until_a_registered_cache_has_synced() -> None:
+    """The injection webhook's service account cache: its first list gates readiness."""
+    readiness = Readiness(webhooks=False, started=True)
+    synced = False
+    readiness.wait_for("the service account cache has not listed yet", lambda: synced)
+    assert await readiness.problems() == ["the service account cache has not listed yet"]
+    synced = True
+    assert await readiness.problems() == []
+
+
 def test_a_webhook_url_without_port_is_refused() -> None:
     with pytest.raises(ValueError, match="names no port"):
         Readiness(webhooks=True).listening(None, "https://host/")
