@@ -315,3 +315,40 @@ def test_azure_environment_reaches_the_operator_only_with_the_injection_webhook(
     assert config_map(*china)["AZURE_ENVIRONMENT"] == "AzureChinaCloud"
     assert "AZURE_ENVIRONMENT" not in config_map()
     assert "AZURE_ENVIRONMENT" not in config_map(*china, "--set", "injectionWebhook.enabled=false")
+
+
+def _install_check(*settings: str) -> dict[str, Any] | None:
+    docs = render_helm("aks-values.yaml", set_values=settings)
+    found = [d for d in docs if d["kind"] == "Pod"]
+    return found[0] if found else None
+
+
+def test_the_helm_test_pod_is_no_operator_pod_and_follows_the_options() -> None:
+    pod = _install_check()
+    assert pod is not None
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    # Not selected by the operator's Services, ReplicaSet or PodDisruptionBudget.
+    key, value = OPERATOR_PODS.split("=")
+    assert pod["metadata"]["labels"].get(key) != value
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["volumes"][0]["secret"] == {
+        "secretName": f"{OPERATOR}-webhook-tls",
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }
+    (container,) = spec["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    args = container["args"]
+    assert f"--webhook-url=https://{OPERATOR}-webhook.{NAMESPACE}.svc:443" in args
+    assert "--policy-webhook" in args and "--version=0.1.0" in args
+    assert f"--metrics-url=http://{OPERATOR}-metrics.{NAMESPACE}.svc:9090/metrics" in args
+
+    other = _install_check("policyWebhook.enabled=false", "metrics.port=9100", "image.tag=build-7")
+    assert other is not None
+    args = other["spec"]["containers"][0]["args"]
+    assert "--policy-webhook" not in args and not any(a.startswith("--version") for a in args)
+    assert f"--metrics-url=http://{OPERATOR}-metrics.{NAMESPACE}.svc:9100/metrics" in args
+    provided = _install_check("webhook.tls.secretName=my-tls")
+    assert provided is not None
+    assert provided["spec"]["volumes"][0]["secret"]["secretName"] == "my-tls"
+    assert _install_check("tests.enabled=false") is None

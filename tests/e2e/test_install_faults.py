@@ -83,6 +83,27 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}", pytrace=False)
 
 
+CHART_README = install.CHART / "README.md"
+
+
+def chart_readme_block(heading: str) -> str:
+    """The first ``sh`` block under a ``## heading`` of the chart's README: what a user runs."""
+    text = CHART_README.read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```sh\n", 1)[1].split("\n```", 1)[0]
+
+
+def run_shell(env: dict[str, str], script: str, timeout: float) -> str:
+    """A README block under bash -e from the repository root, with helm and kubectl on PATH."""
+    path = f"{helm_binary().parent}:{env.get('PATH', '')}"
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=launcher.REPO_ROOT, capture_output=True,
+        text=True, env={**env, "PATH": path}, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{script}\nexit {proc.returncode}: {proc.stdout}{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="module")
 def installed(sandbox: Any) -> Iterator[tuple[Path, dict[str, str], list[dict[str, Any]]]]:
     """Its own sandbox (with three more apps) and the operator installed from the chart."""
@@ -157,7 +178,10 @@ def _ready_count(env: dict[str, str]) -> int:
 
 
 def _operator_pods(env: dict[str, str]) -> list[dict[str, Any]]:
-    pods = json.loads(kubectl(env, "-n", install.NAMESPACE, "get", "pods", "-o", "json"))
+    selector = f"app.kubernetes.io/name={install.RELEASE}"  # not helm test's pod
+    pods = json.loads(
+        kubectl(env, "-n", install.NAMESPACE, "get", "pods", "-l", selector, "-o", "json")
+    )
     items: list[dict[str, Any]] = pods["items"]
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
@@ -537,6 +561,53 @@ def test_the_operator_pods_serve_their_metrics(
     assert sum(s.value for s in admitted) >= 4, admitted
 
 
+def test_helm_test_checks_the_running_install(
+    installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
+) -> None:
+    """`helm test` (the chart's install-check pod): the webhook's TLS verified with the CA the
+    configurations trust, the policy webhook answering a review, the metrics with the chart's
+    version. Then the same check with a CA that did not issue the certificate must fail."""
+    _, env, _ = installed
+    helm = str(helm_binary())
+    proc = subprocess.run(
+        [helm, "test", install.RELEASE, "-n", install.NAMESPACE, "--logs", "--timeout", "3m"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in ("ok: webhook TLS", "ok: policy webhook", "ok: metrics"):
+        assert line in proc.stdout, proc.stdout
+    assert "version 0.1.0" in proc.stdout, proc.stdout
+    # The pod's check can fail: the same pod with another CA (the sandbox's) in its place.
+    pod = json.loads(kubectl(env, "-n", install.NAMESPACE, "get", "pod",
+                             f"{install.RELEASE}-install-check", "-o", "json"))  # fmt: skip
+    assert pod["status"]["phase"] == "Succeeded", pod["status"]
+    spec = pod["spec"]
+    spec["volumes"] = [
+        {"name": "webhook-ca", "configMap": {"name": install.CA_CONFIGMAP}}
+        if v["name"] == "webhook-ca" else v
+        for v in spec["volumes"]
+    ]  # fmt: skip
+    spec.pop("nodeName", None)
+    meta = {"name": "install-check-wrong-ca", "namespace": install.NAMESPACE}
+    wrong = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+    kubectl(env, "apply", "-f", "-", stdin=json.dumps(wrong))
+    try:
+        phase = wait_for("the wrong-CA check to end", lambda: json.loads(kubectl(
+            env, "-n", install.NAMESPACE, "get", "pod", "install-check-wrong-ca", "-o", "json",
+        ))["status"].get("phase") in ("Succeeded", "Failed") or None, timeout=120)  # fmt: skip
+        assert phase
+        logs = kubectl(env, "-n", install.NAMESPACE, "logs", "install-check-wrong-ca")
+        status = json.loads(kubectl(env, "-n", install.NAMESPACE, "get", "pod",
+                                    "install-check-wrong-ca", "-o", "json"))["status"]  # fmt: skip
+        assert status["phase"] == "Failed", logs
+        assert "FAILED: webhook TLS" in logs and "CERTIFICATE_VERIFY_FAILED" in logs, logs
+        assert "ok: metrics" in logs, logs
+    finally:
+        kubectl(env, "-n", install.NAMESPACE, "delete", "pod", "install-check-wrong-ca",
+                "--wait=false")  # fmt: skip
+
+
 def test_helm_upgrade_to_another_image_refuses_no_admission_and_keeps_everything(
     installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
 ) -> None:
@@ -587,6 +658,25 @@ def test_helm_upgrade_to_another_image_refuses_no_admission_and_keeps_everything
     label = "{.spec.template.metadata.labels.azure\\.workload\\.identity/use}"
     assert kubectl(env, "-n", ns, "get", "deploy", "reader", "-o", f"jsonpath={label}") == "true"
 
+    # An older CRD, as after an earlier chart version: one printer column fewer. Helm would never
+    # change it; the README's CRD step must.
+    crd_name = "sqlworkloadidentities.sqlidentity.io"
+    shipped = yaml.safe_load(
+        (install.CHART / "crds" / "sqlidentity.io_sqlworkloadidentities.yaml").read_text()
+    )
+
+    def printer_columns() -> list[list[dict[str, Any]]]:
+        live = json.loads(kubectl(env, "get", "crd", crd_name, "-o", "json"))
+        return [v.get("additionalPrinterColumns", []) for v in live["spec"]["versions"]]
+
+    wanted = [v.get("additionalPrinterColumns", []) for v in shipped["spec"]["versions"]]
+    assert printer_columns() == wanted and wanted[0], "the installed CRD is not the shipped one"
+    dropped = wanted[0][-1]["name"]
+    last = f"/spec/versions/0/additionalPrinterColumns/{len(wanted[0]) - 1}"
+    kubectl(env, "patch", "crd", crd_name, "--type=json", "-p",
+            json.dumps([{"op": "remove", "path": last}]))  # fmt: skip
+    assert printer_columns() != wanted
+
     # Admission requests during the upgrade: both fail-closed webhooks, every 0.2 s.
     with OperatorLogs(env) as logs, PeeringWatch(env) as peering:
         with AdmissionProbe(env, ns, app) as probe:
@@ -598,12 +688,12 @@ def test_helm_upgrade_to_another_image_refuses_no_admission_and_keeps_everything
                            images.qualified(f"{ref}-upgrade"))  # fmt: skip
             subprocess.run(tag, check=True, capture_output=True)
             started = time.time()
-            subprocess.run(
-                [str(helm_binary()), "upgrade", install.RELEASE, str(install.CHART), "-n",
-                 install.NAMESPACE, "--reuse-values",
-                 "--set", f"image.tag={ref.split(':')[1]}-upgrade", "--wait", "--timeout", "5m"],
-                check=True, capture_output=True, env=env,
-            )  # fmt: skip
+            # The chart README's upgrade, as written (the CRDs, then helm upgrade), to the new
+            # image and waiting for the roll.
+            script = chart_readme_block("Upgrading")
+            assert "kubectl apply -f charts/sql-workload-identity-operator/crds/" in script
+            tag = f"{ref.split(':')[1]}-upgrade"
+            run_shell(env, f"{script} --set image.tag={tag} --wait --timeout 5m", timeout=400)
 
             def upgraded_alone() -> list[dict[str, Any]] | None:
                 pods = _operator_pods(env)
@@ -637,3 +727,48 @@ def test_helm_upgrade_to_another_image_refuses_no_admission_and_keeps_everything
     for each in apps[1:]:
         assert after[each["name"]] == before[each["name"]], each["name"]
     assert kubectl(env, "-n", ns, "get", "deploy", "reader", "-o", f"jsonpath={label}") == "true"
+    # The README's CRD step brought the shipped CRD back, the dropped column included.
+    assert printer_columns() == wanted, f"the CRD step did not restore {dropped!r}"
+
+
+def test_the_documented_uninstall_leaves_nothing_behind(
+    installed: tuple[Path, dict[str, str], list[dict[str, Any]]],
+) -> None:
+    """Last: the chart README's uninstall, as written. The resources go first while the operator
+    cleans up (credentials and database users removed), then the chart, then the CRDs: nothing
+    hangs on a finalizer, no fail-closed webhook configuration is left pointing at a missing
+    Service, and no credential or user the operator made is left in Entra or SQL."""
+    state_dir, env, apps = installed
+    entra = AdminClient.from_state_dir(state_dir)
+    admin_url = launcher.environment(state_dir)["SWI_AZURESQL_ADMIN_URL"]
+    names = {app["name"] for app in apps}
+
+    def ours() -> tuple[list[str], list[str]]:
+        credentials = [
+            c["subject"]
+            for p in entra.call("GET", "state")["principals"] if p["name"] in names
+            for c in p["credentials"] if c["subject"].startswith("system:serviceaccount:e2e-")
+        ]  # fmt: skip
+        (server,) = requests.get(f"{admin_url}/servers", timeout=10).json()
+        users = [u["name"] for u in server["databases"]["mydb"] if u["name"] in names]
+        return credentials, users
+
+    credentials, users = ours()
+    assert len(credentials) > N and sorted(users) == sorted(names), (credentials, users)
+    script = chart_readme_block("Uninstalling")
+    assert script.index("delete sqlworkloadidentities") < script.index("helm uninstall")
+    started = time.time()
+    output = run_shell(env, script, timeout=900)
+    print(f"\nuninstalled in {time.time() - started:.0f} s:\n{output}")
+    assert ours() == ([], []), "the operator's credentials or database users outlived it"
+    crds = kubectl(env, "get", "crd", "-o", "name")
+    assert "sqlidentity.io" not in crds and "clusterkopfpeerings" not in crds, crds
+    hooks = kubectl(env, "get", "mutatingwebhookconfigurations,validatingwebhookconfigurations",
+                    "-o", "name")  # fmt: skip
+    assert install.RELEASE not in hooks, hooks
+    left = kubectl(env, "-n", install.NAMESPACE, "get", "deploy,svc,pdb,pods", "-o", "name")
+    assert install.RELEASE not in left.replace("install-check", ""), left
+    assert "not found" in subprocess.run(
+        [str(helm_binary()), "status", install.RELEASE, "-n", install.NAMESPACE],
+        capture_output=True, text=True, env=env, check=False,
+    ).stderr  # fmt: skip
