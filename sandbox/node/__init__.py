@@ -25,11 +25,13 @@ restores the kernel settings the kubelet changed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -144,38 +146,77 @@ def _node_id(state_dir: Path) -> str:
     return _state_hash(state_dir)[:8]
 
 
+# Ranges chosen by the sandboxes of this host, one file per index naming its state directory:
+# two sandboxes starting at once (test tiers, helpers) both see the range free before either has
+# a route, and the second ``ip route replace`` would take the first one's Service range.
+RESERVATIONS = Path("/run/swi-node-ranges")
+
+
+@contextlib.contextmanager
+def _reservations() -> Iterator[set[int] | None]:
+    """Under a host-wide lock: the indexes other sandboxes hold (a reservation whose state
+    directory no longer has that plan is stale and removed); None without /run access."""
+    try:
+        RESERVATIONS.mkdir(mode=0o700, exist_ok=True)
+        lock = open(RESERVATIONS / ".lock", "w")  # noqa: SIM115 - held for the block
+    except OSError:
+        yield None
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held: set[int] = set()
+        for entry in RESERVATIONS.iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                owner = load_plan(Path(entry.read_text().strip()))
+                if owner is not None and owner.index == int(entry.name):
+                    held.add(owner.index)
+                else:
+                    entry.unlink()
+        yield held
+
+
 def plan(state_dir: Path) -> NodeNet:
     """This sandbox's node names and ranges: kept in ``node/net.json`` once chosen (the API
     server's Service range must not change under it), first chosen from a hash of the state
-    directory and moved on while another sandbox or a host route already uses the range."""
+    directory and moved on while another sandbox (``RESERVATIONS``) or a host route already
+    uses the range."""
     existing = load_plan(state_dir)
     if existing is not None:
         return existing
     digest = _state_hash(state_dir)
     node_id = digest[:8]
-    taken: list[ipaddress.IPv4Network] = []
-    for route in _ip_json("-4", "route", "show", "table", "all"):
-        dst = str(route.get("dst", ""))
-        if dst and dst != "default" and not dst.startswith(("127.", "broadcast", "local")):
-            with contextlib.suppress(ValueError):
-                taken.append(ipaddress.IPv4Network(dst, strict=False))
-    for addr in _ip_json("-4", "addr", "show"):
-        infos = addr.get("addr_info")
-        for info in infos if isinstance(infos, list) else []:
-            if isinstance(info, dict) and "local" in info:
+    with _reservations() as held:
+        taken: list[ipaddress.IPv4Network] = [
+            ipaddress.IPv4Network(f"10.{index}.0.0/16") for index in held or ()
+        ]
+        for route in _ip_json("-4", "route", "show", "table", "all"):
+            dst = str(route.get("dst", ""))
+            if dst and dst != "default" and not dst.startswith(("127.", "broadcast", "local")):
                 with contextlib.suppress(ValueError):
-                    taken.append(
-                        ipaddress.IPv4Network(f"{info['local']}/{info.get('prefixlen', 32)}", False)
-                    )
-    start = int(digest[8:12], 16) % 150
-    for step in range(150):
-        index = 100 + (start + step) % 150
-        mine = ipaddress.IPv4Network(f"10.{index}.0.0/16")
-        if not any(mine.overlaps(net) for net in taken):
-            chosen = NodeNet(node_id, index)
-            node_dir(state_dir).mkdir(parents=True, exist_ok=True)
-            _plan_file(state_dir).write_text(json.dumps(asdict(chosen)) + "\n")
-            return chosen
+                    taken.append(ipaddress.IPv4Network(dst, strict=False))
+        for addr in _ip_json("-4", "addr", "show"):
+            infos = addr.get("addr_info")
+            for info in infos if isinstance(infos, list) else []:
+                if isinstance(info, dict) and "local" in info:
+                    with contextlib.suppress(ValueError):
+                        taken.append(
+                            ipaddress.IPv4Network(
+                                f"{info['local']}/{info.get('prefixlen', 32)}", False
+                            )
+                        )
+        start = int(digest[8:12], 16) % 150
+        for step in range(150):
+            index = 100 + (start + step) % 150
+            mine = ipaddress.IPv4Network(f"10.{index}.0.0/16")
+            if not any(mine.overlaps(net) for net in taken):
+                chosen = NodeNet(node_id, index)
+                node_dir(state_dir).mkdir(parents=True, exist_ok=True)
+                _plan_file(state_dir).write_text(json.dumps(asdict(chosen)) + "\n")
+                if held is not None:
+                    (RESERVATIONS / str(index)).write_text(f"{state_dir.resolve()}\n")
+                return chosen
     raise NodeError("no free 10.X.0.0/16 range (X in 100..249) for the sandbox node's network")
 
 
