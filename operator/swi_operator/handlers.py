@@ -95,10 +95,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
             raise kopf.PermanentError(str(exc)) from exc
     runtime = Runtime.start(config, memo.get("peer_identity"), priority)
     memo["runtime"] = runtime
-    ready = readiness.Readiness(
-        webhooks=config.injection_webhook or config.policy_webhook or config.workload_webhook
+    # The webhook server (webhooks.py) says when it listens; its start-up may run before this.
+    ready = readiness.of(
+        memo, config.injection_webhook or config.policy_webhook or config.workload_webhook
     )
-    memo["readiness"] = ready  # the webhook server (webhooks.py) says when it listens
     if config.readiness_endpoint is not None:
         memo["readiness_server"] = asyncio.create_task(
             readiness.serve(config.readiness_endpoint, ready), name="swi-readiness"

@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -63,6 +64,19 @@ class Readiness:
                 found.append(f"the webhook port {host}:{port} does not answer")
         found += [problem for problem, done in self.waits if not done()]
         return found
+
+
+def of(memo: MutableMapping[str, Any], webhooks: bool | None = None) -> Readiness:
+    """The operator's one Readiness, kept in kopf's memo: made by whichever start-up handler runs
+    first (kopf runs them in the order their modules were imported, which is nobody's contract),
+    ``webhooks`` set by the one that knows the configuration."""
+    ready = memo.get("readiness")
+    if not isinstance(ready, Readiness):
+        ready = Readiness(webhooks=bool(webhooks))
+        memo["readiness"] = ready
+    elif webhooks is not None:
+        ready.webhooks = webhooks
+    return ready
 
 
 async def tls_answers(host: str, port: int) -> bool:

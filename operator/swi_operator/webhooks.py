@@ -106,6 +106,7 @@ from swi_operator.injection import (
     service_account_name,
 )
 from swi_operator.readiness import Readiness
+from swi_operator.readiness import of as readiness_of
 from swi_operator.service_account_cache import ServiceAccountCache
 
 log = logging.getLogger(__name__)
@@ -1028,10 +1029,9 @@ async def start_webhook(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: A
         )
     api = await asyncio.to_thread(build_kube_api)
     state = WebhookState(webhook, api)
-    state.start_cache(memo.get("readiness"))
-    settings.admission.server = await asyncio.to_thread(
-        build_server, webhook, api, state, memo.get("readiness")
-    )
+    ready = readiness_of(memo)  # the same one handlers.start serves, whichever runs first
+    state.start_cache(ready)
+    settings.admission.server = await asyncio.to_thread(build_server, webhook, api, state, ready)
     memo[MEMO_KEY] = state
     log.info(
         "admission webhooks on %s:%s (TLS: %s; configurations: %s)",

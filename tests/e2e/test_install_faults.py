@@ -120,6 +120,10 @@ def installed(sandbox: Any) -> Iterator[tuple[Path, dict[str, str], list[dict[st
     except launcher.SandboxError as exc:
         launcher.down(state_dir)
         pytest.fail(f"the sandbox or the install failed: {exc}", pytrace=False)
+    except BaseException:  # a timeout or an interrupt: no sandbox left running
+        launcher.down(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise
     finally:
         if saved is None:
             os.environ.pop(launcher.WORLD_ENV, None)

@@ -226,3 +226,24 @@ async def test_the_gate_says_standby_once_draining() -> None:
     assert await gate.active(None)
     await drain.drained(limit=0.01)
     assert not await gate.active(None)
+
+
+@pytest.mark.parametrize("webhook_handler_first", [True, False])
+def test_both_start_up_handlers_share_one_readiness_in_either_order(
+    webhook_handler_first: bool,
+) -> None:
+    """kopf runs start-up handlers in the order their modules were imported: the webhook server's
+    (which says when it listens) and the operator's (which serves /readyz) must reach the same
+    object whichever comes first, or the endpoint waits forever for a server that started."""
+    from swi_operator.readiness import of
+
+    memo: dict[str, Any] = {}
+    if webhook_handler_first:
+        by_webhooks = of(memo)
+        by_operator = of(memo, True)
+    else:
+        by_operator = of(memo, True)
+        by_webhooks = of(memo)
+    assert by_webhooks is by_operator and by_operator.webhooks is True
+    by_webhooks.listening("0.0.0.0", "https://127.0.0.1:9443")
+    assert by_operator.webhook_address == ("127.0.0.1", 9443)
