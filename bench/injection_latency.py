@@ -19,6 +19,13 @@ API server's own timing of its calls to the webhook (``apiserver_admission_webho
 duration_seconds`` of our entry, mean). What those do not explain is the rest of the API server's
 work for a mutated pod (applying the patch, defaulting and validating it again, a larger object).
 
+The floor: a third pod kind, labelled only for a second MutatingWebhookConfiguration that is a
+copy of ours (same rules, selectors, failure policy, timeout) pointing at a stand-in webhook
+in this process (the standard library's HTTPS server on loopback) that answers every review at
+once with the JSONPatch our webhook returned for the same pod. What the floor adds is what the
+API server spends calling any webhook that injects as much, on this machine, in this run; what
+ours adds beyond it is ours.
+
 ``--operator-path DIR`` puts DIR first on the operator's PYTHONPATH, e.g. the ``operator/`` folder
 of another checkout (``git worktree add``) to measure an older webhook against the same sandbox.
 Prints a table and writes bench/results/<name>.json; nothing is asserted.
@@ -27,7 +34,9 @@ Prints a table and writes bench/results/<name>.json; nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import copy
 import http.client
 import json
 import os
@@ -38,12 +47,18 @@ import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,6 +70,7 @@ from bench.harness import (
     Sandbox,
 )
 from bench.tokenless_pods import (
+    CONFIGURATIONS,
     OPERATOR_NAMESPACE,
     install_configurations,
     remove_configurations,
@@ -63,6 +79,8 @@ from bench.tokenless_pods import (
 WEBHOOK = "inject-workload-identity"
 ENTRY = "inject-workload-identity.sqlidentity.io"  # the configuration's webhook name
 CLIENT_ID = "5e0c1d9a-7b3f-4c2e-9a1d-00000000be9c"
+FLOOR_LABEL = "sqlidentity.io/bench-floor"
+FLOOR_CONFIGURATION = "swi-bench-floor"
 
 
 def _port() -> int:
@@ -108,6 +126,123 @@ def _handler_seconds(metrics_url: str) -> tuple[float, float, float, float]:
     return found["sum"], found["count"], found["cache"], found["api"]
 
 
+def _review(namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
+    """The AdmissionReview the API server sends for creating ``pod``."""
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": namespace,
+            "userInfo": {"username": "bench"},
+            "object": {
+                **pod,
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {**pod["metadata"], "namespace": namespace},
+            },
+            "dryRun": False,
+        },
+    }
+
+
+def _injection_patch(port: int, namespace: str, pod: dict[str, Any]) -> str:
+    """The base64 JSONPatch our webhook answers for ``pod`` (what the floor webhook returns)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # our own server on loopback
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        body = json.dumps(_review(namespace, pod)).encode()
+        connection.request("POST", f"/{WEBHOOK}", body, {"Content-Type": "application/json"})
+        patch = json.loads(connection.getresponse().read())["response"].get("patch")
+    finally:
+        connection.close()
+    if not patch:
+        raise SystemExit("error: the webhook did not inject the floor's model pod")
+    return str(patch)
+
+
+@contextlib.contextmanager
+def floor_webhook(patch: str) -> Iterator[tuple[int, bytes]]:
+    """A webhook that answers every review at once with ``patch``: the standard library's
+    threaded HTTP/1.1 server (keep-alive, as the API server's client uses it) over TLS 1.3 on
+    loopback, with a certificate for localhost. Yields its port and CA (PEM)."""
+    from swi_operator.webhooks import issue_bundle, server_ssl_context
+
+    bundle = issue_bundle(["localhost"], ["127.0.0.1"])
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            answer = json.dumps(
+                {
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "response": {
+                        "uid": review["request"]["uid"],
+                        "allowed": True,
+                        "patchType": "JSONPatch",
+                        "patch": patch,
+                    },
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+    with tempfile.TemporaryDirectory(prefix="swi-bench-floor-") as tmp:
+        crt, key = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+        crt.write_bytes(bundle.tls_crt)
+        key.write_bytes(bundle.tls_key)
+        context = server_ssl_context()
+        context.load_cert_chain(crt, key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, name="floor-webhook", daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1]), bundle.ca_crt
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def install_floor(box: Sandbox, port: int, ca: bytes) -> None:
+    """A copy of our injection configuration for the floor webhook and its own pod label."""
+    ours = next(
+        doc
+        for path in CONFIGURATIONS
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and any(w.get("name") == ENTRY for w in doc.get("webhooks") or [])
+    )
+    floor = copy.deepcopy(ours)
+    floor["metadata"] = {"name": FLOOR_CONFIGURATION}
+    (entry,) = [w for w in floor["webhooks"] if w["name"] == ENTRY]
+    entry["name"] = "floor.bench.sqlidentity.io"
+    entry["objectSelector"] = {"matchLabels": {FLOOR_LABEL: "true"}}
+    entry["clientConfig"] = {
+        "url": f"https://localhost:{port}/",
+        "caBundle": base64.b64encode(ca).decode(),
+    }
+    floor["webhooks"] = [entry]
+    admission = box.api("AdmissionregistrationV1Api")
+    with contextlib.suppress(Exception):  # left by an interrupted run
+        admission.delete_mutating_webhook_configuration(FLOOR_CONFIGURATION)
+    admission.create_mutating_webhook_configuration(floor)
+
+
 def _direct_round_trips(
     port: int, namespace: str, pod: dict[str, Any], rounds: int, fresh: bool = False
 ) -> list[float]:
@@ -123,25 +258,7 @@ def _direct_round_trips(
         for i in range(rounds + 5):
             if fresh:
                 connection.close()
-            review = {
-                "apiVersion": "admission.k8s.io/v1",
-                "kind": "AdmissionReview",
-                "request": {
-                    "uid": str(uuid.uuid4()),
-                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                    "resource": {"group": "", "version": "v1", "resource": "pods"},
-                    "operation": "CREATE",
-                    "namespace": namespace,
-                    "userInfo": {"username": "bench"},
-                    "object": {
-                        **pod,
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "metadata": {**pod["metadata"], "namespace": namespace},
-                    },
-                    "dryRun": False,
-                },
-            }
+            review = _review(namespace, pod)
             body = json.dumps(review).encode()
             started = time.perf_counter()
             connection.request("POST", f"/{WEBHOOK}", body, {"Content-Type": "application/json"})
@@ -180,9 +297,13 @@ def _apiserver_webhook_seconds(box: Sandbox) -> tuple[float, float]:
     return found["sum"], found["count"]
 
 
-def _pod(name: str, labelled: bool, service_account: str) -> dict[str, Any]:
+KIND_LABELS = {"ours": {USE_LABEL: "true"}, "none": {"b": "1"}, "floor": {FLOOR_LABEL: "true"}}
+
+
+def _pod(name: str, labelled: bool | str, service_account: str) -> dict[str, Any]:
+    kind = labelled if isinstance(labelled, str) else ("ours" if labelled else "none")
     return {
-        "metadata": {"name": name, "labels": {USE_LABEL: "true"} if labelled else {"b": "1"}},
+        "metadata": {"name": name, "labels": dict(KIND_LABELS[kind])},
         "spec": {
             "serviceAccountName": service_account,
             # No node has it: the pods stay Pending, admission is all that is measured.
@@ -238,9 +359,11 @@ def measure(
         SWI_METRICS_ADDRESS="127.0.0.1",
         **extra,
     )
-    samples: dict[bool, list[float]] = {True: [], False: []}
+    kinds = list(KIND_LABELS)  # ours, none (the baseline), floor
+    samples: dict[str, list[float]] = {kind: [] for kind in kinds}
     rng = random.Random(19)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    admission = box.api("AdmissionregistrationV1Api")
     with OperatorProcess(env, log):
         _wait(
             "the operator's readiness", lambda: _ready(f"http://127.0.0.1:{ready_port}/readyz"), 90
@@ -252,32 +375,48 @@ def measure(
 
         probe = iter(range(1000))
         _wait("the webhook to inject", lambda: injected(f"probe-{next(probe)}"), 60, 0.5)
-        for i in range(warmup):  # connections, TLS sessions, the API server's webhook client
-            for labelled in (True, False):
-                core.create_namespaced_pod(
-                    ns, _pod(f"warm-{i}-{int(labelled)}", labelled, service_account)
-                )
-        handler_before = _handler_seconds(metrics_url)
-        apiserver_before = _apiserver_webhook_seconds(box)
-        for i in range(pods):
-            order = [True, False]
-            rng.shuffle(order)
-            for labelled in order:
-                body = _pod(f"p-{i}-{int(labelled)}", labelled, service_account)
-                started = time.perf_counter()
-                # The raw answer: decoding the larger injected pod into the client's models
-                # would be counted against the webhook otherwise.
-                core.create_namespaced_pod(ns, body, _preload_content=False).read()
-                samples[labelled].append((time.perf_counter() - started) * 1000)
-        handler_after = _handler_seconds(metrics_url)
-        apiserver_after = _apiserver_webhook_seconds(box)
+        patch = _injection_patch(port, ns, _pod("model", True, service_account))
+        with floor_webhook(patch) as (floor_port, floor_ca):
+            install_floor(box, floor_port, floor_ca)
+            try:
+
+                def floor_injects(name: str) -> bool:
+                    made = core.create_namespaced_pod(ns, _pod(name, "floor", service_account))
+                    env = made.spec.containers[0].env or []
+                    return any(e.name == "AZURE_CLIENT_ID" for e in env)
+
+                _wait("the floor webhook to inject", lambda: floor_injects(
+                    f"floor-probe-{next(probe)}"), 60, 0.5)  # fmt: skip
+                for i in range(warmup):  # connections, TLS sessions, the webhook clients
+                    for kind in kinds:
+                        core.create_namespaced_pod(
+                            ns, _pod(f"warm-{i}-{kind}", kind, service_account)
+                        )
+                handler_before = _handler_seconds(metrics_url)
+                apiserver_before = _apiserver_webhook_seconds(box)
+                for i in range(pods):
+                    order = list(kinds)
+                    rng.shuffle(order)
+                    for kind in order:
+                        body = _pod(f"p-{i}-{kind}", kind, service_account)
+                        started = time.perf_counter()
+                        # The raw answer: decoding the larger injected pod into the client's
+                        # models would be counted against the webhook otherwise.
+                        core.create_namespaced_pod(ns, body, _preload_content=False).read()
+                        samples[kind].append((time.perf_counter() - started) * 1000)
+                handler_after = _handler_seconds(metrics_url)
+                apiserver_after = _apiserver_webhook_seconds(box)
+            finally:
+                with contextlib.suppress(Exception):
+                    admission.delete_mutating_webhook_configuration(FLOOR_CONFIGURATION)
         direct = _direct_round_trips(port, ns, _pod("direct", True, service_account), pods)
         handshakes = _direct_round_trips(
             port, ns, _pod("direct", True, service_account), pods // 2, fresh=True
         )
     with contextlib.suppress(Exception):
         core.delete_namespace(ns)
-    with_webhook, baseline = _percentiles(samples[True]), _percentiles(samples[False])
+    with_webhook, baseline = _percentiles(samples["ours"]), _percentiles(samples["none"])
+    floor = _percentiles(samples["floor"])
     calls = handler_after[1] - handler_before[1]
     handler_ms = (handler_after[0] - handler_before[0]) / calls * 1000 if calls else float("nan")
     server_calls = apiserver_after[1] - apiserver_before[1]
@@ -296,6 +435,15 @@ def measure(
         "added_ms": {
             "p50": round(with_webhook["p50_ms"] - baseline["p50_ms"], 2),
             "p95": round(with_webhook["p95_ms"] - baseline["p95_ms"], 2),
+        },
+        "floor": floor,
+        "floor_added_ms": {
+            "p50": round(floor["p50_ms"] - baseline["p50_ms"], 2),
+            "p95": round(floor["p95_ms"] - baseline["p95_ms"], 2),
+        },
+        "added_over_floor_ms": {
+            "p50": round(with_webhook["p50_ms"] - floor["p50_ms"], 2),
+            "p95": round(with_webhook["p95_ms"] - floor["p95_ms"], 2),
         },
         "ratio": {
             "p50": round(with_webhook["p50_ms"] / baseline["p50_ms"], 2),
@@ -345,11 +493,16 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     base, hooked, added = result["baseline"], result["with_webhook"], result["added_ms"]
-    print(f"pod creates, {result['pods_per_kind']} of each, interleaved")
+    print(f"pod creates, {result['pods_per_kind']} of each kind, interleaved")
     print(f"{'':22} {'p50 ms':>8} {'p95 ms':>8}")
     print(f"{'without the label':22} {base['p50_ms']:>8.2f} {base['p95_ms']:>8.2f}")
     print(f"{'labelled (webhook)':22} {hooked['p50_ms']:>8.2f} {hooked['p95_ms']:>8.2f}")
     print(f"{'added by the webhook':22} {added['p50']:>8.2f} {added['p95']:>8.2f}")
+    floor, over = result["floor"], result["added_over_floor_ms"]
+    print(f"{'floor webhook':22} {floor['p50_ms']:>8.2f} {floor['p95_ms']:>8.2f}")
+    print(f"{'added by the floor':22} {result['floor_added_ms']['p50']:>8.2f} "
+          f"{result['floor_added_ms']['p95']:>8.2f}")  # fmt: skip
+    print(f"{'ours over the floor':22} {over['p50']:>8.2f} {over['p95']:>8.2f}")
     print(f"ratio p50 {result['ratio']['p50']}, p95 {result['ratio']['p95']}")
     direct = result["direct_to_webhook"]
     print(

@@ -193,8 +193,16 @@ def _operator_pods(env: dict[str, str]) -> list[dict[str, Any]]:
 PEERING = "sql-workload-identity-operator"  # the chart's ClusterKopfPeering
 RESUMED = "Resuming operations"  # kopf, when a paused replica becomes the active one
 DRAINING = "stopping: no new work"  # the operator, on SIGTERM, before it leaves the peering
-# What only a reconciling replica logs: kopf's handler outcomes and our drift check.
+# What only a reconciling replica logs: kopf's handler outcomes and our drift check. Not the
+# event handlers that only wake the (peering-gated) sweep and policy review: kopf runs those on
+# every replica for a moment when two start at once, before each has read the other's peering
+# record, and they change nothing.
 WRITES = ("Handler '", "drift check of")
+WAKE_ONLY = ("Handler 'namespace-labels'", "Handler 'resource-gone'", "Handler 'policy-changed'")
+
+
+def _writes(text: str) -> bool:
+    return any(w in text for w in WRITES) and not any(w in text for w in WAKE_ONLY)
 
 
 def _peering(env: dict[str, str]) -> dict[str, Any]:
@@ -287,7 +295,7 @@ class OperatorLogs:
             (t, pod, text)
             for pod, lines in self.lines.items()
             for t, text in lines
-            if any(w in text for w in WRITES)
+            if _writes(text)
         )
         changes, last = [], None
         for t, pod, text in events:
@@ -300,10 +308,7 @@ class OperatorLogs:
         """The pods in the order they reconciled, consecutive runs merged: a pod listed twice
         wrote again after another one had written, i.e. two writers at once."""
         events = sorted(
-            (t, pod)
-            for pod, lines in self.lines.items()
-            for t, text in lines
-            if any(w in text for w in WRITES)
+            (t, pod) for pod, lines in self.lines.items() for t, text in lines if _writes(text)
         )
         order: list[str] = []
         for _, pod in events:
@@ -316,7 +321,7 @@ class OperatorLogs:
         early = []
         for pod, lines in self.lines.items():
             resumed = self.first(pod, RESUMED)
-            writes = [t for t, text in lines if any(w in text for w in WRITES)]
+            writes = [t for t, text in lines if _writes(text)]
             if writes and (resumed is None or min(writes) < resumed):
                 early.append(pod)
         return early

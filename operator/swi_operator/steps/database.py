@@ -370,6 +370,15 @@ class DatabaseAccessStep:
             ctx.record("DatabaseUserNotRemoved", done, "Warning")
             return done
         mine = recorded.entry(ctx)
+        # One release of a user at a time: resources sharing it that are deleted together
+        # (`kubectl delete --all`) each saw the other alive, handed the user over to it, and
+        # the last one read its ledger entry before the hand-over landed: nobody dropped it.
+        async with self._locks.hold(f"release:{'/'.join(mine.user_key)}"):
+            return await self._release_locked(ctx, recorded, mine)
+
+    async def _release_locked(
+        self, ctx: Context, recorded: DatabaseUserRecord, mine: UserEntry
+    ) -> str:
         noted = await self._ledger.user(mine.key)
         created = recorded.created or (noted is not None and noted.created)
         granted = tuple({*recorded.granted_roles, *(noted.granted_roles if noted else ())})

@@ -6,6 +6,7 @@ after a restart."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -309,3 +310,31 @@ async def test_a_live_resources_own_revocation_comes_first_then_the_sweep(world:
     assert world.user_exists()
     await sweep.sweep()
     assert not world.user_exists()
+
+
+async def test_sharers_deleted_together_still_drop_the_user(world: World) -> None:
+    """`kubectl delete sqlworkloadidentities --all`: the first finalizer hands the user over to
+    a resource that is deleted a moment later, whose finalizer runs while the hand-over is being
+    written. Releases of one user take turns, so the second sees the hand-over and drops it."""
+    first = await world.reconcile(resource("first", NS, sql=SQL))
+    second = await world.reconcile(resource("second", OTHER_NS, sql=SQL, service_account="x"))
+    deleting = "2026-12-04T00:00:00Z"
+    world.kube.resources[(NS, "first")]["metadata"]["deletionTimestamp"] = deleting
+    real_put = world.ledger.put_user
+    tasks: list[Any] = []
+
+    async def put_user(entry: UserEntry) -> None:
+        if entry.resource == "second" and not tasks:  # the hand-over to "second"
+            world.kube.resources[(OTHER_NS, "second")]["metadata"]["deletionTimestamp"] = deleting
+            tasks.append(asyncio.create_task(world.pipeline.finalize(second)))
+            for _ in range(50):  # let it run as far as it can before the hand-over lands
+                await asyncio.sleep(0)
+        await real_put(entry)
+
+    world.ledger.put_user = put_user  # type: ignore[method-assign]
+    outcome = await world.pipeline.finalize(first)
+    assert "DatabaseUserShared" in [e.reason for e in outcome.events]
+    assert tasks, "the hand-over did not happen"
+    await tasks[0]
+    assert not world.user_exists(), "both released the user and neither dropped it"
+    assert await world.ledger.users() == []
