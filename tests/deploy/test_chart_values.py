@@ -29,6 +29,7 @@ from sandbox.tools import helm_binary
 
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+VALUES_GUID = "11111111-2222-3333-4444-555555555555"
 README = (CHART / "README.md").read_text()
 
 
@@ -352,3 +353,22 @@ def test_the_helm_test_pod_is_no_operator_pod_and_follows_the_options() -> None:
     assert provided is not None
     assert provided["spec"]["volumes"][0]["secret"]["secretName"] == "my-tls"
     assert _install_check("tests.enabled=false") is None
+
+
+def test_the_image_repository_is_required_with_the_fix_named() -> None:
+    """No public image is published: an install without image.repository stops at `helm install`
+    saying what to set, instead of pods pulling a name no registry serves."""
+    identity = (
+        "--set",
+        f"identity.tenantId={VALUES_GUID}",
+        "--set",
+        f"identity.clientId={VALUES_GUID}",
+    )
+    result = _template(*identity)
+    assert result.returncode != 0
+    assert "image.repository is required" in result.stderr
+    assert "azurecr.io/sql-workload-identity-operator" in result.stderr
+    ok = _template(*identity, "--set", "image.repository=example.azurecr.io/swi", check=True)
+    (deployment,) = [d for d in documents(ok.stdout) if d["kind"] == "Deployment"]
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "example.azurecr.io/swi:0.1.0"

@@ -105,7 +105,16 @@ def test_helm_lint() -> None:
 
 def test_helm_refuses_to_render_without_the_operator_identity() -> None:
     result = run(
-        [str(helm_binary()), "template", "swi", str(CHART), "--kube-version", KUBE_VERSION],
+        [
+            str(helm_binary()),
+            "template",
+            "swi",
+            str(CHART),
+            "--kube-version",
+            KUBE_VERSION,
+            "--set",
+            "image.repository=example.azurecr.io/sql-workload-identity-operator",
+        ],
         check=False,
     )
     assert result.returncode != 0

@@ -45,3 +45,9 @@ annotations:
   {{- toYaml . | nindent 2 }}
 {{- end -}}
 {{- end -}}
+
+{{/* The operator's image: no public image is published, so the repository is the user's. */}}
+{{- define "swi.image" -}}
+{{- $repository := required "image.repository is required: the registry path you pushed the operator image to (none is published), e.g. myregistry.azurecr.io/sql-workload-identity-operator" .Values.image.repository -}}
+{{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
