@@ -4,7 +4,10 @@ takes over (its failover time is printed), every resource turns Ready, a resourc
 the kill too, and no federated credential or database user is duplicated or left without a
 resource. Then `helm upgrade` rolls both pods to another image. Through both, server-side dry runs
 probe the two fail-closed webhooks every 0.2 s and none may be refused, and the pods' logs and the
-peering object show one writer at a time, never two; the pods' metrics count what each did."""
+peering object show one writer at a time, never two; the pods' metrics count what each did.
+`helm test` passes (and its check fails with the wrong CA), the chart README's upgrade block (CRDs
+first) restores an older CRD, and its uninstall block, run last, leaves nothing of the operator's
+in Entra, SQL or the cluster."""
 
 from __future__ import annotations
 
