@@ -177,6 +177,9 @@ def floor_webhook(patch: str) -> Iterator[tuple[int, bytes]]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: with Nagle's algorithm the second waits for the
+        # API server's delayed ACK (about 40 ms each time); aiohttp, under kopf, sets it too.
+        disable_nagle_algorithm = True
 
         def log_message(self, *_: Any) -> None:
             pass
