@@ -79,7 +79,10 @@ def _request(
     address = service_address(host, os.environ if environ is None else environ)
     connection: http.client.HTTPConnection
     if parts.scheme == "https":
-        context = ssl.create_default_context(cafile=ca_file)  # verified, hostname checked
+        try:
+            context = ssl.create_default_context(cafile=ca_file)  # verified, hostname checked
+        except (OSError, ValueError) as exc:  # missing or not a PEM certificate
+            raise CheckFailed(f"the CA file {ca_file}: {exc}") from None
         connection = _Connection(host, parts.port or 443, address, context)
     else:
         connection = http.client.HTTPConnection(address, parts.port or 80, timeout=TIMEOUT_S)

@@ -158,3 +158,11 @@ def test_unreachable_names_the_url_and_the_address(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("SWI_METRICS_SERVICE_HOST", "127.0.0.1")
     with pytest.raises(install_check.CheckFailed, match=r"\(at 127.0.0.1\)"):
         install_check.check_metrics("http://swi-metrics.ns.svc:1/metrics", "")
+
+
+def test_a_missing_ca_file_is_a_failed_check_not_a_crash(
+    tls_server: tuple[int, Path], tmp_path: Path
+) -> None:
+    port, _ = tls_server
+    with pytest.raises(install_check.CheckFailed, match="the CA file"):
+        install_check.check_tls(f"https://{HOST}:{port}", str(tmp_path / "absent.crt"))
