@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -323,11 +324,17 @@ class Sandbox:
         self.retire()  # what an interrupted run left behind
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *_: object) -> None:
         if self.kube is not None:
             self.kube.close()
         if self.own:
             launcher.down(self.state_dir)
+            # A sandbox's state is a cluster's worth of files (about 1.7 GB): removed after a
+            # run, kept with its logs after a failure.
+            if exc_type is None:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            else:
+                print(f"the sandbox's state and logs are kept in {self.state_dir}", file=sys.stderr)
 
     @property
     def ca(self) -> Path:
