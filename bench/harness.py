@@ -612,6 +612,74 @@ class OperatorProcess:
             self.process.wait()
 
 
+class Profiler:
+    """py-spy sampling a running process (the operator) into a flame graph SVG.
+
+    Sampling is non-blocking (the process is never paused) and counts only the thread holding
+    the GIL (Python's CPU: waits in I/O and for the GIL are not drawn, which py-spy's own idle
+    detection let through here), at ``rate`` samples a second; the SVG is py-spy's own (inferno)
+    flame graph, which is what docs/benchmarks.md shows. ``profile_top`` reads its frames back.
+    """
+
+    def __init__(self, pid: int, svg: Path, rate: int = 50) -> None:
+        spy = Path(sys.executable).with_name("py-spy")
+        if not spy.exists():
+            raise SystemExit(f"error: --profile needs py-spy ({spy}); run `make venv`")
+        self.svg = svg
+        self.process = subprocess.Popen(
+            [
+                str(spy),
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(rate),
+                "--nonblocking",
+                "--gil",
+                "--function",
+                "--format",
+                "flamegraph",
+                "--output",
+                str(svg),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def stop(self) -> Path:
+        """Stop sampling and write the SVG; its path."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            _, err = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise SystemExit("error: py-spy did not write its flame graph within 60 s") from None
+        if not self.svg.exists():
+            raise SystemExit(f"error: py-spy wrote no flame graph: {err.decode(errors='replace')}")
+        return self.svg
+
+
+_FRAME = re.compile(
+    r"<title>(?P<name>.*?) \((?P<samples>[\d,]+) samples?, (?P<pct>[\d.]+)%\)</title>"
+)
+
+
+def profile_top(svg: Path, limit: int = 40) -> list[dict[str, Any]]:
+    """Each function's inclusive share of the samples in a py-spy flame graph, largest first:
+    the sum of its boxes (a recursive function's nested boxes count again; capped at 100%)."""
+    import html
+
+    totals: Counter[str] = Counter()
+    for match in _FRAME.finditer(svg.read_text(errors="replace")):
+        name = html.unescape(match["name"])
+        totals[name] += int(match["samples"].replace(",", ""))
+    root = totals.pop("all", None) or max(totals.values(), default=1)
+    return [
+        {"frame": name, "samples": n, "share": round(min(n, root) / root, 4)}
+        for name, n in totals.most_common(limit)
+    ]
+
+
 # --- when resources become Ready ---------------------------------------------------------------
 
 

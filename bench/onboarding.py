@@ -2,6 +2,7 @@
 
     python bench/onboarding.py [--n 100 --n 500 --n 1000] [--kind app|mi] [--state-dir DIR]
                                [--no-limits] [--skip-baseline] [--name RESULTS]
+                               [--profile DIR]
 
 One sandbox, one run, for each N in turn (the Entra emulator reset between phases, so both start
 from an identity with no credentials, under the same injected latency and quotas):
@@ -15,6 +16,8 @@ Each member has a Deployment running as its service account (what the label step
 identity shared by at most 14 members (``--kind app``: app registrations through Graph; ``mi``:
 user-assigned managed identities through ARM). Prints a table and writes
 bench/results/<name>.json; nothing is asserted (tests/bench/ checks the harness itself).
+``--profile DIR`` samples the operator with py-spy from the first create to the last Ready and
+writes a flame graph per N (DIR/operator-<N><kind>.svg) and its largest frames into the results.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from bench.harness import (
     Member,
     Meters,
     OperatorProcess,
+    Profiler,
     ReadyTracker,
     Sandbox,
     fleet,
     machine,
+    profile_top,
     save,
     table,
 )
@@ -97,10 +102,12 @@ def run_operator(
     profile: CloudProfile,
     sql: bool,
     timeout: float,
+    flame: Path | None = None,
 ) -> dict[str, Any]:
     sandbox.reset()
     profile.apply(sandbox.admin)
     meters = Meters(sandbox)
+    top: list[dict[str, Any]] = []
     log = sandbox.state_dir / f"operator-{phase}.log"
     env = sandbox.operator_env(drift_interval=600)
     profile_path = sandbox.state_dir / f"operator-{phase}.prof" if PROFILE else None
@@ -111,12 +118,15 @@ def run_operator(
         ):
             time.sleep(2)  # let kopf's watch settle
             idle_cpu, idle_mem = operator.cpu_seconds(), operator.memory_mib()
+            spy = Profiler(operator.pid, flame) if flame else None
             before, wall = meters.read(), time.time()
             started = time.monotonic()
             sandbox.apply(members, phase, sql)
             applied = time.monotonic() - started
             keys = [(m.namespace, m.name, 1) for m in members]
             done = tracker.wait(keys, timeout)
+            if spy is not None:
+                top = profile_top(spy.stop())
             seconds = (done - started) if done is not None else None
             delta = meters.since(before)
             cpu = operator.cpu_seconds() - idle_cpu
@@ -148,6 +158,7 @@ def run_operator(
         "operator_rss_mib": memory["rss"],
         "operator_peak_rss_mib": memory["peak"],
         "watch_events": tracker.events,
+        **({"profile": {"svg": str(flame), "top": top}} if flame else {}),
     }
 
 
@@ -167,6 +178,12 @@ def main() -> int:
     parser.add_argument(
         "--no-sql", dest="sql", action="store_false", help="federation only (no spec.sql)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy the operator from first create to last Ready: DIR/operator-N.svg",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for Ready")
     parser.add_argument(
         "--name", default=None, help="results: bench/results/NAME.json, or a path ending in .json"
@@ -178,6 +195,8 @@ def main() -> int:
     profile = dataclasses.replace(
         profile, graph_read_lag=args.graph_lag, latency_jitter=args.jitter
     )
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "machine": machine(),
         "profile": profile.describe(),
@@ -208,7 +227,13 @@ def main() -> int:
                 run["baseline"] = run_baseline(sandbox, baseline_members, profile, args.sql)
             print(f"N={n}: operator ...", file=sys.stderr, flush=True)
             run["operator"] = run_operator(
-                sandbox, operator_members, f"o{tag}", profile, args.sql, args.timeout
+                sandbox,
+                operator_members,
+                f"o{tag}",
+                profile,
+                args.sql,
+                args.timeout,
+                flame=args.profile / f"operator-{n}{kind}.svg" if args.profile else None,
             )
             results["runs"].append(run)
             print_run(run)

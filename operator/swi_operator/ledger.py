@@ -15,16 +15,26 @@ give namespace teams nothing there):
   ``CREATE USER`` and the status write loses nothing) and removed once the user is dropped or the
   roles revoked. The sweep drops what no live, allowed resource backs (``sweep.py``).
 
-One merge patch per changed key: writers never conflict, and replicas and operators of other
-namespaces (``SWI_NAMESPACES``) share it; each acts only on entries of the namespaces it serves.
+Merge patches of the changed keys only: writers never conflict, and replicas and operators of
+other namespaces (``SWI_NAMESPACES``) share it; each acts only on entries of the namespaces it
+serves.
+
+Kept in 16 ConfigMaps, not one (``SHARDS``: ``<name>-0`` to ``<name>-f``, a key's shard the first
+hex digit of its hash). A ConfigMap is written whole: every patch of one ledger made the API server
+decode, store and send back the entire map, so onboarding N resources cost O(N^2) bytes, and at
+about 3,000 resources it would pass a ConfigMap's 1 MiB limit. One shard holds a sixteenth, and
+writes that arrive while a shard's patch is in flight go together in its next patch (group
+commit: each writer still returns only once its key is stored). The single ConfigMap of earlier
+versions (``<name>``) is read too and its entries moved into the shards on the first read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -196,19 +206,95 @@ class Ledger:
         await self._set(entry.key, None)
 
 
+SHARDS = tuple("0123456789abcdef")
+
+
+def shard_of(key: str) -> str:
+    """The shard a ledger key lives in: the first hex digit of its hash (keys are
+    ``<kind>.<hex digest>``); anything else (a key written by hand) in shard 0."""
+    _, _, digest = key.partition(".")
+    first = digest[:1].lower()
+    return first if first in SHARDS else SHARDS[0]
+
+
+class _ShardWriter:
+    """Group commit for one ConfigMap: changes that arrive while a patch is in flight are sent
+    together in the next one; each caller returns when the patch holding its change is done."""
+
+    def __init__(self, patch: Callable[[Mapping[str, str | None]], Awaitable[None]]) -> None:
+        self._patch = patch
+        self._pending: dict[str, str | None] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, changes: Mapping[str, str | None]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.update(changes)  # a later value of the same key wins, as it would in order
+        self._waiters.append(done)
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain(), name="swi-ledger-write")
+        await asyncio.shield(done)  # a caller's cancellation does not cancel the others' write
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, waiters = self._pending, self._waiters
+                self._pending, self._waiters = {}, []
+                try:
+                    await self._patch(batch)
+                except Exception as exc:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    continue
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+        finally:
+            self._task = None
+
+
 class ConfigMapLedgerStore:
-    """The ledger as the ConfigMap ``LEDGER_NAME`` of the operator's namespace."""
+    """The ledger as the ConfigMaps ``<name>-0`` .. ``<name>-f`` of the operator's namespace
+    (and, until its entries are moved, the single ``<name>`` of earlier versions)."""
 
     def __init__(self, kube: ConfigMaps, namespace: str, name: str = LEDGER_NAME) -> None:
         self._kube = kube
         self.namespace = namespace
         self.name = name
+        self._writers = {
+            shard: _ShardWriter(functools.partial(self._patch_shard, shard)) for shard in SHARDS
+        }
+
+    def shard_name(self, shard: str) -> str:
+        return f"{self.name}-{shard}"
+
+    async def _patch_shard(self, shard: str, changes: Mapping[str, str | None]) -> None:
+        await self._kube.patch_config_map(self.namespace, self.shard_name(shard), changes)
 
     async def read_ledger(self) -> dict[str, str]:
-        return await self._kube.read_config_map(self.namespace, self.name) or {}
+        names = [self.name, *(self.shard_name(shard) for shard in SHARDS)]
+        legacy, *shards = await asyncio.gather(
+            *(self._kube.read_config_map(self.namespace, name) for name in names)
+        )
+        data: dict[str, str] = {}
+        for found in shards:
+            data.update(found or {})
+        if legacy:
+            # An earlier version's single ConfigMap: its entries into the shards, then out of it
+            # (a crash in between leaves them in both, which reads the same).
+            await self.patch_ledger(legacy)
+            await self._kube.patch_config_map(self.namespace, self.name, dict.fromkeys(legacy))
+            data.update(legacy)
+        return data
 
     async def patch_ledger(self, changes: Mapping[str, str | None]) -> None:
-        await self._kube.patch_config_map(self.namespace, self.name, changes)
+        by_shard: dict[str, dict[str, str | None]] = {}
+        for key, value in changes.items():
+            by_shard.setdefault(shard_of(key), {})[key] = value
+        await asyncio.gather(
+            *(self._writers[shard].write(part) for shard, part in by_shard.items())
+        )
 
 
 class ConfigMaps(Protocol):

@@ -7,6 +7,7 @@ after a restart."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -21,8 +22,15 @@ from operator_fakes import (  # type: ignore[import-not-found]
 from sql_fakes import FakeDatabase  # type: ignore[import-not-found]
 from swi_operator import conditions
 from swi_operator.drift import PeeringGate
-from swi_operator.errors import PermanentError, Reason
-from swi_operator.ledger import Ledger, MemoryLedgerStore, UserEntry
+from swi_operator.errors import PermanentError, Reason, TransientError
+from swi_operator.ledger import (
+    LEDGER_NAME,
+    SHARDS,
+    ConfigMapLedgerStore,
+    Ledger,
+    MemoryLedgerStore,
+    UserEntry,
+)
 from swi_operator.locks import KeyedLocks
 from swi_operator.naming import subject_for
 from swi_operator.pipeline import Outcome, Pipeline
@@ -338,3 +346,91 @@ async def test_sharers_deleted_together_still_drop_the_user(world: World) -> Non
     await tasks[0]
     assert not world.user_exists(), "both released the user and neither dropped it"
     assert await world.ledger.users() == []
+
+
+class FakeConfigMaps:
+    """ConfigMaps in memory, as kube.KubernetesClient reads and merge-patches them; each patch
+    is held until ``release`` so that writes can meet while one is in flight."""
+
+    def __init__(self) -> None:
+        self.maps: dict[str, dict[str, str]] = {}
+        self.patches: list[tuple[str, dict[str, str | None]]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
+        found = self.maps.get(name)
+        return None if found is None else dict(found)
+
+    async def patch_config_map(
+        self, namespace: str, name: str, changes: Mapping[str, str | None]
+    ) -> None:
+        self.patches.append((name, dict(changes)))
+        await self.gate.wait()
+        data = self.maps.setdefault(name, {})
+        for key, value in changes.items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+
+
+async def test_the_ledger_is_spread_over_sixteen_configmaps_by_key() -> None:
+    maps = FakeConfigMaps()
+    store = ConfigMapLedgerStore(maps, NS)
+    keys = [f"db.{digit}{'0' * 31}" for digit in "0123456789abcdef"] + ["id.ffff", "odd"]
+    for key in keys:
+        await store.patch_ledger({key: "v"})
+    assert set(maps.maps) == {f"{LEDGER_NAME}-{shard}" for shard in SHARDS}
+    assert maps.maps[f"{LEDGER_NAME}-f"] == {f"db.f{'0' * 31}": "v", "id.ffff": "v"}
+    assert "odd" in maps.maps[f"{LEDGER_NAME}-0"]
+    assert await store.read_ledger() == dict.fromkeys(keys, "v")
+    await store.patch_ledger({"id.ffff": None})
+    assert "id.ffff" not in await ConfigMapLedgerStore(maps, NS).read_ledger()
+
+
+async def test_writes_that_meet_on_a_shard_go_in_one_patch_and_wait_for_it() -> None:
+    maps = FakeConfigMaps()
+    store = ConfigMapLedgerStore(maps, NS)
+    maps.gate.clear()  # the first patch stays in flight
+    first = asyncio.create_task(store.patch_ledger({"db.a1": "1"}))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(store.patch_ledger({f"db.a{i}": str(i)})) for i in range(2, 12)]
+    late = asyncio.create_task(store.patch_ledger({"db.a1": "latest"}))
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in [first, *rest, late])  # nobody returns before its patch
+    maps.gate.set()
+    await asyncio.gather(first, *rest, late)
+    assert len(maps.patches) == 2  # the one in flight, then everything that met behind it
+    assert maps.maps[f"{LEDGER_NAME}-a"] == {"db.a1": "latest"} | {
+        f"db.a{i}": str(i) for i in range(2, 12)
+    }
+
+
+async def test_a_failed_patch_fails_every_write_in_it_and_not_the_next() -> None:
+    maps = FakeConfigMaps()
+    store = ConfigMapLedgerStore(maps, NS)
+    real = maps.patch_config_map
+    failures = [TransientError(Reason.KUBERNETES_UNAVAILABLE, "503")]
+
+    async def flaky(namespace: str, name: str, changes: Mapping[str, str | None]) -> None:
+        if failures:
+            raise failures.pop()
+        await real(namespace, name, changes)
+
+    maps.patch_config_map = flaky  # type: ignore[method-assign]
+    with pytest.raises(TransientError):
+        await store.patch_ledger({"db.b1": "1"})
+    await store.patch_ledger({"db.b2": "2"})
+    assert maps.maps[f"{LEDGER_NAME}-b"] == {"db.b2": "2"}
+
+
+async def test_the_single_configmap_of_earlier_versions_moves_into_the_shards() -> None:
+    maps = FakeConfigMaps()
+    maps.maps[LEDGER_NAME] = {"db.c1": "old", "id.d2": "app"}
+    store = ConfigMapLedgerStore(maps, NS)
+    assert await store.read_ledger() == {"db.c1": "old", "id.d2": "app"}
+    assert maps.maps[LEDGER_NAME] == {}
+    assert maps.maps[f"{LEDGER_NAME}-c"] == {"db.c1": "old"}
+    assert maps.maps[f"{LEDGER_NAME}-d"] == {"id.d2": "app"}
+    assert await ConfigMapLedgerStore(maps, NS).read_ledger() == {"db.c1": "old", "id.d2": "app"}
