@@ -34,6 +34,7 @@ import kopf
 from swi_operator import config as config_module
 from swi_operator import peers, readiness
 from swi_operator.errors import TransientError, backoff_delay
+from swi_operator.events import CLEANED_UP
 from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION, in_cluster_server
 from swi_operator.metrics import MetricsServer
 from swi_operator.naming import OPERATOR_NAME
@@ -236,7 +237,7 @@ async def finalize(
             state.resource_locks.hold(str(body.metadata.uid)),
         ):
             outcome = await state.pipeline.finalize(body)
-        await state.events.post(body, outcome.events)
+        await state.events.post(body, outcome.events, folded=CLEANED_UP)
     if outcome.retry is None:
         state.drift.forget(str(body.metadata.uid))
         return

@@ -309,6 +309,13 @@ class Cluster:
         ).items
         return list(items)
 
+    def reasons(self, name: str) -> list[str]:
+        """What the Events of ``name`` say happened: each reason, and inside an Event that folds
+        one pass's changes (swi_operator.events) each change's reason."""
+        from swi_operator.events import reasons
+
+        return [r for e in self.events(name) for r in reasons(e.reason, e.message or "")]
+
     def token(self, service_account: str, audience: str = AUDIENCE) -> str:
         """A real TokenRequest token for the service account, as the kubelet would project it."""
         from kubernetes.client import AuthenticationV1TokenRequest, V1TokenRequestSpec

@@ -67,7 +67,7 @@ def test_grant_then_the_pod_reads_its_rows(
     assert verified is not None and verified["status"] == "True"
     assert f"as {USER}" in verified["message"]
     assert customers_as_pod(cluster, entra, sql, world.customer_api.client_id) == 5
-    reasons = {e.reason for e in cluster.events("customer-api")}
+    reasons = set(cluster.reasons("customer-api"))
     assert {"DatabaseUserCreated", "DatabaseRoleGranted", "Ready"} <= reasons
     # The operator worked as the server's Entra admin (dbo), the probe as the identity's user.
     users = {(e["user"], e["kind"]) for e in sql.log() if e["database"] == DATABASE}

@@ -105,7 +105,7 @@ def test_drift_repairs_out_of_band_changes_and_writes_nothing_otherwise(
         "edited audience repaired",
     )
     assert "Managed by" in entra.credentials(world.demo_app)[0]["description"]
-    reasons = [e.reason for e in cluster.events("app")]
+    reasons = cluster.reasons("app")
     assert "CredentialCreated" in reasons and "ServiceAccountAnnotated" in reasons
 
 

@@ -47,7 +47,7 @@ def test_graph_lag_neither_duplicates_nor_flaps(
     assert now is not None and now["status"] == "True"
     assert now["lastTransitionTime"] == ready["lastTransitionTime"], "Ready flapped"
     events = cluster.events("lag")
-    reasons = [e.reason for e in events]
+    reasons = cluster.reasons("lag")
     assert reasons.count("CredentialCreated") == 1, reasons
     assert not [e for e in events if e.type == "Warning"], [(e.reason, e.message) for e in events]
 

@@ -68,7 +68,7 @@ def test_propagating_then_verified(
     assert verified(cluster)["status"] == "True"
     body = cluster.get("customer-api") or {}
     assert "propagatingSince" not in body["status"]["verification"]
-    reasons = [e.reason for e in cluster.events("customer-api")]
+    reasons = cluster.reasons("customer-api")
     assert "Propagating" in reasons and "Ready" in reasons
 
 

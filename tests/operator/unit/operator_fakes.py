@@ -110,6 +110,10 @@ class FakeKube(Faults):
         self.writes: Counter[str] = Counter()
         self.status_patches: list[tuple[str, str, Mapping[str, Any]]] = []
         self.events: list[tuple[str, str, str]] = []  # (object name, type, reason)
+        self.event_messages: list[str] = []
+        self.workload_lists: list[str] = []  # "cached" or "live", in order
+        # workloads the watch-fed cache has not seen yet: only a live list shows them
+        self.not_cached_yet: set[tuple[str, str, str]] = set()
         self.peering: dict[str, Any] = {}
 
     # arrangement helpers
@@ -153,7 +157,11 @@ class FakeKube(Faults):
         self.service_accounts[(namespace, name)] = dict(annotations)
 
     async def patch_service_account(
-        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+        self,
+        namespace: str,
+        name: str,
+        annotations: Mapping[str, str | None],
+        resource_version: str = "",
     ) -> None:
         self.check("patch_service_account")
         self.writes["patch_service_account"] += 1
@@ -168,8 +176,9 @@ class FakeKube(Faults):
         self.writes["delete_service_account"] += 1
         self.service_accounts.pop((namespace, name), None)
 
-    async def list_workloads(self, namespace: str) -> list[Workload]:
+    async def list_workloads(self, namespace: str, live: bool = False) -> list[Workload]:
         self.check("list_workloads")
+        self.workload_lists.append("live" if live else "cached")
         kinds: dict[str, WorkloadKind] = {k.kind: k for k in WORKLOAD_KINDS}
         return [
             Workload(
@@ -181,7 +190,7 @@ class FakeKube(Faults):
                 template_labels=dict(w["template_labels"]),
             )
             for (ns, kind, name), w in self.workloads.items()
-            if ns == namespace
+            if ns == namespace and (live or (ns, kind, name) not in self.not_cached_yet)
         ]
 
     async def patch_workload(
@@ -232,6 +241,7 @@ class FakeKube(Faults):
         instance: str,
     ) -> None:
         self.events.append((involved["name"], type_, reason))
+        self.event_messages.append(message)
 
     async def peering_status(self, name: str, namespace: str | None) -> dict[str, Any]:
         return dict(self.peering)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from operator_fakes import APP, TENANT, FakeKube, FakeStore, resource  # type: ignore[import-not-found]
 from swi_operator.drift import DriftLoop, PeeringGate
-from swi_operator.events import EventRecorder
+from swi_operator.events import EventRecorder, reasons
 from swi_operator.locks import KeyedLocks
 from swi_operator.runtime import FINALIZER, build_pipeline
 from swi_operator.spec import ApplicationRef
@@ -54,7 +54,8 @@ async def test_repairs_and_then_writes_nothing(setup):
     await loop.check_all()
     assert len(store.of(ApplicationRef(APP))) == 1
     assert len(kube.status_patches) == 1
-    assert ("a", "Normal", "CredentialCreated") in kube.events
+    assert kube.events == [("a", "Normal", "Ready")]  # one Event for the pass
+    assert "CredentialCreated" in reasons("Ready", kube.event_messages[0])
 
     store.writes.clear()
     kube.events.clear()
@@ -172,3 +173,39 @@ async def test_standby_replica_skips_the_cycle(setup):
     kube.peering = {"other": peer(1)}
     await drift_loop(store, kube, locks, peering="swi").check_all()
     assert store.of(ApplicationRef(APP)) == []
+
+
+async def test_one_pass_posts_its_normal_events_as_one(setup):
+    _, _, kube, _ = setup
+    from swi_operator.steps import Event
+
+    recorder = EventRecorder(kube, logging.INFO)
+    await recorder.post(
+        resource(),
+        [
+            Event("Normal", "CredentialCreated", "created credential c on app a"),
+            Event("Warning", "Throttled", "Graph: 429; retrying"),
+            Event("Normal", "ServiceAccountCreated", "created service account s"),
+            Event("Normal", "Ready", "all conditions True"),
+        ],
+    )
+    assert [(t, r) for _, t, r in kube.events] == [("Normal", "Ready"), ("Warning", "Throttled")]
+    folded = kube.event_messages[0]
+    assert folded == (
+        "CredentialCreated: created credential c on app a; "
+        "ServiceAccountCreated: created service account s; Ready: all conditions True"
+    )
+    assert reasons("Ready", folded) == ["CredentialCreated", "ServiceAccountCreated", "Ready"]
+    assert reasons("Ready", "all conditions True") == ["Ready"]
+    assert reasons("Throttled", "x; Y: z") == ["Throttled"]
+
+    kube.events.clear()
+    await recorder.post(resource(), [Event("Normal", "WorkloadLabelled", "labelled d")])
+    assert [r for _, _, r in kube.events] == ["WorkloadLabelled"]  # one is posted as it is
+    kube.events.clear()
+    await recorder.post(
+        resource(),
+        [Event("Normal", "CredentialDeleted", "x"), Event("Normal", "ServiceAccountDeleted", "y")],
+        folded="CleanedUp",
+    )
+    assert [r for _, _, r in kube.events] == ["CleanedUp"]
