@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+from kubernetes import client as k8s
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from swi_operator.cycle import changed, in_drift_cycle, shared_read
 from swi_operator.errors import ReconcileError, kubernetes_error
+from swi_operator.watch_cache import TOO_LARGE, WatchCache
 
 GROUP = "sqlidentity.io"
 VERSION = "v1alpha1"
@@ -48,6 +51,7 @@ def in_cluster_server(env: Mapping[str, str]) -> str | None:
 class ServiceAccount:
     name: str
     annotations: Mapping[str, str] = field(default_factory=dict)
+    resource_version: str = ""  # as read: a patch made from this view may require it
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,16 @@ class KubeClient(Protocol):
     ) -> None: ...
 
     async def patch_service_account(
-        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+        self,
+        namespace: str,
+        name: str,
+        annotations: Mapping[str, str | None],
+        resource_version: str = "",
     ) -> None: ...
 
     async def delete_service_account(self, namespace: str, name: str) -> None: ...
 
-    async def list_workloads(self, namespace: str) -> list[Workload]: ...
+    async def list_workloads(self, namespace: str, live: bool = False) -> list[Workload]: ...
 
     async def patch_workload(
         self,
@@ -207,9 +215,94 @@ def _pod(obj: Mapping[str, Any]) -> Pod:
     )
 
 
+# What the caches keep of a workload or pod: the labels selectors match (at most this many,
+# this long in all: a tenant's objects beyond it are listed live) and these annotations only.
+CACHED_LABELS_MAX = 64
+CACHED_LABELS_CHARS_MAX = 8192
+CACHED_ANNOTATIONS = ("sqlidentity.io/labelled-by", "azure.workload.identity/skip-containers")
+
+
+def _small(labels: Mapping[str, Any]) -> bool:
+    chars = sum(len(str(k)) + len(str(v)) for k, v in labels.items())
+    return len(labels) <= CACHED_LABELS_MAX and chars <= CACHED_LABELS_CHARS_MAX
+
+
+def _kept_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
+    return {k: v[:256] for k in CACHED_ANNOTATIONS if isinstance(v := annotations.get(k), str)}
+
+
+def slim_workload(kind: WorkloadKind) -> Callable[[Mapping[str, Any]], Workload | None]:
+    def slim(obj: Mapping[str, Any]) -> Workload | None:
+        full = _workload(kind, obj)
+        if not _small(full.template_labels):
+            return cast(Workload, TOO_LARGE)
+        return dataclasses.replace(full, labels={}, annotations=_kept_annotations(full.annotations))
+
+    return slim
+
+
+def slim_pod(obj: Mapping[str, Any]) -> Pod | None:
+    full = _pod(obj)
+    if not _small(full.labels):
+        return cast(Pod, TOO_LARGE)
+    return dataclasses.replace(full, annotations=_kept_annotations(full.annotations))
+
+
+class WorkloadCaches:
+    """Watch-fed caches of the five workload kinds and of pods in all namespaces
+    (``watch_cache``), from which ``list_workloads`` and ``list_pods`` answer when they can."""
+
+    def __init__(self, api: ApiClient) -> None:
+        apps, batch, core = k8s.AppsV1Api(api), k8s.BatchV1Api(api), k8s.CoreV1Api(api)
+        listers = {
+            "deployments": apps.list_deployment_for_all_namespaces,
+            "statefulsets": apps.list_stateful_set_for_all_namespaces,
+            "daemonsets": apps.list_daemon_set_for_all_namespaces,
+            "jobs": batch.list_job_for_all_namespaces,
+            "cronjobs": batch.list_cron_job_for_all_namespaces,
+        }
+        self.workloads = [
+            WatchCache(listers[kind.plural], slim_workload(kind), kind.kind)
+            for kind in WORKLOAD_KINDS
+        ]
+        self.pods: WatchCache[Pod] = WatchCache(core.list_pod_for_all_namespaces, slim_pod, "pod")
+
+    @property
+    def all(self) -> list[WatchCache[Any]]:
+        return [*self.workloads, self.pods]
+
+    def start(self) -> None:
+        for cache in self.all:
+            cache.start()
+
+    def stop(self) -> None:
+        for cache in self.all:
+            cache.stop()
+
+    def workloads_in(self, namespace: str) -> list[Workload] | None:
+        found: list[Workload] = []
+        for cache in self.workloads:
+            items = cache.in_namespace(namespace)
+            if items is None:
+                return None
+            found.extend(items)
+        return found
+
+
+def _service_account(obj: Mapping[str, Any]) -> ServiceAccount:
+    return ServiceAccount(
+        str(_dig(obj, "metadata", "name") or ""),
+        dict(_dig(obj, "metadata", "annotations") or {}),
+        str(_dig(obj, "metadata", "resourceVersion") or ""),
+    )
+
+
 class KubernetesClient:
-    def __init__(self, api: ApiClient, threads: int = KUBE_THREADS) -> None:
+    def __init__(
+        self, api: ApiClient, threads: int = KUBE_THREADS, caches: WorkloadCaches | None = None
+    ) -> None:
         self._api = api
+        self.caches = caches
         # Threads of its own, and as many pooled connections: asyncio's default executor has
         # min(32, CPUs + 4) threads, 6 on two cores, and every reconcile's calls queued there
         # (bench/onboarding.py: ~20 calls per resource, 1000 resources at once).
@@ -223,6 +316,7 @@ class KubernetesClient:
         query: Sequence[tuple[str, str]] = (),
         body: Any = None,
         content_type: str | None = None,
+        decode: bool = True,
     ) -> Any:
         headers = {"Accept": "application/json"}
         if content_type:
@@ -239,6 +333,10 @@ class KubernetesClient:
         response.read()  # type: ignore[no-untyped-call]
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
+        if not decode:
+            # A write whose answer (the whole object, a ConfigMap shard, an Event) nobody reads:
+            # decoding those was an eighth of the operator's CPU while onboarding.
+            return True
         return json.loads(response.data) if response.data else None
 
     async def _call(
@@ -251,10 +349,13 @@ class KubernetesClient:
         body: Any = None,
         content_type: str | None = None,
         missing_ok: bool = False,
+        decode: bool = True,
     ) -> Any:
+        """The decoded answer; with ``decode=False`` just True (or None: missing and
+        ``missing_ok``)."""
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._send, method, path, query, body, content_type
+                self._executor, self._send, method, path, query, body, content_type, decode
             )
         except ApiException as exc:
             if missing_ok and exc.status == 404:
@@ -293,14 +394,14 @@ class KubernetesClient:
         )
         if obj is None:
             return None
-        return ServiceAccount(name, dict(_dig(obj, "metadata", "annotations") or {}))
+        return _service_account(obj)
 
     async def _service_accounts(self, namespace: str) -> dict[str, ServiceAccount]:
         found: dict[str, ServiceAccount] = {}
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts"
         for item in await self._list_pages(f"list service accounts in {namespace}", path):
-            name = str(_dig(item, "metadata", "name") or "")
-            found[name] = ServiceAccount(name, dict(_dig(item, "metadata", "annotations") or {}))
+            account = _service_account(item)
+            found[account.name] = account
         return found
 
     async def _list_pages(self, doing: str, path: str) -> list[dict[str, Any]]:
@@ -330,20 +431,31 @@ class KubernetesClient:
                 f"/api/v1/namespaces/{namespace}/serviceaccounts",
                 body=body,
                 content_type="application/json",
+                decode=False,
             )
         finally:
             changed(("serviceaccount", namespace))  # the cycle's list of the namespace
 
     async def patch_service_account(
-        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+        self,
+        namespace: str,
+        name: str,
+        annotations: Mapping[str, str | None],
+        resource_version: str = "",
     ) -> None:
+        """Set (None: remove) annotations; with ``resource_version``, only on that version of
+        the account (else a 409 Conflict, retried: the patch was made from a stale view)."""
+        metadata: dict[str, Any] = {"annotations": dict(annotations)}
+        if resource_version:
+            metadata["resourceVersion"] = resource_version
         try:
             await self._call(
                 f"annotate service account {namespace}/{name}",
                 "PATCH",
                 f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
-                body={"metadata": {"annotations": dict(annotations)}},
+                body={"metadata": metadata},
                 content_type=MERGE_PATCH,
+                decode=False,
             )
         finally:
             changed(("serviceaccount", namespace))  # the cycle's list of the namespace
@@ -355,11 +467,18 @@ class KubernetesClient:
                 "DELETE",
                 f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}",
                 missing_ok=True,
+                decode=False,
             )
         finally:
             changed(("serviceaccount", namespace))  # the cycle's list of the namespace
 
-    async def list_workloads(self, namespace: str) -> list[Workload]:
+    async def list_workloads(self, namespace: str, live: bool = False) -> list[Workload]:
+        """The namespace's workloads: from the caches (milliseconds behind the API server) when
+        they can answer and ``live`` is not asked for, else five LISTs."""
+        cached = self.caches.workloads_in(namespace) if self.caches and not live else None
+        if cached is not None:
+            return cached
+
         async def of_kind(kind: WorkloadKind) -> list[Workload]:
             found = await self._call(
                 f"list {kind.plural} in {namespace}",
@@ -392,11 +511,16 @@ class KubernetesClient:
                 body=body,
                 content_type=MERGE_PATCH,
                 missing_ok=True,
+                decode=False,
             )
         finally:
             changed(("workloads", namespace))  # what a drift cycle read is stale
 
     async def list_pods(self, namespace: str) -> list[Pod]:
+        cached = self.caches.pods.in_namespace(namespace) if self.caches else None
+        if cached is not None:
+            return cached
+
         async def fetch() -> list[Pod]:
             found = await self._call(
                 f"list pods in {namespace}", "GET", f"/api/v1/namespaces/{namespace}/pods"
@@ -454,6 +578,7 @@ class KubernetesClient:
             body={"status": dict(status)},
             content_type=MERGE_PATCH,
             missing_ok=True,
+            decode=False,
         )
 
     async def post_event(
@@ -483,7 +608,11 @@ class KubernetesClient:
             "count": 1,
         }
         await self._call(
-            f"post event {reason}", "POST", f"/api/v1/namespaces/{namespace}/events", body=body
+            f"post event {reason}",
+            "POST",
+            f"/api/v1/namespaces/{namespace}/events",
+            body=body,
+            decode=False,
         )
 
     async def peering_status(self, name: str, namespace: str | None) -> dict[str, Any]:
@@ -546,13 +675,16 @@ class KubernetesClient:
             body={"data": dict(changes)},
             content_type=MERGE_PATCH,
             missing_ok=True,
+            decode=False,
         )
         if patched is not None:
             return
         data = {k: v for k, v in changes.items() if v is not None}
         body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
         try:
-            await self._call(f"create ConfigMap {namespace}/{name}", "POST", path, body=body)
+            await self._call(
+                f"create ConfigMap {namespace}/{name}", "POST", path, body=body, decode=False
+            )
         except ReconcileError:
             # Created meanwhile (another replica, 409): patch that one; else the create's error.
             again = await self._call(
@@ -562,6 +694,7 @@ class KubernetesClient:
                 body={"data": dict(changes)},
                 content_type=MERGE_PATCH,
                 missing_ok=True,
+                decode=False,
             )
             if again is None:
                 raise
@@ -574,6 +707,7 @@ class KubernetesClient:
             body={"status": dict(status)},
             content_type=MERGE_PATCH,
             missing_ok=True,
+            decode=False,
         )
 
     async def apply_crd(self, manifest: Mapping[str, Any]) -> None:

@@ -33,7 +33,7 @@ from swi_operator.config import Config
 from swi_operator.drift import DriftLoop, PeeringGate
 from swi_operator.errors import ARM, GRAPH
 from swi_operator.events import EventRecorder
-from swi_operator.kube import KubeClient, KubernetesClient
+from swi_operator.kube import KubeClient, KubernetesClient, WorkloadCaches
 from swi_operator.ledger import ConfigMapLedgerStore, Ledger
 from swi_operator.locks import KeyedLocks, SharedSlots
 from swi_operator.metrics import TrackedSlots
@@ -208,7 +208,13 @@ class Runtime:
             identity_write_rate=config.arm_identity_write_rate,
         )
         kube_api = build_kube_api()
-        kube = KubernetesClient(kube_api)
+        # Workloads and pods from watch-fed caches (kube.WorkloadCaches), on a client of their own
+        # (six watches hold their connections); only when serving every namespace, which is
+        # what cluster-wide list and watch are granted for.
+        caches = None if config.namespaces else WorkloadCaches(build_kube_api())
+        if caches is not None:
+            caches.start()
+        kube = KubernetesClient(kube_api, caches=caches)
         database = OdbcDatabase(
             credential,
             config.client_id,
@@ -316,4 +322,6 @@ class Runtime:
             await self._exchange.close()
         with contextlib.suppress(Exception):
             await self._credential.close()
+        if self.kube.caches is not None:
+            await asyncio.to_thread(self.kube.caches.stop)
         self._kube_api.close()  # type: ignore[no-untyped-call]

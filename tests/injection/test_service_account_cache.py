@@ -14,11 +14,8 @@ from typing import Any
 
 import pytest
 from deploy_harness import wait_for  # type: ignore[import-not-found]
-from swi_operator.service_account_cache import (
-    ResourceVersionExpired,
-    ServiceAccountCache,
-    slim,
-)
+from swi_operator.service_account_cache import ServiceAccountCache, slim
+from swi_operator.watch_cache import ResourceVersionExpired
 
 CLIENT_ID = "5e0c1d9a-7b3f-4c2e-9a1d-000000000002"
 OTHER_ID = "5e0c1d9a-7b3f-4c2e-9a1d-000000000003"
@@ -61,8 +58,7 @@ def test_only_accounts_with_a_client_id_are_kept_and_only_their_azure_annotation
 
 
 def test_an_expired_watch_lists_again_and_an_error_event_raises() -> None:
-    cache = ServiceAccountCache.__new__(ServiceAccountCache)
-    cache._entries = {}
+    cache = ServiceAccountCache(None)  # type: ignore[arg-type]
     with pytest.raises(ResourceVersionExpired):
         cache._apply({"type": "ERROR", "object": {"code": 410, "message": "too old"}}, "1")
     with pytest.raises(RuntimeError, match="watch error 500"):

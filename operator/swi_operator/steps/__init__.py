@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from swi_operator.cloud import ResolvedIdentity
 from swi_operator.conditions import Condition, Status
 from swi_operator.errors import TransientError
+from swi_operator.kube import ServiceAccount
 from swi_operator.spec import Spec
 
 EventType = Literal["Normal", "Warning"]
@@ -58,6 +59,10 @@ class Context:
     events: list[Event] = field(default_factory=list)
     # Set by the policy gate: the policies allow database work where DDL triggers exist.
     allow_ddl_triggers: bool = False
+    # The service account as the federated credential step read it in this pass (None: it does
+    # not exist), so that the service account step does not read it again; unset: not read yet.
+    service_account: ServiceAccount | None = None
+    service_account_read: bool = False
 
     def record(self, reason: str, message: str, type_: EventType = "Normal") -> None:
         self.events.append(Event(type_, reason, message))

@@ -129,6 +129,7 @@ class FederatedCredentialStep:
                 f"of tenant {ctx.operator_tenant} only",
             )
         sa = await self._kube.get_service_account(res.namespace, ctx.spec.service_account_name)
+        ctx.service_account, ctx.service_account_read = sa, True  # for the next step
         await ensure_not_claimed(self._kube, sa, res)
         identity = ctx.identity = await self._store.resolve(ref)
         if identity.client_id.lower() == self._operator_client_id:

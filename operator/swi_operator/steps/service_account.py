@@ -55,7 +55,10 @@ class ServiceAccountStep:
         identity = ctx.require_identity()
         ns, name, me = ctx.resource.namespace, ctx.spec.service_account_name, ctx.resource
         desired = {CLIENT_ID: identity.client_id, TENANT_ID: identity.tenant_id}
-        sa = await self._kube.get_service_account(ns, name)
+        # Read a moment ago by the federated credential step of this pass; a write in between
+        # makes the create or patch below fail or miss, and the next pass sees it.
+        read = ctx.service_account_read
+        sa = ctx.service_account if read else await self._kube.get_service_account(ns, name)
         if sa is None:
             await self._kube.create_service_account(
                 ns,
@@ -76,7 +79,9 @@ class ServiceAccountStep:
             self._refuse_foreign_values(sa, desired)
             patch = self._annotations_patch(sa, desired, me)
             if patch:
-                await self._kube.patch_service_account(ns, name, patch)
+                # Only on the version this patch was made from: another resource may have claimed
+                # the account since (a 409, retried, then ensure_not_claimed refuses).
+                await self._kube.patch_service_account(ns, name, patch, sa.resource_version)
                 changed = sorted(k for k in patch if k in desired) or ["its ownership record"]
                 ctx.record(
                     "ServiceAccountAnnotated", f"set {', '.join(changed)} on service account {name}"

@@ -22,6 +22,10 @@ a tenant writes decides what the operator removes, and a label alone grants noth
 service account's annotation is gone). Jobs run by a CronJob follow its template; a running Job's
 template is immutable, which the condition reports.
 
+Workloads and pods are read from watch-fed caches (``kube.WorkloadCaches``), milliseconds
+behind the API server; a resource whose service account no cached workload runs as, and a
+deletion, read live.
+
 The condition tells the truth about pods, from the namespace's one pod list per cycle: an active
 pod of the service account that the selector covers and that has no injected token, older than
 the rollout grace (``--pod-token-grace``, counted from the pod's creation or the last time this
@@ -120,6 +124,10 @@ class WorkloadsStep:
         ns, me, sa = ctx.resource.namespace, ctx.resource.name, ctx.spec.service_account_name
         now = self._clock()
         workloads = await self._kube.list_workloads(ns)
+        if not any(_runs_as(ctx, w) for w in workloads):
+            # The caches are milliseconds behind: a workload created just before its resource
+            # may not be in them yet. Before saying "no workloads", ask the API server.
+            workloads = await self._kube.list_workloads(ns, live=True)
         of_account = [w for w in workloads if _runs_as(ctx, w)]
         matched = [w for w in of_account if selected(ctx.spec, sa, w.template_labels)]
         refused: list[tuple[str, str]] = []  # (workload, why)
@@ -250,6 +258,7 @@ class WorkloadsStep:
         ctx.record("WorkloadUnlabelled", f"removed the workload identity label from {workload.ref}")
 
     async def finalize(self, ctx: Context) -> None:
-        for workload in await self._kube.list_workloads(ctx.resource.namespace):
+        # Live: a label this resource set a moment ago must not be missed on the way out.
+        for workload in await self._kube.list_workloads(ctx.resource.namespace, live=True):
             if workload.annotations.get(LABELLED_BY) == ctx.resource.name:
                 await self._unlabel(ctx, workload)

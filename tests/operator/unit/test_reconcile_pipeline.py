@@ -339,6 +339,22 @@ async def test_workloads_running_as_the_account_are_labelled(pipeline, kube):
     assert ready.reason == "WorkloadsLabelled" and "api-1" in ready.message
 
 
+async def test_a_workload_the_cache_has_not_seen_yet_is_found_by_a_live_list(pipeline, kube):
+    kube.add_workload(NS, "Deployment", "api", SA)
+    kube.add_workload(NS, "Deployment", "unrelated", "default")
+    kube.not_cached_yet.add((NS, "Deployment", "api"))  # created a moment before its resource
+
+    outcome = await pipeline.reconcile(resource())
+
+    assert kube.workload_lists == ["cached", "live"]
+    assert kube.template_labels(NS, "Deployment", "api")[USE_LABEL] == "true"
+    assert condition(outcome, "WorkloadsReady").reason == "WorkloadsLabelled"
+    kube.workload_lists.clear()
+    kube.not_cached_yet.clear()
+    await pipeline.reconcile(resource())
+    assert kube.workload_lists == ["cached"]  # found in the cache: no live list
+
+
 async def test_selector_narrows_workloads_and_unlabels_those_left_out(pipeline, kube):
     kube.add_workload(NS, "Deployment", "api", SA, template_labels={"app": "customer-api"})
     kube.add_workload(NS, "Deployment", "worker", SA, template_labels={"app": "worker"})
