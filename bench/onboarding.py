@@ -280,6 +280,10 @@ def summary(results: dict[str, Any]) -> str:
                 op["throttled"],
                 f"{op['api_requests'] / n:.1f}",
                 _fmt(op["operator_cpu_s"]),
+                _fmt(op["cpu_s"].get("controlplane")),
+                _fmt(op["operator_cpu_s"] / control, 2)
+                if (control := op["cpu_s"].get("controlplane"))
+                else "-",
                 f"{op['operator_rss_idle_mib']:.0f} -> {op['operator_rss_mib']:.0f}",
             ]
         )
@@ -296,6 +300,8 @@ def summary(results: dict[str, Any]) -> str:
             "429s",
             "API requests / resource",
             "operator CPU s",
+            "control plane CPU s",
+            "operator / control plane CPU",
             "RSS MiB idle -> after",
         ],
         rows,
