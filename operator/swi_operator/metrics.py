@@ -99,8 +99,9 @@ WEBHOOK_DURATION = Histogram(
 )
 SERVICE_ACCOUNT_READS = Counter(
     "swi_webhook_service_account_reads",
-    "service accounts the pod injection webhook read, by source: cache (its watch-fed cache) or "
-    "api (a live GET: a miss, an account without the client id, or a cache not following)",
+    "service accounts the pod injection webhook read, by source: cache (its watch-fed cache), "
+    "api (a live GET: a miss, an account without the client id, or a cache not following), "
+    "cache_after_401 (the live GET refused this replica's own token: the cache's view used)",
     ["source"],
 )
 DRIFT_CYCLE_DURATION = Histogram(

@@ -949,7 +949,19 @@ class WebhookState:
                 metrics.SERVICE_ACCOUNT_READS.labels("cache").inc()
                 return cached
         metrics.SERVICE_ACCOUNT_READS.labels("api").inc()
-        return await asyncio.to_thread(self.read_service_account, namespace, name)
+        try:
+            return await asyncio.to_thread(self.read_service_account, namespace, name)
+        except ApiException as exc:
+            cache = self.service_accounts
+            if exc.status != 401 or cache is None or not cache.fresh:
+                raise
+            # Our own token refused: this replica's pod was deleted (with --force its token is
+            # void at once) while the Service still routes admissions to it for a moment. The
+            # cache's watch, authenticated before, still follows the API server and holds no
+            # client id for the account: answer as for an account without one, rather than
+            # refuse the pod (failurePolicy Fail).
+            metrics.SERVICE_ACCOUNT_READS.labels("cache_after_401").inc()
+            return {"metadata": {"name": name, "namespace": namespace, "annotations": {}}}
 
     def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The service account's metadata as ``plan`` reads it; None when it does not exist."""

@@ -226,3 +226,35 @@ async def test_the_webhook_reads_the_cache_first_and_counts_where_it_read() -> N
     assert await state.find_service_account("ns", "other") is None
     assert live == [("ns", "other")]
     assert (reads("cache") - cache_before, reads("api") - api_before) == (1, 1)
+
+
+async def test_a_refused_own_token_falls_back_to_the_following_cache_only() -> None:
+    """A replica whose pod was force-deleted still serves admissions for a moment, and the API
+    server refuses its token: the cache's view answers (no client id held), not a refusal."""
+    from kubernetes.client.exceptions import ApiException
+    from swi_operator.webhooks import WebhookSettings, WebhookState
+
+    class Cache:
+        fresh = True
+
+        def lookup(self, namespace: str, name: str) -> dict[str, Any] | None:
+            return None
+
+    status = [401]
+
+    def refused(namespace: str, name: str) -> dict[str, Any] | None:
+        raise ApiException(status=status[0], reason="refused")
+
+    state = WebhookState(WebhookSettings(), api=None)  # type: ignore[arg-type]
+    state.service_accounts = Cache()  # type: ignore[assignment]
+    state.read_service_account = refused  # type: ignore[method-assign]
+    assert await state.find_service_account("ns", "probe") == {
+        "metadata": {"name": "probe", "namespace": "ns", "annotations": {}}
+    }
+    status[0] = 403  # any other refusal is the API server's answer, not a void token
+    with pytest.raises(ApiException):
+        await state.find_service_account("ns", "probe")
+    status[0] = 401
+    Cache.fresh = False  # a cache not following has no view to offer
+    with pytest.raises(ApiException):
+        await state.find_service_account("ns", "probe")
