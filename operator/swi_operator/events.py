@@ -78,8 +78,6 @@ class EventRecorder:
             "uid": str(meta.get("uid", "")),
         }
         for event in fold([e for e in events if self._wanted(e)], folded):
-            if not self._wanted(event):
-                continue
             try:
                 await self._kube.post_event(
                     involved,

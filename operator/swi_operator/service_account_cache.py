@@ -73,13 +73,9 @@ def slim(service_account: Mapping[str, Any]) -> dict[str, Any] | None:
 
 class ServiceAccountCache(WatchCache[dict[str, Any]]):
     def __init__(self, api: ApiClient, watch_timeout_s: int = WATCH_TIMEOUT_S) -> None:
-        self._core = k8s.CoreV1Api(api)
+        core = k8s.CoreV1Api(api)
         super().__init__(
-            # late-bound: the list goes to whatever ``_core`` is when the thread runs
-            lambda **kwargs: self._core.list_service_account_for_all_namespaces(**kwargs),  # noqa: PLW0108
-            slim,
-            "service account",
-            watch_timeout_s,
+            core.list_service_account_for_all_namespaces, slim, "service account", watch_timeout_s
         )
 
     def lookup(self, namespace: str, name: str) -> dict[str, Any] | None:

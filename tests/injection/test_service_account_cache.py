@@ -86,7 +86,7 @@ def test_a_refused_watch_backs_off_although_the_list_works() -> None:
             return Answer()
 
     cache = ServiceAccountCache(None)  # type: ignore[arg-type]
-    cache._core = Core()  # type: ignore[assignment]
+    cache._lister = Core().list_service_account_for_all_namespaces
     waits: list[float] = []
 
     def wait(seconds: float) -> bool:
