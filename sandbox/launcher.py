@@ -287,6 +287,7 @@ _EXPORTED_PREFIXES = ("AZURE_", "AZ_", "SANDBOX_")
 _EXPORTED_NAMES = frozenset(
     {
         "KUBECONFIG",
+        "KUBECACHEDIR",
         "SSL_CERT_FILE",
         "REQUESTS_CA_BUNDLE",
         "ODBCSYSINI",
@@ -470,6 +471,10 @@ def environment(state_dir: Path) -> dict[str, str]:
             continue
         if comp is CONTROLPLANE:
             env["KUBECONFIG"] = str(running.info.get("kubeconfig", ""))
+            # kubectl's discovery cache is keyed by host and port and kept for hours: a later
+            # sandbox on a reused port would be read through the last one's resource list
+            # ("the server doesn't have a resource type swi"). Each sandbox has its own.
+            env["KUBECACHEDIR"] = str(state_dir / "kube-cache")
             env["SANDBOX_ISSUER"] = str(running.info.get("issuer", ""))
             env["PATH"] = f"{controlplane_bin_dir()}:{os.environ.get('PATH', '')}"
         extra = running.info.get("env")

@@ -69,6 +69,14 @@ def crds(sandbox: Any) -> None:
         check=True,
         capture_output=True,
     )
+    # The apply above cached the API's resource types from before the CRDs (kubectl keeps its
+    # discovery for hours); `kubectl explain swi` would not know the short name. api-resources
+    # always reads discovery afresh and rewrites the cache.
+    subprocess.run(
+        [str(sandbox.kubectl), "api-resources", f"--api-group={GROUP}"],
+        check=True,
+        capture_output=True,
+    )
 
 
 @pytest.fixture
