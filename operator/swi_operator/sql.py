@@ -129,8 +129,8 @@ class Database(Protocol):
     ) -> None: ...
 
     async def probe(self, target: SqlTarget, access_token: str, read_table: bool) -> str:
-        """Log in with ``access_token``, ``SELECT 1``, and with ``read_table`` the column metadata
-        of a dbo table (a SELECT permission check that reads no row). The user's name, or
+        """Log in with ``access_token``, ``SELECT USER_NAME()``, and with ``read_table`` the column
+        metadata of a dbo table (a SELECT permission check that reads no row). The user's name, or
         ``SqlFailed``; transient failures leave as ``TransientError``."""
         ...
 
@@ -190,8 +190,12 @@ PRINCIPALS_SQL = (
     "LEFT JOIN sys.database_principals AS r ON r.principal_id = m.role_principal_id "
     "WHERE p.name = ? OR p.sid = ?"
 )
-# A table for the probe's read check: dbo's first, by name (schema_id 1 is dbo).
-PROBE_TABLE_SQL = "SELECT TOP (1) name FROM sys.tables WHERE schema_id = 1 ORDER BY name"
+# The probe's query; with the read check, also the table it reads: dbo's first by name that the
+# user can see (schema_id 1 is dbo).
+PROBE_SQL = "SELECT USER_NAME()"
+PROBE_READ_SQL = (
+    "SELECT USER_NAME(), (SELECT TOP (1) name FROM sys.tables WHERE schema_id = 1 ORDER BY name)"
+)
 
 
 DDL_TRIGGERS_SQL = "SELECT name FROM sys.triggers WHERE parent_class = 0 ORDER BY name"
@@ -429,13 +433,12 @@ class OdbcDatabase:
                 except WorkloadError as exc:
                     raise SqlFailed(failure_of(exc), "login") from exc
                 try:
-                    client.query("SELECT 1")
-                    user = str(client.query("SELECT USER_NAME()").rows[0][0])
-                    if read_table:
-                        tables = client.query(PROBE_TABLE_SQL).rows
-                        if tables:
-                            table = quote_name(str(tables[0][0]))
-                            client.query(f"SELECT TOP (0) * FROM [dbo].{table}")
+                    # One round trip for the name and the table to read (issue 23: four queries
+                    # per probe were a sixth of the operator's SQL calls while onboarding).
+                    row = client.query(PROBE_READ_SQL if read_table else PROBE_SQL).rows[0]
+                    user = str(row[0])
+                    if read_table and row[1] is not None:
+                        client.query(f"SELECT TOP (0) * FROM [dbo].{quote_name(str(row[1]))}")
                 except WorkloadError as exc:
                     raise SqlFailed(failure_of(exc), "query") from exc
                 return user

@@ -5,9 +5,9 @@ The probe, after every other step has done its part:
 1. a TokenRequest for the service account with ``spec.audience`` (the token the kubelet projects);
 2. the token exchange at Entra for the identity (what azure-identity does in the pod), for Azure
    SQL's scope;
-3. with ``spec.sql``: a login to the database as the identity and ``SELECT 1``; when the roles
-   include db_datareader, also a SELECT permission check on a dbo table (``SELECT TOP (0) *``:
-   column metadata, no rows).
+3. with ``spec.sql``: a login to the database as the identity and ``SELECT USER_NAME()``; when
+   the roles include db_datareader, also a SELECT permission check on a dbo table
+   (``SELECT TOP (0) *``: column metadata, no rows).
 
 Each failure has a reason a person can act on, its message carrying Entra's AADSTS text or SQL's:
 ``Propagating`` (AADSTS70021 for a credential written less than ``--propagation-timeout`` ago:
@@ -176,7 +176,7 @@ class VerificationStep:
         return StepResult(
             "True",
             VERIFIED,
-            f"{exchanged}, which logged in to {target.display} as {user}, ran SELECT 1{read}",
+            f"{exchanged}, which logged in to {target.display} as {user}, ran a query{read}",
             _fields(ctx, record),
         )
 
