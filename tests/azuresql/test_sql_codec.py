@@ -214,6 +214,26 @@ def test_engine_seed_and_permissions(tmp_path: Path) -> None:
     reader.close()
 
 
+def test_result_types_follow_the_table_when_it_is_recreated(tmp_path: Path) -> None:
+    """Result column types are remembered by statement text and the columns read: the same
+    SELECT over a table dropped and created again with other types gets the new ones."""
+    database = Database("s", "db", tmp_path / "db.sqlite", tenant="t")
+    database.create("CREATE TABLE T (a BIT, b INT);", [])
+    admin = database.open(DbUser(1, "dbo", True))
+
+    def types() -> list[str]:
+        [done] = admin.execute("SELECT a, b FROM dbo.T")
+        assert isinstance(done, StatementDone) and done.result is not None
+        return [c.sql_type.sql_name() for c in done.result.columns]
+
+    assert types() == ["bit", "int"]
+    assert types() == ["bit", "int"]  # remembered
+    admin.execute("DROP TABLE T")
+    admin.execute("CREATE TABLE T (a NVARCHAR(7), b BIGINT)")
+    assert types() == ["nvarchar(7)", "bigint"]
+    admin.close()
+
+
 def test_drop_table(tmp_path: Path) -> None:
     database = Database("s", "db", tmp_path / "db.sqlite", tenant="t")
     database.create("CREATE TABLE A (id INT); CREATE TABLE B (id INT);", [])
