@@ -175,15 +175,42 @@ def parse_policy(body: Mapping[str, Any]) -> Policy:
     )
 
 
-def parse_policies(bodies: Sequence[Mapping[str, Any]]) -> ParsedPolicies:
+def parse_policies(
+    bodies: Sequence[Mapping[str, Any]], memo: PolicyMemo | None = None
+) -> ParsedPolicies:
+    """Every policy parsed; with ``memo``, a policy parsed before at the same uid and generation
+    is not parsed again (the list is read again after every policy's status write, and parsing
+    every policy for every read was a thirtieth of the operator's CPU while onboarding)."""
     valid: list[Policy] = []
     invalid: dict[str, SpecError] = {}
+    seen: dict[tuple[str, int], Policy | SpecError] = {}
     for body in bodies:
-        try:
-            valid.append(parse_policy(body))
-        except SpecError as err:
-            invalid[str((body.get("metadata") or {}).get("name", ""))] = err
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
+        parsed = memo.known.get(key) if memo is not None and key[0] else None
+        if parsed is None:
+            try:
+                parsed = parse_policy(body)
+            except SpecError as err:
+                parsed = err
+        if key[0]:
+            seen[key] = parsed
+        if isinstance(parsed, SpecError):
+            invalid[str(meta.get("name", ""))] = parsed
+        else:
+            valid.append(parsed)
+    if memo is not None:
+        memo.known = seen  # policies deleted or changed since are forgotten
     return ParsedPolicies(tuple(valid), invalid)
+
+
+@dataclass
+class PolicyMemo:
+    """What ``parse_policies`` made of each policy, by uid and ``metadata.generation`` (which
+    the API server raises on every change of the spec; name and generation are all of the
+    metadata a parse reads)."""
+
+    known: dict[tuple[str, int], Policy | SpecError] = field(default_factory=dict)
 
 
 def _policy_identity(raw: object, problems: list[tuple[str, str]]) -> IdentityRef | None:

@@ -23,6 +23,7 @@ from swi_operator.errors import NotAuthorizedError, PermanentError, Reason
 from swi_operator.policy import (
     Decision,
     ParsedPolicies,
+    PolicyMemo,
     authorize,
     needs_namespace_labels,
     parse_policies,
@@ -53,6 +54,7 @@ class KubePolicySource:
         self._require = require_policy
         self._ttl = ttl
         self._cached: tuple[float, ParsedPolicies] | None = None
+        self._memo = PolicyMemo()
         self._lock = asyncio.Lock()
 
     def invalidate(self) -> None:
@@ -71,7 +73,7 @@ class KubePolicySource:
                             "is on: install it and create a policy for this resource",
                         )
                     listed = []
-                self._cached = (now, parse_policies(listed))
+                self._cached = (now, parse_policies(listed, self._memo))
             return self._cached[1]
 
     async def namespace_labels(self, namespace: str) -> Mapping[str, str]:

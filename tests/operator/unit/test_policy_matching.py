@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from swi_operator.policy import (
     DEFAULT_ROLES,
     Policy,
+    PolicyMemo,
     ServerKey,
     authorize,
     parse_policies,
@@ -227,6 +228,28 @@ def test_an_invalid_policy_grants_nothing() -> None:
     )
     assert [p.name for p in parsed.valid] == ["good"] and set(parsed.invalid) == {"bad"}
     assert not authorize(APP_REF, None, "team-b", {}, parsed.valid).allowed
+
+
+def test_a_memo_parses_each_policy_once_per_generation() -> None:
+    def body(name: str, uid: str, generation: int, names: list[str]) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name, "uid": uid, "generation": generation},
+            "spec": {"identity": {"applicationClientId": APP}, "namespaces": {"names": names}},
+        }
+
+    bad = {"metadata": {"name": "bad", "uid": "u-bad", "generation": 1}, "spec": {}}
+    memo = PolicyMemo()
+    first = parse_policies([body("a", "u-a", 1, ["team-a"]), bad], memo)
+    again = parse_policies([body("a", "u-a", 1, ["team-a"]), bad], memo)
+    assert again.valid[0] is first.valid[0]  # not parsed again
+    assert again.invalid["bad"] is first.invalid["bad"]
+    # A status write leaves the generation; a spec change raises it and is parsed afresh.
+    changed = parse_policies([body("a", "u-a", 2, ["team-b"])], memo)
+    assert changed.valid[0].namespaces.names == frozenset({"team-b"})
+    assert set(memo.known) == {("u-a", 2)}  # the deleted and the older ones are forgotten
+    # Deleted and created again under the same name: another uid, parsed afresh.
+    recreated = parse_policies([body("a", "u-a2", 1, ["team-c"])], memo)
+    assert recreated.valid[0].namespaces.names == frozenset({"team-c"})
 
 
 def test_server_keys() -> None:
