@@ -38,6 +38,7 @@ from swi_operator.events import CLEANED_UP
 from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION, in_cluster_server
 from swi_operator.metrics import MetricsServer
 from swi_operator.naming import OPERATOR_NAME
+from swi_operator.policy_review import admission_changed
 from swi_operator.runtime import FINALIZER, Runtime
 from swi_operator.steps import Event
 
@@ -195,17 +196,23 @@ async def reconcile(
             outcome = await state.pipeline.reconcile(body)
         if outcome.changed:  # a resume pass over a settled fleet writes nothing (bench/fleet.py)
             patch.status.update(outcome.status)
+            if admission_changed(body.status, outcome.status):
+                state.policy_review.recount()
         await state.events.post(body, outcome.events)
     if outcome.retry is not None:
         raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
 
 
 @kopf.on.event(GROUP, VERSION, POLICY_PLURAL, id="policy-changed")
-async def policy_changed(memo: kopf.Memo, **_: Any) -> None:
+async def policy_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A policy created, deleted or its spec changed; not the review's own status writes."""
+    if "runtime" not in memo:
+        return
     state = _runtime(memo)
-    state.policies.invalidate()
-    state.policy_review.changed()
-    state.sweep.changed()
+    if state.policy_specs.changed(event):
+        state.policies.invalidate()
+        state.policy_review.changed()
+        state.sweep.changed()
 
 
 @kopf.on.event("", "v1", "namespaces", id="namespace-labels")
@@ -223,6 +230,7 @@ async def resource_gone(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
     """A resource left the API (with or without our finalizer): sweep what it may have left."""
     if event.get("type") == "DELETED":
         _runtime(memo).sweep.changed()
+        _runtime(memo).policy_review.recount()
 
 
 @kopf.on.delete(*RESOURCE, id="finalize")

@@ -2,7 +2,9 @@
 
 Policies change after admission. The pipeline's gate re-checks every resource at each reconcile
 and drift check, but the drift interval can be minutes; so whenever kopf reports a policy change
-(``changed``), and once per drift interval regardless, ``review``:
+(``changed``: created, deleted, a new spec generation, as ``PolicySpecs`` tells; a namespace's
+labels), when resources were admitted or left (``recount``, at most every ``RECOUNT_MIN_S``), and
+once per drift interval regardless, ``review``:
 
 1. lists the policies and the served SqlWorkloadIdentities, and decides each resource with the same
    ``policy.authorize`` the gate uses (reading each Namespace at most once, and only if a policy
@@ -29,11 +31,13 @@ from swi_operator import conditions
 from swi_operator.drift import DriftLoop, PeeringGate
 from swi_operator.errors import Reason
 from swi_operator.periodic import DebouncedTask
-from swi_operator.policy import authorize, needs_namespace_labels, parse_policies
+from swi_operator.policy import PolicyMemo, authorize, needs_namespace_labels, parse_policies
 from swi_operator.spec import SpecError, parse_spec
 from swi_operator.steps.authorization import AuthorizationStep
 
 log = logging.getLogger(__name__)
+
+RECOUNT_MIN_S = 10.0  # the policies' counts may lag the fleet by this much (PolicyReview.recount)
 
 
 class PolicyKube(Protocol):
@@ -70,6 +74,10 @@ def policy_conditions(
 
 
 class PolicyReview(DebouncedTask):
+    """``changed()`` runs it soon (a policy's spec, a namespace's labels: revocation must be
+    prompt); ``recount()`` (a resource admitted or gone) at most every ``RECOUNT_MIN_S``, since
+    each run lists the fleet and only the policies' counts wait for it."""
+
     what = "policy review"
 
     def __init__(
@@ -86,18 +94,34 @@ class PolicyReview(DebouncedTask):
         self._kube = kube
         self._drift = drift
         self._require = require_policy
+        self._memo = PolicyMemo()
+        self._last_run = -RECOUNT_MIN_S
+        self._recount: asyncio.TimerHandle | None = None
+
+    def recount(self) -> None:
+        """A resource was admitted, refused or deleted: refresh the policies' counts soon."""
+        if self._recount is not None:
+            return  # one is due already
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._last_run + RECOUNT_MIN_S - loop.time())
+        self._recount = loop.call_later(delay, self._recount_due)
+
+    def _recount_due(self) -> None:
+        self._recount = None
+        self.changed()
 
     async def once(self) -> None:
         await self.review()
 
     async def review(self) -> None:
+        self._last_run = asyncio.get_running_loop().time()
         served = await self._served()
         if served is None:
             return
         listed = await self._kube.list_policies()
         if listed is None:
             return  # no CRD: nothing to report; the gate says so on each resource
-        parsed = parse_policies(listed)
+        parsed = parse_policies(listed, self._memo)
         admitted: Counter[str] = Counter()
         flipped: list[Mapping[str, Any]] = []
         labels: dict[str, Mapping[str, str]] = {}
@@ -146,6 +170,41 @@ class PolicyReview(DebouncedTask):
             }
             if any(current.get(key) != value for key, value in status.items()):
                 await self._kube.patch_policy_status(name, status)
+
+
+def admission_changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    """Whether a reconcile's status (``after``) changed the resource's ``Authorized`` condition
+    (what the policies' counts are made of) from ``before``."""
+    new = conditions.find(after.get("conditions") or [], AuthorizationStep.condition)
+    if new is None:
+        return False
+    old = conditions.find(before.get("conditions") or [], AuthorizationStep.condition)
+    return old is None or old.is_true != new.is_true
+
+
+class PolicySpecs:
+    """Which SqlIdentityPolicy events change what the policies decide: a policy seen for the
+    first time, one deleted, or a new ``metadata.generation`` (the API server raises it on every
+    spec change). The review's own status writes come back as events too; following those made
+    every write start another review, listing the whole fleet again, in a loop for as long as the
+    counts moved (22 full lists of 1000 resources while onboarding them)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, object] = {}
+
+    def changed(self, event: Mapping[str, Any]) -> bool:
+        obj = event.get("object")
+        meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+        if not isinstance(meta, Mapping):
+            return True
+        uid = str(meta.get("uid") or meta.get("name") or "")
+        if event.get("type") == "DELETED":
+            self._seen.pop(uid, None)
+            return True
+        generation = (meta.get("generation"), meta.get("deletionTimestamp"))
+        before = self._seen.get(uid)
+        self._seen[uid] = generation
+        return before != generation
 
 
 class NamespaceLabels:

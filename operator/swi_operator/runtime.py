@@ -39,7 +39,7 @@ from swi_operator.locks import KeyedLocks, SharedSlots
 from swi_operator.metrics import TrackedSlots
 from swi_operator.peers import Drain
 from swi_operator.pipeline import Pipeline
-from swi_operator.policy_review import NamespaceLabels, PolicyReview
+from swi_operator.policy_review import NamespaceLabels, PolicyReview, PolicySpecs
 from swi_operator.sql import Database, OdbcDatabase
 from swi_operator.steps import Step
 from swi_operator.steps.authorization import AuthorizationStep, KubePolicySource
@@ -184,6 +184,8 @@ class Runtime:
     drain: Drain
     # Namespace labels as the watch last saw them (handlers.namespace_labels_changed).
     namespace_labels: NamespaceLabels = dataclasses.field(default_factory=NamespaceLabels)
+    # Policy generations as the watch last saw them (handlers.policy_changed).
+    policy_specs: PolicySpecs = dataclasses.field(default_factory=PolicySpecs)
 
     @classmethod
     def start(

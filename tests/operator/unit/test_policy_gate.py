@@ -5,6 +5,7 @@ is taken back, and what each says."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -396,3 +397,65 @@ def test_a_namespace_label_change_is_told_from_the_watchs_first_listing() -> Non
     assert not watch.changed(event("DELETED", None))
     assert not watch.changed(event("ADDED", {"team": "c"}))  # re-created: first sight again
     assert not watch.changed({"type": "MODIFIED", "object": None})
+
+
+def test_only_a_policys_spec_creation_or_deletion_is_a_change() -> None:
+    """The review's own status writes come back as events: they must not start another review."""
+    from swi_operator.policy_review import PolicySpecs
+
+    def event(kind: str, generation: int, uid: str = "u1", **meta: Any) -> dict[str, Any]:
+        body = {"metadata": {"name": "demo", "uid": uid, "generation": generation, **meta}}
+        return {"type": kind, "object": {**body, "status": {"admitted": generation}}}
+
+    specs = PolicySpecs()
+    assert specs.changed(event("ADDED", 1))  # first sight (also the watch's first listing)
+    assert not specs.changed(event("MODIFIED", 1))  # its status written
+    assert specs.changed(event("MODIFIED", 2))  # its spec changed
+    assert specs.changed(event("MODIFIED", 2, deletionTimestamp="2026-12-04T00:00:00Z"))
+    assert specs.changed(event("DELETED", 2))
+    assert specs.changed(event("ADDED", 1, uid="u2"))  # re-created under the same name
+    assert specs.changed({"type": "MODIFIED", "object": None})  # unreadable: review anyway
+
+
+def test_admission_changed_only_when_authorized_flips() -> None:
+    from swi_operator.policy_review import admission_changed
+
+    allowed = with_authorized({}, "True")["status"]
+    refused = with_authorized({}, "False")["status"]
+    assert admission_changed({}, allowed)  # its first decision
+    assert admission_changed(allowed, refused) and admission_changed(refused, allowed)
+    assert not admission_changed(allowed, allowed)
+    assert not admission_changed(allowed, {"conditions": []})  # not decided in this pass
+
+
+async def test_recounts_run_at_most_every_recount_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from swi_operator import periodic, policy_review
+
+    monkeypatch.setattr(policy_review, "RECOUNT_MIN_S", 0.3)
+    runs: list[float] = []
+    review = PolicyReview(
+        SimpleNamespace(),
+        RecordingDrift(),
+        AlwaysActive(),
+        namespaces=(),
+        require_policy=True,
+        interval=3600,
+    )  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+
+    async def fake_review() -> None:
+        review._last_run = loop.time()
+        runs.append(loop.time())
+
+    review.review = fake_review  # type: ignore[method-assign]
+    monkeypatch.setattr(periodic, "DEBOUNCE_S", 0.0)
+    task = asyncio.create_task(review.run())
+    try:
+        for _ in range(20):  # a burst of resources admitted over 0.6 s
+            review.recount()
+            await asyncio.sleep(0.03)
+        await asyncio.sleep(0.5)
+    finally:
+        task.cancel()
+    assert 2 <= len(runs) <= 4, runs  # not one per resource
+    assert all(b - a >= 0.29 for a, b in itertools.pairwise(runs)), runs
