@@ -6,6 +6,7 @@ Typical use::
     eval "$(python -m sandbox env)"  # KUBECONFIG, SANDBOX_CA, Azure endpoints, PATH with kubectl
     kubectl get ns
     python -m sandbox ctl entra latency 'graph.*' 0.1   # test controls of the emulators
+    python -m sandbox --state-dir .sandbox-b up --cloud-of .sandbox   # a second cluster
     python -m sandbox down
 
 Every failure prints one line starting with ``error:`` that says what to do, and exits 2.
@@ -49,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
         "--no-node",
         action="store_true",
         help="without the node (containerd, kubelet, kube-proxy; needs root): pods stay Pending",
+    )
+    up.add_argument(
+        "--cloud-of",
+        type=Path,
+        metavar="DIR",
+        help="a second cluster: a control plane of its own in --state-dir, with the Entra and "
+        "SQL emulators of the sandbox in DIR (which must be up); no node",
     )
     up.add_argument(
         "--timeout",
@@ -131,12 +139,18 @@ def _run(args: argparse.Namespace, state_dir: Path) -> int:
         install.install(state_dir)
         return 0
     if args.command == "up":
-        comps = [
-            c
-            for c in launcher.available_components()
-            if (not args.only or c.name in args.only)
-            and not (args.no_node and c in launcher.NODE_COMPONENTS)
-        ]
+        if args.cloud_of is not None:
+            launcher.attach(state_dir, args.cloud_of)
+        if args.only and launcher.cloud_of(state_dir) is not None:
+            # What a second cluster cannot run is refused by `up`, not silently left out.
+            comps = [c for c in launcher.ALL_COMPONENTS if c.name in args.only]
+        else:
+            comps = [
+                c
+                for c in launcher.components_of(state_dir)
+                if (not args.only or c.name in args.only)
+                and not (args.no_node and c in launcher.NODE_COMPONENTS)
+            ]
         if args.operator:
             comps.append(launcher.OPERATOR)
         for running in launcher.up(state_dir, comps, timeout=args.timeout):

@@ -20,6 +20,12 @@ the variables a client needs). ``up`` starts what is not running and returns onc
 is ready, leaving them in the background; ``down`` stops them; ``env`` turns the JSON files into
 ``export`` lines. A component that died (crash, ``kill -9``) is noticed by its pid file and simply
 started again by the next ``up``: no manual clean-up.
+
+A *second cluster* (``attach``, ``up --cloud-of DIR``) is a state directory with a control plane
+of its own and the emulators of another sandbox: two clusters, two issuers, one tenant and one
+set of SQL servers, as when several AKS clusters federate the same identities. It shares the
+first sandbox's CA (the emulators fetch its issuer's keys over TLS, its clients trust the
+emulators) and has no node.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +46,7 @@ from pathlib import Path
 from sandbox import node
 from sandbox.gobuild import SandboxError as SandboxError  # noqa: PLC0414 (re-exported)
 from sandbox.gobuild import cache_root, cached_build, source_hash
-from sandbox.pki import ensure_ca
+from sandbox.pki import CA_CERT_NAME, CA_KEY_NAME, ensure_ca
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTROLPLANE_SRC = Path(__file__).resolve().parent / "controlplane"
@@ -226,6 +233,62 @@ def available_components() -> list[Component]:
     return present
 
 
+# In a second cluster's state directory: the state directory whose emulators it uses.
+CLOUD_FILE = "cloud"
+# What a second cluster runs itself; everything else is its cloud's.
+CLUSTER_COMPONENTS = (CONTROLPLANE, OPERATOR)
+
+
+def cloud_of(state_dir: Path) -> Path | None:
+    """The sandbox whose Entra and SQL emulators ``state_dir`` shares, if it is a second
+    cluster."""
+    try:
+        text = (state_dir / CLOUD_FILE).read_text().strip()
+    except OSError:
+        return None
+    return Path(text) if text else None
+
+
+def attach(state_dir: Path, cloud: Path) -> None:
+    """Make ``state_dir`` a second cluster of the sandbox in ``cloud``, whose emulators must
+    be running: the same CA (copied), its own control plane at the next ``up``."""
+    cloud = cloud.resolve()
+    state_dir = state_dir.resolve()
+    if cloud == state_dir:
+        raise SandboxError(f"{state_dir} cannot be a second cluster of itself")
+    if cloud_of(cloud) is not None:
+        raise SandboxError(
+            f"{cloud} is itself a second cluster (of {cloud_of(cloud)}): name that one"
+        )
+    if not inspect(cloud, ENTRA).alive:
+        raise SandboxError(
+            f"no Entra emulator runs in {cloud}: start that sandbox first "
+            f"(`python -m sandbox up --state-dir {cloud}`)"
+        )
+    current = cloud_of(state_dir)
+    if current is not None and current != cloud:
+        raise SandboxError(
+            f"{state_dir} is a second cluster of {current} already: "
+            f"`python -m sandbox down --state-dir {state_dir}` and use another directory"
+        )
+    if current is None and (state_dir / CA_CERT_NAME).exists():
+        raise SandboxError(
+            f"{state_dir} is a sandbox of its own (it has a CA): use an empty directory"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for name in (CA_CERT_NAME, CA_KEY_NAME):
+        shutil.copy2(cloud / name, state_dir / name)
+    (state_dir / CLOUD_FILE).write_text(f"{cloud}\n")
+
+
+def components_of(state_dir: Path) -> list[Component]:
+    """What ``up`` starts in ``state_dir`` by default: everything in this checkout, or in a
+    second cluster its control plane alone."""
+    if cloud_of(state_dir) is not None:
+        return [CONTROLPLANE]
+    return available_components()
+
+
 def _pid_alive(pid: int, marker: str) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -405,7 +468,17 @@ def up(
     """Start every component that is not running; return once all are ready."""
     state_dir.mkdir(parents=True, exist_ok=True)
     ensure_ca(state_dir)
-    comps = list(components if components is not None else available_components())
+    comps = list(components if components is not None else components_of(state_dir))
+    cloud = cloud_of(state_dir)
+    if cloud is not None:
+        shared = [c.name for c in comps if c not in CLUSTER_COMPONENTS]
+        if shared:
+            raise SandboxError(
+                f"{state_dir} is a second cluster of {cloud}: {', '.join(shared)} run there, "
+                "and a second cluster has no node"
+            )
+        if not inspect(cloud, ENTRA).alive:
+            raise SandboxError(f"the sandbox in {cloud}, whose emulators this one uses, is down")
     if any(c in NODE_COMPONENTS for c in comps):
         _prepare_node(state_dir)
     started: list[Running] = []
@@ -458,14 +531,37 @@ def down(state_dir: Path) -> list[str]:
 
 
 def status(state_dir: Path) -> list[Running]:
-    return [inspect(state_dir, comp) for comp in available_components()]
+    """Each component of the sandbox; a second cluster's own, then its cloud's."""
+    cloud = cloud_of(state_dir)
+    if cloud is None:
+        return [inspect(state_dir, comp) for comp in available_components()]
+    return [inspect(state_dir, CONTROLPLANE)] + [
+        inspect(cloud, comp) for comp in _cloud_components()
+    ]
+
+
+def _cloud_components() -> list[Component]:
+    """The components a second cluster uses from its cloud: the emulators and the proxy."""
+    return [
+        c
+        for c in available_components()
+        if c not in CLUSTER_COMPONENTS and c not in NODE_COMPONENTS
+    ]
 
 
 def environment(state_dir: Path) -> dict[str, str]:
     """The variables a shell or an unmodified client needs to use the running sandbox."""
     env: dict[str, str] = {STATE_DIR_ENV: str(state_dir)}
     env.update(_trust_env(state_dir))
+    cloud = cloud_of(state_dir)
+    if cloud is not None:  # a second cluster: its cloud's endpoints, then its own control plane
+        for comp in _cloud_components():
+            extra = inspect(cloud, comp).info.get("env")
+            if inspect(cloud, comp).alive and isinstance(extra, dict):
+                env.update({str(k): str(v) for k, v in extra.items()})
     for comp in available_components():
+        if cloud is not None and comp not in CLUSTER_COMPONENTS:
+            continue
         running = inspect(state_dir, comp)
         if not running.alive:
             continue

@@ -181,3 +181,54 @@ def test_ctl_forwards_to_the_emulators_test_controls(sandbox):
     sql = _cli("--state-dir", str(sandbox.state_dir), "ctl", "azuresql", "status")
     assert sql.returncode == 0, sql.stderr
     assert "sandbox-sql" in {server["name"] for server in json.loads(sql.stdout)}
+
+
+def test_a_second_cluster_through_the_cli(sandbox, tmp_path):
+    """`up --cloud-of`: its own control plane and issuer, the first sandbox's Azure; `env`,
+    `status` and `down` speak of it; occupied or wrong directories are one `error:` line."""
+    second = tmp_path / "second"
+    started = _cli("--state-dir", str(second), "up", "--cloud-of", str(sandbox.state_dir))
+    try:
+        assert started.returncode == 0, started.stderr
+        assert [ln.split(":")[0] for ln in started.stdout.splitlines()[:-1]] == ["controlplane"]
+        env = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in _cli("--state-dir", str(second), "env").stdout.splitlines()
+        )
+        assert env["KUBECONFIG"] != sandbox.kubeconfig
+        assert env["SANDBOX_ISSUER"] != sandbox.issuer
+        for shared in ("AZURE_AUTHORITY_HOST", "SANDBOX_GRAPH_URL", "HTTPS_PROXY"):
+            assert env[shared].strip("'") == sandbox.env[shared], shared
+        assert (second / "ca.crt").read_bytes() == sandbox.ca.read_bytes()
+        status = _cli("--state-dir", str(second), "status")
+        assert status.returncode == 0, status.stdout
+        assert [ln.split(":")[0] for ln in status.stdout.splitlines()][:2] == [
+            "controlplane",
+            "entra",
+        ]
+        # Its own API server answers with its own kubeconfig.
+        api = config.new_client_from_config(config_file=env["KUBECONFIG"].strip("'"))
+        try:
+            names = [n.metadata.name for n in client.CoreV1Api(api).list_namespace().items]
+            assert "default" in names
+        finally:
+            api.close()
+
+        for args, says in (
+            # a sandbox of its own cannot become a second cluster
+            (("--state-dir", str(sandbox.state_dir), "up", "--cloud-of", str(second)), "itself"),
+            (("--state-dir", str(tmp_path / "third"), "up", "--cloud-of", str(second)), "itself"),
+            (("--state-dir", str(second), "up", "--only", "entra"), "run there"),
+            (
+                ("--state-dir", str(tmp_path / "fourth"), "up", "--cloud-of", str(tmp_path)),
+                "no Entra emulator runs",
+            ),
+        ):
+            refused = _cli(*args)
+            assert refused.returncode == 2, (args, refused.stdout)
+            assert refused.stderr.startswith("error:") and says in refused.stderr, refused.stderr
+            assert refused.stderr.count("\n") == 1
+    finally:
+        stopped = _cli("--state-dir", str(second), "down")
+    assert stopped.stdout.strip() == "stopped: controlplane"
+    assert launcher.inspect(sandbox.state_dir, launcher.ENTRA).alive  # the first one's, untouched

@@ -1,0 +1,212 @@
+"""Two clusters on one tenant (issue 21): a second control plane (``launcher.attach``: its own
+service-account issuer, the shared sandbox's Entra and SQL emulators) with an operator of its own,
+next to the shared sandbox and its operator.
+
+Both onboard the same identity for a namespace and service account of the same names, as two AKS
+clusters of one team would: each writes the credential of its own issuer and neither changes or
+deletes the other's; Entra's budget of 20 credentials per identity counts both clusters (and anyone
+else's); deleting in one cluster leaves the other working, through its drift checks too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_harness import (  # type: ignore[import-not-found]
+    CRD_FILE,
+    DRIFT_INTERVAL_S,
+    GROUP,
+    PLURAL,
+    POLICY_CRD_FILE,
+    ROOT,
+    Cluster,
+    Entra,
+    World,
+    delete_all,
+)
+
+from sandbox import launcher
+
+pytestmark = pytest.mark.controlplane
+
+SA = "workload-demo-service-account"
+FOREIGN_ISSUER = "https://oidc.example.net/another-cluster"
+
+
+def app_spec(world: World, service_account: str = SA) -> dict[str, object]:
+    return {
+        "serviceAccountName": service_account,
+        "identity": {"applicationClientId": world.demo_app.client_id},
+    }
+
+
+class SecondCluster:
+    def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
+        self.state_dir = state_dir
+        self.env = env
+        self.issuer = env["SANDBOX_ISSUER"]
+        self.kubectl = launcher.controlplane_bin_dir() / "kubectl"
+
+    def run_kubectl(self, *args: str) -> None:
+        subprocess.run(
+            [str(self.kubectl), *args],
+            env={**os.environ, **self.env},
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture(scope="module")
+def second(sandbox: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecondCluster]:
+    state_dir = tmp_path_factory.mktemp("second-cluster")
+    try:
+        launcher.attach(state_dir, sandbox.state_dir)
+        launcher.up(state_dir)
+    except launcher.SandboxError as exc:
+        launcher.down(state_dir)
+        pytest.fail(f"the second cluster did not start: {exc}", pytrace=False)
+    try:
+        cluster = SecondCluster(state_dir, launcher.environment(state_dir))
+        for crd in (CRD_FILE, POLICY_CRD_FILE):
+            cluster.run_kubectl("apply", "-f", str(ROOT / "crds" / crd))
+        cluster.run_kubectl(
+            "wait", "--for=condition=Established", "--timeout=30s", f"crd/{PLURAL}.{GROUP}"
+        )
+        yield cluster
+    finally:
+        launcher.down(state_dir)
+
+
+@pytest.fixture
+def other(second: SecondCluster, namespace: str) -> Iterator[Cluster]:
+    """The test's namespace, under the same name, in the second cluster."""
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=second.env["KUBECONFIG"])
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": namespace}})
+    try:
+        yield Cluster(api, second.kubectl, namespace)
+    finally:
+        core.delete_namespace(namespace)
+        api.close()
+
+
+@pytest.fixture
+def other_operator(
+    second: SecondCluster, other: Cluster, operator_env: dict[str, str], tmp_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The second cluster's operator: the same settings and Entra app as the first one's, its
+    own API server (so its own issuer, discovered from it)."""
+    log = tmp_path / "operator-second-cluster.log"
+    env = {
+        **os.environ,
+        **operator_env,
+        "KUBECONFIG": second.env["KUBECONFIG"],
+        "KUBECACHEDIR": second.env["KUBECACHEDIR"],
+    }
+    with log.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "swi_operator"], stdout=subprocess.PIPE, stderr=err, env=env
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    assert line.startswith("READY"), log.read_text()
+    try:
+        yield process
+        delete_all(other)  # while it runs: its finalizers are its to remove
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _pairs(entra: Entra, world: World) -> list[tuple[str, str]]:
+    return sorted((c["issuer"], c["subject"]) for c in entra.credentials(world.demo_app))
+
+
+def test_two_clusters_federate_one_identity_without_touching_each_others_credential(
+    operator: Any,
+    other_operator: Any,
+    cluster: Cluster,
+    other: Cluster,
+    second: SecondCluster,
+    entra: Entra,
+    world: World,
+    sandbox: Any,
+) -> None:
+    assert second.issuer != sandbox.issuer
+    subject = f"system:serviceaccount:{cluster.namespace}:{SA}"
+    cluster.create("reader", app_spec(world))
+    other.create("reader", app_spec(world))
+    cluster.wait_condition("reader")
+    other.wait_condition("reader")
+
+    assert _pairs(entra, world) == sorted([(sandbox.issuer, subject), (second.issuer, subject)])
+    for each in (cluster, other):
+        exchanged = entra.exchange(world.demo_app.client_id, each.token(SA))
+        assert exchanged.status_code == 200, exchanged.text
+    theirs = next(c for c in entra.credentials(world.demo_app) if c["issuer"] == second.issuer)
+    status = (other.get("reader") or {})["status"]
+    assert status["federatedCredential"]["id"] == theirs["id"]
+
+    # Deleting in the first cluster removes its credential only (the deletion, then the sweep
+    # the deletion wakes: both keep to credentials of their own issuer).
+    cluster.delete("reader")
+    cluster.wait_gone("reader")
+    time.sleep(2 * DRIFT_INTERVAL_S + 1)  # the first operator's sweep and drift checks ran
+    (left,) = entra.credentials(world.demo_app)
+    assert (left["issuer"], left["subject"], left["id"]) == (second.issuer, subject, theirs["id"])
+    exchanged = entra.exchange(world.demo_app.client_id, other.token(SA))
+    assert exchanged.status_code == 200, exchanged.text
+    # The second cluster's drift checks found nothing to repair: no write, still Ready.
+    ready = other.condition("reader")
+    assert ready is not None and ready["status"] == "True", ready
+    assert other.reasons("reader").count("CredentialCreated") == 1
+
+
+def test_the_budget_of_20_counts_every_cluster_and_a_freed_slot_is_taken(
+    operator: Any,
+    other_operator: Any,
+    cluster: Cluster,
+    other: Cluster,
+    second: SecondCluster,
+    entra: Entra,
+    world: World,
+) -> None:
+    for i in range(18):  # someone else's cluster holds 18 of the 20
+        entra.add_app_credential(
+            world.demo_app, f"elsewhere-{i}", FOREIGN_ISSUER, f"system:serviceaccount:x:sa-{i}"
+        )
+    cluster.create("first", app_spec(world, "sa-first"))
+    cluster.wait_condition("first")
+    other.create("second", app_spec(world, "sa-second"))
+    other.wait_condition("second")
+    assert len(entra.credentials(world.demo_app)) == 20
+
+    other.create("third", app_spec(world, "sa-third"))
+    refused = other.wait_condition(
+        "third", "False", "FederatedCredentialReady", reason="CredentialLimitReached"
+    )
+    # Its own cluster's one, and the first cluster's with the 18 others, counted as foreign.
+    assert (
+        "already has 20 federated credentials (1 from this cluster, 19 from other"
+        in (refused["message"])
+    ), refused
+    assert len(entra.credentials(world.demo_app)) == 20  # nothing written over the limit
+
+    # The first cluster lets its slot go: the second takes it at its next drift check.
+    cluster.delete("first")
+    cluster.wait_gone("first")
+    other.wait_condition("third", timeout=10 * DRIFT_INTERVAL_S + 20)
+    issuers = [c["issuer"] for c in entra.credentials(world.demo_app)]
+    assert issuers.count(second.issuer) == 2 and issuers.count(FOREIGN_ISSUER) == 18
+    exchanged = entra.exchange(world.demo_app.client_id, other.token("sa-third"))
+    assert exchanged.status_code == 200, exchanged.text
