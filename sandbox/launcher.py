@@ -556,8 +556,9 @@ def environment(state_dir: Path) -> dict[str, str]:
     cloud = cloud_of(state_dir)
     if cloud is not None:  # a second cluster: its cloud's endpoints, then its own control plane
         for comp in _cloud_components():
-            extra = inspect(cloud, comp).info.get("env")
-            if inspect(cloud, comp).alive and isinstance(extra, dict):
+            running = inspect(cloud, comp)
+            extra = running.info.get("env")
+            if running.alive and isinstance(extra, dict):
                 env.update({str(k): str(v) for k, v in extra.items()})
     for comp in available_components():
         if cloud is not None and comp not in CLUSTER_COMPONENTS:
