@@ -128,6 +128,12 @@ def other_operator(
         process.wait(timeout=20)
 
 
+def _assert_exchanges(entra: Entra, world: World, cluster: Cluster, service_account: str) -> None:
+    """A token of the service account, in that cluster, is exchanged for the demo app's."""
+    exchanged = entra.exchange(world.demo_app.client_id, cluster.token(service_account))
+    assert exchanged.status_code == 200, exchanged.text
+
+
 def _pairs(entra: Entra, world: World) -> list[tuple[str, str]]:
     return sorted((c["issuer"], c["subject"]) for c in entra.credentials(world.demo_app))
 
@@ -151,8 +157,7 @@ def test_two_clusters_federate_one_identity_without_touching_each_others_credent
 
     assert _pairs(entra, world) == sorted([(sandbox.issuer, subject), (second.issuer, subject)])
     for each in (cluster, other):
-        exchanged = entra.exchange(world.demo_app.client_id, each.token(SA))
-        assert exchanged.status_code == 200, exchanged.text
+        _assert_exchanges(entra, world, each, SA)
     theirs = next(c for c in entra.credentials(world.demo_app) if c["issuer"] == second.issuer)
     status = (other.get("reader") or {})["status"]
     assert status["federatedCredential"]["id"] == theirs["id"]
@@ -164,8 +169,7 @@ def test_two_clusters_federate_one_identity_without_touching_each_others_credent
     time.sleep(2 * DRIFT_INTERVAL_S + 1)  # the first operator's sweep and drift checks ran
     (left,) = entra.credentials(world.demo_app)
     assert (left["issuer"], left["subject"], left["id"]) == (second.issuer, subject, theirs["id"])
-    exchanged = entra.exchange(world.demo_app.client_id, other.token(SA))
-    assert exchanged.status_code == 200, exchanged.text
+    _assert_exchanges(entra, world, other, SA)
     # The second cluster's drift checks found nothing to repair: no write, still Ready.
     ready = other.condition("reader")
     assert ready is not None and ready["status"] == "True", ready
@@ -208,5 +212,4 @@ def test_the_budget_of_20_counts_every_cluster_and_a_freed_slot_is_taken(
     other.wait_condition("third", timeout=10 * DRIFT_INTERVAL_S + 20)
     issuers = [c["issuer"] for c in entra.credentials(world.demo_app)]
     assert issuers.count(second.issuer) == 2 and issuers.count(FOREIGN_ISSUER) == 18
-    exchanged = entra.exchange(world.demo_app.client_id, other.token("sa-third"))
-    assert exchanged.status_code == 200, exchanged.text
+    _assert_exchanges(entra, world, other, "sa-third")

@@ -297,9 +297,9 @@ async def test_policy_review_counts_and_rechecks_only_flipped_resources(reader):
     assert "invalid, grants nothing: spec.namespaces" in reader.status["broken"]["message"]
 
 
-async def test_policy_review_runs_after_a_change_without_waiting_for_the_interval(reader):
-    reviewed = asyncio.Event()
-    review = PolicyReview(
+def idle_review() -> PolicyReview:
+    """A review with no cluster behind it, its interval an hour: tests replace ``review``."""
+    return PolicyReview(
         SimpleNamespace(),
         RecordingDrift(),
         AlwaysActive(),
@@ -307,6 +307,11 @@ async def test_policy_review_runs_after_a_change_without_waiting_for_the_interva
         require_policy=True,
         interval=3600,
     )  # type: ignore[arg-type]
+
+
+async def test_policy_review_runs_after_a_change_without_waiting_for_the_interval(reader):
+    reviewed = asyncio.Event()
+    review = idle_review()
 
     async def fake_review() -> None:
         reviewed.set()
@@ -433,14 +438,7 @@ async def test_recounts_run_at_most_every_recount_interval(monkeypatch: pytest.M
 
     monkeypatch.setattr(policy_review, "RECOUNT_MIN_S", 0.3)
     runs: list[float] = []
-    review = PolicyReview(
-        SimpleNamespace(),
-        RecordingDrift(),
-        AlwaysActive(),
-        namespaces=(),
-        require_policy=True,
-        interval=3600,
-    )  # type: ignore[arg-type]
+    review = idle_review()
     loop = asyncio.get_running_loop()
 
     async def fake_review() -> None:
