@@ -225,12 +225,17 @@ async def namespace_labels_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: A
         state.sweep.changed()
 
 
-@kopf.on.event(*RESOURCE, id="resource-gone")
-async def resource_gone(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+def _deleted(type: str | None, **_: Any) -> bool:
+    return type == "DELETED"
+
+
+# Filtered by kopf before it invokes anything: invoking (and logging) a handler for each of the
+# three or so events of every resource was a twentieth of the operator's CPU while onboarding.
+@kopf.on.event(*RESOURCE, id="resource-gone", when=_deleted)
+async def resource_gone(memo: kopf.Memo, **_: Any) -> None:
     """A resource left the API (with or without our finalizer): sweep what it may have left."""
-    if event.get("type") == "DELETED":
-        _runtime(memo).sweep.changed()
-        _runtime(memo).policy_review.recount()
+    _runtime(memo).sweep.changed()
+    _runtime(memo).policy_review.recount()
 
 
 @kopf.on.delete(*RESOURCE, id="finalize")

@@ -89,9 +89,11 @@ class PolicyReview(DebouncedTask):
         namespaces: Sequence[str],
         require_policy: bool,
         interval: float,
+        watched: NamespaceLabels | None = None,
     ) -> None:
         super().__init__(gate, namespaces=namespaces, interval=interval)
         self._kube = kube
+        self._watched = watched
         self._drift = drift
         self._require = require_policy
         self._memo = PolicyMemo()
@@ -132,7 +134,10 @@ class PolicyReview(DebouncedTask):
                 continue
             namespace = str(_dig(body, "metadata", "namespace"))
             if namespace not in labels and needs_namespace_labels(parsed.valid, namespace):
-                labels[namespace] = await self._kube.namespace_labels(namespace)
+                seen = self._watched.labels(namespace) if self._watched else None
+                labels[namespace] = (
+                    seen if seen is not None else await self._kube.namespace_labels(namespace)
+                )
             decision = authorize(
                 spec.identity,
                 spec.sql,
@@ -209,7 +214,13 @@ class PolicySpecs:
 
 class NamespaceLabels:
     """Which Namespace events change labels (policies select namespaces by them): the watch's
-    first listing of a namespace is not a change; a later event with other labels is."""
+    first listing of a namespace is not a change; a later event with other labels is.
+
+    What it saw answers ``labels``: the gate and the review read a namespace's labels from here
+    rather than with a GET per resource (1,000 reads while onboarding 1,000 resources, a tenth of
+    the operator's API requests). A namespace not seen yet (created a moment before its first
+    resource, or outside what kopf watches) is None: read it live. The event that changes a label
+    updates this before it wakes the review, so the review decides on the new labels."""
 
     def __init__(self) -> None:
         self._seen: dict[str, dict[str, str]] = {}
@@ -226,3 +237,8 @@ class NamespaceLabels:
         before = self._seen.get(name)
         self._seen[name] = labels
         return before is not None and before != labels
+
+    def labels(self, name: str) -> dict[str, str] | None:
+        """The namespace's labels as the watch last saw them; None if it has not seen it."""
+        seen = self._seen.get(name)
+        return None if seen is None else dict(seen)

@@ -182,7 +182,8 @@ class Runtime:
     reconcile_slots: SharedSlots
     # Every write runs inside drain.work(); a stopping replica drains before it leaves (peers.py).
     drain: Drain
-    # Namespace labels as the watch last saw them (handlers.namespace_labels_changed).
+    # Namespace labels as the watch last saw them (handlers.namespace_labels_changed); the gate
+    # and the policy review read them from here.
     namespace_labels: NamespaceLabels = dataclasses.field(default_factory=NamespaceLabels)
     # Policy generations as the watch last saw them (handlers.policy_changed).
     policy_specs: PolicySpecs = dataclasses.field(default_factory=PolicySpecs)
@@ -235,7 +236,8 @@ class Runtime:
             GraphServicePrincipals(graph_client, graph_gate),
             ledger,
         )
-        policies = KubePolicySource(kube, config.require_policy)
+        namespace_labels = NamespaceLabels()
+        policies = KubePolicySource(kube, config.require_policy, watched=namespace_labels)
         store = IdentityRouter(graph, arm)
         identity_locks = KeyedLocks()
         issuer = IssuerSource(kube, config.issuer)
@@ -274,6 +276,7 @@ class Runtime:
             namespaces=config.namespaces,
             require_policy=config.require_policy,
             interval=config.drift_interval,
+            watched=namespace_labels,
         )
         sweep = CredentialSweep(
             kube,
@@ -306,6 +309,7 @@ class Runtime:
             exchange,
             SharedSlots(config.max_reconciles, slots=TrackedSlots(config.max_reconciles)),
             drain,
+            namespace_labels,
         )
 
     async def install_crds(self, directory: Path) -> None:

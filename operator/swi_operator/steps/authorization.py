@@ -9,7 +9,8 @@ same ``decide``, so `kubectl apply` and the status say the same thing.
 
 ``KubePolicySource`` reads policies through the Kubernetes API with a short cache (a drift check of
 a thousand resources lists them once, not a thousand times), dropped whenever kopf reports a policy
-change, so a revocation is not delayed by it.
+change, so a revocation is not delayed by it; namespace labels come from the operator's namespace
+watch (``policy_review.NamespaceLabels``), read live only for a namespace it has not seen.
 """
 
 from __future__ import annotations
@@ -48,9 +49,22 @@ class PolicySource(Protocol):
     async def namespace_labels(self, namespace: str) -> Mapping[str, str]: ...
 
 
+class WatchedLabels(Protocol):
+    """A namespace's labels as a watch saw them; None if unseen (``NamespaceLabels``)."""
+
+    def labels(self, name: str) -> dict[str, str] | None: ...
+
+
 class KubePolicySource:
-    def __init__(self, reader: PolicyReader, require_policy: bool, ttl: float = POLICY_CACHE_S):
+    def __init__(
+        self,
+        reader: PolicyReader,
+        require_policy: bool,
+        ttl: float = POLICY_CACHE_S,
+        watched: WatchedLabels | None = None,
+    ):
         self._reader = reader
+        self._watched = watched
         self._require = require_policy
         self._ttl = ttl
         self._cached: tuple[float, ParsedPolicies] | None = None
@@ -77,7 +91,9 @@ class KubePolicySource:
             return self._cached[1]
 
     async def namespace_labels(self, namespace: str) -> Mapping[str, str]:
-        return await self._reader.namespace_labels(namespace)
+        """From the namespace watch when it has seen the namespace, else read live."""
+        seen = self._watched.labels(namespace) if self._watched is not None else None
+        return seen if seen is not None else await self._reader.namespace_labels(namespace)
 
 
 async def decide(

@@ -9,7 +9,13 @@ cloud write, and a restart at any point makes no duplicate:
 4. under the identity's lock: list its credentials; one with this issuer and subject is adopted
    (whatever its name) and corrected if its audience or description drifted; otherwise the
    deterministic name is created, unless the identity's 20-credential budget (counting every
-   cluster's credentials) is spent;
+   cluster's credentials) is spent. A resource's first pass may decide "create" from the list
+   this process read or wrote for the identity in the last ``RECENT_LIST_S`` (``RecentLists``)
+   instead of listing again: onboarding many resources on one identity listed it once per
+   resource. Only "create" is decided that way: Entra itself refuses a 21st credential or a
+   second one for the same issuer and subject (another cluster's, a person's, written since),
+   and on any refusal the list is read live and decided again; adopting, correcting, a name
+   clash and the budget are always decided on a live list;
 5. a credential recorded in status for another identity or subject (the spec changed) is removed.
 
 Only credentials whose issuer is this cluster's are ever adopted, changed or deleted, and only for
@@ -29,7 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from swi_operator.backing import Backing, Grant, parse_subject
@@ -46,6 +53,52 @@ from swi_operator.naming import Owner, credential_description, credential_name, 
 from swi_operator.spec import ApplicationRef, IdentityRef, is_guid, parse_managed_identity_id
 from swi_operator.steps import Context, StepResult
 from swi_operator.steps.service_account import ensure_not_claimed
+
+RECENT_LIST_S = 10.0
+
+
+class RecentLists:
+    """Each identity's credentials as this process last listed or wrote them, for ``RECENT_LIST_S``
+    (used under the identity's lock only). Bounded by the identities in use; an entry older than
+    the window is dropped when next read."""
+
+    def __init__(
+        self, ttl: float = RECENT_LIST_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._lists: dict[str, tuple[float, list[FederatedCredential]]] = {}
+
+    def get(self, key: str) -> list[FederatedCredential] | None:
+        found = self._lists.get(key)
+        if found is None:
+            return None
+        if self._clock() - found[0] > self._ttl:
+            del self._lists[key]
+            return None
+        return list(found[1])
+
+    def put(self, key: str, credentials: list[FederatedCredential]) -> None:
+        self._lists[key] = (self._clock(), list(credentials))
+
+    def wrote(self, key: str, credential: FederatedCredential) -> None:
+        """``credential`` was written: a remembered list gains it (or its new version)."""
+        found = self._lists.get(key)
+        if found is not None:
+            kept = [c for c in found[1] if c.name != credential.name]
+            self._lists[key] = (found[0], [*kept, credential])
+
+    def forget(self, key: str) -> None:
+        self._lists.pop(key, None)
+
+
+def creates(existing: list[FederatedCredential], desired: FederatedCredential) -> bool:
+    """Whether ``existing`` says: create ``desired`` (nothing for its issuer and subject, its name
+    free, the budget not spent)."""
+    return len(existing) < MAX_CREDENTIALS_PER_IDENTITY and not any(
+        c.name == desired.name or (c.issuer == desired.issuer and c.subject == desired.subject)
+        for c in existing
+    )
 
 
 class IssuerSource:
@@ -118,6 +171,7 @@ class FederatedCredentialStep:
         self._kube = kube
         self._locks = locks
         self._backing = backing or Backing(kube, None)
+        self._recent = RecentLists()
 
     async def reconcile(self, ctx: Context) -> StepResult:
         ctx.issuer = await self._issuer.get()
@@ -180,7 +234,16 @@ class FederatedCredentialStep:
     async def _ensure(
         self, ctx: Context, identity: ResolvedIdentity, desired: FederatedCredential
     ) -> FederatedCredential:
+        key = identity.ref.key
+        first_pass = not (ctx.status.get("federatedCredential") or {}).get("name")
+        recent = self._recent.get(key) if first_pass else None
+        if recent is not None and creates(recent, desired):
+            try:
+                return await self._create(ctx, identity, desired)
+            except PermanentError:
+                pass  # refused (written since by someone else): decide again on a live list
         existing = await self._store.list(identity)
+        self._recent.put(key, existing)
         mine = next(
             (c for c in existing if c.issuer == desired.issuer and c.subject == desired.subject),
             None,
@@ -200,6 +263,7 @@ class FederatedCredentialStep:
             if mine.same_trust(wanted) and not description_drifted:
                 return mine
             written = await self._store.upsert(identity, wanted)
+            self._recent.forget(key)
             ctx.record(
                 "CredentialUpdated",
                 f"corrected credential {mine.name} on {identity.ref.display} "
@@ -223,7 +287,17 @@ class FederatedCredentialStep:
                 f"allows {MAX_CREDENTIALS_PER_IDENTITY}: remove unused ones or use another "
                 "identity",
             )
-        written = await self._store.upsert(identity, desired)
+        return await self._create(ctx, identity, desired)
+
+    async def _create(
+        self, ctx: Context, identity: ResolvedIdentity, desired: FederatedCredential
+    ) -> FederatedCredential:
+        try:
+            written = await self._store.upsert(identity, desired)
+        except ReconcileError:
+            self._recent.forget(identity.ref.key)  # whatever it was, the next pass lists live
+            raise
+        self._recent.wrote(identity.ref.key, written)
         if written.id is None:
             # Graph answered 204: the name existed. Its reads lag behind its writes, so the list
             # can miss a credential written moments ago (by this operator, or before a restart);
@@ -271,6 +345,7 @@ class FederatedCredentialStep:
                 return  # the identity is gone, and its credentials with it
             raise
         async with self._locks.hold(ref.key):
+            self._recent.forget(ref.key)
             for credential in await self._store.list(identity):
                 if credential.issuer == ctx.issuer and credential.subject == subject:
                     await self._store.delete(identity, credential.name)

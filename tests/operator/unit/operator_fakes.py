@@ -83,6 +83,14 @@ class FakeStore(Faults):
         existing = self.credentials[identity.ref.key]
         if credential.name not in existing and len(existing) >= 20:
             raise PermanentError(Reason.CREDENTIAL_LIMIT_REACHED, "maximum of 20 reached")
+        if any(
+            c.name != credential.name
+            and (c.issuer, c.subject) == (credential.issuer, credential.subject)
+            for c in existing.values()
+        ):  # as Entra refuses it
+            raise PermanentError(
+                Reason.CREDENTIAL_CONFLICT, "Issuer and subject combination already exists"
+            )
         self._ids += 1
         stored = dataclasses.replace(
             credential,

@@ -457,3 +457,45 @@ async def test_recounts_run_at_most_every_recount_interval(monkeypatch: pytest.M
         task.cancel()
     assert 2 <= len(runs) <= 4, runs  # not one per resource
     assert all(b - a >= 0.29 for a, b in itertools.pairwise(runs)), runs
+
+
+def test_the_gate_reads_namespace_labels_from_the_watch_and_live_only_when_unseen(
+    reader: FakePolicyReader,
+) -> None:
+    """Onboarding read the Namespace once per resource; the namespace watch already holds its
+    labels. A namespace the watch has not seen yet is read live; a label the watch saw go
+    decides at once."""
+    from swi_operator.policy_review import NamespaceLabels
+
+    label = {"team": "demo"}
+    reader.bodies = [policy_body(namespaces={"selector": {"matchLabels": label}})]
+    reader.labels[NS] = dict(label)
+    watch = NamespaceLabels()
+    source = KubePolicySource(reader, True, ttl=0, watched=watch)
+    gate = AuthorizationStep(source, require_policy=True)
+
+    def allowed() -> bool:
+        ctx = SimpleNamespace(
+            spec=SimpleNamespace(identity=APP_REF, sql=None, retain_cloud_objects=False),
+            resource=SimpleNamespace(namespace=NS),
+            allow_ddl_triggers=False,
+        )
+        try:
+            asyncio.run(gate.reconcile(ctx))  # type: ignore[arg-type]
+        except PermanentError as err:
+            if err.reason is not Reason.NOT_AUTHORIZED:
+                raise
+            return False
+        return True
+
+    assert allowed()
+    assert reader.calls["namespace_labels"] == 1  # not seen by the watch: read live
+    watch.changed({"type": "ADDED", "object": {"metadata": {"name": NS, "labels": label}}})
+    assert allowed() and allowed()
+    assert reader.calls["namespace_labels"] == 1  # seen: no more reads
+    watch.changed({"type": "MODIFIED", "object": {"metadata": {"name": NS, "labels": {}}}})
+    assert not allowed()  # the watch saw the label go: refused without a read
+    assert reader.calls["namespace_labels"] == 1
+    watch.changed({"type": "DELETED", "object": {"metadata": {"name": NS}}})
+    assert allowed()  # forgotten with the namespace: read live again (still labelled there)
+    assert reader.calls["namespace_labels"] == 2

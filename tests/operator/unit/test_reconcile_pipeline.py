@@ -595,3 +595,88 @@ async def test_a_lagging_list_neither_duplicates_nor_claims_a_second_creation(ku
     assert "CredentialCreated" not in reasons(second)
     assert second.status.get("federatedCredential", recorded) == recorded
     assert condition(second, "Ready").is_true
+
+
+class ListCountingStore(FakeStore):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists = 0
+
+    async def list(self, identity: Any) -> list[FederatedCredential]:
+        self.lists += 1
+        return await super().list(identity)
+
+
+@pytest.fixture
+def counting() -> ListCountingStore:
+    s = ListCountingStore()
+    s.add_identity(APP_REF)
+    return s
+
+
+def reader(n: int) -> dict[str, Any]:
+    return resource(f"reader-{n}", service_account=f"sa-{n}")
+
+
+async def test_first_passes_on_one_identity_list_its_credentials_once(counting, kube):
+    """Onboarding listed the identity's credentials once per resource; within RECENT_LIST_S a
+    first pass decides "create" on the list this process read and wrote."""
+    pipeline = build_pipeline(counting, kube, TENANT, None)
+    for n in range(5):
+        outcome = await pipeline.reconcile(reader(n))
+        assert "CredentialCreated" in reasons(outcome)
+    assert counting.lists == 1
+    assert len(counting.of(APP_REF)) == 5
+    # A later pass (the credential recorded in status) always lists live: drift is seen.
+    body = reader(0)
+    first = await pipeline.reconcile(body)
+    counting.credentials[APP_REF.key].clear()
+    again = await pipeline.reconcile(applied(body, first))
+    assert counting.lists == 3 and "CredentialCreated" in reasons(again)
+
+
+async def test_a_credential_written_by_someone_else_since_is_adopted_not_duplicated(counting, kube):
+    """The remembered list misses a credential for the same subject written since (another
+    process, a person): Entra refuses the second one, and the pass decides again live."""
+    pipeline = build_pipeline(counting, kube, TENANT, None)
+    await pipeline.reconcile(reader(0))
+    theirs = FederatedCredential(
+        "by-hand", ISSUER, subject_for(NS, "sa-1"), ("api://AzureADTokenExchange",), None, "x"
+    )
+    counting.credentials[APP_REF.key]["by-hand"] = theirs
+    outcome = await pipeline.reconcile(reader(1))
+    assert "CredentialAdopted" in reasons(outcome)
+    assert [c.name for c in counting.of(APP_REF) if c.subject == theirs.subject] == ["by-hand"]
+    assert counting.lists == 2
+
+
+async def test_the_budget_spent_since_the_remembered_list_is_reported_from_a_live_one(
+    counting, kube
+):
+    pipeline = build_pipeline(counting, kube, TENANT, None)
+    await pipeline.reconcile(reader(0))
+    for n in range(19):  # another cluster fills the identity meanwhile
+        subject = f"system:serviceaccount:other:sa-{n}"
+        counting.credentials[APP_REF.key][f"other-{n}"] = FederatedCredential(
+            f"other-{n}", "https://other.example", subject, ("api://AzureADTokenExchange",)
+        )
+    outcome = await pipeline.reconcile(reader(1))
+    refused = condition(outcome, "FederatedCredentialReady")
+    assert refused.reason == Reason.CREDENTIAL_LIMIT_REACHED
+    assert "1 from this cluster, 19 from other issuers" in refused.message
+    assert counting.lists == 2
+
+
+def test_a_remembered_list_expires() -> None:
+    from swi_operator.steps.federation import RecentLists
+
+    now = [0.0]
+    recent = RecentLists(ttl=10, clock=lambda: now[0])
+    credential = FederatedCredential("a", ISSUER, "s", ("aud",))
+    recent.put("k", [])
+    recent.wrote("k", credential)
+    assert recent.get("k") == [credential]
+    recent.wrote("other", credential)  # nothing remembered there: nothing invented
+    assert recent.get("other") is None
+    now[0] = 10.5
+    assert recent.get("k") is None
