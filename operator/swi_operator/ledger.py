@@ -89,6 +89,9 @@ class UserEntry:
     user: str
     created: bool
     granted_roles: tuple[str, ...] = ()
+    # Its resource let it go (deleted, revoked) while another cluster was federated with the
+    # identity: the sweep undoes it once none is, whatever retention the policies allow.
+    released: bool = False
 
     @property
     def target(self) -> SqlTarget:
@@ -110,22 +113,21 @@ class UserEntry:
         return identity_from_status(self.identity)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "namespace": self.namespace,
-                "resource": self.resource,
-                "uid": self.uid,
-                "identity": self.identity,
-                "server": self.server,
-                "database": self.database,
-                "clientId": self.client_id,
-                "user": self.user,
-                "created": self.created,
-                "grantedRoles": sorted(self.granted_roles),
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        )
+        fields: dict[str, object] = {
+            "namespace": self.namespace,
+            "resource": self.resource,
+            "uid": self.uid,
+            "identity": self.identity,
+            "server": self.server,
+            "database": self.database,
+            "clientId": self.client_id,
+            "user": self.user,
+            "created": self.created,
+            "grantedRoles": sorted(self.granted_roles),
+        }
+        if self.released:  # absent otherwise: entries written before it read the same
+            fields["released"] = True
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> UserEntry | None:
@@ -142,6 +144,7 @@ class UserEntry:
                 user=str(raw["user"]),
                 created=bool(raw["created"]),
                 granted_roles=tuple(str(r) for r in raw.get("grantedRoles") or ()),
+                released=raw.get("released") is True,
             )
         except (ValueError, KeyError, TypeError):
             return None

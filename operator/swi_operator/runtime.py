@@ -43,8 +43,12 @@ from swi_operator.policy_review import NamespaceLabels, PolicyReview, PolicySpec
 from swi_operator.sql import Database, OdbcDatabase
 from swi_operator.steps import Step
 from swi_operator.steps.authorization import AuthorizationStep, KubePolicySource
-from swi_operator.steps.database import DatabaseAccessStep, UserForm
-from swi_operator.steps.federation import FederatedCredentialStep, IssuerSource
+from swi_operator.steps.database import DatabaseAccessStep, OtherClusters, UserForm
+from swi_operator.steps.federation import (
+    FederatedClusters,
+    FederatedCredentialStep,
+    IssuerSource,
+)
 from swi_operator.steps.service_account import ServiceAccountStep
 from swi_operator.steps.verification import VerificationStep
 from swi_operator.steps.workloads import DEFAULT_POD_TOKEN_GRACE_S, WorkloadsStep
@@ -144,11 +148,12 @@ def build_database_steps(
     exchange: TokenExchange,
     principals: GraphServicePrincipals,
     ledger: Ledger,
+    elsewhere: OtherClusters | None = None,
 ) -> tuple[DatabaseAccessStep, VerificationStep]:
     """DatabaseAccessReady, then Verified (the probe of everything before it)."""
     form: UserForm = "object-id" if config.sql_user_form == "object-id" else "sid"
     return (
-        DatabaseAccessStep(database, KeyedLocks(), form, principals, ledger, kube),
+        DatabaseAccessStep(database, KeyedLocks(), form, principals, ledger, kube, elsewhere),
         VerificationStep(
             kube,
             exchange,
@@ -228,6 +233,8 @@ class Runtime:
         )
         exchange = EntraTokenExchange(config.authority_host, config.ca_bundle)
         ledger = Ledger(ConfigMapLedgerStore(kube, config.ledger_namespace))
+        store = IdentityRouter(graph, arm)
+        issuer = IssuerSource(kube, config.issuer)
         later = build_database_steps(
             config,
             kube,
@@ -235,12 +242,11 @@ class Runtime:
             exchange,
             GraphServicePrincipals(graph_client, graph_gate),
             ledger,
+            FederatedClusters(store, issuer),
         )
         namespace_labels = NamespaceLabels()
         policies = KubePolicySource(kube, config.require_policy, watched=namespace_labels)
-        store = IdentityRouter(graph, arm)
         identity_locks = KeyedLocks()
-        issuer = IssuerSource(kube, config.issuer)
         pipeline = build_pipeline(
             store,
             kube,

@@ -22,8 +22,9 @@ resource (debounced), and every ``interval`` regardless, the sweep:
    to) in served namespaces: an entry is backed while its resource (by uid) is live, allowed, and
    its spec still names the same identity, server and database. An unbacked entry's user is
    dropped (or the roles revoked: ``DatabaseAccessStep.release_entry``), unless another backed
-   entry uses the same user (then the entry is handed over) or ``allowRetain`` keeps it. A live
-   resource whose status records the user gets one pass to revoke it itself (with its Event).
+   entry uses the same user (then the entry is handed over), ``allowRetain`` keeps it, or the
+   identity is federated with another cluster's issuer (kept, and looked at again next sweep).
+   A live resource whose status records the user gets one pass to revoke it itself (its Event).
 
 Nothing tenant-writable besides a resource's spec takes part: not status, annotations, finalizers
 or ``deletionPolicy``. With ``--peering`` only the active replica sweeps (``PeeringGate``).
@@ -68,7 +69,7 @@ class SweepPolicies(Protocol):
 class UserReleaser(Protocol):
     """Drops a ledger entry's database user, or revokes its roles (``DatabaseAccessStep``)."""
 
-    async def release_entry(self, entry: UserEntry) -> str: ...
+    async def release_entry(self, entry: UserEntry) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,8 @@ class CredentialSweep(DebouncedTask):
                 continue
             if entry.key in revoking and entry.key not in waited:
                 continue  # the resource's own revocation comes first (the next pass: the sweep)
-            if await self._retention_allowed(parsed, ref, entry.namespace):
-                continue
+            if not entry.released and await self._retention_allowed(parsed, ref, entry.namespace):
+                continue  # what a Retain resource left (a released one was meant to go)
             heir = in_use.get(entry.user_key)
             if not entry.created and not entry.granted_roles:
                 await self._ledger.remove_user(entry)  # adopted as it was: nothing to undo
@@ -301,6 +302,11 @@ class CredentialSweep(DebouncedTask):
                     entry.target.display,
                     err.message,
                 )
+                continue
+            if done is None:
+                # Another cluster is federated with the identity and may use the user: kept,
+                # with its entry, until it no longer is (DatabaseAccessStep, OtherClusters).
+                log.debug("sweep: kept database user %s: other clusters use it", entry.user)
                 continue
             log.warning(
                 "sweep: %s, made for %s/%s: no live SqlWorkloadIdentity that a current "

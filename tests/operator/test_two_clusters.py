@@ -5,7 +5,8 @@ next to the shared sandbox and its operator.
 Both onboard the same identity for a namespace and service account of the same names, as two AKS
 clusters of one team would: each writes the credential of its own issuer and neither changes or
 deletes the other's; Entra's budget of 20 credentials per identity counts both clusters (and anyone
-else's); deleting in one cluster leaves the other working, through its drift checks too.
+else's); deleting in one cluster leaves the other working, through its drift checks too, and its
+database user in place while the other cluster uses it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from operator_harness import (  # type: ignore[import-not-found]
     Entra,
     World,
     delete_all,
+    eventually,
 )
+from sql_harness import DATABASE, SqlAdmin  # type: ignore[import-not-found]
 
 from sandbox import launcher
 
@@ -38,6 +41,8 @@ pytestmark = pytest.mark.controlplane
 
 SA = "workload-demo-service-account"
 FOREIGN_ISSUER = "https://oidc.example.net/another-cluster"
+SWEEP_INTERVAL_S = 3
+DB_SA, DB_USER = "customer-api", "customer-api"  # the customer-api app's display name
 
 
 def app_spec(world: World, service_account: str = SA) -> dict[str, object]:
@@ -213,3 +218,64 @@ def test_the_budget_of_20_counts_every_cluster_and_a_freed_slot_is_taken(
     issuers = [c["issuer"] for c in entra.credentials(world.demo_app)]
     assert issuers.count(second.issuer) == 2 and issuers.count(FOREIGN_ISSUER) == 18
     _assert_exchanges(entra, world, other, "sa-third")
+
+
+@pytest.fixture
+def quick_sweep(operator_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both operators sweep every few seconds (ask for it before ``operator``)."""
+    monkeypatch.setenv("SWI_SWEEP_INTERVAL", str(SWEEP_INTERVAL_S))
+    operator_env["SWI_SWEEP_INTERVAL"] = str(SWEEP_INTERVAL_S)
+
+
+def _customers(entra: Entra, sql: SqlAdmin, world: World, cluster: Cluster) -> int:
+    """What a pod of the cluster does: its service account's token, Entra, Azure SQL, rows."""
+    exchanged = entra.exchange(world.customer_api.client_id, cluster.token(DB_SA))
+    assert exchanged.status_code == 200, exchanged.text
+    with sql.session(exchanged.json()["access_token"]) as cursor:
+        return int(cursor.execute("SELECT COUNT(*) FROM dbo.Customer").fetchone()[0])
+
+
+def test_the_database_user_stays_while_another_cluster_uses_it(
+    sql: SqlAdmin,
+    quick_sweep: None,
+    operator: Any,
+    other_operator: Any,
+    cluster: Cluster,
+    other: Cluster,
+    entra: Entra,
+    world: World,
+) -> None:
+    """The database user is the identity's, shared by every cluster that federates it. The
+    first cluster creates it, the second finds it; the first's last resource going must not cut
+    the second's pods off (it used to drop the user until the second's drift check made it
+    again); once the second lets go too, the first's sweep drops it."""
+    spec = {
+        "serviceAccountName": DB_SA,
+        "identity": {"applicationClientId": world.customer_api.client_id},
+        "sql": {"server": sql.server, "database": DATABASE, "roles": ["db_datareader"]},
+    }
+    cluster.create("customer-api", spec)
+    cluster.wait_condition("customer-api", timeout=30)
+    other.create("customer-api", spec)
+    other.wait_condition("customer-api", timeout=30)
+    theirs = ((other.get("customer-api") or {}).get("status") or {})["databaseUser"]
+    assert theirs["created"] is False  # found the first cluster's user
+    assert _customers(entra, sql, world, other) > 0
+
+    cluster.delete("customer-api")
+    cluster.wait_gone("customer-api")
+    assert "DatabaseUserKept" in cluster.reasons("customer-api")
+    time.sleep(2 * SWEEP_INTERVAL_S + 1)  # the first cluster's sweeps ran, and kept it too
+    assert DB_USER in sql.users()
+    assert _customers(entra, sql, world, other) > 0
+    ready = other.condition("customer-api")
+    assert ready is not None and ready["status"] == "True", ready
+
+    other.delete("customer-api")
+    other.wait_gone("customer-api")
+    assert DB_USER in sql.users()  # the second cluster did not create it: not its to drop
+    eventually(
+        lambda: DB_USER not in sql.users(),
+        10 * SWEEP_INTERVAL_S,
+        "the first cluster's sweep drops the user once no other cluster is federated",
+    )

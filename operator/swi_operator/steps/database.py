@@ -23,6 +23,14 @@ the operator granted are removed. Only a user whose SID is the recorded identity
 Before it creates a user or grants a role, the step writes what it is about to do into the
 ledger (``ledger.py``, out of tenants' reach), and removes the entry once it is undone: the sweep
 drops what no live, allowed resource backs any more (``release_entry``), whatever status says.
+
+Several clusters on one tenant share the database user: it is the identity's, and every cluster
+federating the identity logs in as it, while each operator sees only its own cluster's resources.
+So a user is neither dropped nor stripped of the roles this operator granted while the identity
+trusts service accounts of another cluster's issuer (``OtherClusters``: a federated credential with
+a ``system:serviceaccount:`` subject and another issuer). The ledger entry stays, and the sweep
+undoes it once no other cluster is federated (issue 21: deleting the last resource in the cluster
+that created the user cut the other cluster's pods off until its next drift check).
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ PUBLIC_ROLE = "public"  # every user is a member; it cannot be granted or droppe
 
 class ServicePrincipals(Protocol):
     async def object_id(self, identity: ResolvedIdentity) -> str: ...
+
+
+class OtherClusters(Protocol):
+    async def issuers(self, identity: str, client_id: str) -> list[str]:
+        """The other clusters' issuers the identity (as status records it; else the app of
+        ``client_id``) trusts service accounts of."""
+        ...
 
 
 class Resources(Protocol):
@@ -147,6 +162,7 @@ class DatabaseAccessStep:
         principals: ServicePrincipals | None = None,
         ledger: Ledger | None = None,
         resources: Resources | None = None,
+        elsewhere: OtherClusters | None = None,
     ) -> None:
         if user_form == "object-id" and principals is None:
             raise ValueError("the object-id form needs service principal lookups")
@@ -156,6 +172,7 @@ class DatabaseAccessStep:
         self._locks = locks
         self._form = user_form
         self._principals = principals
+        self._elsewhere = elsewhere  # None: no other cluster is asked about (unit tests)
 
     async def reconcile(self, ctx: Context) -> StepResult:
         recorded = DatabaseUserRecord.from_status(ctx.status)
@@ -408,17 +425,31 @@ class DatabaseAccessStep:
             )
             ctx.record("DatabaseUserShared", done)
             return done
-        done, event = await self._undo(
+        identity = noted.identity if noted else mine.identity
+        done, event, kept = await self._undo(
             recorded.target,
             recorded.name,
             recorded.client_id,
             created,
             granted,
             ctx.allow_ddl_triggers,
+            identity,
         )
         if event:
             ctx.record(event, done)
-        await self._ledger.remove_user(mine)
+        if kept:
+            # The sweep drops it (or revokes the roles) once no other cluster is federated.
+            await self._ledger.put_user(
+                dataclasses.replace(
+                    mine,
+                    identity=identity,
+                    created=created,
+                    granted_roles=tuple(sorted(granted)),
+                    released=True,
+                )
+            )
+        else:
+            await self._ledger.remove_user(mine)
         return done
 
     async def _live(self, entry: UserEntry) -> bool:
@@ -431,13 +462,22 @@ class DatabaseAccessStep:
         meta = (body or {}).get("metadata") or {}
         return meta.get("uid") == entry.uid and not meta.get("deletionTimestamp")
 
-    async def release_entry(self, entry: UserEntry) -> str:
+    async def release_entry(self, entry: UserEntry) -> str | None:
         """Undo what a ledger entry records (the sweep: no live, allowed resource backs it any
         more); the entry is removed once done. No policy decides here, so a database with DDL
-        triggers stays refused (``DatabaseHasDdlTriggers``)."""
-        done, _ = await self._undo(
-            entry.target, entry.user, entry.client_id, entry.created, entry.granted_roles, False
+        triggers stays refused (``DatabaseHasDdlTriggers``). None: kept, and the entry with it,
+        while another cluster is federated with the identity."""
+        done, _, kept = await self._undo(
+            entry.target,
+            entry.user,
+            entry.client_id,
+            entry.created,
+            entry.granted_roles,
+            False,
+            entry.identity,
         )
+        if kept:
+            return None
         await self._ledger.remove_user(entry)
         return done
 
@@ -449,17 +489,35 @@ class DatabaseAccessStep:
         created: bool,
         granted_roles: tuple[str, ...],
         allow_ddl_triggers: bool,
-    ) -> tuple[str, str | None]:
-        """Drop the user (``created``) or revoke ``granted_roles`` from it; what was done, and
-        the Event reason saying so (None: nothing was changed)."""
+        identity: str = "",
+    ) -> tuple[str, str | None, bool]:
+        """Drop the user (``created``) or revoke ``granted_roles`` from it; what was done, the
+        Event reason saying so (None: nothing was changed), and whether it was kept for another
+        cluster (``OtherClusters``)."""
         sid = sid_of(client_id)
         async with self._locks.hold(_lock_key(target, sid)):
             found = await self._db.find_principals(target, name, sid)
             user = next((p for p in found if p.sid == sid), None)
             if user is None:
-                return f"the user {quote_name(name)} was already gone from {target.display}", None
+                gone = f"the user {quote_name(name)} was already gone from {target.display}"
+                return gone, None, False
             held = {role.lower() for role in user.roles}
             revoked = [role for role in granted_roles if role.lower() in held]
+            others = (
+                await self._elsewhere.issuers(identity, client_id)
+                if self._elsewhere is not None and (created or revoked)
+                else []
+            )
+            if others:
+                return (
+                    f"kept the user {quote_name(user.name)} in {target.display}"
+                    + (f" and its roles {', '.join(revoked)}" if revoked else "")
+                    + f": the identity also trusts service accounts of {', '.join(others)}, "
+                    "whose pods may log in as it; the sweep removes it once no other cluster is "
+                    "federated",
+                    "DatabaseUserKept",
+                    True,
+                )
             if created or revoked:
                 await self._refuse_ddl_triggers(
                     allow_ddl_triggers,
@@ -471,6 +529,7 @@ class DatabaseAccessStep:
                 return (
                     f"dropped the user {quote_name(user.name)} from {target.display}",
                     "DatabaseUserDropped",
+                    False,
                 )
             for role in revoked:
                 await self._db.set_role_member(target, role, user.name, member=False)
@@ -479,8 +538,10 @@ class DatabaseAccessStep:
                     f"removed {quote_name(user.name)} from {', '.join(revoked)} in "
                     f"{target.display} (the user existed before the operator, so it stays)",
                     "DatabaseRoleRevoked",
+                    False,
                 )
-            return f"left the user {quote_name(user.name)} in {target.display} as it found it", None
+            as_found = f"left the user {quote_name(user.name)} in {target.display} as it found it"
+            return as_found, None, False
 
     async def _release_previous(self, ctx: Context, recorded: DatabaseUserRecord) -> None:
         """After a spec change: a permanent failure is reported and forgotten rather than

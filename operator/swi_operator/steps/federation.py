@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from swi_operator.backing import Backing, Grant, parse_subject
+from swi_operator.backing import SUBJECT_PREFIX, Backing, Grant, parse_subject
 from swi_operator.cloud import (
     MAX_CREDENTIALS_PER_IDENTITY,
     CredentialStore,
@@ -99,6 +99,32 @@ def creates(existing: list[FederatedCredential], desired: FederatedCredential) -
         c.name == desired.name or (c.issuer == desired.issuer and c.subject == desired.subject)
         for c in existing
     )
+
+
+class FederatedClusters:
+    """``database.OtherClusters`` from the identity's credentials: the issuers other than this
+    cluster's with a service-account subject (Kubernetes clusters; not GitHub's or a person's)."""
+
+    def __init__(self, store: CredentialStore, issuer: IssuerSource) -> None:
+        self._store = store
+        self._issuer = issuer
+
+    async def issuers(self, identity: str, client_id: str) -> list[str]:
+        ref = identity_from_status(identity) or ApplicationRef(client_id=client_id.lower())
+        try:
+            resolved = await self._store.resolve(ref)
+        except PermanentError as err:
+            if err.reason is Reason.IDENTITY_NOT_FOUND:
+                return []  # gone, and its credentials with it
+            raise
+        ours = await self._issuer.get()
+        return sorted(
+            {
+                c.issuer
+                for c in await self._store.list(resolved)
+                if c.issuer != ours and c.subject.startswith(SUBJECT_PREFIX)
+            }
+        )
 
 
 class IssuerSource:

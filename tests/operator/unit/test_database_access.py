@@ -3,6 +3,7 @@ granted and dropped, and what is never touched."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -336,3 +337,63 @@ async def test_a_forged_server_with_an_odbc_keyword_is_never_used(db):
     outcome = await pipeline.reconcile(body)
     assert "DatabaseUserNotRemoved" not in reasons(outcome), "a session was opened"
     assert db.writes == []
+
+
+class FakeClusters:
+    """Other clusters' issuers federated on the identity (``OtherClusters``)."""
+
+    def __init__(self) -> None:
+        self.issuers_now: list[str] = []
+        self.asked: list[tuple[str, str]] = []
+
+    async def issuers(self, identity: str, client_id: str) -> list[str]:
+        self.asked.append((identity, client_id))
+        return list(self.issuers_now)
+
+
+async def test_a_user_another_cluster_may_use_is_kept_until_the_sweep_finds_it_alone(db):
+    """Two clusters federate one identity and share its database user; each operator sees only
+    its own resources. The cluster that created the user keeps it, with its ledger entry, while
+    another cluster's issuer is federated; the sweep drops it once none is."""
+    from swi_operator.ledger import Ledger, MemoryLedgerStore, UserEntry
+
+    store = FakeStore()
+    store.add_identity(ApplicationRef(APP))
+    kube = FakeKube()
+    ledger = Ledger(MemoryLedgerStore())
+    clusters = FakeClusters()
+    step = DatabaseAccessStep(db, KeyedLocks(), "sid", None, ledger, None, clusters)
+    pipeline = build_pipeline(store, kube, TENANT, None, (step,), ledger=ledger)
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    assert db.user(TARGET, "app-name") is not None
+
+    clusters.issuers_now = ["https://other-cluster.example"]
+    finalized = await pipeline.finalize(body)
+    assert db.user(TARGET, "app-name") is not None  # the other cluster's pods still log in
+    kept = next(e for e in finalized.events if e.reason == "DatabaseUserKept")
+    assert "https://other-cluster.example" in kept.message
+    (entry,) = await ledger.users()
+    assert entry.created and entry.identity == APP and clusters.asked == [(APP, APP)]
+    # Marked for the sweep (which otherwise keeps what policies would let a resource retain).
+    assert entry.released and UserEntry.from_json(entry.to_json()) == entry
+    assert '"released"' not in dataclasses.replace(entry, released=False).to_json()
+
+    assert await step.release_entry(entry) is None  # the sweep: still federated elsewhere
+    assert db.user(TARGET, "app-name") is not None and await ledger.users() == [entry]
+    clusters.issuers_now = []  # the other cluster let go
+    assert "dropped the user" in (await step.release_entry(entry) or "")
+    assert db.user(TARGET, "app-name") is None and await ledger.users() == []
+
+
+async def test_no_other_cluster_is_asked_about_when_nothing_would_be_undone(db):
+    clusters = FakeClusters()
+    clusters.issuers_now = ["https://other-cluster.example"]
+    db.add_user(TARGET, "app-name", SID, {"db_datareader"})  # there before: adopted as found
+    store = FakeStore()
+    store.add_identity(ApplicationRef(APP))
+    step = DatabaseAccessStep(db, KeyedLocks(), "sid", None, None, None, clusters)
+    pipeline = build_pipeline(store, FakeKube(), TENANT, None, (step,))
+    body = applied(resource(sql=SQL), await pipeline.reconcile(resource(sql=SQL)))
+    await pipeline.finalize(body)
+    assert clusters.asked == []
+    assert db.user(TARGET, "app-name") is not None
