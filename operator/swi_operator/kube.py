@@ -637,16 +637,19 @@ class KubernetesClient:
         return None if found is None else list(found.get("items") or [])
 
     async def namespace_labels(self, namespace: str) -> dict[str, str]:
-        """The labels of a Namespace (policies select namespaces by them); {} if it is gone."""
+        """The labels of a Namespace (policies select namespaces by them); {} if it is gone.
+        A LIST of that one namespace (``fieldSelector``), not a GET: the operator's role lists
+        and watches namespaces and needs nothing more (the watch answers all but the first)."""
 
         async def fetch() -> dict[str, str]:
             found = await self._call(
                 f"read namespace {namespace}",
                 "GET",
-                f"/api/v1/namespaces/{namespace}",
-                missing_ok=True,
+                "/api/v1/namespaces",
+                query=[("fieldSelector", f"metadata.name={namespace}")],
             )
-            return dict(_dig(found, "metadata", "labels") or {})
+            items = (found or {}).get("items") or []
+            return dict(_dig(items[0], "metadata", "labels") or {}) if items else {}
 
         return dict(await shared_read(("namespace", namespace), fetch))
 
