@@ -142,7 +142,9 @@ def test_the_operator_can_do_its_job(
     assert as_operator(
         "auth", "can-i", "patch", "sqlidentitypolicies", "--subresource=status"
     ).returncode == 0  # fmt: skip
-    as_operator("get", "namespace", namespace)
+    # A namespace the watch has not seen: a LIST of that one (list and watch are all it has).
+    as_operator("get", "namespaces", f"--field-selector=metadata.name={namespace}")
+    assert as_operator("auth", "can-i", "watch", "namespaces").returncode == 0
     admin(sandbox, "delete", "sip", f"{namespace}-rbac")
 
     # The webhooks: their configurations (client config only) and the certificate Secret.
