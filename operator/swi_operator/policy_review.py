@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 RECOUNT_MIN_S = 10.0  # the policies' counts may lag the fleet by this much (PolicyReview.recount)
 
 
+class NamespaceLabelReader(Protocol):
+    async def namespace_labels(self, namespace: str) -> Mapping[str, str]: ...
+
+
 class PolicyKube(Protocol):
     async def list_policies(self) -> list[dict[str, Any]] | None: ...
 
@@ -89,11 +93,12 @@ class PolicyReview(DebouncedTask):
         namespaces: Sequence[str],
         require_policy: bool,
         interval: float,
-        watched: NamespaceLabels | None = None,
+        labels: NamespaceLabelReader | None = None,
     ) -> None:
         super().__init__(gate, namespaces=namespaces, interval=interval)
         self._kube = kube
-        self._watched = watched
+        # Where namespace labels come from: the gate's source (the namespace watch, then live).
+        self._labels: NamespaceLabelReader = labels or kube
         self._drift = drift
         self._require = require_policy
         self._memo = PolicyMemo()
@@ -134,10 +139,7 @@ class PolicyReview(DebouncedTask):
                 continue
             namespace = str(_dig(body, "metadata", "namespace"))
             if namespace not in labels and needs_namespace_labels(parsed.valid, namespace):
-                seen = self._watched.labels(namespace) if self._watched else None
-                labels[namespace] = (
-                    seen if seen is not None else await self._kube.namespace_labels(namespace)
-                )
+                labels[namespace] = await self._labels.namespace_labels(namespace)
             decision = authorize(
                 spec.identity,
                 spec.sql,

@@ -282,7 +282,7 @@ class Runtime:
             namespaces=config.namespaces,
             require_policy=config.require_policy,
             interval=config.drift_interval,
-            watched=namespace_labels,
+            labels=policies,
         )
         sweep = CredentialSweep(
             kube,
