@@ -4,8 +4,9 @@ A federated credential of this cluster's issuer on identity I for the subject
 ``system:serviceaccount:NS:SA`` is *backed* when a SqlWorkloadIdentity in NS
 
 * exists and is not being deleted,
-* names SA and I in its spec (the spec is the only part of a resource its tenant writes that the
-  operator trusts here, and only within its own namespace), and
+* names SA and I in its spec, or names a SqlIdentityPool (``pool.py``) of which I is a member
+  (the spec is the only part of a resource its tenant writes that the operator trusts here, and
+  only within its own namespace; a pool's members are the platform team's), and
 * is allowed by the current policies (``policy.authorize``, the gate's own decision).
 
 Nothing else a tenant can write decides it: not the ``sqlidentity.io/owner`` annotation of a
@@ -23,7 +24,11 @@ from typing import Any, Protocol
 
 from swi_operator.errors import PermanentError
 from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels
-from swi_operator.spec import SpecError, parse_spec
+from swi_operator.pool import Pool, PoolSource
+from swi_operator.spec import PoolRef, SpecError, parse_spec
+
+# Each valid SqlIdentityPool's members (identity keys), by pool name.
+PoolMembers = Mapping[str, frozenset[str]]
 
 SUBJECT_PREFIX = "system:serviceaccount:"
 
@@ -67,9 +72,11 @@ async def backed_grants(
     policies: Policies | None,
     require_policy: bool,
     exclude_uid: str | None = None,
+    pools: PoolMembers | None = None,
 ) -> set[Grant]:
     """The grants ``resources`` back (``policies`` None: every live resource counts, as in the
-    unit tests of the steps that run without the gate)."""
+    unit tests of the steps that run without the gate). A pool resource backs its subject on
+    every member of ``pools[its pool]`` (none if the pool is unknown)."""
     parsed: ParsedPolicies | None = None
     if policies is not None:
         try:
@@ -101,21 +108,39 @@ async def backed_grants(
             )
             if not decision.allowed:
                 continue
-        grants.add(Grant(spec.identity.key, namespace, spec.service_account_name))
+        if isinstance(spec.identity, PoolRef):
+            for key in (pools or {}).get(spec.identity.name, frozenset()):
+                grants.add(Grant(key, namespace, spec.service_account_name))
+        else:
+            grants.add(Grant(spec.identity.key, namespace, spec.service_account_name))
     return grants
+
+
+async def pool_members(pools: PoolSource | None) -> dict[str, frozenset[str]]:
+    """``PoolMembers`` as ``pools`` read them now (nothing without pools)."""
+    if pools is None:
+        return {}
+    return {name: p.member_keys for name, p in (await pools.all()).items() if isinstance(p, Pool)}
 
 
 class Backing:
     """``backed_grants`` over the cluster, for one namespace at a time (revocation, deletion)."""
 
     def __init__(
-        self, kube: ResourceLister, policies: Policies | None, require_policy: bool = True
+        self,
+        kube: ResourceLister,
+        policies: Policies | None,
+        require_policy: bool = True,
+        pools: PoolSource | None = None,
     ) -> None:
         self._kube = kube
         self._policies = policies
         self._require = require_policy
+        self._pools = pools
 
     async def elsewhere(self, grant: Grant, me_uid: str) -> bool:
         """Whether a resource other than ``me_uid`` backs ``grant``."""
         resources = await self._kube.list_resources([grant.namespace])
-        return grant in await backed_grants(resources, self._policies, self._require, me_uid)
+        members = await pool_members(self._pools)
+        backed = await backed_grants(resources, self._policies, self._require, me_uid, members)
+        return grant in backed

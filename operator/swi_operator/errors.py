@@ -76,6 +76,8 @@ class Reason(enum.StrEnum):
     IDENTITY_NOT_FOUND = "IdentityNotFound"
     TENANT_NOT_MANAGED = "TenantNotManaged"
     CREDENTIAL_LIMIT_REACHED = "CredentialLimitReached"
+    POOL_NOT_FOUND = "PoolNotFound"  # spec.identity.poolName names no (valid) SqlIdentityPool
+    POOL_EXHAUSTED = "PoolExhausted"  # every member of the pool has its credentials spent
     CREDENTIAL_CONFLICT = "CredentialConflict"
     CREDENTIAL_REJECTED = "CredentialRejected"
     OPERATOR_AUTHENTICATION_FAILED = "OperatorAuthenticationFailed"

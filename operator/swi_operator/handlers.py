@@ -10,7 +10,9 @@
 * any SqlIdentityPolicy event: the policy cache is dropped and ``PolicyReview`` looks at the fleet
   (prompt revocation, policy status), and the sweep (``sweep.py``) runs;
 * a SqlWorkloadIdentity gone from the API (finalizer or not): the sweep runs;
-* a Namespace's labels changed: the policy review and the sweep run (policies select by label).
+* a Namespace's labels changed: the policy review and the sweep run (policies select by label);
+* a SqlIdentityPool created, deleted or changed: the pools are read again, the pool status runs
+  (and moves resources off removed members), and the sweep runs.
 
 Run by ``python -m swi_operator`` (see ``__main__``), or by kopf itself
 (``kopf run -m swi_operator.handlers``, configured from the environment), as the tests do.
@@ -35,7 +37,14 @@ from swi_operator import config as config_module
 from swi_operator import peers, readiness
 from swi_operator.errors import TransientError, backoff_delay
 from swi_operator.events import CLEANED_UP
-from swi_operator.kube import GROUP, PLURAL, POLICY_PLURAL, VERSION, in_cluster_server
+from swi_operator.kube import (
+    GROUP,
+    PLURAL,
+    POLICY_PLURAL,
+    POOL_PLURAL,
+    VERSION,
+    in_cluster_server,
+)
 from swi_operator.metrics import MetricsServer
 from swi_operator.naming import OPERATOR_NAME
 from swi_operator.policy_review import admission_changed
@@ -112,6 +121,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         runtime.policy_review.run(), name="swi-policy-review"
     )
     memo["sweep"] = asyncio.create_task(runtime.sweep.run(), name="swi-sweep")
+    memo["pool_status"] = asyncio.create_task(runtime.pool_status.run(), name="swi-pool-status")
     stop_flag: asyncio.Event | None = memo.get("stop_flag")  # given by __main__ with peering
     if stop_flag is not None and config.peering is not None:
         memo["signals"] = asyncio.create_task(_take_signals(runtime, stop_flag), name="swi-signals")
@@ -163,7 +173,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for key in ("drift", "policy_review", "sweep", "readiness_server", "signals"):
+    for key in ("drift", "policy_review", "sweep", "pool_status", "readiness_server", "signals"):
         task: asyncio.Task[None] | None = memo.get(key)
         if task is not None:
             task.cancel()
@@ -198,6 +208,8 @@ async def reconcile(
             patch.status.update(outcome.status)
             if admission_changed(body.status, outcome.status):
                 state.policy_review.recount()
+            if (body.spec.get("identity") or {}).get("poolName"):
+                state.pool_status.recount()  # the pool's counts (pool_status.py)
         await state.events.post(body, outcome.events)
     if outcome.retry is not None:
         raise _retry(outcome.retry, retry, state.config.retry_backoff_max)
@@ -212,6 +224,19 @@ async def policy_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> Non
     if state.policy_specs.changed(event):
         state.policies.invalidate()
         state.policy_review.changed()
+        state.sweep.changed()
+
+
+@kopf.on.event(GROUP, VERSION, POOL_PLURAL, id="pool-changed")
+async def pool_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A pool created, deleted or its spec changed (its members): the pools are read again, the
+    pool status moves resources off removed members, and the sweep runs (pool_status.py)."""
+    if "runtime" not in memo:
+        return
+    state = _runtime(memo)
+    if state.pool_specs.changed(event):
+        state.pools.invalidate()
+        state.pool_status.changed()
         state.sweep.changed()
 
 
@@ -236,6 +261,7 @@ async def resource_gone(memo: kopf.Memo, **_: Any) -> None:
     """A resource left the API (with or without our finalizer): sweep what it may have left."""
     _runtime(memo).sweep.changed()
     _runtime(memo).policy_review.recount()
+    _runtime(memo).pool_status.recount()
 
 
 @kopf.on.delete(*RESOURCE, id="finalize")

@@ -31,6 +31,7 @@ GROUP = "sqlidentity.io"
 VERSION = "v1alpha1"
 PLURAL = "sqlworkloadidentities"
 POLICY_PLURAL = "sqlidentitypolicies"  # cluster-scoped: swi_operator.policy
+POOL_PLURAL = "sqlidentitypools"  # cluster-scoped: swi_operator.pool
 REQUEST_TIMEOUT_S = 30.0
 KUBE_THREADS = 16  # API requests in flight at most
 MERGE_PATCH = "application/merge-patch+json"
@@ -635,6 +636,27 @@ class KubernetesClient:
             missing_ok=True,
         )
         return None if found is None else list(found.get("items") or [])
+
+    async def list_pools(self) -> list[dict[str, Any]] | None:
+        """Every SqlIdentityPool; None if their CRD is not installed."""
+        found = await self._call(
+            "list SqlIdentityPools",
+            "GET",
+            f"/apis/{GROUP}/{VERSION}/{POOL_PLURAL}",
+            missing_ok=True,
+        )
+        return None if found is None else list(found.get("items") or [])
+
+    async def patch_pool_status(self, name: str, status: Mapping[str, Any]) -> None:
+        await self._call(
+            f"update the status of SqlIdentityPool {name}",
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/{POOL_PLURAL}/{name}/status",
+            body={"status": dict(status)},
+            content_type=MERGE_PATCH,
+            missing_ok=True,
+            decode=False,
+        )
 
     async def namespace_labels(self, namespace: str) -> dict[str, str]:
         """The labels of a Namespace (policies select namespaces by them); {} if it is gone.

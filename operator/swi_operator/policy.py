@@ -42,12 +42,14 @@ from typing import Any
 from swi_operator.spec import (
     SQL_SERVER,
     ApplicationRef,
-    IdentityRef,
     LabelSelector,
+    NamedIdentity,
+    PoolRef,
     SelectorRequirement,
     SpecError,
     SqlSpec,
     is_guid,
+    is_pool_name,
     parse_managed_identity_id,
 )
 
@@ -115,13 +117,15 @@ class SqlGrant:
 @dataclass(frozen=True)
 class Policy:
     name: str
-    identity_key: str  # IdentityRef.key: app:<client id> or mi:<resource id, lower case>
+    identity_key: (
+        str  # NamedIdentity.key: app:<client id>, mi:<resource id, lower case>, pool:<name>
+    )
     identity_display: str
     namespaces: NamespaceScope
     sql: SqlGrant | None = None
     generation: int = 0
     allow_retain: bool = False  # resources may use deletionPolicy: Retain
-    identity: IdentityRef | None = field(default=None, compare=False)  # what identity_key names
+    identity: NamedIdentity | None = field(default=None, compare=False)  # what identity_key names
 
 
 @dataclass(frozen=True)
@@ -213,17 +217,26 @@ class PolicyMemo:
     known: dict[tuple[str, int], Policy | SpecError] = field(default_factory=dict)
 
 
-def _policy_identity(raw: object, problems: list[tuple[str, str]]) -> IdentityRef | None:
+def _policy_identity(raw: object, problems: list[tuple[str, str]]) -> NamedIdentity | None:
     path = "spec.identity"
     if not isinstance(raw, Mapping):
         problems.append((path, "Required value"))
         return None
     app, mi = raw.get("applicationClientId"), raw.get("managedIdentityResourceId")
-    if (app is None) == (mi is None):
+    pool = raw.get("poolName")
+    if sum(value is not None for value in (app, mi, pool)) != 1:
         problems.append(
-            (path, "set exactly one of applicationClientId or managedIdentityResourceId")
+            (
+                path,
+                "set exactly one of applicationClientId, managedIdentityResourceId or poolName",
+            )
         )
         return None
+    if pool is not None:
+        if not is_pool_name(pool):
+            problems.append((f"{path}.poolName", f"Invalid value {pool!r}: not a pool name"))
+            return None
+        return PoolRef(name=str(pool))
     if app is not None:
         if not is_guid(app):
             problems.append((f"{path}.applicationClientId", f"Invalid value {app!r}: not a GUID"))
@@ -404,7 +417,7 @@ def sql_problems(policy: Policy, sql: SqlSpec) -> list[str]:
 
 
 def authorize(
-    identity: IdentityRef,
+    identity: NamedIdentity,
     sql: SqlSpec | None,
     namespace: str,
     namespace_labels: Mapping[str, str],

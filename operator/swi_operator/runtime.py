@@ -40,6 +40,8 @@ from swi_operator.metrics import TrackedSlots
 from swi_operator.peers import Drain
 from swi_operator.pipeline import Pipeline
 from swi_operator.policy_review import NamespaceLabels, PolicyReview, PolicySpecs
+from swi_operator.pool import PoolSource
+from swi_operator.pool_status import PoolStatus
 from swi_operator.sql import Database, OdbcDatabase
 from swi_operator.steps import Step
 from swi_operator.steps.authorization import AuthorizationStep, KubePolicySource
@@ -119,6 +121,7 @@ def build_pipeline(
     identity_locks: KeyedLocks | None = None,
     operator_client_id: str | None = None,
     ledger: Ledger | None = None,
+    pools: PoolSource | None = None,
 ) -> Pipeline:
     """The steps in order; ``later`` ones (database access, verification) come last. The policy
     ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out.
@@ -133,6 +136,7 @@ def build_pipeline(
             backing,
             operator_client_id,
             ledger,
+            pools,
         ),
         ServiceAccountStep(kube),
         WorkloadsStep(kube, pod_token_grace),
@@ -175,6 +179,8 @@ class Runtime:
     policies: KubePolicySource
     policy_review: PolicyReview
     sweep: CredentialSweep
+    pools: PoolSource
+    pool_status: PoolStatus
     _credential: AsyncTokenCredential
     _graph_http: httpx.AsyncClient
     _arm: ArmCredentialStore
@@ -192,6 +198,8 @@ class Runtime:
     namespace_labels: NamespaceLabels = dataclasses.field(default_factory=NamespaceLabels)
     # Policy generations as the watch last saw them (handlers.policy_changed).
     policy_specs: PolicySpecs = dataclasses.field(default_factory=PolicySpecs)
+    # Pool generations as the watch last saw them (handlers.pool_changed): same rule.
+    pool_specs: PolicySpecs = dataclasses.field(default_factory=PolicySpecs)
 
     @classmethod
     def start(
@@ -246,6 +254,7 @@ class Runtime:
         )
         namespace_labels = NamespaceLabels()
         policies = KubePolicySource(kube, config.require_policy, watched=namespace_labels)
+        pools = PoolSource(kube)
         identity_locks = KeyedLocks()
         pipeline = build_pipeline(
             store,
@@ -255,10 +264,11 @@ class Runtime:
             later,
             gate=AuthorizationStep(policies, config.require_policy),
             pod_token_grace=config.pod_token_grace,
-            backing=Backing(kube, policies, config.require_policy),
+            backing=Backing(kube, policies, config.require_policy, pools),
             identity_locks=identity_locks,
             operator_client_id=config.client_id,
             ledger=ledger,
+            pools=pools,
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)
@@ -296,6 +306,17 @@ class Runtime:
             interval=config.sweep_interval,
             ledger=ledger,
             users=later[0],
+            pools=pools,
+        )
+        pool_status = PoolStatus(
+            kube,
+            pools,
+            store,
+            issuer,
+            drift,
+            gate,
+            namespaces=config.namespaces,
+            interval=config.drift_interval,
         )
         return cls(
             config,
@@ -307,6 +328,8 @@ class Runtime:
             policies,
             policy_review,
             sweep,
+            pools,
+            pool_status,
             credential,
             graph_http,
             arm,

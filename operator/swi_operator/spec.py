@@ -101,6 +101,32 @@ class ManagedIdentityRef:
 
 IdentityRef = ApplicationRef | ManagedIdentityRef
 
+# An identity pool's name: what a SqlIdentityPool is called (a DNS-1123 subdomain, as any
+# cluster-scoped object's name).
+POOL_NAME_MAX = 253
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    """A SqlIdentityPool (``swi_operator.pool``): the operator picks one of its members."""
+
+    name: str
+    tenant_id: str | None = None
+    kind: Literal["Pool"] = "Pool"
+
+    @property
+    def key(self) -> str:
+        """What policies name and identity locks serialise on (``pool:<name>``)."""
+        return f"pool:{self.name}"
+
+    @property
+    def display(self) -> str:
+        return f"identity pool {self.name}"
+
+
+# What a SqlWorkloadIdentity or a SqlIdentityPolicy names: one identity, or a pool of them.
+NamedIdentity = ApplicationRef | ManagedIdentityRef | PoolRef
+
 
 @dataclass(frozen=True)
 class SelectorRequirement:
@@ -142,7 +168,7 @@ class SqlSpec:
 @dataclass(frozen=True)
 class Spec:
     service_account_name: str
-    identity: IdentityRef
+    identity: NamedIdentity
     audience: str = DEFAULT_AUDIENCE
     workload_selector: LabelSelector | None = None
     sql: SqlSpec | None = None
@@ -192,6 +218,15 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
     selector = _parse_workloads(raw.get("workloads"), problems)
     sql = _parse_sql(raw.get("sql"), problems)
 
+    if isinstance(identity, PoolRef) and sql is not None and sql.user_name is not None:
+        problems.append(
+            (
+                "spec.sql.userName",
+                "not allowed with spec.identity.poolName: each member of the pool gets a "
+                "database user of its own, named after it; remove spec.sql.userName",
+            )
+        )
+
     policy = raw.get("deletionPolicy", "Delete")
     if policy not in ("Delete", "Retain"):
         problems.append(
@@ -210,7 +245,7 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
     )
 
 
-def _parse_identity(raw: object, problems: list[tuple[str, str]]) -> IdentityRef | None:
+def _parse_identity(raw: object, problems: list[tuple[str, str]]) -> NamedIdentity | None:
     path = "spec.identity"
     if not isinstance(raw, Mapping):
         problems.append((path, "Required value"))
@@ -221,11 +256,40 @@ def _parse_identity(raw: object, problems: list[tuple[str, str]]) -> IdentityRef
         tenant = None
     app = raw.get("applicationClientId")
     mi = raw.get("managedIdentityResourceId")
-    if (app is None) == (mi is None):
+    pool = raw.get("poolName")
+    if sum(value is not None for value in (app, mi, pool)) != 1:
         problems.append(
-            (path, "set exactly one of applicationClientId or managedIdentityResourceId")
+            (
+                path,
+                "set exactly one of applicationClientId, managedIdentityResourceId or poolName",
+            )
         )
         return None
+    if pool is not None:
+        if not is_pool_name(pool):
+            problems.append(
+                (
+                    f"{path}.poolName",
+                    f"Invalid value {pool!r}: must be the name of a SqlIdentityPool (a DNS-1123 "
+                    "subdomain)",
+                )
+            )
+            return None
+        return PoolRef(name=str(pool), tenant_id=tenant.lower() if tenant else None)
+    return parse_single_identity(path, app, mi, tenant, problems)
+
+
+def is_pool_name(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) <= POOL_NAME_MAX
+        and bool(_DNS1123_SUBDOMAIN.fullmatch(value))
+    )
+
+
+def parse_single_identity(
+    path: str, app: Any, mi: Any, tenant: Any, problems: list[tuple[str, str]]
+) -> IdentityRef | None:
     if app is not None:
         if not is_guid(app):
             problems.append((f"{path}.applicationClientId", f"Invalid value {app!r}: not a GUID"))

@@ -47,7 +47,8 @@ from swi_operator.ledger import Ledger, UserEntry
 from swi_operator.locks import KeyedLocks
 from swi_operator.periodic import DebouncedTask
 from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels, server_key
-from swi_operator.spec import IdentityRef, SpecError, parse_spec
+from swi_operator.pool import Pool, PoolSource
+from swi_operator.spec import IdentityRef, NamedIdentity, PoolRef, SpecError, parse_spec
 from swi_operator.steps.database import DatabaseUserRecord
 from swi_operator.steps.federation import IssuerSource, identity_from_status
 
@@ -98,8 +99,11 @@ class CredentialSweep(DebouncedTask):
         interval: float,
         ledger: Ledger | None = None,
         users: UserReleaser | None = None,
+        pools: PoolSource | None = None,
     ) -> None:
         super().__init__(gate, namespaces=namespaces, interval=interval)
+        self._pools = pools
+        self._pool_view: dict[str, Pool] = {}  # this pass's valid pools
         self._ledger = ledger
         self._users = users
         self._kube = kube
@@ -120,17 +124,27 @@ class CredentialSweep(DebouncedTask):
         except PermanentError:
             return ParsedPolicies()  # no policy CRD: only what requirePolicy off allows counts
 
+    async def _pools_now(self) -> dict[str, Pool]:
+        """The valid pools, read for this pass (never a cached view for a removal)."""
+        if self._pools is None:
+            return {}
+        self._pools.invalidate()
+        return {name: p for name, p in (await self._pools.all()).items() if isinstance(p, Pool)}
+
     def _remember(self, parsed: ParsedPolicies, resources: Sequence[Mapping[str, Any]]) -> None:
+        for pool in self._pool_view.values():
+            for member in pool.members:  # every pool's members: the operator may federate them
+                self._seen.setdefault(member.key, member)
         for policy in parsed.valid:
-            if policy.identity is not None:
+            if policy.identity is not None and not isinstance(policy.identity, PoolRef):
                 self._seen.setdefault(policy.identity.key, policy.identity)
         for body in resources:
             try:
-                ref: IdentityRef | None = parse_spec(body.get("spec") or {}).identity
+                named: NamedIdentity | None = parse_spec(body.get("spec") or {}).identity
             except SpecError:
-                ref = None
-            if ref is not None:
-                self._seen.setdefault(ref.key, ref)
+                named = None
+            if named is not None and not isinstance(named, PoolRef):
+                self._seen.setdefault(named.key, named)
             status = body.get("status")
             recorded = status.get("federatedCredential") if isinstance(status, Mapping) else None
             if isinstance(recorded, Mapping):
@@ -170,8 +184,15 @@ class CredentialSweep(DebouncedTask):
         labels: Mapping[str, str] = {}
         if needs_namespace_labels(parsed.valid, namespace):
             labels = await self._policies.namespace_labels(namespace)
-        decision = authorize(ref, None, namespace, labels, parsed.valid, self._require, retain=True)
-        return decision.allowed
+        # A pool member's credentials are the pool's: the policies that name the pool decide.
+        named: list[NamedIdentity] = [ref]
+        named += [PoolRef(name) for name, p in self._pool_view.items() if ref.key in p.member_keys]
+        return any(
+            authorize(
+                one, None, namespace, labels, parsed.valid, self._require, retain=True
+            ).allowed
+            for one in named
+        )
 
     async def once(self) -> None:
         await self.sweep()
@@ -193,6 +214,7 @@ class CredentialSweep(DebouncedTask):
                     for entry in await self._ledger.users()
                     if not served or entry.namespace in served
                 ]
+        self._pool_view = await self._pools_now()
         self._remember(await self._parsed(), await self._kube.list_resources(served))
         found = await asyncio.gather(
             *(self._ours(ref, issuer, served) for ref in list(self._seen.values()))
@@ -202,8 +224,12 @@ class CredentialSweep(DebouncedTask):
             return []
         resources = await self._kube.list_resources(served)
         parsed = await self._parsed()
+        self._pool_view = await self._pools_now()
         self._remember(parsed, resources)
-        backed = await backed_grants(resources, _Fixed(parsed, self._policies), self._require)
+        members = {name: p.member_keys for name, p in self._pool_view.items()}
+        backed = await backed_grants(
+            resources, _Fixed(parsed, self._policies), self._require, pools=members
+        )
         removed = await self._credentials(candidates, parsed, backed)
         return removed + await self._database_users(entries, resources, parsed, backed)
 
@@ -262,7 +288,8 @@ class CredentialSweep(DebouncedTask):
             meta = body.get("metadata") or {}
             if meta.get("uid") and not meta.get("deletionTimestamp"):
                 live[str(meta["uid"])] = body
-        kept = [entry for entry in entries if _backs(live.get(entry.uid), entry, backed)]
+        members = {name: p.member_keys for name, p in self._pool_view.items()}
+        kept = [entry for entry in entries if _backs(live.get(entry.uid), entry, backed, members)]
         in_use = {entry.user_key: entry for entry in kept}
         removed: list[Removed] = []
         revoking = {e.key for e in entries if e not in kept and _recorded(live.get(e.uid), e)}
@@ -319,9 +346,15 @@ class CredentialSweep(DebouncedTask):
         return removed
 
 
-def _backs(body: Mapping[str, Any] | None, entry: UserEntry, backed: set[Grant]) -> bool:
+def _backs(
+    body: Mapping[str, Any] | None,
+    entry: UserEntry,
+    backed: set[Grant],
+    pools: Mapping[str, frozenset[str]],
+) -> bool:
     """Whether live resource ``body`` (the one that made ``entry``) still wants that user: the
-    same identity, server (however spelled) and database, and a grant the policies allow."""
+    same identity (or a pool the identity is a member of), server (however spelled) and
+    database, and a grant the policies allow."""
     ref = entry.identity_ref
     if body is None or ref is None:
         return False
@@ -329,7 +362,12 @@ def _backs(body: Mapping[str, Any] | None, entry: UserEntry, backed: set[Grant])
         spec = parse_spec(body.get("spec") or {})
     except SpecError:
         return False
-    if spec.sql is None or spec.identity.key != ref.key:
+    if spec.sql is None:
+        return False
+    if isinstance(spec.identity, PoolRef):
+        if ref.key not in pools.get(spec.identity.name, frozenset()):
+            return False
+    elif spec.identity.key != ref.key:
         return False
     if server_key(spec.sql.server) != server_key(entry.server):
         return False

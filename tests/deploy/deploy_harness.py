@@ -107,6 +107,7 @@ def install_generic(sandbox: Any, policy_webhook: bool = False) -> None:
         "crd/sqlworkloadidentities.sqlidentity.io",
         "crd/clusterkopfpeerings.kopf.dev",
         "crd/sqlidentitypolicies.sqlidentity.io",
+        "crd/sqlidentitypools.sqlidentity.io",
         "--timeout=60s",
     )
     kubectl(

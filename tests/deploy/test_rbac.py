@@ -146,6 +146,12 @@ def test_the_operator_can_do_its_job(
     as_operator("get", "namespaces", f"--field-selector=metadata.name={namespace}")
     assert as_operator("auth", "can-i", "watch", "namespaces").returncode == 0
     admin(sandbox, "delete", "sip", f"{namespace}-rbac")
+    # Pools: read and watched, their status written; never created, changed or deleted.
+    as_operator("get", "sqlidentitypools")
+    assert as_operator("auth", "can-i", "watch", "sqlidentitypools").returncode == 0
+    assert as_operator(
+        "auth", "can-i", "patch", "sqlidentitypools", "--subresource=status"
+    ).returncode == 0  # fmt: skip
 
     # The webhooks: their configurations (client config only) and the certificate Secret.
     admission: Any = client.AdmissionregistrationV1Api(as_operator.api)
@@ -203,6 +209,10 @@ def test_the_operator_can_do_its_job(
         ("update", "sqlidentitypolicies"),
         ("patch", "sqlidentitypolicies"),
         ("delete", "sqlidentitypolicies"),
+        # Nor grow its own reach through a pool: pools are the platform team's too.
+        ("create", "sqlidentitypools"),
+        ("patch", "sqlidentitypools"),
+        ("delete", "sqlidentitypools"),
         ("patch", "validatingwebhookconfiguration/someone-elses"),
         ("get", "mutatingwebhookconfigurations"),  # it only writes its client config
         ("get", "deployments", "-A"),  # lists workloads; reads no single one
@@ -226,6 +236,8 @@ def test_the_operator_cannot_do_more(as_operator: Any, verb_and_resource: tuple[
         (("create", "sqlidentitypolicies"), "no"),
         (("patch", "sqlidentitypolicies"), "no"),
         (("delete", "sqlidentitypolicies"), "no"),
+        (("create", "sqlidentitypools"), "no"),
+        (("patch", "sqlidentitypools"), "no"),
     ],
 )
 def test_a_namespace_editor_manages_resources_but_not_status_or_policies(

@@ -26,6 +26,8 @@ from operator_harness import (  # type: ignore[import-not-found]
     PLURAL,
     POLICY_CRD_FILE,
     POLICY_PLURAL,
+    POOL_CRD_FILE,
+    POOL_PLURAL,
     ROOT,
     Cluster,
     Entra,
@@ -51,7 +53,7 @@ def entra(sandbox: Any, world: World) -> Entra:
 
 @pytest.fixture(scope="session")
 def crds(sandbox: Any) -> None:
-    for crd in (CRD_FILE, POLICY_CRD_FILE):
+    for crd in (CRD_FILE, POLICY_CRD_FILE, POOL_CRD_FILE):
         subprocess.run(
             [str(sandbox.kubectl), "apply", "-f", str(ROOT / "crds" / crd)],
             check=True,
@@ -65,6 +67,7 @@ def crds(sandbox: Any) -> None:
             "--timeout=30s",
             f"crd/{PLURAL}.{GROUP}",
             f"crd/{POLICY_PLURAL}.{GROUP}",
+            f"crd/{POOL_PLURAL}.{GROUP}",
         ],
         check=True,
         capture_output=True,

@@ -20,6 +20,8 @@ GROUP, VERSION, PLURAL = "sqlidentity.io", "v1alpha1", "sqlworkloadidentities"
 CRD_FILE = "sqlidentity.io_sqlworkloadidentities.yaml"
 POLICY_PLURAL = "sqlidentitypolicies"
 POLICY_CRD_FILE = "sqlidentity.io_sqlidentitypolicies.yaml"
+POOL_PLURAL = "sqlidentitypools"
+POOL_CRD_FILE = "sqlidentity.io_sqlidentitypools.yaml"
 AUDIENCE = "api://AzureADTokenExchange"
 DRIFT_INTERVAL_S = 2.0
 

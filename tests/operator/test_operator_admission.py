@@ -31,10 +31,13 @@ def valid(**changes: Any) -> dict[str, Any]:
     [
         (valid(serviceAccountName="Not_Valid"), "spec.serviceAccountName"),
         ({"identity": {"applicationClientId": APP}}, "spec.serviceAccountName: Required value"),
-        (valid(identity={}), "set exactly one of applicationClientId or managedIdentityResourceId"),
+        (
+            valid(identity={}),
+            "set exactly one of applicationClientId, managedIdentityResourceId or poolName",
+        ),
         (
             valid(identity={"applicationClientId": APP, "managedIdentityResourceId": MI}),
-            "set exactly one of applicationClientId or managedIdentityResourceId",
+            "set exactly one of applicationClientId, managedIdentityResourceId or poolName",
         ),
         (
             valid(identity={"applicationClientId": "not-a-guid"}),

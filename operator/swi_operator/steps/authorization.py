@@ -29,7 +29,7 @@ from swi_operator.policy import (
     needs_namespace_labels,
     parse_policies,
 )
-from swi_operator.spec import IdentityRef, SqlSpec
+from swi_operator.spec import NamedIdentity, SqlSpec
 from swi_operator.steps import Context, StepResult
 
 POLICY_CACHE_S = 2.0
@@ -98,7 +98,7 @@ class KubePolicySource:
 
 async def decide(
     source: PolicySource,
-    identity: IdentityRef,
+    identity: NamedIdentity,
     sql: SqlSpec | None,
     namespace: str,
     require_policy: bool,

@@ -50,7 +50,14 @@ from swi_operator.errors import PermanentError, Reason, ReconcileError, Transien
 from swi_operator.kube import KubeClient
 from swi_operator.locks import KeyedLocks
 from swi_operator.naming import Owner, credential_description, credential_name, subject_for
-from swi_operator.spec import ApplicationRef, IdentityRef, is_guid, parse_managed_identity_id
+from swi_operator.pool import Pool, PoolSource, choose_member, exhausted
+from swi_operator.spec import (
+    ApplicationRef,
+    IdentityRef,
+    PoolRef,
+    is_guid,
+    parse_managed_identity_id,
+)
 from swi_operator.steps import Context, StepResult
 from swi_operator.steps.service_account import ensure_not_claimed
 
@@ -189,8 +196,10 @@ class FederatedCredentialStep:
         backing: Backing | None = None,
         operator_client_id: str | None = None,
         identities: IdentityNotes | None = None,
+        pools: PoolSource | None = None,
     ) -> None:
         self._identities = identities
+        self._pools = pools
         self._operator_client_id = (operator_client_id or "").lower()
         self._store = store
         self._issuer = issuer
@@ -211,14 +220,6 @@ class FederatedCredentialStep:
         sa = await self._kube.get_service_account(res.namespace, ctx.spec.service_account_name)
         ctx.service_account, ctx.service_account_read = sa, True  # for the next step
         await ensure_not_claimed(self._kube, sa, res)
-        identity = ctx.identity = await self._store.resolve(ref)
-        if identity.client_id.lower() == self._operator_client_id:
-            raise PermanentError(
-                Reason.INVALID_SPEC,
-                f"spec.identity is {identity.ref.display}, the operator's own identity: no "
-                "workload may borrow it (it administers every SQL server and identity the "
-                "operator manages); use an identity of its own",
-            )
         subject = subject_for(res.namespace, ctx.spec.service_account_name)
         desired = FederatedCredential(
             name=credential_name(ctx.issuer, res.namespace, ctx.spec.service_account_name),
@@ -227,35 +228,134 @@ class FederatedCredentialStep:
             audiences=(ctx.spec.audience,),
             description=credential_description(ctx.issuer, Owner(res.namespace, res.name)),
         )
-        if self._identities is not None:
-            # Written ahead, once per identity: the sweep lists its credentials after a restart
-            # too, whatever becomes of this resource (ledger.py).
-            await self._identities.remember_identity(ref)
-        async with self._locks.hold(ref.key):
-            credential = await self._ensure(ctx, identity, desired)
+        if isinstance(ref, PoolRef):
+            pool = await self._pool(ref)
+            async with self._locks.hold(ref.key):  # one choice at a time per pool
+                identity, credential = await self._pool_member(ctx, pool, desired)
+        else:
+            identity = ctx.identity = await self._store.resolve(ref)
+            self._refuse_operator_identity(identity)
+            if self._identities is not None:
+                # Written ahead, once per identity: the sweep lists its credentials after a
+                # restart too, whatever becomes of this resource (ledger.py).
+                await self._identities.remember_identity(ref)
+            async with self._locks.hold(ref.key):
+                credential = await self._ensure(ctx, identity, desired)
         await self._remove_previous(ctx, identity, subject)
+        member = identity.ref
         return StepResult(
             "True",
             "CredentialReady",
-            f"{identity.ref.display} trusts {subject} from {ctx.issuer} "
-            f"(credential {credential.name})",
+            f"{member.display} trusts {subject} from {ctx.issuer} "
+            f"(credential {credential.name}"
+            + (f"; member of pool {ref.name})" if isinstance(ref, PoolRef) else ")"),
             {
                 "issuer": ctx.issuer,
                 "subject": subject,
                 "identity": {
-                    "kind": ref.kind,
+                    "kind": member.kind,
                     "name": identity.name,
                     "clientId": identity.client_id,
                     "tenantId": identity.tenant_id,
                     "objectId": identity.object_id,
+                    **({"pool": ref.name} if isinstance(ref, PoolRef) else {}),
                 },
                 "federatedCredential": {
                     "name": credential.name,
                     "id": credential.id or "",
-                    "identity": identity_key(ref),
+                    "identity": identity_key(member),
                 },
             },
         )
+
+    def _refuse_operator_identity(self, identity: ResolvedIdentity) -> None:
+        if identity.client_id.lower() == self._operator_client_id:
+            raise PermanentError(
+                Reason.INVALID_SPEC,
+                f"spec.identity is {identity.ref.display}, the operator's own identity: no "
+                "workload may borrow it (it administers every SQL server and identity the "
+                "operator manages); use an identity of its own",
+            )
+
+    async def _pool(self, ref: PoolRef) -> Pool:
+        if self._pools is None:
+            raise PermanentError(
+                Reason.POOL_NOT_FOUND,
+                "spec.identity.poolName: this operator was started without SqlIdentityPools",
+            )
+        return await self._pools.get(ref.name)
+
+    async def _pool_member(
+        self, ctx: Context, pool: Pool, desired: FederatedCredential
+    ) -> tuple[ResolvedIdentity, FederatedCredential]:
+        """Under the pool's lock: the member for this resource (``pool.py``) and its credential."""
+        recorded = identity_from_status(
+            str((ctx.status.get("federatedCredential") or {}).get("identity", ""))
+        )
+        if not in_namespace(ctx.resource.namespace, str(ctx.status.get("subject") or "")):
+            recorded = None  # status someone else wrote: not acted on
+        why = ""
+        if recorded is not None and pool.member(recorded.key) is not None:
+            try:
+                identity = await self._store.resolve(recorded)
+                self._refuse_operator_identity(identity)
+                return identity, await self._on_member(ctx, identity, desired)
+            except PermanentError as err:
+                if err.reason is Reason.IDENTITY_NOT_FOUND:
+                    why = f"{recorded.display} no longer exists"
+                elif err.reason is Reason.CREDENTIAL_LIMIT_REACHED:
+                    why = f"{recorded.display} lost this credential and is full"
+                else:
+                    raise
+        elif recorded is not None:
+            why = f"{recorded.display} is no longer a member of pool {pool.name}"
+        for live in (False, True):
+            listed: list[tuple[ResolvedIdentity, list[FederatedCredential]]] = []
+            missing: list[IdentityRef] = []
+            for member in pool.members:
+                try:
+                    identity = await self._store.resolve(member)
+                except PermanentError as err:
+                    if err.reason is not Reason.IDENTITY_NOT_FOUND:
+                        raise
+                    missing.append(member)
+                    continue
+                if identity.client_id.lower() == self._operator_client_id:
+                    continue  # never the operator's own (a pool written by mistake)
+                known = None if live else self._recent.get(member.key)
+                if known is None:
+                    known = await self._store.list(identity)
+                    self._recent.put(member.key, known)
+                listed.append((identity, known))
+            chosen = choose_member(pool, listed, desired.issuer, desired.subject)
+            if chosen is None:
+                if live:
+                    raise exhausted(pool, listed, missing)
+                continue
+            try:
+                credential = await self._on_member(ctx, chosen, desired)
+            except PermanentError as err:
+                if err.reason is Reason.CREDENTIAL_LIMIT_REACHED and not live:
+                    continue  # filled meanwhile by others: choose again on live lists
+                raise
+            if recorded is not None and recorded.key != chosen.ref.key:
+                ctx.record(
+                    "PoolMemberChanged",
+                    f"moved {desired.subject} from {recorded.display} to {chosen.ref.display} "
+                    f"({why}); pods started before keep the old client id until they restart",
+                    "Warning",
+                )
+            return chosen, credential
+        raise AssertionError("unreachable: the live pass returns or raises")
+
+    async def _on_member(
+        self, ctx: Context, identity: ResolvedIdentity, desired: FederatedCredential
+    ) -> FederatedCredential:
+        ctx.identity = identity
+        if self._identities is not None:
+            await self._identities.remember_identity(identity.ref)
+        async with self._locks.hold(identity.ref.key):
+            return await self._ensure(ctx, identity, desired)
 
     async def _ensure(
         self, ctx: Context, identity: ResolvedIdentity, desired: FederatedCredential
@@ -396,18 +496,35 @@ class FederatedCredentialStep:
         ctx.issuer = await self._issuer.get()
         res = ctx.resource
         subject = subject_for(res.namespace, ctx.spec.service_account_name)
-        if not await self._backed_elsewhere(ctx, ctx.spec.identity, subject):
-            await self._delete_matching(ctx, ctx.spec.identity, subject)
+        named = ctx.spec.identity
+        # A pool resource may have trusted its subject on any member: each is looked at (never
+        # only the member its status records, which someone other than the operator may write).
+        refs: list[IdentityRef] = (
+            list(await self._pool_members(named)) if isinstance(named, PoolRef) else [named]
+        )
+        for ref in refs:
+            if not await self._backed_elsewhere(ctx, ref, subject):
+                await self._delete_matching(ctx, ref, subject)
         recorded = ctx.status.get("federatedCredential") or {}
         old_ref = identity_from_status(str(recorded.get("identity", "")))
         old_subject = str(ctx.status.get("subject") or subject)
         if (
             old_ref is not None
             and in_namespace(res.namespace, old_subject)
-            and (old_ref.key, old_subject) != (ctx.spec.identity.key, subject)
+            and not (old_subject == subject and any(r.key == old_ref.key for r in refs))
             and not await self._backed_elsewhere(ctx, old_ref, old_subject)
         ):
             await self._delete_matching(ctx, old_ref, old_subject)
+
+    async def _pool_members(self, ref: PoolRef) -> tuple[IdentityRef, ...]:
+        """The pool's members; none if the pool is gone (the sweep then removes what is left on
+        its former members, which nothing backs any more)."""
+        if self._pools is None:
+            return ()
+        try:
+            return (await self._pools.get(ref.name)).members
+        except PermanentError:
+            return ()
 
     def holds_grant(self, status: Mapping[str, Any]) -> bool:
         return bool((status.get("federatedCredential") or {}).get("name"))

@@ -102,7 +102,14 @@ def test_schema_patterns_agree_with_the_operator(path, good, bad):
 
 def test_exactly_one_identity_rule_is_declared():
     rules = [v["rule"] for v in SPEC["properties"]["identity"]["x-kubernetes-validations"]]
-    assert rules == ["has(self.applicationClientId) != has(self.managedIdentityResourceId)"]
+    assert rules == [
+        "[has(self.applicationClientId), has(self.managedIdentityResourceId), "
+        "has(self.poolName)].filter(x, x).size() == 1"
+    ]
+    # A pool gives each member a user named after it: userName is refused with poolName.
+    assert [v["rule"] for v in SPEC["x-kubernetes-validations"]] == [
+        "!has(self.identity.poolName) || !has(self.sql) || !has(self.sql.userName)"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -199,3 +199,52 @@ async def test_a_resource_may_not_federate_the_operators_own_identity(world: Wor
         and "operator's own identity" in (federation["message"])
     )
     assert world.store.of(APP_REF) == [] and world.store.writes["upsert"] == 0
+
+
+class _Pools:
+    def __init__(self, bodies: list[dict[str, Any]]) -> None:
+        self.bodies = bodies
+
+    async def list_pools(self) -> list[dict[str, Any]]:
+        return self.bodies
+
+
+async def test_the_sweep_keeps_a_pool_resource_s_credential_on_any_member_and_only_while_allowed(
+    world: World,
+) -> None:
+    """Issue 21: a resource on a pool backs its subject on every member of the pool (its status,
+    which names one member, decides nothing); a policy naming the pool allows it; a member that
+    left the pool and a pool withdrawn leave nothing backed."""
+    from swi_operator.pool import PoolSource
+
+    members = [{"applicationClientId": APP}, {"applicationClientId": OTHER_APP}]
+    pools = _Pools([{"metadata": {"name": "readers"}, "spec": {"members": members}}])
+    world.reader.bodies = [policy_body("pool", {"names": [NS]}, identity={"poolName": "readers"})]
+    world.add(resource("on-pool", NS, service_account="on-pool", identity={"poolName": "readers"}))
+    world.store.put(APP_REF, credential(NS, "on-pool"))
+    world.store.put(OTHER_REF, credential(NS, "on-pool"))  # a copy on another member: backed too
+    world.store.put(OTHER_REF, credential(NS, "nobody"))
+    source = PoolSource(pools, ttl=0)
+    sweep = CredentialSweep(
+        world.kube,
+        world.store,
+        IssuerSource(world.kube),
+        world.policies,
+        world.locks,
+        PeeringGate(world.kube, None, None),
+        namespaces=(),
+        require_policy=True,
+        interval=3600,
+        pools=source,
+    )
+
+    removed = await sweep.sweep()
+
+    assert {r.subject for r in removed} == {subject_for(NS, "nobody")}
+    assert world.names(APP_REF) == world.names(OTHER_REF) == {subject_for(NS, "on-pool")}
+    pools.bodies[0]["spec"]["members"] = members[1:]  # APP leaves the pool
+    await sweep.sweep()
+    assert world.names(APP_REF) == set() and world.names(OTHER_REF) == {subject_for(NS, "on-pool")}
+    world.reader.bodies = []  # the policy naming the pool withdrawn: revoked
+    await sweep.sweep()
+    assert world.names(OTHER_REF) == set()

@@ -1,0 +1,206 @@
+"""SqlIdentityPool: identities with identical access, past Entra's 20 credentials per identity.
+
+Entra allows at most 20 federated identity credentials on one app registration or user-assigned
+managed identity, and its wildcard ("flexible") credentials do not accept Kubernetes issuers. A
+pool is cluster-scoped and written by the platform team, like a policy: its ``spec.members`` are
+identities (app registrations and managed identities) meant to have the same access, and
+``spec.reservedPerMember`` credentials of each are left to others (people, other tools). A
+SqlWorkloadIdentity names the pool (``spec.identity.poolName``) instead of one identity, and the
+federated credential step (``steps.federation``) picks the member:
+
+1. the member its status records, while that is still a member of the pool: a drift check or a
+   restart never moves a service account (the credential step then works on that member alone);
+2. otherwise (a first pass, or the recorded member left the pool, or it is full and its
+   credential is gone): the first member, in ``spec.members`` order, that already holds a
+   credential for this cluster's issuer and the service account's subject (adopted), else the
+   first one whose credentials, counting every cluster's and every person's, are fewer than
+   ``20 - reservedPerMember``; none: ``PoolExhausted``, naming each member's count.
+
+Choices are made under the pool's lock (``pool:<name>``), so that concurrent resources do not
+fill the same last slot twice; each member's credential writes run under that member's own lock,
+as for a resource that names it directly. A move says so in an Event (``PoolMemberChanged``).
+
+Policies govern a pool as they govern one identity: a SqlIdentityPolicy names the pool
+(``spec.identity.poolName``). What a pool resource backs (``backing.py``) is the credential of its
+service account on *every* member of the pool: never what its status says, which is how a
+tenant could point the sweep elsewhere. Database access: one contained user per member (named
+after it), with the roles of the resource's ``spec.sql`` (docs/operator.md explains the choice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from swi_operator.cloud import MAX_CREDENTIALS_PER_IDENTITY, FederatedCredential, ResolvedIdentity
+from swi_operator.errors import PermanentError, Reason
+from swi_operator.spec import IdentityRef, SpecError, is_pool_name, parse_single_identity
+
+POOL_CACHE_S = 2.0
+MAX_MEMBERS = 100
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    members: tuple[IdentityRef, ...]
+    reserved: int = 0  # credentials per member left to others
+
+    @property
+    def capacity(self) -> int:
+        """Credentials a member may hold (all issuers) before the operator stops adding more."""
+        return MAX_CREDENTIALS_PER_IDENTITY - self.reserved
+
+    @property
+    def member_keys(self) -> frozenset[str]:
+        return frozenset(ref.key for ref in self.members)
+
+    def member(self, key: str) -> IdentityRef | None:
+        return next((ref for ref in self.members if ref.key == key), None)
+
+
+def parse_pool(body: Mapping[str, Any]) -> Pool:
+    """A SqlIdentityPool as typed values; ``SpecError`` naming each bad field."""
+    name = (body.get("metadata") or {}).get("name")
+    raw = body.get("spec") or {}
+    problems: list[tuple[str, str]] = []
+    if not is_pool_name(name):
+        problems.append(("metadata.name", f"Invalid value {name!r}"))
+    members: list[IdentityRef] = []
+    listed = raw.get("members")
+    if not isinstance(listed, list) or not listed:
+        problems.append(("spec.members", "Required value: at least one identity"))
+        listed = []
+    elif len(listed) > MAX_MEMBERS:
+        problems.append(("spec.members", f"Too many: {len(listed)}, at most {MAX_MEMBERS}"))
+    for i, item in enumerate(listed):
+        path = f"spec.members[{i}]"
+        if not isinstance(item, Mapping):
+            problems.append((path, "must be an object"))
+            continue
+        app, mi = item.get("applicationClientId"), item.get("managedIdentityResourceId")
+        if (app is None) == (mi is None):
+            problems.append(
+                (path, "set exactly one of applicationClientId or managedIdentityResourceId")
+            )
+            continue
+        ref = parse_single_identity(path, app, mi, None, problems)
+        if ref is None:
+            continue
+        if any(m.key == ref.key for m in members):
+            problems.append((path, f"Duplicate value: {ref.display} is listed twice"))
+            continue
+        members.append(ref)
+    reserved = raw.get("reservedPerMember", 0)
+    if (
+        not isinstance(reserved, int)
+        or isinstance(reserved, bool)
+        or not 0 <= reserved < MAX_CREDENTIALS_PER_IDENTITY
+    ):
+        problems.append(
+            (
+                "spec.reservedPerMember",
+                f"Invalid value {reserved!r}: 0 to {MAX_CREDENTIALS_PER_IDENTITY - 1}",
+            )
+        )
+        reserved = 0
+    if problems:
+        raise SpecError(problems)
+    return Pool(str(name), tuple(members), int(reserved))
+
+
+class PoolReader(Protocol):
+    async def list_pools(self) -> list[dict[str, Any]] | None: ...
+
+
+class PoolSource:
+    """The cluster's pools, read at most every ``POOL_CACHE_S`` (and again after ``invalidate``,
+    which the pool watch calls on every change)."""
+
+    def __init__(self, reader: PoolReader, ttl: float = POOL_CACHE_S) -> None:
+        self._reader = reader
+        self._ttl = ttl
+        self._cached: tuple[float, dict[str, Pool | SpecError]] | None = None
+        self._lock = asyncio.Lock()
+
+    def invalidate(self) -> None:
+        self._cached = None
+
+    async def all(self) -> dict[str, Pool | SpecError]:
+        """Every pool by name: parsed, or the problems that make it unusable."""
+        async with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] > self._ttl:
+                parsed: dict[str, Pool | SpecError] = {}
+                for body in await self._reader.list_pools() or []:
+                    name = str((body.get("metadata") or {}).get("name") or "")
+                    try:
+                        parsed[name] = parse_pool(body)
+                    except SpecError as err:
+                        parsed[name] = err
+                self._cached = (now, parsed)
+            return self._cached[1]
+
+    async def get(self, name: str) -> Pool:
+        """The pool ``name``; ``PermanentError(PoolNotFound)`` if it is missing or invalid."""
+        found = (await self.all()).get(name)
+        if isinstance(found, Pool):
+            return found
+        if found is None:
+            raise PermanentError(
+                Reason.POOL_NOT_FOUND,
+                f"spec.identity.poolName: no SqlIdentityPool named {name}; a platform "
+                "administrator must create it (kubectl get sqlidentitypools lists them)",
+            )
+        raise PermanentError(
+            Reason.POOL_NOT_FOUND,
+            f"spec.identity.poolName: SqlIdentityPool {name} is invalid ({found}); a platform "
+            "administrator must fix it",
+        )
+
+    async def member_keys(self, name: str) -> frozenset[str]:
+        """The identity keys of pool ``name``'s members; none if it is missing or invalid."""
+        found = (await self.all()).get(name)
+        return found.member_keys if isinstance(found, Pool) else frozenset()
+
+
+def holds(credentials: Sequence[FederatedCredential], issuer: str, subject: str) -> bool:
+    return any(c.issuer == issuer and c.subject == subject for c in credentials)
+
+
+def choose_member(
+    pool: Pool,
+    listed: Sequence[tuple[ResolvedIdentity, Sequence[FederatedCredential]]],
+    issuer: str,
+    subject: str,
+) -> ResolvedIdentity | None:
+    """The member (of ``listed``, in pool order) for ``subject``: one that already trusts it,
+    else the first with room under the pool's capacity; None when every one is full."""
+    for identity, credentials in listed:
+        if holds(credentials, issuer, subject):
+            return identity
+    for identity, credentials in listed:
+        if len(credentials) < pool.capacity:
+            return identity
+    return None
+
+
+def exhausted(
+    pool: Pool,
+    listed: Sequence[tuple[ResolvedIdentity, Sequence[FederatedCredential]]],
+    missing: Sequence[IdentityRef],
+) -> PermanentError:
+    counts = ", ".join(
+        f"{identity.ref.display} {len(credentials)}/{MAX_CREDENTIALS_PER_IDENTITY}"
+        for identity, credentials in listed
+    )
+    gone = f"; not found in Entra: {', '.join(ref.display for ref in missing)}" if missing else ""
+    reserve = f", {pool.reserved} of each reserved for others" if pool.reserved else ""
+    return PermanentError(
+        Reason.POOL_EXHAUSTED,
+        f"every member of SqlIdentityPool {pool.name} is full ({counts}{reserve}{gone}): a "
+        "platform administrator must add members to its spec.members",
+    )

@@ -1,0 +1,231 @@
+"""Identity pools (issue 21) on the sandbox: the operator against the real API server, the Entra
+emulator's Graph (apps the operator created and owns) and the SQL emulator through ODBC.
+
+A pool of three app registrations, each allowed two credentials (``reservedPerMember: 18``), one
+of them already carrying another cluster's credential (it counts): three resources fill the first
+member's last slot and the second member; every service account is annotated with its member's
+client id, each member gets a database user of its own and Verified proves each chain; the
+pool's status shows members, credentials and namespaces; removing a member moves its service
+account to the member with room, with a Warning Event, and removes the old credential; deleting
+the resources removes every credential this cluster made and no other.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from operator_harness import (  # type: ignore[import-not-found]
+    AUDIENCE,
+    DRIFT_INTERVAL_S,
+    GROUP,
+    POOL_PLURAL,
+    VERSION,
+    Cluster,
+    Entra,
+    World,
+    eventually,
+)
+from sql_harness import DATABASE, SqlAdmin  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.controlplane
+
+FOREIGN_ISSUER = "https://oidc.example.net/another-cluster"
+
+
+class OperatorGraph:
+    """Graph as the operator's own app (Application.ReadWrite.OwnedBy): what it creates, it owns."""
+
+    def __init__(self, world: World, entra: Entra) -> None:
+        self.ca = entra.ca
+        token = requests.post(
+            f"{os.environ['AZURE_AUTHORITY_HOST']}/{world.tenant}/oauth2/v2.0/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": world.operator.client_id,
+                "client_secret": world.operator.secret,
+                "scope": "https://graph.microsoft.com/.default",
+            },
+            verify=self.ca,
+            timeout=10,
+        )
+        token.raise_for_status()
+        self.headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = requests.request(
+            method,
+            f"{os.environ['SANDBOX_GRAPH_URL']}{path}",
+            json=body,
+            headers=self.headers,
+            verify=self.ca,
+            timeout=10,
+        )
+        assert response.status_code < 300, response.text
+        return response.json() if response.content else None
+
+    def app(self, name: str) -> dict[str, Any]:
+        made = self.call("POST", "/applications", {"displayName": name})
+        self.call("POST", "/servicePrincipals", {"appId": made["appId"]})
+        return dict(made)
+
+    def credentials(self, app: dict[str, Any]) -> list[dict[str, Any]]:
+        listed = self.call("GET", f"/applications/{app['id']}/federatedIdentityCredentials")
+        return list(listed["value"])
+
+
+@pytest.fixture
+def pool_apps(world: World, entra: Entra) -> Iterator[tuple[OperatorGraph, list[dict[str, Any]]]]:
+    graph = OperatorGraph(world, entra)
+    tag = uuid.uuid4().hex[:6]
+    apps = [graph.app(f"pool-{tag}-{letter}") for letter in "abc"]
+    yield graph, apps
+    for app in apps:
+        graph.call("DELETE", f"/applications/{app['id']}")
+
+
+@pytest.fixture
+def pool(cluster: Cluster, pool_apps: Any) -> Iterator[str]:
+    _, apps = pool_apps
+    name = f"pool-{cluster.namespace}"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "SqlIdentityPool",
+        "metadata": {"name": name},
+        "spec": {
+            "members": [{"applicationClientId": app["appId"]} for app in apps],
+            "reservedPerMember": 18,
+        },
+    }
+    cluster.custom.create_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, body)
+    yield name
+    cluster.custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
+
+
+def members_of(cluster: Cluster, names: list[str]) -> dict[str, str]:
+    """Each resource's member client id, as its status records it."""
+    return {
+        name: ((cluster.get(name) or {}).get("status") or {}).get("identity", {}).get("clientId")
+        for name in names
+    }
+
+
+def ours(graph: OperatorGraph, app: dict[str, Any], namespace: str) -> list[str]:
+    prefix = f"system:serviceaccount:{namespace}:"
+    return sorted(c["subject"] for c in graph.credentials(app) if c["subject"].startswith(prefix))
+
+
+def test_a_pool_spreads_service_accounts_keeps_them_and_moves_them_only_when_it_must(
+    sql: SqlAdmin,
+    operator: Any,
+    cluster: Cluster,
+    entra: Entra,
+    pool: str,
+    pool_apps: Any,
+) -> None:
+    graph, apps = pool_apps
+    a, b, c = apps
+    # Another cluster's credential on the first member: Entra's budget counts it.
+    graph.call(
+        "POST",
+        f"/applications/{a['id']}/federatedIdentityCredentials",
+        {
+            "name": "other-cluster",
+            "issuer": FOREIGN_ISSUER,
+            "subject": "x",
+            "audiences": [AUDIENCE],
+        },
+    )
+    names = ["r0", "r1", "r2"]
+    for name in names:
+        cluster.create(
+            name,
+            {
+                "serviceAccountName": f"{name}-sa",
+                "identity": {"poolName": pool},
+                "sql": {"server": sql.server, "database": DATABASE, "roles": ["db_datareader"]},
+            },
+        )
+    for name in names:
+        cluster.wait_condition(name, timeout=90)
+
+    placed = members_of(cluster, names)
+    by_member = {
+        app["appId"]: sorted(n for n, m in placed.items() if m == app["appId"]) for app in apps
+    }
+    assert [len(by_member[app["appId"]]) for app in apps] == [1, 2, 0], placed
+    ns = cluster.namespace
+    assert ours(graph, a, ns) == [
+        f"system:serviceaccount:{ns}:{n}-sa" for n in by_member[a["appId"]]
+    ]
+    assert len(graph.credentials(a)) == 2  # its capacity: 20 - 18
+    for name, client_id in placed.items():
+        body = cluster.get(name) or {}
+        assert body["status"]["identity"]["pool"] == pool
+        sa = cluster.core.read_namespaced_service_account(f"{name}-sa", ns)
+        assert sa.metadata.annotations["azure.workload.identity/client-id"] == client_id
+        verified = cluster.condition(name, "Verified")
+        assert verified is not None and verified["status"] == "True", verified
+        # The chain as the pod lives it: its token, Entra's exchange for its member.
+        exchanged = entra.exchange(client_id, cluster.token(f"{name}-sa"))
+        assert exchanged.status_code == 200, exchanged.text
+    # One contained user per member used, each named after its member.
+    users = sql.users()
+    assert users.get(a["displayName"]) == {"db_datareader"}
+    assert users.get(b["displayName"]) == {"db_datareader"}
+    assert c["displayName"] not in users
+
+    def pool_row() -> list[str] | None:
+        out = cluster.kubectl("get", "sipool", pool, "--no-headers").stdout.split()
+        return out if out[1:5] == ["3", "4/60", "3", "1"] else None
+
+    eventually(
+        pool_row, 30, "the pool's status: 3 members, 4/60 credentials, 3 resources, 1 namespace"
+    )
+    status = cluster.custom.get_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, pool)["status"]
+    assert [(m["credentials"], m["thisCluster"]) for m in status["members"]] == [
+        (2, 1),
+        (2, 2),
+        (0, 0),
+    ]
+
+    # Drift checks never move anyone: nothing changes over a few drift intervals.
+    time.sleep(DRIFT_INTERVAL_S * 3)
+    assert members_of(cluster, names) == placed
+
+    # The first member leaves the pool: its service account moves to the one with room (c).
+    leaver = by_member[a["appId"]][0]
+    cluster.custom.patch_cluster_custom_object(
+        GROUP,
+        VERSION,
+        POOL_PLURAL,
+        pool,
+        {"spec": {"members": [{"applicationClientId": app["appId"]} for app in (b, c)]}},
+    )
+    eventually(
+        lambda: members_of(cluster, [leaver])[leaver] == c["appId"],
+        30,
+        f"{leaver} moved to the member with room",
+    )
+    cluster.wait_condition(leaver, timeout=60)
+    assert ours(graph, a, ns) == []  # the old credential removed; the other cluster's stays
+    assert [x["name"] for x in graph.credentials(a)] == ["other-cluster"]
+    assert ours(graph, c, ns) == [f"system:serviceaccount:{ns}:{leaver}-sa"]
+    assert "PoolMemberChanged" in cluster.reasons(leaver)
+    moved = next(e for e in cluster.events(leaver) if e.reason == "PoolMemberChanged")
+    assert moved.type == "Warning" and "no longer a member" in moved.message
+    assert members_of(cluster, [n for n in names if n != leaver]) == {
+        n: placed[n] for n in names if n != leaver
+    }
+
+    for name in names:
+        cluster.delete(name)
+    for name in names:
+        cluster.wait_gone(name, timeout=60)
+    assert ours(graph, b, ns) == [] and ours(graph, c, ns) == []
+    assert [x["name"] for x in graph.credentials(a)] == ["other-cluster"]

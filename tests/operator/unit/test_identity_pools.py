@@ -1,0 +1,241 @@
+"""Identity pools (issue 21) over in-memory fakes: which member a service account gets, that it
+stays there, when it moves and what it says, a full pool, and what a pool resource backs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from operator_fakes import (  # type: ignore[import-not-found]
+    APP,
+    ISSUER,
+    OTHER_APP,
+    TENANT,
+    FakeKube,
+    FakeStore,
+    resource,
+)
+from swi_operator.backing import backed_grants
+from swi_operator.cloud import FederatedCredential
+from swi_operator.naming import subject_for
+from swi_operator.pipeline import Outcome, Pipeline
+from swi_operator.pool import Pool, PoolSource, choose_member, parse_pool
+from swi_operator.runtime import build_pipeline
+from swi_operator.spec import ApplicationRef, PoolRef, SpecError, parse_spec
+
+THIRD_APP = "33333333-3333-3333-3333-333333333333"
+MEMBERS = [APP, OTHER_APP, THIRD_APP]
+
+
+def pool_body(name: str = "readers", members: list[str] | None = None, **spec: Any) -> dict:
+    return {
+        "metadata": {"name": name, "generation": 1},
+        "spec": {
+            "members": [{"applicationClientId": m} for m in (members or MEMBERS)],
+            **spec,
+        },
+    }
+
+
+class Pools:
+    def __init__(self, *bodies: dict) -> None:
+        self.bodies = list(bodies)
+        self.lists = 0
+
+    async def list_pools(self) -> list[dict]:
+        self.lists += 1
+        return self.bodies
+
+
+@pytest.fixture
+def store() -> FakeStore:
+    s = FakeStore()
+    for client in MEMBERS:
+        s.add_identity(ApplicationRef(client))
+    return s
+
+
+@pytest.fixture
+def pools() -> Pools:
+    return Pools(pool_body())
+
+
+@pytest.fixture
+def pipeline(store: FakeStore, pools: Pools) -> Pipeline:
+    return build_pipeline(store, FakeKube(), TENANT, None, pools=PoolSource(pools, ttl=0))
+
+
+def on_pool(name: str, namespace: str = "team-a", pool: str = "readers", **kw: Any) -> dict:
+    return resource(
+        name, namespace, service_account=f"{name}-sa", identity={"poolName": pool}, **kw
+    )
+
+
+def applied(body: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    return {**body, "status": {**body.get("status", {}), **outcome.status}}
+
+
+def fill(store: FakeStore, client: str, n: int, issuer: str = "https://other.example") -> None:
+    for i in range(n):
+        store.put(
+            ApplicationRef(client),
+            FederatedCredential(f"{client[:4]}-x-{i}", issuer, f"subject-{i}", ("a",)),
+        )
+
+
+def cond(outcome: Outcome, type_: str) -> dict[str, Any]:
+    return next(c for c in outcome.status["conditions"] if c["type"] == type_)
+
+
+def test_a_pool_and_its_errors_are_parsed() -> None:
+    pool = parse_pool(pool_body(reservedPerMember=2))
+    assert pool.capacity == 18
+    assert [m.key for m in pool.members] == [f"app:{m}" for m in MEMBERS]
+    with pytest.raises(SpecError) as err:
+        parse_pool(pool_body(members=[APP, APP.upper()], reservedPerMember=20))
+    assert "spec.members[1]: Duplicate value" in str(err.value)
+    assert "spec.reservedPerMember" in str(err.value)
+    with pytest.raises(SpecError, match=r"spec.members: Required value"):
+        parse_pool({"metadata": {"name": "p"}, "spec": {"members": []}})
+
+
+def test_a_resource_names_a_pool_or_one_identity_never_both() -> None:
+    spec = parse_spec({"serviceAccountName": "sa", "identity": {"poolName": "readers"}})
+    assert spec.identity == PoolRef("readers")
+    with pytest.raises(SpecError, match="set exactly one of"):
+        parse_spec(
+            {"serviceAccountName": "sa", "identity": {"poolName": "p", "applicationClientId": APP}}
+        )
+    with pytest.raises(SpecError, match=r"spec.sql.userName: not allowed with"):
+        parse_spec(
+            {
+                "serviceAccountName": "sa",
+                "identity": {"poolName": "p"},
+                "sql": {"server": "s", "database": "d", "userName": "u"},
+            }
+        )
+
+
+def test_the_choice_adopts_first_then_fills_in_order() -> None:
+    pool = Pool("p", tuple(ApplicationRef(m) for m in MEMBERS), reserved=1)
+    ids = [_resolved(m) for m in MEMBERS]
+    full = [FederatedCredential(f"c{i}", "i", f"s{i}", ("a",)) for i in range(19)]
+    mine = FederatedCredential("mine", ISSUER, "me", ("a",))
+    assert choose_member(pool, [(ids[0], full), (ids[1], []), (ids[2], [])], ISSUER, "me") is ids[1]
+    assert (
+        choose_member(pool, [(ids[0], full), (ids[1], []), (ids[2], [mine])], ISSUER, "me")
+        is ids[2]
+    )
+    assert choose_member(pool, [(ids[0], full), (ids[1], full)], ISSUER, "me") is None
+
+
+def _resolved(client: str) -> Any:
+    from swi_operator.cloud import ResolvedIdentity
+
+    return ResolvedIdentity(ApplicationRef(client), client, TENANT, f"name-{client[:4]}", "obj")
+
+
+async def test_service_accounts_fill_the_first_member_then_the_next(pipeline, store):
+    fill(store, APP, 18)  # another cluster's, or a person's: they count
+    placed = []
+    for i in range(4):
+        outcome = await pipeline.reconcile(on_pool(f"r{i}"))
+        assert cond(outcome, "Ready")["status"] == "True", outcome.status
+        placed.append(outcome.status["identity"]["clientId"])
+        assert outcome.status["identity"]["pool"] == "readers"
+    assert placed == [APP, APP, OTHER_APP, OTHER_APP]
+    assert len(store.of(ApplicationRef(APP))) == 20
+    assert {c.subject for c in store.of(ApplicationRef(OTHER_APP))} == {
+        subject_for("team-a", "r2-sa"),
+        subject_for("team-a", "r3-sa"),
+    }
+
+
+async def test_a_placed_service_account_stays_even_when_an_earlier_member_frees_up(pipeline, store):
+    fill(store, APP, 20)
+    body = on_pool("r")
+    first = await pipeline.reconcile(body)
+    assert first.status["identity"]["clientId"] == OTHER_APP
+    store.credentials[f"app:{APP}"].clear()  # room again on the first member
+    again = await pipeline.reconcile(applied(body, first))
+    assert again.status["identity"]["clientId"] == OTHER_APP
+    assert not any(e.reason == "PoolMemberChanged" for e in again.events)
+    assert store.of(ApplicationRef(APP)) == []
+
+
+async def test_a_member_removed_from_the_pool_moves_its_accounts_and_says_so(
+    pipeline, store, pools
+):
+    body = on_pool("r")
+    first = await pipeline.reconcile(body)
+    assert first.status["identity"]["clientId"] == APP
+    pools.bodies = [pool_body(members=[OTHER_APP, THIRD_APP])]
+    moved = await pipeline.reconcile(applied(body, first))
+    assert moved.status["identity"]["clientId"] == OTHER_APP
+    event = next(e for e in moved.events if e.reason == "PoolMemberChanged")
+    assert event.type == "Warning" and "no longer a member of pool readers" in event.message
+    assert store.of(ApplicationRef(APP)) == []  # the old credential was removed
+    assert [c.subject for c in store.of(ApplicationRef(OTHER_APP))] == [
+        subject_for("team-a", "r-sa")
+    ]
+
+
+async def test_a_full_pool_is_a_clear_condition_and_writes_nothing(pipeline, store, pools):
+    pools.bodies = [pool_body(reservedPerMember=5)]
+    for client in MEMBERS:
+        fill(store, client, 15)
+    store.writes.clear()
+    outcome = await pipeline.reconcile(on_pool("r"))
+    c = cond(outcome, "FederatedCredentialReady")
+    assert (c["status"], c["reason"]) == ("False", "PoolExhausted")
+    assert "every member of SqlIdentityPool readers is full" in c["message"]
+    assert f"application {APP} 15/20" in c["message"] and "5 of each reserved" in c["message"]
+    assert "spec.members" in c["message"]
+    assert not store.writes and outcome.retry is None
+
+
+async def test_a_missing_pool_is_named(pipeline):
+    outcome = await pipeline.reconcile(on_pool("r", pool="nope"))
+    c = cond(outcome, "FederatedCredentialReady")
+    assert (c["status"], c["reason"]) == ("False", "PoolNotFound")
+    assert "no SqlIdentityPool named nope" in c["message"]
+
+
+async def test_deleting_a_pool_resource_removes_its_credential_from_every_member(pipeline, store):
+    body = on_pool("r")
+    first = await pipeline.reconcile(body)
+    # A stray copy on another member (a move interrupted before its clean-up): found too, whatever
+    # the status says.
+    store.put(
+        ApplicationRef(THIRD_APP),
+        FederatedCredential("stray", ISSUER, subject_for("team-a", "r-sa"), ("a",)),
+    )
+    await pipeline.finalize(applied(body, first))
+    assert all(store.of(ApplicationRef(m)) == [] for m in MEMBERS)
+
+
+async def test_a_pool_resource_backs_its_subject_on_every_member_and_nothing_else():
+    body = on_pool("r")
+    grants = await backed_grants(
+        [body], None, True, pools={"readers": frozenset({"app:a", "app:b"})}
+    )
+    assert {g.identity_key for g in grants} == {"app:a", "app:b"}
+    assert await backed_grants([body], None, True, pools={}) == set()
+
+
+def test_a_policy_naming_the_pool_governs_its_resources_and_nothing_else() -> None:
+    from swi_operator.policy import authorize, parse_policy
+
+    policy = parse_policy(
+        {
+            "metadata": {"name": "p"},
+            "spec": {"identity": {"poolName": "readers"}, "namespaces": {"names": ["team-a"]}},
+        }
+    )
+    assert policy.identity_key == "pool:readers"
+    pool, member = PoolRef("readers"), ApplicationRef(APP)
+    assert authorize(pool, None, "team-a", {}, [policy], True).allowed
+    assert not authorize(pool, None, "team-b", {}, [policy], True).allowed
+    # The pool's policy does not let a namespace name a member directly.
+    refused = authorize(member, None, "team-a", {}, [policy], True)
+    assert not refused.allowed and f"application {APP}" in refused.message
