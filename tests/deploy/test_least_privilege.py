@@ -10,7 +10,8 @@ The story, as a platform team and a tenant would live it: a SqlWorkloadIdentity 
 is refused by the admission webhook with the NotAuthorized message; a policy selecting the
 tenant's namespace by label admits it; the operator federates, annotates, labels the Deployment
 and verifies; a Deployment created afterwards is labelled at admission by the workload webhook;
-the policy is deleted and access is revoked; the resource is deleted.
+the platform team's identity pool gets its status; the policy is deleted and access is revoked;
+the resource is deleted.
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ def test_the_operator_needs_every_rule_it_has_and_no_other(
                 process.wait(timeout=30)
     finally:
         kubectl(sandbox, "delete", "sqlidentitypolicy", tenant, "--ignore-not-found")
+        kubectl(sandbox, "delete", "sqlidentitypool", tenant, "--ignore-not-found")
         kubectl(sandbox, "delete", "clusterkopfpeering", PEERING, "--ignore-not-found")
         remove_webhook_configuration(sandbox)
 
@@ -313,6 +315,24 @@ def _story(
         "-n",
         tenant,
         "--timeout=60s",
+    )
+    # The platform team's identity pool: the operator reads it and writes only its status.
+    pool = {
+        "apiVersion": "sqlidentity.io/v1alpha1",
+        "kind": "SqlIdentityPool",
+        "metadata": {"name": tenant},
+        "spec": {
+            "members": [{"applicationClientId": swi["spec"]["identity"]["applicationClientId"]}]
+        },
+    }
+    kubectl(sandbox, "apply", "-f", "-", input=json.dumps(pool))
+    wait_for(
+        "the pool's status",
+        lambda: (
+            kubectl(sandbox, "get", "sipool", tenant, "-o", "jsonpath={.status.memberCount}").stdout
+            == "1"
+        ),
+        timeout=30,
     )
     for workload, path in (
         ("deploy/api", ".spec.template"),
