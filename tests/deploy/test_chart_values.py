@@ -303,7 +303,7 @@ def test_readme_crd_step_applies_every_crd_helm_installs() -> None:
     helm = sorted(
         f"customresourcedefinition.apiextensions.k8s.io/{d['metadata']['name']}" for d in crds
     )
-    assert read == helm and len(read) == 4
+    assert read == helm and len(read) == 5
 
 
 def test_azure_environment_reaches_the_operator_only_with_the_injection_webhook() -> None:
