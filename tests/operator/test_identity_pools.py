@@ -12,14 +12,12 @@ the resources removes every credential this cluster made and no other.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
 from operator_harness import (  # type: ignore[import-not-found]
     AUDIENCE,
     DRIFT_INTERVAL_S,
@@ -28,6 +26,7 @@ from operator_harness import (  # type: ignore[import-not-found]
     VERSION,
     Cluster,
     Entra,
+    OperatorGraph,
     World,
     eventually,
 )
@@ -36,47 +35,6 @@ from sql_harness import DATABASE, SqlAdmin  # type: ignore[import-not-found]
 pytestmark = pytest.mark.controlplane
 
 FOREIGN_ISSUER = "https://oidc.example.net/another-cluster"
-
-
-class OperatorGraph:
-    """Graph as the operator's own app (Application.ReadWrite.OwnedBy): what it creates, it owns."""
-
-    def __init__(self, world: World, entra: Entra) -> None:
-        self.ca = entra.ca
-        token = requests.post(
-            f"{os.environ['AZURE_AUTHORITY_HOST']}/{world.tenant}/oauth2/v2.0/token",
-            data={
-                "grant_type": "client_credentials",
-                "client_id": world.operator.client_id,
-                "client_secret": world.operator.secret,
-                "scope": "https://graph.microsoft.com/.default",
-            },
-            verify=self.ca,
-            timeout=10,
-        )
-        token.raise_for_status()
-        self.headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = requests.request(
-            method,
-            f"{os.environ['SANDBOX_GRAPH_URL']}{path}",
-            json=body,
-            headers=self.headers,
-            verify=self.ca,
-            timeout=10,
-        )
-        assert response.status_code < 300, response.text
-        return response.json() if response.content else None
-
-    def app(self, name: str) -> dict[str, Any]:
-        made = self.call("POST", "/applications", {"displayName": name})
-        self.call("POST", "/servicePrincipals", {"appId": made["appId"]})
-        return dict(made)
-
-    def credentials(self, app: dict[str, Any]) -> list[dict[str, Any]]:
-        listed = self.call("GET", f"/applications/{app['id']}/federatedIdentityCredentials")
-        return list(listed["value"])
 
 
 @pytest.fixture

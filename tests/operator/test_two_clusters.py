@@ -6,7 +6,9 @@ Both onboard the same identity for a namespace and service account of the same n
 clusters of one team would: each writes the credential of its own issuer and neither changes or
 deletes the other's; Entra's budget of 20 credentials per identity counts both clusters (and anyone
 else's); deleting in one cluster leaves the other working, through its drift checks too, and its
-database user in place while the other cluster uses it.
+database user in place while the other cluster uses it. Two clusters on one identity pool share
+its members' budget: each counts the other's credentials, neither touches them, and a slot one
+frees is taken by the other.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from operator_harness import (  # type: ignore[import-not-found]
     GROUP,
     PLURAL,
     POLICY_CRD_FILE,
+    POOL_CRD_FILE,
+    POOL_PLURAL,
     ROOT,
     Cluster,
     Entra,
+    OperatorGraph,
     World,
     delete_all,
     eventually,
@@ -80,7 +85,7 @@ def second(sandbox: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         pytest.fail(f"the second cluster did not start: {exc}", pytrace=False)
     try:
         cluster = SecondCluster(state_dir, launcher.environment(state_dir))
-        for crd in (CRD_FILE, POLICY_CRD_FILE):
+        for crd in (CRD_FILE, POLICY_CRD_FILE, POOL_CRD_FILE):
             cluster.run_kubectl("apply", "-f", str(ROOT / "crds" / crd))
         cluster.run_kubectl(
             "wait", "--for=condition=Established", "--timeout=30s", f"crd/{PLURAL}.{GROUP}"
@@ -279,3 +284,84 @@ def test_the_database_user_stays_while_another_cluster_uses_it(
         10 * SWEEP_INTERVAL_S,
         "the first cluster's sweep drops the user once no other cluster is federated",
     )
+
+
+@pytest.fixture
+def shared_pool(
+    world: World, entra: Entra, cluster: Cluster, other: Cluster
+) -> Iterator[tuple[str, OperatorGraph, list[dict[str, Any]]]]:
+    """Two apps the operator's app created (so both operators may write them), and a pool of
+    them under the same name in both clusters, two credentials per member (18 reserved)."""
+    import uuid
+
+    graph = OperatorGraph(world, entra)
+    tag = uuid.uuid4().hex[:6]
+    apps = [graph.app(f"shared-{tag}-{letter}") for letter in "ab"]
+    name = f"pool-{cluster.namespace}"
+    body = {
+        "apiVersion": f"{GROUP}/v1alpha1",
+        "kind": "SqlIdentityPool",
+        "metadata": {"name": name},
+        "spec": {
+            "members": [{"applicationClientId": app["appId"]} for app in apps],
+            "reservedPerMember": 18,
+        },
+    }
+    for each in (cluster, other):
+        each.custom.create_cluster_custom_object(GROUP, "v1alpha1", POOL_PLURAL, body)
+    try:
+        yield name, graph, apps
+    finally:
+        for each in (cluster, other):
+            each.custom.delete_cluster_custom_object(GROUP, "v1alpha1", POOL_PLURAL, name)
+        for app in apps:
+            graph.call("DELETE", f"/applications/{app['id']}")
+
+
+def test_two_clusters_share_one_pool_s_budget_and_a_freed_slot_moves_across(
+    operator: Any,
+    other_operator: Any,
+    cluster: Cluster,
+    other: Cluster,
+    second: SecondCluster,
+    sandbox: Any,
+    entra: Entra,
+    shared_pool: tuple[str, OperatorGraph, list[dict[str, Any]]],
+) -> None:
+    pool, graph, (a, b) = shared_pool
+
+    def place(where: Cluster, name: str) -> str:
+        where.create(name, {"serviceAccountName": f"{name}-sa", "identity": {"poolName": pool}})
+        where.wait_condition(name, timeout=60)
+        return str(((where.get(name) or {})["status"])["identity"]["clientId"])
+
+    def trust(app: dict[str, Any]) -> list[tuple[str, str]]:
+        return sorted((c["issuer"], c["subject"].rsplit(":", 1)[1]) for c in graph.credentials(app))
+
+    assert place(cluster, "r1") == a["appId"]
+    assert place(other, "r1") == a["appId"]  # the first member's second slot: the other cluster's
+    assert place(other, "r2") == b["appId"]  # the first is full, counting the first cluster's
+    assert place(cluster, "r2") == b["appId"]
+    cluster.create("r3", {"serviceAccountName": "r3-sa", "identity": {"poolName": pool}})
+    refused = cluster.wait_condition(
+        "r3", "False", "FederatedCredentialReady", reason="PoolExhausted"
+    )
+    assert f"application {a['appId']} 2/20" in refused["message"], refused
+    assert "18 of each reserved" in refused["message"]
+    before = {c["id"] for app in (a, b) for c in graph.credentials(app)}
+    assert trust(a) == sorted([(sandbox.issuer, "r1-sa"), (second.issuer, "r1-sa")])
+    assert trust(b) == sorted([(sandbox.issuer, "r2-sa"), (second.issuer, "r2-sa")])
+
+    # The second cluster lets its slot on the first member go: the first cluster's waiting
+    # resource takes it at its next drift check; nothing of the other's was touched.
+    other.delete("r1")
+    other.wait_gone("r1")
+    cluster.wait_condition("r3", timeout=10 * DRIFT_INTERVAL_S + 20)
+    assert trust(a) == sorted([(sandbox.issuer, "r1-sa"), (sandbox.issuer, "r3-sa")])
+    assert trust(b) == sorted([(sandbox.issuer, "r2-sa"), (second.issuer, "r2-sa")])
+    kept = {c["id"] for c in graph.credentials(b)}
+    assert kept <= before  # the other cluster's credential on b is the very one it wrote
+    exchanged = entra.exchange(b["appId"], other.token("r2-sa"))
+    assert exchanged.status_code == 200, exchanged.text
+    ready = other.condition("r2")
+    assert ready is not None and ready["status"] == "True", ready

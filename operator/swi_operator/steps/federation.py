@@ -312,6 +312,7 @@ class FederatedCredentialStep:
         for live in (False, True):
             listed: list[tuple[ResolvedIdentity, list[FederatedCredential]]] = []
             missing: list[IdentityRef] = []
+            fresh: set[str] = set()  # members listed live in this pass
             for member in pool.members:
                 try:
                     identity = await self._store.resolve(member)
@@ -326,8 +327,18 @@ class FederatedCredentialStep:
                 if known is None:
                     known = await self._store.list(identity)
                     self._recent.put(member.key, known)
+                    fresh.add(member.key)
                 listed.append((identity, known))
             chosen = choose_member(pool, listed, desired.issuer, desired.subject)
+            # Entra refuses only a 21st credential: below it, the reserve is ours to keep, so
+            # a member chosen on a remembered list is listed live first (another cluster may
+            # have taken its last slot under the reserve since), and the choice made again.
+            while chosen is not None and pool.reserved and chosen.ref.key not in fresh:
+                now = await self._store.list(chosen)
+                self._recent.put(chosen.ref.key, now)
+                fresh.add(chosen.ref.key)
+                listed = [(i, now if i.ref.key == chosen.ref.key else c) for i, c in listed]
+                chosen = choose_member(pool, listed, desired.issuer, desired.subject)
             if chosen is None:
                 if live:
                     raise exhausted(pool, listed, missing)

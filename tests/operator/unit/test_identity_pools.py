@@ -239,3 +239,15 @@ def test_a_policy_naming_the_pool_governs_its_resources_and_nothing_else() -> No
     # The pool's policy does not let a namespace name a member directly.
     refused = authorize(member, None, "team-a", {}, [policy], True)
     assert not refused.allowed and f"application {APP}" in refused.message
+
+
+async def test_a_remembered_list_never_fills_a_member_past_its_reserve(store, pools, pipeline):
+    """Entra refuses only a 21st credential, so a member chosen on the list this process
+    remembers (first passes reuse it for 10 s) is listed live before a write under the reserve."""
+    pools.bodies = [pool_body(reservedPerMember=18)]  # two credentials a member
+    first = await pipeline.reconcile(on_pool("r0"))
+    assert first.status["identity"]["clientId"] == APP
+    fill(store, APP, 1, issuer="https://another-cluster.example")  # its last slot, meanwhile
+    second = await pipeline.reconcile(on_pool("r1"))
+    assert second.status["identity"]["clientId"] == OTHER_APP
+    assert len(store.of(ApplicationRef(APP))) == 2
