@@ -30,6 +30,7 @@ after it), with the roles of the resource's ``spec.sql`` (docs/operator.md expla
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,16 @@ from typing import Any, Protocol
 
 from swi_operator.cloud import MAX_CREDENTIALS_PER_IDENTITY, FederatedCredential, ResolvedIdentity
 from swi_operator.errors import PermanentError, Reason
-from swi_operator.spec import IdentityRef, SpecError, is_pool_name, parse_single_identity
+from swi_operator.spec import (
+    ApplicationRef,
+    IdentityRef,
+    SpecError,
+    is_guid,
+    is_pool_name,
+    parse_single_identity,
+)
+
+log = logging.getLogger(__name__)
 
 POOL_CACHE_S = 2.0
 MAX_MEMBERS = 100
@@ -46,8 +56,23 @@ MAX_MEMBERS = 100
 @dataclass(frozen=True)
 class Pool:
     name: str
-    members: tuple[IdentityRef, ...]
+    members: tuple[IdentityRef, ...]  # spec.members, then the members it grew (status.grown)
     reserved: int = 0  # credentials per member left to others
+    max_members: int = 0  # spec.growth.maxMembers: grow up to this many; 0: never grow
+    prefix: str = ""  # spec.growth.displayNamePrefix: grown members are <prefix>-<n>
+    grown: tuple[tuple[str, str], ...] = ()  # (client id, display name) of the grown members
+
+    @property
+    def can_grow(self) -> bool:
+        return len(self.members) < self.max_members
+
+    def next_name(self) -> str:
+        """The display name of the next member to grow: the first ``<prefix>-<n>`` not used."""
+        used = {name for _, name in self.grown}
+        n = 1
+        while f"{self.prefix}-{n}" in used:
+            n += 1
+        return f"{self.prefix}-{n}"
 
     @property
     def capacity(self) -> int:
@@ -107,9 +132,48 @@ def parse_pool(body: Mapping[str, Any]) -> Pool:
             )
         )
         reserved = 0
+    max_members, prefix = 0, f"swi-pool-{name}"
+    growth = raw.get("growth")
+    if growth is not None:
+        if not isinstance(growth, Mapping):
+            problems.append(("spec.growth", "must be an object"))
+            growth = {}
+        max_members = growth.get("maxMembers", 0)
+        if (
+            not isinstance(max_members, int)
+            or isinstance(max_members, bool)
+            or not 0 <= max_members <= MAX_MEMBERS
+        ):
+            problems.append(
+                ("spec.growth.maxMembers", f"Invalid value {max_members!r}: 0 to {MAX_MEMBERS}")
+            )
+            max_members = 0
+        given = growth.get("displayNamePrefix")
+        if given is not None:
+            if not isinstance(given, str) or not 1 <= len(given) <= 100:
+                problems.append(
+                    (
+                        "spec.growth.displayNamePrefix",
+                        f"Invalid value {given!r}: 1 to 100 characters",
+                    )
+                )
+            else:
+                prefix = given
+    grown: list[tuple[str, str]] = []
+    for item in (
+        ((body.get("status") or {}).get("grown") or [])
+        if isinstance(body.get("status"), Mapping)
+        else []
+    ):
+        if not isinstance(item, Mapping) or not is_guid(item.get("applicationClientId")):
+            continue  # the operator writes these; anything else is ignored, never trusted
+        ref = ApplicationRef(str(item["applicationClientId"]).lower())
+        grown.append((ref.client_id, str(item.get("name") or "")))
+        if not any(m.key == ref.key for m in members):
+            members.append(ref)
     if problems:
         raise SpecError(problems)
-    return Pool(str(name), tuple(members), int(reserved))
+    return Pool(str(name), tuple(members), int(reserved), int(max_members), prefix, tuple(grown))
 
 
 class PoolReader(Protocol):
@@ -199,8 +263,43 @@ def exhausted(
     )
     gone = f"; not found in Entra: {', '.join(ref.display for ref in missing)}" if missing else ""
     reserve = f", {pool.reserved} of each reserved for others" if pool.reserved else ""
+    grew = (
+        f"; it has grown to its spec.growth.maxMembers ({pool.max_members})"
+        if pool.max_members
+        else ""
+    )
     return PermanentError(
         Reason.POOL_EXHAUSTED,
-        f"every member of SqlIdentityPool {pool.name} is full ({counts}{reserve}{gone}): a "
-        "platform administrator must add members to its spec.members",
+        f"every member of SqlIdentityPool {pool.name} is full ({counts}{reserve}{gone}{grew}): a "
+        "platform administrator must add members to its spec.members"
+        + (" or raise spec.growth.maxMembers" if pool.max_members else ""),
     )
+
+
+class AppMaker(Protocol):
+    async def ensure(self, display_name: str) -> str: ...
+
+
+class PoolStatusWriter(Protocol):
+    async def patch_pool_status(self, name: str, status: Mapping[str, Any]) -> None: ...
+
+
+class PoolGrowth:
+    """Grows a full pool by one app registration (``spec.growth``): made (or adopted by its name)
+    through ``cloud.applications``, then recorded in the pool's ``status.grown``, which only the
+    operator writes (the pool is cluster-scoped: namespace teams cannot touch it)."""
+
+    def __init__(self, apps: AppMaker, kube: PoolStatusWriter, pools: PoolSource) -> None:
+        self._apps = apps
+        self._kube = kube
+        self._pools = pools
+
+    async def grow(self, pool: Pool) -> ApplicationRef:
+        name = pool.next_name()
+        client_id = (await self._apps.ensure(name)).lower()
+        grown = [{"applicationClientId": c, "name": n} for c, n in pool.grown]
+        grown.append({"applicationClientId": client_id, "name": name})
+        await self._kube.patch_pool_status(pool.name, {"grown": grown})
+        self._pools.invalidate()
+        log.info("SqlIdentityPool %s grew: application %s (%s)", pool.name, name, client_id)
+        return ApplicationRef(client_id)

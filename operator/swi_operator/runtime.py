@@ -25,6 +25,7 @@ from kubernetes.client import ApiClient
 
 from swi_operator.backing import Backing
 from swi_operator.cloud import CallGate, CredentialStore, IdentityRouter, Pacer
+from swi_operator.cloud.applications import GraphApplications
 from swi_operator.cloud.arm import ArmCredentialStore, arm_client_factory
 from swi_operator.cloud.exchange import EntraTokenExchange, TokenExchange
 from swi_operator.cloud.graph import GraphCredentialStore, build_graph_client
@@ -40,7 +41,7 @@ from swi_operator.metrics import TrackedSlots
 from swi_operator.peers import Drain
 from swi_operator.pipeline import Pipeline
 from swi_operator.policy_review import NamespaceLabels, PolicyReview, PolicySpecs
-from swi_operator.pool import PoolSource
+from swi_operator.pool import PoolGrowth, PoolSource
 from swi_operator.pool_status import PoolStatus
 from swi_operator.sql import Database, OdbcDatabase
 from swi_operator.steps import Step
@@ -122,6 +123,7 @@ def build_pipeline(
     operator_client_id: str | None = None,
     ledger: Ledger | None = None,
     pools: PoolSource | None = None,
+    growth: PoolGrowth | None = None,
 ) -> Pipeline:
     """The steps in order; ``later`` ones (database access, verification) come last. The policy
     ``gate`` (``steps.authorization``) comes first; only unit tests of the others leave it out.
@@ -137,6 +139,7 @@ def build_pipeline(
             operator_client_id,
             ledger,
             pools,
+            growth,
         ),
         ServiceAccountStep(kube),
         WorkloadsStep(kube, pod_token_grace),
@@ -269,6 +272,7 @@ class Runtime:
             operator_client_id=config.client_id,
             ledger=ledger,
             pools=pools,
+            growth=PoolGrowth(GraphApplications(graph_client, graph_gate), kube, pools),
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)

@@ -187,3 +187,58 @@ def test_a_pool_spreads_service_accounts_keeps_them_and_moves_them_only_when_it_
         cluster.wait_gone(name, timeout=60)
     assert ours(graph, b, ns) == [] and ours(graph, c, ns) == []
     assert [x["name"] for x in graph.credentials(a)] == ["other-cluster"]
+
+
+def test_a_full_pool_grows_by_an_app_registration_the_operator_creates_and_owns(
+    operator: Any, cluster: Cluster, entra: Entra, world: World
+) -> None:
+    graph = OperatorGraph(world, entra)
+    tag = uuid.uuid4().hex[:6]
+    seed = graph.app(f"grow-{tag}-seed")
+    name = f"grow-{cluster.namespace}"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "SqlIdentityPool",
+        "metadata": {"name": name},
+        "spec": {
+            "members": [{"applicationClientId": seed["appId"]}],
+            "reservedPerMember": 19,  # one credential a member
+            "growth": {"maxMembers": 2, "displayNamePrefix": f"grow-{tag}"},
+        },
+    }
+    cluster.custom.create_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, body)
+    made: list[dict[str, Any]] = []
+    try:
+        for i in range(3):
+            cluster.create(
+                f"g{i}", {"serviceAccountName": f"g{i}-sa", "identity": {"poolName": name}}
+            )
+            if i < 2:
+                cluster.wait_condition(f"g{i}", timeout=60)
+        found = graph.call("GET", f"/applications?$filter=displayName eq 'grow-{tag}-1'")["value"]
+        assert len(found) == 1, found  # created once, by the operator, which owns it
+        made = found
+        grown = found[0]
+        status = (cluster.get("g1") or {})["status"]
+        assert status["identity"]["clientId"] == grown["appId"]
+        verified = cluster.condition("g1", "Verified")
+        assert verified is not None and verified["status"] == "True", verified
+        exchanged = entra.exchange(grown["appId"], cluster.token("g1-sa"))
+        assert exchanged.status_code == 200, exchanged.text
+        assert "PoolGrown" in cluster.reasons("g1")
+        pool = cluster.custom.get_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
+        assert pool["status"]["grown"] == [
+            {"applicationClientId": grown["appId"], "name": f"grow-{tag}-1"}
+        ]
+        # At its maximum: the third waits, saying what to change; no third app.
+        refused = cluster.wait_condition(
+            "g2", "False", "FederatedCredentialReady", reason="PoolExhausted"
+        )
+        assert "spec.growth.maxMembers" in refused["message"], refused
+        assert (
+            graph.call("GET", f"/applications?$filter=displayName eq 'grow-{tag}-2'")["value"] == []
+        )
+    finally:
+        cluster.custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
+        for app in [seed, *made]:
+            graph.call("DELETE", f"/applications/{app['id']}")

@@ -50,7 +50,7 @@ from swi_operator.errors import PermanentError, Reason, ReconcileError, Transien
 from swi_operator.kube import KubeClient
 from swi_operator.locks import KeyedLocks
 from swi_operator.naming import Owner, credential_description, credential_name, subject_for
-from swi_operator.pool import Pool, PoolSource, choose_member, exhausted
+from swi_operator.pool import Pool, PoolGrowth, PoolSource, choose_member, exhausted
 from swi_operator.spec import (
     ApplicationRef,
     IdentityRef,
@@ -197,9 +197,11 @@ class FederatedCredentialStep:
         operator_client_id: str | None = None,
         identities: IdentityNotes | None = None,
         pools: PoolSource | None = None,
+        growth: PoolGrowth | None = None,
     ) -> None:
         self._identities = identities
         self._pools = pools
+        self._growth = growth
         self._operator_client_id = (operator_client_id or "").lower()
         self._store = store
         self._issuer = issuer
@@ -340,9 +342,11 @@ class FederatedCredentialStep:
                 listed = [(i, now if i.ref.key == chosen.ref.key else c) for i, c in listed]
                 chosen = choose_member(pool, listed, desired.issuer, desired.subject)
             if chosen is None:
-                if live:
+                if not live:
+                    continue
+                if not pool.can_grow or self._growth is None:
                     raise exhausted(pool, listed, missing)
-                continue
+                chosen = await self._grow(ctx, pool)
             try:
                 credential = await self._on_member(ctx, chosen, desired)
             except PermanentError as err:
@@ -358,6 +362,28 @@ class FederatedCredentialStep:
                 )
             return chosen, credential
         raise AssertionError("unreachable: the live pass returns or raises")
+
+    async def _grow(self, ctx: Context, pool: Pool) -> ResolvedIdentity:
+        """Every member is full and the pool may grow: one more app registration."""
+        assert self._growth is not None
+        ref = await self._growth.grow(pool)
+        try:
+            identity = await self._store.resolve(ref)
+        except PermanentError as err:
+            if err.reason is not Reason.IDENTITY_NOT_FOUND:
+                raise
+            raise TransientError(
+                Reason.PROPAGATING,
+                f"SqlIdentityPool {pool.name} grew by application {ref.client_id}; Graph does "
+                "not show it everywhere yet",
+            ) from err
+        ctx.record(
+            "PoolGrown",
+            f"every member of SqlIdentityPool {pool.name} was full: created application "
+            f"{identity.name} ({identity.client_id}), member {len(pool.members) + 1} of at most "
+            f"{pool.max_members}",
+        )
+        return identity
 
     async def _on_member(
         self, ctx: Context, identity: ResolvedIdentity, desired: FederatedCredential

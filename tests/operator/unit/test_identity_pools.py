@@ -251,3 +251,63 @@ async def test_a_remembered_list_never_fills_a_member_past_its_reserve(store, po
     second = await pipeline.reconcile(on_pool("r1"))
     assert second.status["identity"]["clientId"] == OTHER_APP
     assert len(store.of(ApplicationRef(APP))) == 2
+
+
+class FakeApps:
+    """The Graph side of growth: makes (or finds by name) an app the store then knows."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+        self.made: dict[str, str] = {}
+
+    async def ensure(self, display_name: str) -> str:
+        if display_name not in self.made:
+            client = f"{len(self.made) + 7:08d}-aaaa-4aaa-8aaa-{len(self.made):012d}"
+            self.made[display_name] = client
+            self.store.add_identity(ApplicationRef(client))
+        return self.made[display_name]
+
+
+class StatusWriter:
+    def __init__(self, pools: Pools) -> None:
+        self.pools = pools
+
+    async def patch_pool_status(self, name: str, status: dict[str, Any]) -> None:
+        for body in self.pools.bodies:
+            if body["metadata"]["name"] == name:
+                body.setdefault("status", {}).update(status)
+
+
+async def test_a_full_pool_grows_up_to_its_maximum_then_says_so(store, pools):
+    from swi_operator.pool import PoolGrowth
+
+    pools.bodies = [
+        pool_body(
+            members=[APP],
+            reservedPerMember=19,
+            growth={"maxMembers": 2, "displayNamePrefix": "grow"},
+        )
+    ]
+    source = PoolSource(pools, ttl=0)
+    apps = FakeApps(store)
+    pipeline = build_pipeline(
+        store,
+        FakeKube(),
+        TENANT,
+        None,
+        pools=source,
+        growth=PoolGrowth(apps, StatusWriter(pools), source),
+    )
+    first = await pipeline.reconcile(on_pool("r0"))
+    assert first.status["identity"]["clientId"] == APP
+    second = await pipeline.reconcile(on_pool("r1"))
+    grown = apps.made["grow-1"]
+    assert second.status["identity"]["clientId"] == grown
+    event = next(e for e in second.events if e.reason == "PoolGrown")
+    assert f"created application app-name ({grown}), member 2 of at most 2" in event.message
+    assert pools.bodies[0]["status"]["grown"] == [{"applicationClientId": grown, "name": "grow-1"}]
+    assert parse_pool(pools.bodies[0]).members[-1] == ApplicationRef(grown)
+    third = await pipeline.reconcile(on_pool("r2"))
+    c = cond(third, "FederatedCredentialReady")
+    assert c["reason"] == "PoolExhausted" and "maxMembers (2)" in c["message"]
+    assert list(apps.made) == ["grow-1"]  # no third member
