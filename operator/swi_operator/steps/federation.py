@@ -353,7 +353,10 @@ class FederatedCredentialStep:
                 if err.reason is Reason.CREDENTIAL_LIMIT_REACHED and not live:
                     continue  # filled meanwhile by others: choose again on live lists
                 raise
-            if recorded is not None and recorded.key != chosen.ref.key:
+            was_member = (ctx.status.get("identity") or {}).get("pool") == pool.name
+            if recorded is not None and recorded.key != chosen.ref.key and was_member:
+                # (A spec that named another identity or pool before is no move: the previous
+                # credential's removal says what happened to it.)
                 ctx.record(
                     "PoolMemberChanged",
                     f"moved {desired.subject} from {recorded.display} to {chosen.ref.display} "

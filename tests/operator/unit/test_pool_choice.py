@@ -311,3 +311,23 @@ async def test_a_full_pool_grows_up_to_its_maximum_then_says_so(store, pools):
     c = cond(third, "FederatedCredentialReady")
     assert c["reason"] == "PoolExhausted" and "maxMembers (2)" in c["message"]
     assert list(apps.made) == ["grow-1"]  # no third member
+
+
+async def test_a_resource_switched_from_one_identity_to_a_pool_is_no_move(pipeline, store):
+    body = resource(
+        "r",
+        "team-a",
+        service_account="r-sa",
+        identity={"applicationClientId": "44444444-4444-4444-4444-444444444444"},
+    )
+    store.add_identity(ApplicationRef("44444444-4444-4444-4444-444444444444"))
+    first = await pipeline.reconcile(body)
+    switched = applied(body, first)
+    switched["spec"]["identity"] = {"poolName": "readers"}
+    second = await pipeline.reconcile(switched)
+    assert second.status["identity"]["pool"] == "readers"
+    assert second.status["identity"]["clientId"] == APP
+    assert not any(e.reason == "PoolMemberChanged" for e in second.events)
+    assert any(
+        "CredentialDeleted" in e.message or e.reason == "CredentialDeleted" for e in second.events
+    )
