@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from swi_operator.errors import PermanentError
 from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels
-from swi_operator.pool import Pool, PoolSource
+from swi_operator.pool import PoolSource
 from swi_operator.spec import PoolRef, SpecError, parse_spec
 
 # Each valid SqlIdentityPool's members (identity keys), by pool name.
@@ -118,9 +118,7 @@ async def backed_grants(
 
 async def pool_members(pools: PoolSource | None) -> dict[str, frozenset[str]]:
     """``PoolMembers`` as ``pools`` read them now (nothing without pools)."""
-    if pools is None:
-        return {}
-    return {name: p.member_keys for name, p in (await pools.all()).items() if isinstance(p, Pool)}
+    return {} if pools is None else await pools.members()
 
 
 class Backing:

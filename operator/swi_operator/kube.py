@@ -627,36 +627,37 @@ class KubernetesClient:
         status = _dig(found, "status")
         return dict(status) if isinstance(status, Mapping) else {}
 
-    async def list_policies(self) -> list[dict[str, Any]] | None:
-        """Every SqlIdentityPolicy; None if their CRD is not installed."""
+    async def _list_cluster_scoped(self, kinds: str, plural: str) -> list[dict[str, Any]] | None:
+        """Every object of one of our cluster-scoped kinds (``kinds``: its name in the plural,
+        for messages); None if its CRD is not installed."""
         found = await self._call(
-            "list SqlIdentityPolicies",
-            "GET",
-            f"/apis/{GROUP}/{VERSION}/{POLICY_PLURAL}",
-            missing_ok=True,
+            f"list {kinds}", "GET", f"/apis/{GROUP}/{VERSION}/{plural}", missing_ok=True
         )
         return None if found is None else list(found.get("items") or [])
 
-    async def list_pools(self) -> list[dict[str, Any]] | None:
-        """Every SqlIdentityPool; None if their CRD is not installed."""
-        found = await self._call(
-            "list SqlIdentityPools",
-            "GET",
-            f"/apis/{GROUP}/{VERSION}/{POOL_PLURAL}",
-            missing_ok=True,
-        )
-        return None if found is None else list(found.get("items") or [])
-
-    async def patch_pool_status(self, name: str, status: Mapping[str, Any]) -> None:
+    async def _patch_cluster_scoped_status(
+        self, kind: str, plural: str, name: str, status: Mapping[str, Any]
+    ) -> None:
         await self._call(
-            f"update the status of SqlIdentityPool {name}",
+            f"update the status of {kind} {name}",
             "PATCH",
-            f"/apis/{GROUP}/{VERSION}/{POOL_PLURAL}/{name}/status",
+            f"/apis/{GROUP}/{VERSION}/{plural}/{name}/status",
             body={"status": dict(status)},
             content_type=MERGE_PATCH,
             missing_ok=True,
             decode=False,
         )
+
+    async def list_policies(self) -> list[dict[str, Any]] | None:
+        """Every SqlIdentityPolicy; None if their CRD is not installed."""
+        return await self._list_cluster_scoped("SqlIdentityPolicies", POLICY_PLURAL)
+
+    async def list_pools(self) -> list[dict[str, Any]] | None:
+        """Every SqlIdentityPool; None if their CRD is not installed."""
+        return await self._list_cluster_scoped("SqlIdentityPools", POOL_PLURAL)
+
+    async def patch_pool_status(self, name: str, status: Mapping[str, Any]) -> None:
+        await self._patch_cluster_scoped_status("SqlIdentityPool", POOL_PLURAL, name, status)
 
     async def namespace_labels(self, namespace: str) -> dict[str, str]:
         """The labels of a Namespace (policies select namespaces by them); {} if it is gone.
@@ -725,15 +726,7 @@ class KubernetesClient:
                 raise
 
     async def patch_policy_status(self, name: str, status: Mapping[str, Any]) -> None:
-        await self._call(
-            f"update the status of SqlIdentityPolicy {name}",
-            "PATCH",
-            f"/apis/{GROUP}/{VERSION}/{POLICY_PLURAL}/{name}/status",
-            body={"status": dict(status)},
-            content_type=MERGE_PATCH,
-            missing_ok=True,
-            decode=False,
-        )
+        await self._patch_cluster_scoped_status("SqlIdentityPolicy", POLICY_PLURAL, name, status)
 
     async def apply_crd(self, manifest: Mapping[str, Any]) -> None:
         """Create or replace a CRD and wait until it is established."""

@@ -14,6 +14,8 @@ from swi_operator.errors import ReconcileError
 log = logging.getLogger(__name__)
 
 DEBOUNCE_S = 0.5  # a burst of events (an apply of several policies) becomes one run
+# ``recount()`` runs at most this often: each run lists the fleet, and only counts wait for it.
+RECOUNT_MIN_S = 10.0
 
 
 class DebouncedTask(ABC):
@@ -26,10 +28,25 @@ class DebouncedTask(ABC):
         self._namespaces = tuple(namespaces)
         self._interval = interval
         self._wake = asyncio.Event()
+        self._last_run = -RECOUNT_MIN_S
+        self._recount: asyncio.TimerHandle | None = None
 
     def changed(self) -> None:
         """Something this task depends on changed: run soon."""
         self._wake.set()
+
+    def recount(self) -> None:
+        """Something only counted changed (a resource admitted or gone): run within
+        ``RECOUNT_MIN_S`` of the last run, not at once."""
+        if self._recount is not None:
+            return  # one is due already
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._last_run + RECOUNT_MIN_S - loop.time())
+        self._recount = loop.call_later(delay, self._recount_due)
+
+    def _recount_due(self) -> None:
+        self._recount = None
+        self.changed()
 
     @abstractmethod
     async def once(self) -> None:
@@ -44,6 +61,7 @@ class DebouncedTask(ABC):
             except TimeoutError:
                 pass
             self._wake.clear()
+            self._last_run = asyncio.get_running_loop().time()
             try:
                 async with self._gate.drain.work():
                     await self.once()

@@ -3,8 +3,8 @@
 Policies change after admission. The pipeline's gate re-checks every resource at each reconcile
 and drift check, but the drift interval can be minutes; so whenever kopf reports a policy change
 (``changed``: created, deleted, a new spec generation, as ``PolicySpecs`` tells; a namespace's
-labels), when resources were admitted or left (``recount``, at most every ``RECOUNT_MIN_S``), and
-once per drift interval regardless, ``review``:
+labels), when resources were admitted or left (``recount``, at most every
+``periodic.RECOUNT_MIN_S``), and once per drift interval regardless, ``review``:
 
 1. lists the policies and the served SqlWorkloadIdentities, and decides each resource with the same
    ``policy.authorize`` the gate uses (reading each Namespace at most once, and only if a policy
@@ -36,8 +36,6 @@ from swi_operator.spec import SpecError, parse_spec
 from swi_operator.steps.authorization import AuthorizationStep
 
 log = logging.getLogger(__name__)
-
-RECOUNT_MIN_S = 10.0  # the policies' counts may lag the fleet by this much (PolicyReview.recount)
 
 
 class NamespaceLabelReader(Protocol):
@@ -79,8 +77,9 @@ def policy_conditions(
 
 class PolicyReview(DebouncedTask):
     """``changed()`` runs it soon (a policy's spec, a namespace's labels: revocation must be
-    prompt); ``recount()`` (a resource admitted or gone) at most every ``RECOUNT_MIN_S``, since
-    each run lists the fleet and only the policies' counts wait for it."""
+    prompt); ``recount()`` (a resource admitted or gone) at most every
+    ``periodic.RECOUNT_MIN_S``, since each run lists the fleet and only the policies' counts
+    wait for it."""
 
     what = "policy review"
 
@@ -102,26 +101,11 @@ class PolicyReview(DebouncedTask):
         self._drift = drift
         self._require = require_policy
         self._memo = PolicyMemo()
-        self._last_run = -RECOUNT_MIN_S
-        self._recount: asyncio.TimerHandle | None = None
-
-    def recount(self) -> None:
-        """A resource was admitted, refused or deleted: refresh the policies' counts soon."""
-        if self._recount is not None:
-            return  # one is due already
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, self._last_run + RECOUNT_MIN_S - loop.time())
-        self._recount = loop.call_later(delay, self._recount_due)
-
-    def _recount_due(self) -> None:
-        self._recount = None
-        self.changed()
 
     async def once(self) -> None:
         await self.review()
 
     async def review(self) -> None:
-        self._last_run = asyncio.get_running_loop().time()
         served = await self._served()
         if served is None:
             return

@@ -159,12 +159,9 @@ def parse_pool(body: Mapping[str, Any]) -> Pool:
                 )
             else:
                 prefix = given
+    status = body.get("status")
     grown: list[tuple[str, str]] = []
-    for item in (
-        ((body.get("status") or {}).get("grown") or [])
-        if isinstance(body.get("status"), Mapping)
-        else []
-    ):
+    for item in (status.get("grown") or []) if isinstance(status, Mapping) else []:
         if not isinstance(item, Mapping) or not is_guid(item.get("applicationClientId")):
             continue  # the operator writes these; anything else is ignored, never trusted
         ref = ApplicationRef(str(item["applicationClientId"]).lower())
@@ -198,14 +195,7 @@ class PoolSource:
         async with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] > self._ttl:
-                parsed: dict[str, Pool | SpecError] = {}
-                for body in await self._reader.list_pools() or []:
-                    name = str((body.get("metadata") or {}).get("name") or "")
-                    try:
-                        parsed[name] = parse_pool(body)
-                    except SpecError as err:
-                        parsed[name] = err
-                self._cached = (now, parsed)
+                self._cached = (now, parse_pools(await self._reader.list_pools() or []))
             return self._cached[1]
 
     async def get(self, name: str) -> Pool:
@@ -225,10 +215,25 @@ class PoolSource:
             "administrator must fix it",
         )
 
-    async def member_keys(self, name: str) -> frozenset[str]:
-        """The identity keys of pool ``name``'s members; none if it is missing or invalid."""
-        found = (await self.all()).get(name)
-        return found.member_keys if isinstance(found, Pool) else frozenset()
+    async def members(self) -> dict[str, frozenset[str]]:
+        """Each valid pool's members' identity keys, by pool name (``backing.PoolMembers``)."""
+        return member_keys(await self.all())
+
+
+def member_keys(pools: Mapping[str, Pool | SpecError]) -> dict[str, frozenset[str]]:
+    return {name: p.member_keys for name, p in pools.items() if isinstance(p, Pool)}
+
+
+def parse_pools(bodies: Sequence[Mapping[str, Any]]) -> dict[str, Pool | SpecError]:
+    """Every pool by name: parsed, or the problems that make it unusable."""
+    parsed: dict[str, Pool | SpecError] = {}
+    for body in bodies:
+        name = str((body.get("metadata") or {}).get("name") or "")
+        try:
+            parsed[name] = parse_pool(body)
+        except SpecError as err:
+            parsed[name] = err
+    return parsed
 
 
 def holds(credentials: Sequence[FederatedCredential], issuer: str, subject: str) -> bool:

@@ -2,7 +2,7 @@
 
 A debounced task (``periodic.DebouncedTask``, active replica only) that, after a pool changed
 (its watch), after resources on pools were admitted or deleted (at most every
-``RECOUNT_MIN_S``), and every interval regardless:
+``periodic.RECOUNT_MIN_S``), and every interval regardless:
 
 1. lists each valid pool's members' federated credentials (every issuer's: Entra's budget of 20
    counts them all) and writes, per member, how many there are and how many are this cluster's;
@@ -26,13 +26,11 @@ from swi_operator.cloud import MAX_CREDENTIALS_PER_IDENTITY, CredentialStore
 from swi_operator.drift import DriftLoop, PeeringGate
 from swi_operator.errors import PermanentError, Reason
 from swi_operator.periodic import DebouncedTask
-from swi_operator.pool import Pool, PoolSource
-from swi_operator.spec import PoolRef, SpecError, parse_spec
+from swi_operator.pool import Pool, PoolSource, parse_pools
+from swi_operator.spec import IdentityRef, PoolRef, SpecError, parse_spec
 from swi_operator.steps.federation import IssuerSource, identity_from_status, identity_key
 
 log = logging.getLogger(__name__)
-
-RECOUNT_MIN_S = 10.0
 
 
 class PoolKube(Protocol):
@@ -69,31 +67,16 @@ class PoolStatus(DebouncedTask):
         self._store = store
         self._issuer = issuer
         self._drift = drift
-        self._last_run = -RECOUNT_MIN_S
-        self._recount: asyncio.TimerHandle | None = None
-
-    def recount(self) -> None:
-        """A resource on a pool was admitted or deleted: refresh the counts soon."""
-        if self._recount is not None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, self._last_run + RECOUNT_MIN_S - loop.time())
-        self._recount = loop.call_later(delay, self._recount_due)
-
-    def _recount_due(self) -> None:
-        self._recount = None
-        self.changed()
 
     async def once(self) -> None:
-        self._last_run = asyncio.get_running_loop().time()
         served = await self._served()
         if served is None:
             return
         listed = await self._kube.list_pools()
         if not listed:
             return  # no CRD, or no pool
-        self._pools.invalidate()
-        parsed = await self._pools.all()
+        self._pools.invalidate()  # what the watch may not have told yet, read once: here
+        parsed = parse_pools(listed)
         issuer = await self._issuer.get()
         resources = await self._kube.list_resources(served)
         on_pool: Counter[str] = Counter()
@@ -156,7 +139,7 @@ class PoolStatus(DebouncedTask):
             if any(current.get(key) != value for key, value in status.items()):
                 await self._kube.patch_pool_status(name, status)
 
-    async def _member(self, ref: Any, issuer: str) -> dict[str, Any]:
+    async def _member(self, ref: IdentityRef, issuer: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"identity": identity_key(ref)}
         try:
             identity = await self._store.resolve(ref)

@@ -47,7 +47,7 @@ from swi_operator.ledger import Ledger, UserEntry
 from swi_operator.locks import KeyedLocks
 from swi_operator.periodic import DebouncedTask
 from swi_operator.policy import ParsedPolicies, authorize, needs_namespace_labels, server_key
-from swi_operator.pool import Pool, PoolSource
+from swi_operator.pool import Pool, PoolSource, member_keys
 from swi_operator.spec import IdentityRef, NamedIdentity, PoolRef, SpecError, parse_spec
 from swi_operator.steps.database import DatabaseUserRecord
 from swi_operator.steps.federation import IssuerSource, identity_from_status
@@ -123,6 +123,11 @@ class CredentialSweep(DebouncedTask):
             return await self._policies.policies()
         except PermanentError:
             return ParsedPolicies()  # no policy CRD: only what requirePolicy off allows counts
+
+    @property
+    def _members(self) -> dict[str, frozenset[str]]:
+        """This pass's pools' members' identity keys, by pool (``backing.PoolMembers``)."""
+        return member_keys(self._pool_view)
 
     async def _pools_now(self) -> dict[str, Pool]:
         """The valid pools, read for this pass (never a cached view for a removal)."""
@@ -226,9 +231,8 @@ class CredentialSweep(DebouncedTask):
         parsed = await self._parsed()
         self._pool_view = await self._pools_now()
         self._remember(parsed, resources)
-        members = {name: p.member_keys for name, p in self._pool_view.items()}
         backed = await backed_grants(
-            resources, _Fixed(parsed, self._policies), self._require, pools=members
+            resources, _Fixed(parsed, self._policies), self._require, pools=self._members
         )
         removed = await self._credentials(candidates, parsed, backed)
         return removed + await self._database_users(entries, resources, parsed, backed)
@@ -288,7 +292,7 @@ class CredentialSweep(DebouncedTask):
             meta = body.get("metadata") or {}
             if meta.get("uid") and not meta.get("deletionTimestamp"):
                 live[str(meta["uid"])] = body
-        members = {name: p.member_keys for name, p in self._pool_view.items()}
+        members = self._members
         kept = [entry for entry in entries if _backs(live.get(entry.uid), entry, backed, members)]
         in_use = {entry.user_key: entry for entry in kept}
         removed: list[Removed] = []

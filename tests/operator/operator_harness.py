@@ -214,6 +214,16 @@ class OperatorGraph:
         return list(listed["value"])
 
 
+def pool_manifest(name: str, client_ids: list[str], **spec: Any) -> dict[str, Any]:
+    """A SqlIdentityPool of these app registrations (``spec``: reservedPerMember, growth)."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "SqlIdentityPool",
+        "metadata": {"name": name},
+        "spec": {"members": [{"applicationClientId": c} for c in client_ids], **spec},
+    }
+
+
 def operator_environment(sandbox: Any, world: World, namespace: str) -> dict[str, str]:
     """What the operator needs to run against the sandbox (sandbox/launcher.py sets the same)."""
     return {

@@ -29,6 +29,7 @@ from operator_harness import (  # type: ignore[import-not-found]
     OperatorGraph,
     World,
     eventually,
+    pool_manifest,
 )
 from sql_harness import DATABASE, SqlAdmin  # type: ignore[import-not-found]
 
@@ -51,15 +52,7 @@ def pool_apps(world: World, entra: Entra) -> Iterator[tuple[OperatorGraph, list[
 def pool(cluster: Cluster, pool_apps: Any) -> Iterator[str]:
     _, apps = pool_apps
     name = f"pool-{cluster.namespace}"
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "SqlIdentityPool",
-        "metadata": {"name": name},
-        "spec": {
-            "members": [{"applicationClientId": app["appId"]} for app in apps],
-            "reservedPerMember": 18,
-        },
-    }
+    body = pool_manifest(name, [app["appId"] for app in apps], reservedPerMember=18)
     cluster.custom.create_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, body)
     yield name
     cluster.custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
@@ -196,16 +189,12 @@ def test_a_full_pool_grows_by_an_app_registration_the_operator_creates_and_owns(
     tag = uuid.uuid4().hex[:6]
     seed = graph.app(f"grow-{tag}-seed")
     name = f"grow-{cluster.namespace}"
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "SqlIdentityPool",
-        "metadata": {"name": name},
-        "spec": {
-            "members": [{"applicationClientId": seed["appId"]}],
-            "reservedPerMember": 19,  # one credential a member
-            "growth": {"maxMembers": 2, "displayNamePrefix": f"grow-{tag}"},
-        },
-    }
+    body = pool_manifest(
+        name,
+        [seed["appId"]],
+        reservedPerMember=19,  # one credential a member
+        growth={"maxMembers": 2, "displayNamePrefix": f"grow-{tag}"},
+    )
     cluster.custom.create_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, body)
     made: list[dict[str, Any]] = []
     try:

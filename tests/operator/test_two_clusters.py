@@ -37,6 +37,7 @@ from operator_harness import (  # type: ignore[import-not-found]
     World,
     delete_all,
     eventually,
+    pool_manifest,
 )
 from sql_harness import DATABASE, SqlAdmin  # type: ignore[import-not-found]
 
@@ -298,15 +299,7 @@ def shared_pool(
     tag = uuid.uuid4().hex[:6]
     apps = [graph.app(f"shared-{tag}-{letter}") for letter in "ab"]
     name = f"pool-{cluster.namespace}"
-    body = {
-        "apiVersion": f"{GROUP}/v1alpha1",
-        "kind": "SqlIdentityPool",
-        "metadata": {"name": name},
-        "spec": {
-            "members": [{"applicationClientId": app["appId"]} for app in apps],
-            "reservedPerMember": 18,
-        },
-    }
+    body = pool_manifest(name, [app["appId"] for app in apps], reservedPerMember=18)
     for each in (cluster, other):
         each.custom.create_cluster_custom_object(GROUP, "v1alpha1", POOL_PLURAL, body)
     try:

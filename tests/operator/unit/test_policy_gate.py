@@ -434,9 +434,9 @@ def test_admission_changed_only_when_authorized_flips() -> None:
 
 
 async def test_recounts_run_at_most_every_recount_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    from swi_operator import periodic, policy_review
+    from swi_operator import periodic
 
-    monkeypatch.setattr(policy_review, "RECOUNT_MIN_S", 0.3)
+    monkeypatch.setattr(periodic, "RECOUNT_MIN_S", 0.3)
     runs: list[float] = []
     review = idle_review()
     loop = asyncio.get_running_loop()
