@@ -185,18 +185,26 @@ class PoolSource:
         self._reader = reader
         self._ttl = ttl
         self._cached: tuple[float, dict[str, Pool | SpecError]] | None = None
+        self._epoch = 0  # invalidations so far
         self._lock = asyncio.Lock()
 
     def invalidate(self) -> None:
         self._cached = None
+        self._epoch += 1
 
     async def all(self) -> dict[str, Pool | SpecError]:
         """Every pool by name: parsed, or the problems that make it unusable."""
         async with self._lock:
             now = time.monotonic()
-            if self._cached is None or now - self._cached[0] > self._ttl:
-                self._cached = (now, parse_pools(await self._reader.list_pools() or []))
-            return self._cached[1]
+            if self._cached is not None and now - self._cached[0] <= self._ttl:
+                return self._cached[1]
+            epoch = self._epoch
+            pools = parse_pools(await self._reader.list_pools() or [])
+            # A list that an invalidation overtook (a growth's status write, a watch event)
+            # may predate it: used this once, never kept for the next reader.
+            if epoch == self._epoch:
+                self._cached = (now, pools)
+            return pools
 
     async def get(self, name: str) -> Pool:
         """The pool ``name``; ``PermanentError(PoolNotFound)`` if it is missing or invalid."""

@@ -231,8 +231,9 @@ class FederatedCredentialStep:
             description=credential_description(ctx.issuer, Owner(res.namespace, res.name)),
         )
         if isinstance(ref, PoolRef):
-            pool = await self._pool(ref)
             async with self._locks.hold(ref.key):  # one choice at a time per pool
+                # Read under the lock: the pool as the last growth left it (status.grown).
+                pool = await self._pool(ref)
                 identity, credential = await self._pool_member(ctx, pool, desired)
         else:
             identity = ctx.identity = await self._store.resolve(ref)

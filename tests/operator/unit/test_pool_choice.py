@@ -3,6 +3,7 @@ stays there, when it moves and what it says, a full pool, and what a pool resour
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -331,3 +332,69 @@ async def test_a_resource_switched_from_one_identity_to_a_pool_is_no_move(pipeli
     assert any(
         "CredentialDeleted" in e.message or e.reason == "CredentialDeleted" for e in second.events
     )
+
+
+class SlowApps(FakeApps):
+    """Graph takes a moment to create an app: other reconciles run meanwhile."""
+
+    async def ensure(self, display_name: str) -> str:
+        await asyncio.sleep(0.01)
+        return await super().ensure(display_name)
+
+
+async def test_resources_waiting_on_a_growing_pool_see_its_new_member(store, pools):
+    """Two resources on a full pool at once: the one that waited for the pool's lock reads the
+    pool the growth left (never a copy from before it), so it grows the next member rather than
+    the same one again, and the pool's status keeps both."""
+    from swi_operator.pool import PoolGrowth
+
+    pools.bodies = [
+        pool_body(
+            members=[APP],
+            reservedPerMember=19,
+            growth={"maxMembers": 3, "displayNamePrefix": "grow"},
+        )
+    ]
+    source = PoolSource(pools, ttl=60)  # a cache that would outlive the growth
+    apps = SlowApps(store)
+    pipeline = build_pipeline(
+        store,
+        FakeKube(),
+        TENANT,
+        None,
+        pools=source,
+        growth=PoolGrowth(apps, StatusWriter(pools), source),
+    )
+    await pipeline.reconcile(on_pool("r0"))  # fills APP (capacity 1)
+    one, two = await asyncio.gather(
+        pipeline.reconcile(on_pool("r1")), pipeline.reconcile(on_pool("r2"))
+    )
+    assert list(apps.made) == ["grow-1", "grow-2"]
+    placed = {one.status["identity"]["clientId"], two.status["identity"]["clientId"]}
+    assert placed == set(apps.made.values())
+    assert [g["name"] for g in pools.bodies[0]["status"]["grown"]] == ["grow-1", "grow-2"]
+
+
+async def test_a_pool_list_an_invalidation_overtook_is_not_kept():
+    """A list that was under way when the pools changed may predate the change: its caller gets
+    it, the next reader lists again."""
+    gate = asyncio.Event()
+
+    class Held(Pools):
+        async def list_pools(self) -> list[dict]:
+            self.lists += 1
+            if self.lists == 1:
+                await gate.wait()
+            return self.bodies
+
+    held = Held(pool_body())
+    source = PoolSource(held, ttl=60)
+    reading = asyncio.ensure_future(source.all())
+    await asyncio.sleep(0)
+    source.invalidate()  # e.g. a growth wrote status.grown meanwhile
+    gate.set()
+    assert "readers" in await reading
+    await source.all()
+    assert held.lists == 2
+    await source.all()
+    assert held.lists == 2  # the fresh list is kept
