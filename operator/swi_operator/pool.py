@@ -50,7 +50,8 @@ from swi_operator.spec import (
 log = logging.getLogger(__name__)
 
 POOL_CACHE_S = 2.0
-MAX_MEMBERS = 100
+MAX_LISTED = 100  # spec.members: written by people
+MAX_MEMBERS = 500  # spec.growth.maxMembers: listed and grown, 10,000 credentials in all
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ def parse_pool(body: Mapping[str, Any]) -> Pool:
     if not isinstance(listed, list) or not listed:
         problems.append(("spec.members", "Required value: at least one identity"))
         listed = []
-    elif len(listed) > MAX_MEMBERS:
-        problems.append(("spec.members", f"Too many: {len(listed)}, at most {MAX_MEMBERS}"))
+    elif len(listed) > MAX_LISTED:
+        problems.append(("spec.members", f"Too many: {len(listed)}, at most {MAX_LISTED}"))
     for i, item in enumerate(listed):
         path = f"spec.members[{i}]"
         if not isinstance(item, Mapping):

@@ -98,6 +98,13 @@ def test_a_pool_and_its_errors_are_parsed() -> None:
     assert "spec.reservedPerMember" in str(err.value)
     with pytest.raises(SpecError, match=r"spec.members: Required value"):
         parse_pool({"metadata": {"name": "p"}, "spec": {"members": []}})
+    # People list up to 100 members; growth may take a pool to 500 (10,000 credentials).
+    assert parse_pool(pool_body(growth={"maxMembers": 500})).max_members == 500
+    with pytest.raises(SpecError, match=r"spec.growth.maxMembers: Invalid value 501: 0 to 500"):
+        parse_pool(pool_body(growth={"maxMembers": 501}))
+    many = [f"{i:08d}-0000-4000-8000-000000000000" for i in range(101)]
+    with pytest.raises(SpecError, match=r"spec.members: Too many: 101, at most 100"):
+        parse_pool(pool_body(members=many))
 
 
 def test_a_resource_names_a_pool_or_one_identity_never_both() -> None:
