@@ -171,6 +171,7 @@ def _application_json(app: Principal, domain: str) -> dict[str, Any]:
         "displayName": app.name,
         "signInAudience": "AzureADMyOrg",
         "publisherDomain": domain,
+        "createdDateTime": app.created or None,
     }
 
 

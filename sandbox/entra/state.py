@@ -22,6 +22,7 @@ import enum
 import json
 import re
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ class Principal:
     # it (POST /servicePrincipals); seeded principals and managed identities always have one.
     has_service_principal: bool = True
     location: str = "eastus"  # managed identities only (ARM)
+    created: str = ""  # applications made through Graph: createdDateTime (seeded ones: none)
     tags: dict[str, str] = field(default_factory=dict)  # managed identities only (ARM)
 
     def credential_by_id(self, credential_id: str) -> FederatedCredential | None:
@@ -394,6 +396,7 @@ class Directory:
             app_object_id=str(uuid.uuid4()),
             owners=set(owners),
             has_service_principal=False,
+            created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         )
         self._index(app)
         return app

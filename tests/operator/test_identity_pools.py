@@ -231,3 +231,42 @@ def test_a_full_pool_grows_by_an_app_registration_the_operator_creates_and_owns(
         cluster.custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
         for app in [seed, *made]:
             graph.call("DELETE", f"/applications/{app['id']}")
+
+
+def test_a_growing_pool_adopts_the_oldest_app_of_its_next_name(
+    operator: Any, cluster: Cluster, entra: Entra, world: World
+) -> None:
+    """Two apps named like the pool's next member (as when two clusters' operators grew the pool
+    at once): the growth adopts the older, in every cluster alike, and creates none."""
+    graph = OperatorGraph(world, entra)
+    tag = uuid.uuid4().hex[:6]
+    seed = graph.app(f"dup-{tag}-seed")
+    older = graph.app(f"dup-{tag}-1")
+    younger = graph.app(f"dup-{tag}-1")
+    name = f"dup-{cluster.namespace}"
+    body = pool_manifest(
+        name,
+        [seed["appId"]],
+        reservedPerMember=19,
+        growth={"maxMembers": 2, "displayNamePrefix": f"dup-{tag}"},
+    )
+    cluster.custom.create_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, body)
+    try:
+        for i in range(2):
+            cluster.create(
+                f"d{i}", {"serviceAccountName": f"d{i}-sa", "identity": {"poolName": name}}
+            )
+            cluster.wait_condition(f"d{i}", timeout=60)
+        status = (cluster.get("d1") or {})["status"]
+        assert status["identity"]["clientId"] == older["appId"]
+        pool = cluster.custom.get_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
+        assert pool["status"]["grown"] == [
+            {"applicationClientId": older["appId"], "name": f"dup-{tag}-1"}
+        ]
+        named = graph.call("GET", f"/applications?$filter=displayName eq 'dup-{tag}-1'")["value"]
+        assert sorted(a["appId"] for a in named) == sorted([older["appId"], younger["appId"]])
+        assert graph.credentials(younger) == []
+    finally:
+        cluster.custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
+        for app in (seed, older, younger):
+            graph.call("DELETE", f"/applications/{app['id']}")

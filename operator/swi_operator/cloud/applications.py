@@ -5,8 +5,15 @@ owner of what it creates, so the operator may then write their federated credent
 of any app it owns; a service principal is created with each (the token exchange and the database
 login need one). A member is named ``<prefix>-<n>``; before creating one the operator looks for an
 app of that name among those it can read (with ``OwnedBy``: those it owns), so a create whose
-answer was lost, or a restart between the create and the pool's status write, adopts the app
-rather than making a second.
+answer was lost, a restart between the create and the pool's status write, or another cluster's
+operator (the same app) that grew the same pool first, adopts the app rather than making a second.
+
+Two clusters growing one pool at the same moment can both create ``<prefix>-<n>``. Graph allows
+duplicate display names, so after a create the operator looks again: of the apps of that name,
+the oldest (``createdDateTime``, then ``appId``) is the member, and a younger one this operator
+just made (no credential on it yet) is deleted. Both operators decide the same way; only two
+creates that Graph's replicas have not yet shown each other can still leave two members of one
+name, and both then serve (each cluster's pool status lists its own).
 """
 
 from __future__ import annotations
@@ -42,29 +49,32 @@ class GraphApplications:
         return json.loads(raw) if raw else None
 
     async def find(self, display_name: str) -> str | None:
-        """The client id of the app named ``display_name`` the operator can read, if any."""
+        """The client id of the oldest app named ``display_name`` the operator can read."""
+        found = await self._named(display_name)
+        return str(found[0]["appId"]) if found else None
+
+    async def _named(self, display_name: str) -> list[dict[str, Any]]:
+        """The apps named ``display_name`` the operator can read, oldest first."""
         quoted = display_name.replace("'", "''")
-        query = _Query(filter=f"displayName eq '{quoted}'", select=["id", "appId", "displayName"])
+        query = _Query(
+            filter=f"displayName eq '{quoted}'",
+            select=["id", "appId", "displayName", "createdDateTime"],
+        )
         request = self._client.applications.to_get_request_information(
             RequestConfiguration(query_parameters=query)
         )
         found = await self._gate.call(
             f"look for application {display_name}", lambda: self._json(request)
         )
-        values = (found or {}).get("value") or []
-        return str(values[0]["appId"]) if values else None
+        values = [v for v in (found or {}).get("value") or [] if v.get("appId")]
+        # Seeded or older apps without a creation time sort first: they were there before.
+        return sorted(values, key=lambda v: (str(v.get("createdDateTime") or ""), str(v["appId"])))
 
     async def ensure(self, display_name: str) -> str:
         """The client id of app ``display_name`` with its service principal: adopted, or made."""
         client_id = await self.find(display_name)
         if client_id is None:
-            request = self._client.applications.to_post_request_information(
-                Application(display_name=display_name)
-            )
-            made = await self._gate.call(
-                f"create application {display_name}", lambda: self._json(request), write=True
-            )
-            client_id = str(made["appId"])
+            client_id = await self._create(display_name)
         principal = self._client.service_principals.to_post_request_information(
             ServicePrincipal(app_id=client_id)
         )
@@ -92,3 +102,24 @@ class GraphApplications:
                 ) from err
             raise
         return client_id
+
+    async def _create(self, display_name: str) -> str:
+        """A new app ``display_name``, unless another of that name is older (module doc)."""
+        request = self._client.applications.to_post_request_information(
+            Application(display_name=display_name)
+        )
+        made = await self._gate.call(
+            f"create application {display_name}", lambda: self._json(request), write=True
+        )
+        mine = str(made["appId"])
+        named = await self._named(display_name)
+        keeper = str(named[0]["appId"]) if named else mine
+        if keeper.lower() == mine.lower():
+            return mine
+        removal = self._client.applications.by_application_id(str(made["id"]))
+        await self._gate.call(
+            f"delete application {display_name} ({mine}), a younger duplicate of {keeper}",
+            removal.delete,
+            write=True,
+        )
+        return keeper
