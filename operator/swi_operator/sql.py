@@ -119,7 +119,8 @@ class Database(Protocol):
     async def create_user(
         self, target: SqlTarget, name: str, sid: bytes, object_id: str | None
     ) -> None:
-        """``WITH SID = ..., TYPE = E``; ``FROM EXTERNAL PROVIDER WITH OBJECT_ID`` if given one."""
+        """``WITH SID = ..., TYPE = E``; ``FROM EXTERNAL PROVIDER WITH OBJECT_ID`` if given one.
+        ``UserExists`` if the name was taken since it was looked up."""
         ...
 
     async def drop_user(self, target: SqlTarget, name: str) -> None: ...
@@ -133,6 +134,14 @@ class Database(Protocol):
         metadata of a dbo table (a SELECT permission check that reads no row). The user's name, or
         ``SqlFailed``; transient failures leave as ``TransientError``."""
         ...
+
+
+USER_EXISTS_ERROR = 15023  # "User, group, or role '%s' already exists in the current database."
+
+
+class UserExists(Exception):
+    """CREATE USER found its name taken: another session (another cluster's operator on the same
+    identity, a person) created it between the operator's look and its statement."""
 
 
 # -- statements ------------------------------------------------------------------------------------
@@ -401,6 +410,11 @@ class OdbcDatabase:
             await self._query(
                 target, f"create the user {name!r}", create_user_sql(name, sid, object_id)
             )
+        except PermanentError as err:
+            cause = err.__cause__
+            if cause is not None and failure_of(cause).number == USER_EXISTS_ERROR:
+                raise UserExists(err.message) from err
+            raise
         finally:
             changed(("principals", target))
 

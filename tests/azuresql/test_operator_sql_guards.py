@@ -153,3 +153,21 @@ def test_a_ddl_trigger_of_a_db_ddladmin_tenant_makes_the_operator_refuse_the_dat
     users = {r[0] for r in admin_db.execute("SELECT name FROM sys.database_principals")}
     assert "customer-api" not in users, "no CREATE USER may run while the trigger exists"
     assert sid_of("5e0c1d9a-7b3f-4c2e-9a1d-000000000003")  # the SID the user would have had
+
+
+def test_a_user_created_by_another_session_meanwhile_is_user_exists(
+    sqlbox: SqlBox, tenant: str, admin_db: Any
+) -> None:
+    """Azure SQL's 15023 on CREATE USER (another cluster's operator made it between the look and
+    the statement) reaches the database step as ``UserExists``, which it retries and adopts."""
+    from swi_operator.sql import UserExists
+
+    target = _target(sqlbox)
+    sid = uuid.uuid4().bytes_le
+    admin_db.execute(f"CREATE USER [stalled-user] WITH SID = 0x{sid.hex()}, TYPE = E")
+
+    async def create_again(database: OdbcDatabase) -> None:
+        await database.create_user(target, "stalled-user", sid, None)
+
+    with pytest.raises(UserExists, match=r"15023"):
+        asyncio.run(_with_operator(sqlbox, create_again, lock_timeout=5))

@@ -41,12 +41,20 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from swi_operator.cloud import ResolvedIdentity
-from swi_operator.errors import PermanentError, Reason
+from swi_operator.errors import PermanentError, Reason, TransientError
 from swi_operator.ledger import Ledger, MemoryLedgerStore, UserEntry
 from swi_operator.locks import KeyedLocks
 from swi_operator.policy import server_key
 from swi_operator.spec import ApplicationRef
-from swi_operator.sql import Database, Principal, SqlTarget, quote_name, roles_in, sid_of
+from swi_operator.sql import (
+    Database,
+    Principal,
+    SqlTarget,
+    UserExists,
+    quote_name,
+    roles_in,
+    sid_of,
+)
 from swi_operator.steps import Context, StepResult
 from swi_operator.steps.federation import identity_key
 
@@ -318,7 +326,18 @@ class DatabaseAccessStep:
         if self._form == "object-id":
             assert self._principals is not None
             object_id = await self._principals.object_id(identity)
-        await self._db.create_user(target, name, sid, object_id)
+        try:
+            await self._db.create_user(target, name, sid, object_id)
+        except UserExists as err:
+            # Not ours: the note written ahead must not claim it (deletion would drop it).
+            await note.write(self._ledger, name, False, previous.granted_roles if previous else ())
+            raise TransientError(
+                Reason.DATABASE_BUSY,
+                f"{target.display} got a user {quote_name(name)} from another session while "
+                "the operator was creating it (another cluster's operator on the same identity?): "
+                "looking again",
+                1.0,
+            ) from err
         again = " again (it had been dropped)" if previous is not None else ""
         ctx.record(
             "DatabaseUserCreated",

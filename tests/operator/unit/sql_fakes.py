@@ -33,7 +33,7 @@ class FakeDatabase:
         self.users: dict[SqlTarget, list[FakeUser]] = {}
         self.roles: set[str] = set(FIXED_ROLES)
         self.writes: list[str] = []
-        self.fail: dict[str, ReconcileError] = {}  # method -> error raised by its next call
+        self.fail: dict[str, Exception] = {}  # method -> error raised by its next call
         self.probe_failure: SqlFailed | None = None
         self.probes: list[tuple[SqlTarget, str, bool]] = []
         self.triggers: dict[SqlTarget, list[str]] = {}  # DDL triggers (sys.triggers, class 0)

@@ -397,3 +397,26 @@ async def test_no_other_cluster_is_asked_about_when_nothing_would_be_undone(db):
     await pipeline.finalize(body)
     assert clusters.asked == []
     assert db.user(TARGET, "app-name") is not None
+
+
+async def test_a_user_another_session_created_meanwhile_is_adopted_never_claimed(db):
+    """Two clusters' operators on one identity both find no user and both CREATE it: the one
+    that loses (15023) retries, adopts the other's user and never drops it on delete."""
+    from swi_operator.sql import UserExists
+
+    pipeline = make_pipeline(db)
+    db.fail["create_user"] = UserExists("User 'app-name' already exists (15023)")
+    first = await pipeline.reconcile(resource(sql=SQL))
+    busy = condition(first)
+    assert busy.status == "False" and busy.reason == Reason.DATABASE_BUSY.value
+    assert "another session" in busy.message
+    db.add_user(TARGET, "app-name", SID)  # what the other cluster's operator made
+
+    second = await pipeline.reconcile(applied(resource(sql=SQL), first))
+    assert "DatabaseUserAdopted" in reasons(second)
+    assert second.status["databaseUser"]["created"] is False
+
+    db.writes.clear()
+    await pipeline.finalize(applied(resource(sql=SQL), second))
+    assert db.writes == ["DROP db_datareader app-name"]  # the role it granted, not the user
+    assert db.user(TARGET, "app-name") is not None
