@@ -99,6 +99,38 @@ class RecentLists:
         self._lists.pop(key, None)
 
 
+class PoolSlots:
+    """Credentials chosen on pool members and not yet written (``_pool_member``): the choices
+    made after them count these as taken, so that a pool's lock need not be held over a write."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, dict[int, FederatedCredential]] = {}
+        self._next = 0
+
+    def hold(self, member: str, credential: FederatedCredential) -> int:
+        self._next += 1
+        self._held.setdefault(member, {})[self._next] = credential
+        return self._next
+
+    def release(self, member: str, slot: int) -> None:
+        held = self._held.get(member)
+        if held is not None:
+            held.pop(slot, None)
+            if not held:
+                del self._held[member]
+
+    def counted(
+        self, member: str, credentials: list[FederatedCredential]
+    ) -> list[FederatedCredential]:
+        """``credentials`` and the held ones not among them (a held subject counts once)."""
+        extra = [
+            c
+            for c in self._held.get(member, {}).values()
+            if not any(x.issuer == c.issuer and x.subject == c.subject for x in credentials)
+        ]
+        return [*credentials, *extra]
+
+
 def creates(existing: list[FederatedCredential], desired: FederatedCredential) -> bool:
     """Whether ``existing`` says: create ``desired`` (nothing for its issuer and subject, its name
     free, the budget not spent)."""
@@ -209,6 +241,7 @@ class FederatedCredentialStep:
         self._locks = locks
         self._backing = backing or Backing(kube, None)
         self._recent = RecentLists()
+        self._slots = PoolSlots()
 
     async def reconcile(self, ctx: Context) -> StepResult:
         ctx.issuer = await self._issuer.get()
@@ -231,10 +264,7 @@ class FederatedCredentialStep:
             description=credential_description(ctx.issuer, Owner(res.namespace, res.name)),
         )
         if isinstance(ref, PoolRef):
-            async with self._locks.hold(ref.key):  # one choice at a time per pool
-                # Read under the lock: the pool as the last growth left it (status.grown).
-                pool = await self._pool(ref)
-                identity, credential = await self._pool_member(ctx, pool, desired)
+            identity, credential = await self._pool_member(ctx, ref, desired)
         else:
             identity = ctx.identity = await self._store.resolve(ref)
             self._refuse_operator_identity(identity)
@@ -289,16 +319,21 @@ class FederatedCredentialStep:
         return await self._pools.get(ref.name)
 
     async def _pool_member(
-        self, ctx: Context, pool: Pool, desired: FederatedCredential
+        self, ctx: Context, ref: PoolRef, desired: FederatedCredential
     ) -> tuple[ResolvedIdentity, FederatedCredential]:
-        """Under the pool's lock: the member for this resource (``pool.py``) and its credential."""
+        """The member for this resource (``pool.py``) and its credential.
+
+        Choices are made one at a time under the pool's lock; a choice holds a slot on its member
+        (``_slots``, counted by the choices after it) until its credential is written under the
+        member's own lock. The pool's lock is never held over a credential write, so resources on
+        one pool write to several members at once."""
         recorded = identity_from_status(
             str((ctx.status.get("federatedCredential") or {}).get("identity", ""))
         )
         if not in_namespace(ctx.resource.namespace, str(ctx.status.get("subject") or "")):
             recorded = None  # status someone else wrote: not acted on
         why = ""
-        if recorded is not None and pool.member(recorded.key) is not None:
+        if recorded is not None and (await self._pool(ref)).member(recorded.key) is not None:
             try:
                 identity = await self._store.resolve(recorded)
                 self._refuse_operator_identity(identity)
@@ -311,49 +346,23 @@ class FederatedCredentialStep:
                 else:
                     raise
         elif recorded is not None:
-            why = f"{recorded.display} is no longer a member of pool {pool.name}"
+            why = f"{recorded.display} is no longer a member of pool {ref.name}"
         for live in (False, True):
-            listed: list[tuple[ResolvedIdentity, list[FederatedCredential]]] = []
-            missing: list[IdentityRef] = []
-            fresh: set[str] = set()  # members listed live in this pass
-            for member in pool.members:
-                try:
-                    identity = await self._store.resolve(member)
-                except PermanentError as err:
-                    if err.reason is not Reason.IDENTITY_NOT_FOUND:
-                        raise
-                    missing.append(member)
-                    continue
-                if identity.client_id.lower() == self._operator_client_id:
-                    continue  # never the operator's own (a pool written by mistake)
-                known = None if live else self._recent.get(member.key)
-                if known is None:
-                    known = await self._store.list(identity)
-                    self._recent.put(member.key, known)
-                    fresh.add(member.key)
-                listed.append((identity, known))
-            chosen = choose_member(pool, listed, desired.issuer, desired.subject)
-            # Entra refuses only a 21st credential: below it, the reserve is ours to keep, so
-            # a member chosen on a remembered list is listed live first (another cluster may
-            # have taken its last slot under the reserve since), and the choice made again.
-            while chosen is not None and pool.reserved and chosen.ref.key not in fresh:
-                now = await self._store.list(chosen)
-                self._recent.put(chosen.ref.key, now)
-                fresh.add(chosen.ref.key)
-                listed = [(i, now if i.ref.key == chosen.ref.key else c) for i, c in listed]
-                chosen = choose_member(pool, listed, desired.issuer, desired.subject)
-            if chosen is None:
-                if not live:
-                    continue
-                if not pool.can_grow or self._growth is None:
-                    raise exhausted(pool, listed, missing)
-                chosen = await self._grow(ctx, pool)
+            async with self._locks.hold(ref.key):  # one choice at a time per pool
+                # Read under the lock: the pool as the last growth left it (status.grown).
+                pool = await self._pool(ref)
+                chosen = await self._choose(ctx, pool, desired, live)
+                if chosen is None:
+                    continue  # full on remembered lists: choose again on live ones
+                slot = self._slots.hold(chosen.ref.key, desired)
             try:
                 credential = await self._on_member(ctx, chosen, desired)
             except PermanentError as err:
                 if err.reason is Reason.CREDENTIAL_LIMIT_REACHED and not live:
                     continue  # filled meanwhile by others: choose again on live lists
                 raise
+            finally:
+                self._slots.release(chosen.ref.key, slot)
             was_member = (ctx.status.get("identity") or {}).get("pool") == pool.name
             if recorded is not None and recorded.key != chosen.ref.key and was_member:
                 # (A spec that named another identity or pool before is no move: the previous
@@ -366,6 +375,54 @@ class FederatedCredentialStep:
                 )
             return chosen, credential
         raise AssertionError("unreachable: the live pass returns or raises")
+
+    async def _choose(
+        self, ctx: Context, pool: Pool, desired: FederatedCredential, live: bool
+    ) -> ResolvedIdentity | None:
+        """Under the pool's lock: the member for ``desired`` on the members' remembered lists
+        (``live``: lists read now, all at once), counting the slots other choices hold; None when
+        the remembered lists show every member full; on live lists a full pool grows or raises
+        ``PoolExhausted``."""
+        resolved: list[ResolvedIdentity] = []
+        missing: list[IdentityRef] = []
+        for member in pool.members:
+            try:
+                identity = await self._store.resolve(member)
+            except PermanentError as err:
+                if err.reason is not Reason.IDENTITY_NOT_FOUND:
+                    raise
+                missing.append(member)
+                continue
+            if identity.client_id.lower() == self._operator_client_id:
+                continue  # never the operator's own (a pool written by mistake)
+            resolved.append(identity)
+        known = {i.ref.key: None if live else self._recent.get(i.ref.key) for i in resolved}
+        fresh = {key for key, lists in known.items() if lists is None}  # listed live here
+        unknown = [i for i in resolved if i.ref.key in fresh]
+        for identity, now in zip(
+            unknown, await asyncio.gather(*(self._store.list(i) for i in unknown)), strict=True
+        ):
+            self._recent.put(identity.ref.key, now)
+            known[identity.ref.key] = now
+
+        def counted() -> list[tuple[ResolvedIdentity, list[FederatedCredential]]]:
+            return [(i, self._slots.counted(i.ref.key, known[i.ref.key] or [])) for i in resolved]
+
+        chosen = choose_member(pool, counted(), desired.issuer, desired.subject)
+        # Entra refuses only a 21st credential: below it, the reserve is ours to keep, so a
+        # member chosen on a remembered list is listed live first (another cluster may have
+        # taken its last slot under the reserve since), and the choice made again.
+        while chosen is not None and pool.reserved and chosen.ref.key not in fresh:
+            now = await self._store.list(chosen)
+            self._recent.put(chosen.ref.key, now)
+            fresh.add(chosen.ref.key)
+            known[chosen.ref.key] = now
+            chosen = choose_member(pool, counted(), desired.issuer, desired.subject)
+        if chosen is not None or not live:
+            return chosen
+        if not pool.can_grow or self._growth is None:
+            raise exhausted(pool, counted(), missing)
+        return await self._grow(ctx, pool)
 
     async def _grow(self, ctx: Context, pool: Pool) -> ResolvedIdentity:
         """Every member is full and the pool may grow: one more app registration."""

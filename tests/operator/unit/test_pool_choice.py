@@ -405,3 +405,32 @@ async def test_a_pool_list_an_invalidation_overtook_is_not_kept():
     assert held.lists == 2
     await source.all()
     assert held.lists == 2  # the fresh list is kept
+
+
+async def test_resources_on_one_pool_write_to_its_members_at_once(store, pools):
+    """The pool's lock covers the choice, not the credential write: resources on a pool of
+    one-slot members write to different members concurrently, and none is sent to a member a
+    choice before it already took (no refusal, no retry)."""
+
+    writing = 0
+    most = 0
+    original = store.upsert
+
+    async def slow_upsert(identity: Any, credential: Any) -> Any:
+        nonlocal writing, most
+        writing += 1
+        most = max(most, writing)
+        await asyncio.sleep(0.02)
+        try:
+            return await original(identity, credential)
+        finally:
+            writing -= 1
+
+    store.upsert = slow_upsert  # type: ignore[method-assign]
+    pools.bodies = [pool_body(reservedPerMember=19)]  # one credential a member
+    pipeline = build_pipeline(store, FakeKube(), TENANT, None, pools=PoolSource(pools, ttl=0))
+    outcomes = await asyncio.gather(*(pipeline.reconcile(on_pool(f"r{i}")) for i in range(3)))
+    placed = sorted(o.status["identity"]["clientId"] for o in outcomes)
+    assert placed == sorted(MEMBERS)
+    assert most == 3  # the three writes overlapped
+    assert store.writes["upsert"] == 3  # one each: no member was chosen twice
