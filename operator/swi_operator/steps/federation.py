@@ -351,9 +351,11 @@ class FederatedCredentialStep:
             async with self._locks.hold(ref.key):  # one choice at a time per pool
                 # Read under the lock: the pool as the last growth left it (status.grown).
                 pool = await self._pool(ref)
-                chosen = await self._choose(ctx, pool, desired, live)
+                # Remembered lists first (not after a refusal); full on them: on live ones.
+                chosen = None if live else await self._choose(ctx, pool, desired, False)
                 if chosen is None:
-                    continue  # full on remembered lists: choose again on live ones
+                    chosen = await self._choose(ctx, pool, desired, True)
+                assert chosen is not None  # a live choice grows the pool or raises
                 slot = self._slots.hold(chosen.ref.key, desired)
             try:
                 credential = await self._on_member(ctx, chosen, desired)
@@ -400,9 +402,8 @@ class FederatedCredentialStep:
         fresh = {key for key, lists in known.items() if lists is None}  # listed live here
         unknown = [i for i in resolved if i.ref.key in fresh]
         for identity, now in zip(
-            unknown, await asyncio.gather(*(self._store.list(i) for i in unknown)), strict=True
+            unknown, await asyncio.gather(*(self._list_member(i) for i in unknown)), strict=True
         ):
-            self._recent.put(identity.ref.key, now)
             known[identity.ref.key] = now
 
         def counted() -> list[tuple[ResolvedIdentity, list[FederatedCredential]]]:
@@ -413,10 +414,8 @@ class FederatedCredentialStep:
         # member chosen on a remembered list is listed live first (another cluster may have
         # taken its last slot under the reserve since), and the choice made again.
         while chosen is not None and pool.reserved and chosen.ref.key not in fresh:
-            now = await self._store.list(chosen)
-            self._recent.put(chosen.ref.key, now)
+            known[chosen.ref.key] = await self._list_member(chosen)
             fresh.add(chosen.ref.key)
-            known[chosen.ref.key] = now
             chosen = choose_member(pool, counted(), desired.issuer, desired.subject)
         if chosen is not None or not live:
             return chosen
@@ -424,10 +423,20 @@ class FederatedCredentialStep:
             raise exhausted(pool, counted(), missing)
         return await self._grow(ctx, pool)
 
+    async def _list_member(self, identity: ResolvedIdentity) -> list[FederatedCredential]:
+        """A member's credentials, listed and remembered under its lock: never while one of its
+        writes is under way, whose credential the list could miss after the write's slot is
+        given back (the choices after it would then count one too few)."""
+        async with self._locks.hold(identity.ref.key):
+            now = await self._store.list(identity)
+            self._recent.put(identity.ref.key, now)
+            return now
+
     async def _grow(self, ctx: Context, pool: Pool) -> ResolvedIdentity:
-        """Every member is full and the pool may grow: one more app registration."""
+        """Every member is full and the pool may grow: one more member."""
         assert self._growth is not None
         ref = await self._growth.grow(pool)
+        kind = "application" if isinstance(ref, ApplicationRef) else "managed identity"
         try:
             identity = await self._store.resolve(ref)
         except PermanentError as err:
@@ -435,12 +444,12 @@ class FederatedCredentialStep:
                 raise
             raise TransientError(
                 Reason.PROPAGATING,
-                f"SqlIdentityPool {pool.name} grew by application {ref.client_id}; Graph does "
-                "not show it everywhere yet",
+                f"SqlIdentityPool {pool.name} grew by {ref.display}; Entra does not show it "
+                "everywhere yet",
             ) from err
         ctx.record(
             "PoolGrown",
-            f"every member of SqlIdentityPool {pool.name} was full: created application "
+            f"every member of SqlIdentityPool {pool.name} was full: created {kind} "
             f"{identity.name} ({identity.client_id}), member {len(pool.members) + 1} of at most "
             f"{pool.max_members}",
         )
