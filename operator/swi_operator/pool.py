@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from swi_operator.errors import PermanentError, Reason
 from swi_operator.spec import (
     ApplicationRef,
     IdentityRef,
+    ManagedIdentityRef,
     SpecError,
     is_guid,
     is_pool_name,
@@ -61,7 +63,11 @@ class Pool:
     reserved: int = 0  # credentials per member left to others
     max_members: int = 0  # spec.growth.maxMembers: grow up to this many; 0: never grow
     prefix: str = ""  # spec.growth.displayNamePrefix: grown members are <prefix>-<n>
-    grown: tuple[tuple[str, str], ...] = ()  # (client id, display name) of the grown members
+    grown: tuple[tuple[IdentityRef, str], ...] = ()  # the grown members and their names
+    # spec.growth.managedIdentity: grow by user-assigned managed identities in this resource group
+    # (/subscriptions/<id>/resourceGroups/<name>) and location, not by app registrations
+    identity_group: str = ""
+    location: str = ""
 
     @property
     def can_grow(self) -> bool:
@@ -160,18 +166,91 @@ def parse_pool(body: Mapping[str, Any]) -> Pool:
                 )
             else:
                 prefix = given
+        identity_group, location = _parse_identity_growth(growth.get("managedIdentity"), problems)
+        if growth.get("managedIdentity") is not None and not _IDENTITY_PREFIX.fullmatch(prefix):
+            problems.append(
+                (
+                    "spec.growth.displayNamePrefix",
+                    f"Invalid value {prefix!r}: managed identity names take letters, digits, - "
+                    "and _ (3 to 128 characters, a letter or digit first); set "
+                    "spec.growth.displayNamePrefix",
+                )
+            )
+    else:
+        identity_group, location = "", ""
     status = body.get("status")
-    grown: list[tuple[str, str]] = []
+    grown: list[tuple[IdentityRef, str]] = []
     for item in (status.get("grown") or []) if isinstance(status, Mapping) else []:
-        if not isinstance(item, Mapping) or not is_guid(item.get("applicationClientId")):
+        if not isinstance(item, Mapping):
+            continue
+        ref = grown_ref(item)
+        if ref is None:
             continue  # the operator writes these; anything else is ignored, never trusted
-        ref = ApplicationRef(str(item["applicationClientId"]).lower())
-        grown.append((ref.client_id, str(item.get("name") or "")))
+        grown.append((ref, str(item.get("name") or "")))
         if not any(m.key == ref.key for m in members):
             members.append(ref)
     if problems:
         raise SpecError(problems)
-    return Pool(str(name), tuple(members), int(reserved), int(max_members), prefix, tuple(grown))
+    return Pool(
+        str(name),
+        tuple(members),
+        int(reserved),
+        int(max_members),
+        prefix,
+        tuple(grown),
+        identity_group,
+        location,
+    )
+
+
+_IDENTITY_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{1,120}")  # plus "-<n>": an ARM name
+_RESOURCE_GROUP_ID = re.compile(
+    r"/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"/resourceGroups/[-\w.()]{1,90}",
+    re.IGNORECASE,
+)
+
+
+def _parse_identity_growth(raw: object, problems: list[tuple[str, str]]) -> tuple[str, str]:
+    """spec.growth.managedIdentity: (resource group id, location), or ("", "") for apps."""
+    if raw is None:
+        return "", ""
+    path = "spec.growth.managedIdentity"
+    if not isinstance(raw, Mapping):
+        problems.append((path, "must be an object"))
+        return "", ""
+    group, location = raw.get("resourceGroupId"), raw.get("location")
+    if not isinstance(group, str) or _RESOURCE_GROUP_ID.fullmatch(group) is None:
+        problems.append(
+            (
+                f"{path}.resourceGroupId",
+                f"Invalid value {group!r}: expected /subscriptions/<id>/resourceGroups/<name>",
+            )
+        )
+        group = ""
+    if not isinstance(location, str) or not location.strip():
+        problems.append((f"{path}.location", "Required value: an Azure region, e.g. eastus"))
+        location = ""
+    return str(group), str(location)
+
+
+def grown_ref(item: Mapping[str, Any]) -> IdentityRef | None:
+    """The member a ``status.grown`` entry records (its ``applicationClientId`` or
+    ``managedIdentityResourceId``), or None if it is not one."""
+    app, mi = item.get("applicationClientId"), item.get("managedIdentityResourceId")
+    if is_guid(app):
+        return ApplicationRef(str(app).lower())
+    if isinstance(mi, str):
+        return parse_single_identity("status.grown", None, mi, None, [])
+    return None
+
+
+def grown_entry(ref: IdentityRef, name: str) -> dict[str, str]:
+    """The ``status.grown`` entry of a grown member."""
+    if isinstance(ref, ApplicationRef):
+        return {"applicationClientId": ref.client_id, "name": name}
+    assert isinstance(ref, ManagedIdentityRef)
+    return {"managedIdentityResourceId": ref.resource_id, "name": name}
 
 
 class PoolReader(Protocol):
@@ -294,26 +373,60 @@ class AppMaker(Protocol):
     async def ensure(self, display_name: str) -> str: ...
 
 
+class IdentityMaker(Protocol):
+    async def ensure_identity(self, resource_group_id: str, name: str, location: str) -> str:
+        """Create (or find) a user-assigned managed identity; its resource id."""
+        ...
+
+
 class PoolStatusWriter(Protocol):
     async def patch_pool_status(self, name: str, status: Mapping[str, Any]) -> None: ...
 
 
 class PoolGrowth:
-    """Grows a full pool by one app registration (``spec.growth``): made (or adopted by its name)
-    through ``cloud.applications``, then recorded in the pool's ``status.grown``, which only the
-    operator writes (the pool is cluster-scoped: namespace teams cannot touch it)."""
+    """Grows a full pool by one member (``spec.growth``): an app registration made (or adopted by
+    its name) through ``cloud.applications``, or with ``spec.growth.managedIdentity`` a
+    user-assigned managed identity created through ARM (a PUT of its name: one of that name is
+    adopted, so two clusters growing one pool at once meet on it), then recorded in the pool's
+    ``status.grown``, which only the operator writes (the pool is cluster-scoped: namespace teams
+    cannot touch it)."""
 
-    def __init__(self, apps: AppMaker, kube: PoolStatusWriter, pools: PoolSource) -> None:
+    def __init__(
+        self,
+        apps: AppMaker,
+        kube: PoolStatusWriter,
+        pools: PoolSource,
+        identities: IdentityMaker | None = None,
+    ) -> None:
         self._apps = apps
+        self._identities = identities
         self._kube = kube
         self._pools = pools
 
-    async def grow(self, pool: Pool) -> ApplicationRef:
+    async def grow(self, pool: Pool) -> IdentityRef:
         name = pool.next_name()
-        client_id = (await self._apps.ensure(name)).lower()
-        grown = [{"applicationClientId": c, "name": n} for c, n in pool.grown]
-        grown.append({"applicationClientId": client_id, "name": name})
+        ref: IdentityRef | None
+        if pool.identity_group:
+            if self._identities is None:
+                raise PermanentError(
+                    Reason.POOL_EXHAUSTED,
+                    f"SqlIdentityPool {pool.name} grows by managed identities, but this operator "
+                    "has no ARM client",
+                )
+            resource_id = await self._identities.ensure_identity(
+                pool.identity_group, name, pool.location
+            )
+            ref = parse_single_identity("managed identity", None, resource_id, None, [])
+            if ref is None:
+                raise PermanentError(
+                    Reason.CREDENTIAL_REJECTED,
+                    f"ARM answered the creation of {name} with resource id {resource_id!r}",
+                )
+        else:
+            ref = ApplicationRef((await self._apps.ensure(name)).lower())
+        grown = [grown_entry(r, n) for r, n in pool.grown]
+        grown.append(grown_entry(ref, name))
         await self._kube.patch_pool_status(pool.name, {"grown": grown})
         self._pools.invalidate()
-        log.info("SqlIdentityPool %s grew: application %s (%s)", pool.name, name, client_id)
-        return ApplicationRef(client_id)
+        log.info("SqlIdentityPool %s grew: %s (%s)", pool.name, name, ref.display)
+        return ref

@@ -272,7 +272,7 @@ class Runtime:
             operator_client_id=config.client_id,
             ledger=ledger,
             pools=pools,
-            growth=PoolGrowth(GraphApplications(graph_client, graph_gate), kube, pools),
+            growth=PoolGrowth(GraphApplications(graph_client, graph_gate), kube, pools, arm),
         )
         resource_locks = KeyedLocks()
         events = EventRecorder(kube, config.posting_level)

@@ -270,3 +270,57 @@ def test_a_growing_pool_adopts_the_oldest_app_of_its_next_name(
         cluster.custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
         for app in (seed, older, younger):
             graph.call("DELETE", f"/applications/{app['id']}")
+
+
+def test_a_full_pool_grows_by_a_managed_identity_it_creates_through_arm(
+    operator: Any, cluster: Cluster, entra: Entra, world: World
+) -> None:
+    """``spec.growth.managedIdentity``: the new member is a user-assigned managed identity the
+    operator creates in the resource group it may write (the sandbox's sandbox-pool-rg), and the
+    service account placed there exchanges its token for it."""
+    graph = OperatorGraph(world, entra)
+    tag = uuid.uuid4().hex[:6]
+    seed = graph.app(f"migrow-{tag}-seed")
+    group = f"/subscriptions/{world.subscription}/resourceGroups/sandbox-pool-rg"
+    grown_id = f"{group}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/migrow-{tag}-1"
+    name = f"migrow-{cluster.namespace}"
+    body = pool_manifest(
+        name,
+        [seed["appId"]],
+        reservedPerMember=19,
+        growth={
+            "maxMembers": 2,
+            "displayNamePrefix": f"migrow-{tag}",
+            "managedIdentity": {"resourceGroupId": group, "location": "eastus"},
+        },
+    )
+    cluster.custom.create_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, body)
+    try:
+        for i in range(2):
+            cluster.create(
+                f"m{i}", {"serviceAccountName": f"m{i}-sa", "identity": {"poolName": name}}
+            )
+            cluster.wait_condition(f"m{i}", timeout=60)
+        made = entra.arm("GET", grown_id)
+        assert made.status_code == 200, made.text
+        client_id = made.json()["properties"]["clientId"]
+        status = (cluster.get("m1") or {})["status"]
+        assert status["identity"]["clientId"] == client_id
+        assert status["identity"]["kind"] == "ManagedIdentity"
+        verified = cluster.condition("m1", "Verified")
+        assert verified is not None and verified["status"] == "True", verified
+        exchanged = entra.exchange(client_id, cluster.token("m1-sa"))
+        assert exchanged.status_code == 200, exchanged.text
+        assert "PoolGrown" in cluster.reasons("m1")
+        pool = cluster.custom.get_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
+        assert [
+            (g["managedIdentityResourceId"].lower(), g["name"]) for g in pool["status"]["grown"]
+        ] == [(grown_id.lower(), f"migrow-{tag}-1")]
+    finally:
+        cluster.custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, name)
+        for i in range(2):
+            cluster.delete(f"m{i}")
+        for i in range(2):
+            cluster.wait_gone(f"m{i}", timeout=60)
+        entra.arm("DELETE", grown_id)
+        graph.call("DELETE", f"/applications/{seed['id']}")

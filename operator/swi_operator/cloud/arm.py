@@ -28,6 +28,9 @@ from azure.mgmt.msi.aio import ManagedServiceIdentityClient
 from azure.mgmt.msi.v2024_11_30.models import (
     FederatedIdentityCredential as ArmCredential,
 )
+from azure.mgmt.msi.v2024_11_30.models import (
+    Identity as ArmIdentity,
+)
 
 from swi_operator import metrics
 from swi_operator.cloud import CallGate, FederatedCredential, Lookups, Pacer, ResolvedIdentity
@@ -68,6 +71,7 @@ def _mi(ref: IdentityRef) -> ManagedIdentityRef:
     return ref
 
 
+IDENTITY_TYPE = "Microsoft.ManagedIdentity/userAssignedIdentities"
 ARM_HEADROOM = 0.05  # share of ARM's write quotas left unused (``Pacer``)
 
 
@@ -181,6 +185,27 @@ class ArmCredentialStore:
             return await self._gate.call(doing, attempts, write=True, pace=self._paces(mi))
         finally:
             changed(("credentials", mi.key))  # what a drift cycle read is stale
+
+    async def ensure_identity(self, resource_group_id: str, name: str, location: str) -> str:
+        """The resource id of user-assigned managed identity ``name`` in the resource group
+        (``/subscriptions/<id>/resourceGroups/<name>``), made by a PUT: ARM's create-or-update
+        adopts an identity of that name, whoever made it (a growing pool, ``pool.PoolGrowth``)."""
+        _, subscription, _, group = resource_group_id.strip("/").split("/")[:4]
+        client = self._client(subscription)
+        mi = ManagedIdentityRef(
+            resource_id=f"{resource_group_id}/providers/{IDENTITY_TYPE}/{name}",
+            subscription_id=subscription,
+            resource_group=group,
+            name=name,
+        )
+        body = ArmIdentity(location=location, tags={"created-by": "sql-workload-identity-operator"})
+        made = await self._gate.call(
+            f"create managed identity {name} in {resource_group_id}",
+            lambda: client.user_assigned_identities.create_or_update(group, name, body),
+            write=True,
+            pace=self._paces(mi),
+        )
+        return str(made.id or mi.resource_id)
 
     async def upsert(
         self, identity: ResolvedIdentity, credential: FederatedCredential
