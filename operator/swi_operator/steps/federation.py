@@ -62,6 +62,7 @@ from swi_operator.steps import Context, StepResult
 from swi_operator.steps.service_account import ensure_not_claimed
 
 RECENT_LIST_S = 10.0
+POOL_CHOICE_ATTEMPTS = 3  # a pool member chosen, then refused as full (others filled it)
 
 
 class RecentLists:
@@ -347,7 +348,8 @@ class FederatedCredentialStep:
                     raise
         elif recorded is not None:
             why = f"{recorded.display} is no longer a member of pool {ref.name}"
-        for live in (False, True):
+        for attempt in range(POOL_CHOICE_ATTEMPTS):
+            live = attempt > 0  # after a refusal: live lists only
             async with self._locks.hold(ref.key):  # one choice at a time per pool
                 # Read under the lock: the pool as the last growth left it (status.grown).
                 pool = await self._pool(ref)
@@ -360,9 +362,18 @@ class FederatedCredentialStep:
             try:
                 credential = await self._on_member(ctx, chosen, desired)
             except PermanentError as err:
-                if err.reason is Reason.CREDENTIAL_LIMIT_REACHED and not live:
+                if err.reason is not Reason.CREDENTIAL_LIMIT_REACHED:
+                    raise
+                if attempt + 1 < POOL_CHOICE_ATTEMPTS:
                     continue  # filled meanwhile by others: choose again on live lists
-                raise
+                # Not this resource's fault, nor for good: another cluster's operator keeps
+                # taking the slots it chose (both fill the same members at once).
+                raise TransientError(
+                    Reason.CONCURRENT_WRITE,
+                    f"{chosen.ref.display} was filled by others while this resource was placed "
+                    f"on it, {POOL_CHOICE_ATTEMPTS} times in a row: choosing again",
+                    1.0,
+                ) from err
             finally:
                 self._slots.release(chosen.ref.key, slot)
             was_member = (ctx.status.get("identity") or {}).get("pool") == pool.name
@@ -376,7 +387,7 @@ class FederatedCredentialStep:
                     "Warning",
                 )
             return chosen, credential
-        raise AssertionError("unreachable: the live pass returns or raises")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _choose(
         self, ctx: Context, pool: Pool, desired: FederatedCredential, live: bool

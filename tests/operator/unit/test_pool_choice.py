@@ -560,3 +560,24 @@ async def test_a_growing_pool_lists_its_members_about_once_per_growth(store, poo
     assert all(o.status.get("identity") for o in outcomes)
     assert len(apps.made) == 9
     assert lists <= 100, lists  # 64 when measured; 1,000 and more before
+
+
+async def test_a_member_filled_by_another_cluster_meanwhile_is_a_retry_never_a_stop(
+    store, pipeline
+):
+    """Entra refuses the write because another cluster took the last slot since the choice: the
+    resource chooses again on live lists; refused every time, it retries later (ConcurrentWrite,
+    transient), never stops as CredentialLimitReached while the pool has other members."""
+    from swi_operator.errors import PermanentError, Reason
+
+    full = PermanentError(Reason.CREDENTIAL_LIMIT_REACHED, "maximum of 20 reached")
+    store.fail_next("upsert", full)
+    placed = await pipeline.reconcile(on_pool("r0"))
+    assert placed.status["identity"]["clientId"] in MEMBERS
+    assert cond(placed, "FederatedCredentialReady")["status"] == "True"
+
+    store.fail_next("upsert", full, times=6)  # two writes an attempt: remembered, then live
+    retried = await pipeline.reconcile(on_pool("r1"))
+    c = cond(retried, "FederatedCredentialReady")
+    assert c["reason"] == "ConcurrentWrite", c
+    assert "filled by others" in c["message"]
