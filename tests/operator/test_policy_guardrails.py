@@ -441,3 +441,64 @@ def test_no_secret_or_token_in_logs_events_or_status(
             assert found is None, (
                 f"{what} in {where}: {text[max(0, found.start() - 80) : found.end()]}"
             )
+
+
+@pytest.mark.parametrize("drift_interval", ["600"])
+def test_a_pool_is_governed_by_the_policy_that_names_it(
+    guarded: Any,
+    kube: Any,
+    cluster: Cluster,
+    tenant_b: Cluster,
+    entra: Entra,
+    world: World,
+    policies: Policies,
+) -> None:
+    """requirePolicy with an identity pool: a policy naming a member does not open the pool, the
+    pool's policy admits the namespaces it selects and no other, and its withdrawal revokes."""
+    from kubernetes import client
+    from operator_harness import (  # type: ignore[import-not-found]
+        POOL_PLURAL,
+        OperatorGraph,
+        pool_manifest,
+    )
+
+    graph = OperatorGraph(world, entra)
+    member = graph.app(f"gp-{uuid.uuid4().hex[:6]}")
+    pool = f"gp-{cluster.namespace}"
+    custom = client.CustomObjectsApi(kube)
+    custom.create_cluster_custom_object(
+        GROUP, VERSION, POOL_PLURAL, pool_manifest(pool, [member["appId"]])
+    )
+    spec = {"serviceAccountName": "r-sa", "identity": {"poolName": pool}}
+    try:
+        policies.create(
+            "member", {"applicationClientId": member["appId"]}, {"names": [cluster.namespace]}
+        )
+        cluster.create("r", spec)
+        refused = cluster.wait_condition("r", "False", reason="NotAuthorized")
+        assert f"pool {pool}" in refused["message"], refused
+        assert graph.credentials(member) == []
+
+        allowed = policies.create("pool", {"poolName": pool}, {"names": [cluster.namespace]})
+        cluster.wait_condition("r", timeout=30)
+        status = (cluster.get("r") or {})["status"]
+        assert status["identity"]["clientId"] == member["appId"]
+        assert status["identity"]["pool"] == pool
+        authorized = cluster.condition("r", "Authorized")
+        assert authorized is not None and allowed in authorized["message"]
+        assert [c["subject"] for c in graph.credentials(member)] == [
+            f"system:serviceaccount:{cluster.namespace}:r-sa"
+        ]
+        tenant_b.create("r", spec)  # the pool's policy does not select tenant B
+        tenant_b.wait_condition("r", "False", reason="NotAuthorized")
+
+        policies.delete(allowed)
+        cluster.wait_condition("r", "False", reason="NotAuthorized", timeout=20)
+        eventually(lambda: graph.credentials(member) == [], 10, "credential revoked")
+    finally:
+        for each in (cluster, tenant_b):
+            if each.get("r") is not None:
+                each.delete("r")
+                each.wait_gone("r", timeout=60)
+        custom.delete_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, pool)
+        graph.call("DELETE", f"/applications/{member['id']}")
