@@ -405,14 +405,24 @@ class KubernetesClient:
             found[account.name] = account
         return found
 
-    async def _list_pages(self, doing: str, path: str) -> list[dict[str, Any]]:
-        """Every item of a LIST, 500 a page."""
+    async def _list_pages(
+        self, doing: str, path: str, drop: Sequence[tuple[str, str]] = ()
+    ) -> list[dict[str, Any]]:
+        """Every item of a LIST, 500 a page, without its ``metadata.managedFields`` (nothing here
+        reads them, and on a status-heavy kind they are the largest part of an object) and the
+        ``drop`` fields (``(parent, key)``)."""
         items: list[dict[str, Any]] = []
         token = ""
         while True:
             query = [("limit", "500")] + ([("continue", token)] if token else [])
             page = await self._call(doing, "GET", path, query=query)
-            items.extend((page or {}).get("items") or [])
+            listed = (page or {}).get("items") or []
+            for item in listed:
+                for parent, key in (("metadata", "managedFields"), *drop):
+                    within = item.get(parent)
+                    if isinstance(within, dict):
+                        within.pop(key, None)
+            items.extend(listed)
             token = _dig(page or {}, "metadata", "continue") or ""
             if not token:
                 return items
@@ -566,7 +576,11 @@ class KubernetesClient:
         ]
         items: list[dict[str, Any]] = []
         for path in paths:
-            items.extend(await self._list_pages("list SqlWorkloadIdentities", path))
+            # status.kopf: kopf's own progress and diff-base, which only kopf reads (from its
+            # watch); a fleet's list holds every resource at once.
+            items.extend(
+                await self._list_pages("list SqlWorkloadIdentities", path, (("status", "kopf"),))
+            )
         return items
 
     async def patch_resource_status(
