@@ -836,7 +836,17 @@ class Session:
         assert sid is not None
         if self.conn.execute("SELECT 1 FROM __swi_principals WHERE sid = ?", (sid,)).fetchone():
             raise SqlError(15063, "The login already has an account under a different user name.")
-        self.database.insert_user(self.conn, name, sid, user_type)
+        try:
+            self.database.insert_user(self.conn, name, sid, user_type)
+        except sqlite3.IntegrityError as exc:
+            # Another session created it between the check above and this insert: Azure SQL
+            # serialises the two CREATE USERs, and the second fails with 15023 as it would have
+            # had it come second (found by two clusters' operators creating a pool's users).
+            if "__swi_principals.name" not in str(exc):
+                raise
+            raise SqlError(
+                15023, f"User, group, or role '{name}' already exists in the current database."
+            ) from exc
         return StatementDone(tds.CurCmd.NONE, None)
 
     def _resolve(self, name: str, object_id: str | None) -> DirectoryObject:

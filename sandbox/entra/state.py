@@ -22,9 +22,9 @@ import enum
 import json
 import re
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
