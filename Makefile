@@ -26,7 +26,8 @@ format: $(STAMP)
 
 # The recorded run of docs/benchmarks.md: onboarding at N = 100, 500, 1000 against the one-shot
 # way (and at N = 100 on managed identities), the fleet of 1000 at rest, restarted and churned,
-# the workload's latency; then the PNG. About 50 minutes on 2 cores. Writes
+# the workload's latency, a pool onboarding 1000 namespaces over two clusters and 5000 resources
+# on pools at rest; then the PNG. About 70 minutes on 2 cores. Writes
 # bench/results/full-*.json and docs/benchmarks.png.
 bench: system-deps $(STAMP) sandbox-build
 	$(PY) bench/controlplane.py --runs 1
@@ -35,6 +36,7 @@ bench: system-deps $(STAMP) sandbox-build
 	$(PY) bench/fleet.py --n 1000 --name full-fleet-app-1000
 	$(PY) bench/workload.py --rounds 50 --name full-workload
 	$(PY) bench/tokenless_pods.py --deployments 10 --replicas 2 --name full-tokenless-pods
+	$(PY) bench/pools.py --namespaces 1000 --clusters 2 --at-rest 5000 --name full-pools
 	$(PY) bench/plot.py
 
 # The same kinds of measurement, smaller (about 15 minutes): results under bench/results/.

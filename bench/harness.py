@@ -69,6 +69,7 @@ BENCH_IDENTITIES = 80
 PER_IDENTITY = 14  # resources per identity: room under Entra's 20 for churn's moves
 
 Kind = Literal["app", "mi"]
+IdentityKind = Literal["app", "mi", "pool"]
 
 
 # --- the bench world ---------------------------------------------------------------------------
@@ -80,16 +81,23 @@ def _guid(*parts: object) -> str:
 
 @dataclass(frozen=True)
 class Identity:
-    kind: Kind
+    kind: IdentityKind
     name: str
-    client_id: str
-    ref: str  # the application's object id, or the managed identity's resource id
+    client_id: str  # "" for a pool
+    ref: str  # the application's object id, the managed identity's resource id, the pool's name
 
     def spec(self) -> dict[str, str]:
         """``spec.identity`` of a SqlWorkloadIdentity bound to it."""
         if self.kind == "app":
             return {"applicationClientId": self.client_id}
+        if self.kind == "pool":
+            return {"poolName": self.ref}
         return {"managedIdentityResourceId": self.ref}
+
+    @classmethod
+    def pool(cls, name: str) -> Identity:
+        """A SqlIdentityPool, named by resources and policies as one identity is."""
+        return cls("pool", name, "", name)
 
 
 @dataclass(frozen=True)
@@ -211,7 +219,9 @@ def namespaces_of(members: Iterable[Member]) -> list[str]:
 
 # --- Azure's limits -----------------------------------------------------------------------------
 
-GRAPH_WRITES = "graph.fic.[cud]*"  # create, update, delete
+# Graph's write quota counts every write of the calling app: credentials' create, update and
+# delete, and the applications and service principals a growing pool creates.
+GRAPH_WRITES = "graph.*.[cud][rpe][edl]*"
 ARM_WRITES_SUBSCRIPTION = "arm.fic.[pd]*"  # put, delete: one bucket for the subscription
 ARM_WRITES_IDENTITY = "arm.fic.[dp][eu]*"  # the same routes, one bucket per identity
 
@@ -349,7 +359,12 @@ class Sandbox:
             ["apply", "-k", str(CRDS)],
             ["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"],
         ):
-            subprocess.run([self.kubectl, *args], check=True, capture_output=True, env=os.environ)
+            subprocess.run(
+                [self.kubectl, *args],
+                check=True,
+                capture_output=True,
+                env={**os.environ, **self.env},
+            )
 
     # -- Kubernetes, as the admin -------------------------------------------------------------
     def api(self, name: str) -> Any:
@@ -517,6 +532,7 @@ class Sandbox:
         w = self.world
         return {
             **os.environ,
+            **self.env,  # this cluster's (a second cluster's KUBECONFIG is not in os.environ)
             "AZURE_TENANT_ID": w.tenant,
             "AZURE_CLIENT_ID": w.operator_client_id,
             "AZURE_CLIENT_SECRET": w.operator_secret,
@@ -529,6 +545,41 @@ class Sandbox:
             "SWI_POSTING_LEVEL": "INFO",
             **extra,
         }
+
+
+class SecondCluster(Sandbox):
+    """Another cluster on the first one's cloud: its own control plane and issuer (``launcher
+    attach``), the same Entra and SQL emulators and bench world. Meters stay the first one's."""
+
+    def __init__(self, first: Sandbox) -> None:
+        self.own = True
+        self.first = first
+        self.state_dir = first.state_dir / "second-cluster"
+        self.world = first.world
+        self.env = {}
+        self.kube = None
+
+    def __enter__(self) -> SecondCluster:
+        from kubernetes import config as kube_config
+
+        try:
+            launcher.attach(self.state_dir, self.first.state_dir)
+            launcher.up(self.state_dir)
+        except launcher.SandboxError as exc:
+            launcher.down(self.state_dir)
+            raise SystemExit(f"error: the second cluster did not start: {exc}") from exc
+        self.env = launcher.environment(self.state_dir)
+        self.kube = kube_config.new_client_from_config(self.env["KUBECONFIG"])  # type: ignore[no-untyped-call]
+        self.kube.configuration.connection_pool_maxsize = 16
+        self.kube.rest_client.pool_manager.connection_pool_kw["maxsize"] = 16
+        self.admin = self.first.admin
+        self._install_crd()
+        self.retire()
+        return self
+
+    def controlplane_cpu_seconds(self) -> float:
+        running = launcher.inspect(self.state_dir, launcher.CONTROLPLANE)
+        return proc_cpu_seconds(running.pid) if running.alive and running.pid else 0.0
 
 
 def parallel(function: Callable[[Any], Any], items: Iterable[Any], workers: int = 12) -> None:

@@ -192,3 +192,53 @@ def test_injection_latency_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> 
     assert result["handler_mean_ms"] > 0
     # Every measured admission was answered from the service account cache.
     assert result["service_account_reads"] == {"cache": pods, "api": 0}
+
+
+def test_pools_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
+    """bench/pools.py on two clusters with a pool of one member that must grow: every namespace
+    Ready, the pool grew by exactly the members needed (one app per name, however the clusters
+    raced), no member past 20 credentials; then a small fleet at rest on a grown pool."""
+    out = tmp_path / "pools.json"
+    namespaces = 30  # two members: one grown
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "pools.py"),
+            "--namespaces",
+            str(namespaces),
+            "--clusters",
+            "2",
+            "--at-rest",
+            "25",
+            "--steady",
+            "2",
+            "--no-limits",
+            "--state-dir",
+            str(state_dir),
+            "--name",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        check=False,
+    )
+    stopped = subprocess.run(
+        [sys.executable, "-m", "sandbox", "--state-dir", str(state_dir), "down"],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stopped.returncode == 0
+    results = json.loads(out.read_text())
+    onboard = results["onboarding"]
+    assert [c["ready"] for c in onboard["per_cluster"]] == [15, 15], onboard["per_cluster"]
+    assert onboard["members_needed"] == 2
+    assert onboard["apps_created"] == onboard["apps_created_distinct_names"] == 1
+    per = onboard["credentials_per_member"]
+    assert per["total"] == namespaces and per["max"] <= 20 and per["members_used"] == 2
+    assert onboard["seconds"] is not None and onboard["seconds"] > 0
+    rest = results["at_rest"]
+    assert rest["ready"] == 25 and rest["not_ready"] == {}
+    assert rest["operator_rss_mib"] > 0 and rest["memory_bound_mib"] == 512
+    assert "| namespaces | clusters |" in done.stdout
