@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from swi_operator.backing import SUBJECT_PREFIX, Backing, Grant, parse_subject
@@ -348,15 +348,17 @@ class FederatedCredentialStep:
                     raise
         elif recorded is not None:
             why = f"{recorded.display} is no longer a member of pool {ref.name}"
+        refused: set[str] = set()  # members Entra refused as full during this choice
         for attempt in range(POOL_CHOICE_ATTEMPTS):
-            live = attempt > 0  # after a refusal: live lists only
             async with self._locks.hold(ref.key):  # one choice at a time per pool
                 # Read under the lock: the pool as the last growth left it (status.grown).
                 pool = await self._pool(ref)
-                # Remembered lists first (not after a refusal); full on them: on live ones.
-                chosen = None if live else await self._choose(ctx, pool, desired, False)
+                # Remembered lists first; every member full on them: on live ones. A refused
+                # member is passed over (only it changed; listing every member live again,
+                # under the pool's lock, stalled every other choice on the pool).
+                chosen = await self._choose(ctx, pool, desired, False, refused)
                 if chosen is None:
-                    chosen = await self._choose(ctx, pool, desired, True)
+                    chosen = await self._choose(ctx, pool, desired, True, refused)
                 assert chosen is not None  # a live choice grows the pool or raises
                 slot = self._slots.hold(chosen.ref.key, desired)
             try:
@@ -364,8 +366,9 @@ class FederatedCredentialStep:
             except PermanentError as err:
                 if err.reason is not Reason.CREDENTIAL_LIMIT_REACHED:
                     raise
+                refused.add(chosen.ref.key)
                 if attempt + 1 < POOL_CHOICE_ATTEMPTS:
-                    continue  # filled meanwhile by others: choose again on live lists
+                    continue  # filled meanwhile by others: choose again, without it
                 # Not this resource's fault, nor for good: another cluster's operator keeps
                 # taking the slots it chose (both fill the same members at once).
                 raise TransientError(
@@ -390,12 +393,18 @@ class FederatedCredentialStep:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _choose(
-        self, ctx: Context, pool: Pool, desired: FederatedCredential, live: bool
+        self,
+        ctx: Context,
+        pool: Pool,
+        desired: FederatedCredential,
+        live: bool,
+        refused: Collection[str] = (),
     ) -> ResolvedIdentity | None:
         """Under the pool's lock: the member for ``desired`` on the members' remembered lists
-        (``live``: lists read now, all at once), counting the slots other choices hold; None when
-        the remembered lists show every member full; on live lists a full pool grows or raises
-        ``PoolExhausted``."""
+        (``live``: lists read now, all at once), counting the slots other choices hold and
+        passing over the members in ``refused`` (Entra refused a write on them as full); None
+        when the remembered lists show every member full; on live lists a full pool grows or
+        raises ``PoolExhausted``."""
         resolved: list[ResolvedIdentity] = []
         missing: list[IdentityRef] = []
         for member in pool.members:
@@ -410,7 +419,10 @@ class FederatedCredentialStep:
                 continue  # never the operator's own (a pool written by mistake)
             resolved.append(identity)
         known = {i.ref.key: None if live else self._recent.get(i.ref.key) for i in resolved}
-        fresh = {key for key, lists in known.items() if lists is None}  # listed live here
+        # Listed live here: what is not remembered (a refused member only on a live pass).
+        fresh = {
+            key for key, lists in known.items() if lists is None and (live or key not in refused)
+        }
         unknown = [i for i in resolved if i.ref.key in fresh]
         for identity, now in zip(
             unknown, await asyncio.gather(*(self._list_member(i) for i in unknown)), strict=True
@@ -420,16 +432,29 @@ class FederatedCredentialStep:
         def counted() -> list[tuple[ResolvedIdentity, list[FederatedCredential]]]:
             return [(i, self._slots.counted(i.ref.key, known[i.ref.key] or [])) for i in resolved]
 
-        chosen = choose_member(pool, counted(), desired.issuer, desired.subject)
+        def open_() -> list[tuple[ResolvedIdentity, list[FederatedCredential]]]:
+            return [(i, listed) for i, listed in counted() if i.ref.key not in refused]
+
+        chosen = choose_member(pool, open_(), desired.issuer, desired.subject)
         # Entra refuses only a 21st credential: below it, the reserve is ours to keep, so a
         # member chosen on a remembered list is listed live first (another cluster may have
         # taken its last slot under the reserve since), and the choice made again.
         while chosen is not None and pool.reserved and chosen.ref.key not in fresh:
             known[chosen.ref.key] = await self._list_member(chosen)
             fresh.add(chosen.ref.key)
-            chosen = choose_member(pool, counted(), desired.issuer, desired.subject)
+            chosen = choose_member(pool, open_(), desired.issuer, desired.subject)
         if chosen is not None or not live:
             return chosen
+        if refused and choose_member(pool, counted(), desired.issuer, desired.subject):
+            # Refused as full, yet listed with room: Entra's reads lag behind its writes. Not
+            # a full pool (no growth, no PoolExhausted): the next pass chooses again.
+            names = ", ".join(i.ref.display for i in resolved if i.ref.key in refused)
+            raise TransientError(
+                Reason.CONCURRENT_WRITE,
+                f"Entra refused a credential on {names} as full (filled by others meanwhile) "
+                "while its list still shows room: choosing again",
+                1.0,
+            )
         if not pool.can_grow or self._growth is None:
             raise exhausted(pool, counted(), missing)
         return await self._grow(ctx, pool)

@@ -581,3 +581,58 @@ async def test_a_member_filled_by_another_cluster_meanwhile_is_a_retry_never_a_s
     c = cond(retried, "FederatedCredentialReady")
     assert c["reason"] == "ConcurrentWrite", c
     assert "filled by others" in c["message"]
+
+
+async def test_a_refused_member_is_passed_over_without_listing_every_member(store, pipeline):
+    """Entra refuses the write on the chosen member (another cluster filled it): the choice moves
+    to the next member on the lists it remembers, listing only the refused one again (a live list
+    of every member, under the pool's lock, stalled every other choice on the pool)."""
+    from swi_operator.errors import PermanentError, Reason
+
+    placed = await pipeline.reconcile(on_pool("r0"))
+    assert placed.status["identity"]["clientId"] == APP
+    lists = 0
+    listing = store.list
+
+    async def counted(identity: Any) -> Any:
+        nonlocal lists
+        lists += 1
+        return await listing(identity)
+
+    store.list = counted  # type: ignore[method-assign]
+    full = PermanentError(Reason.CREDENTIAL_LIMIT_REACHED, "maximum of 20 reached")
+    store.fail_next("upsert", full, times=2)  # the remembered list's write, then the live one's
+    moved = await pipeline.reconcile(on_pool("r1"))
+    assert moved.status["identity"]["clientId"] == OTHER_APP
+    assert cond(moved, "FederatedCredentialReady")["status"] == "True"
+    assert lists == 1  # the refused member's, after its refusal; the others remembered
+
+
+async def test_members_refused_as_full_yet_listed_with_room_neither_grow_nor_exhaust(store, pools):
+    """Entra's reads lag behind its writes: every member refused a write as full while its list
+    still shows room. That is a retry (ConcurrentWrite), never a new member nor PoolExhausted."""
+    from swi_operator.errors import PermanentError, Reason
+    from swi_operator.pool import PoolGrowth
+
+    pools.bodies = [
+        pool_body(members=[APP, OTHER_APP], growth={"maxMembers": 5, "displayNamePrefix": "g"})
+    ]
+    source = PoolSource(pools, ttl=0)
+    apps = FakeApps(store)
+    pipeline = build_pipeline(
+        store,
+        FakeKube(),
+        TENANT,
+        None,
+        pools=source,
+        growth=PoolGrowth(apps, StatusWriter(pools), source),
+    )
+    full = PermanentError(Reason.CREDENTIAL_LIMIT_REACHED, "maximum of 20 reached")
+    store.fail_next("upsert", full, times=4)  # two writes on each member
+    retried = await pipeline.reconcile(on_pool("r0"))
+    c = cond(retried, "FederatedCredentialReady")
+    assert c["reason"] == "ConcurrentWrite", c
+    assert "still shows room" in c["message"] and APP in c["message"]
+    assert not apps.made
+    again = await pipeline.reconcile(applied(on_pool("r0"), retried))
+    assert again.status["identity"]["clientId"] == APP
