@@ -23,6 +23,7 @@ cycle: this replica is active unless another live peer has the same or a higher 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import itertools
 import logging
@@ -90,6 +91,7 @@ class DriftLoop:
         self._interval = interval
         self._finalizer = finalizer
         self._slots = asyncio.Semaphore(concurrency)
+        self._workers = max(1, concurrency)
         self._ticks = itertools.count()
         self._handled: dict[str, int] = {}  # uid -> tick at which a handler last started on it
 
@@ -126,11 +128,26 @@ class DriftLoop:
         started = time.monotonic()
         with metrics.timed(metrics.DRIFT_CYCLE_DURATION):
             resources = await self._kube.list_resources(served)
-            metrics.DRIFT_RESOURCES.set(len(resources))
+            count = len(resources)
+            metrics.DRIFT_RESOURCES.set(count)
+            # As many workers as checks may run at once, not a task per resource: a body is
+            # dropped once checked, and a fleet's cycle holds no waiting task per resource.
+            pending = collections.deque(resources)
+            del resources
+
+            async def drain() -> None:
+                while pending:
+                    body = pending.popleft()
+                    try:
+                        await self._check(body, listed_at)
+                    except Exception:  # never one resource's failure ends the others' checks
+                        meta = body.get("metadata") or {}
+                        log.exception(
+                            "drift check of %s/%s failed", meta.get("namespace"), meta.get("name")
+                        )
+
             with drift_cycle():  # one read per identity, namespace and database (cycle.py)
-                await asyncio.gather(*(self._check(body, listed_at) for body in resources))
-        count = len(resources)
-        del resources
+                await asyncio.gather(*(drain() for _ in range(min(self._workers, count))))
         heap.release_free_memory()  # the cycle's bodies are gone: keep the RSS of a fleet at rest
         log.info("drift check of %d resources done in %.1f s", count, time.monotonic() - started)
 

@@ -209,3 +209,38 @@ async def test_one_pass_posts_its_normal_events_as_one(setup):
         folded="CleanedUp",
     )
     assert [r for _, _, r in kube.events] == ["CleanedUp"]
+
+
+async def test_a_cycle_runs_its_checks_on_a_few_workers_and_one_failure_stops_none(
+    setup, monkeypatch
+):
+    """A fleet's cycle checks its resources on as many workers as checks may run at once (4 here),
+    never a task per resource holding its body; a check that fails is logged and the others run."""
+    import asyncio
+
+    loop, _, kube, _ = setup
+    for i in range(40):
+        kube.resources[(NS, f"r{i}")] = settled(f"r{i}")
+    running = peak = most_tasks = 0
+    checked: set[str] = set()
+    reconcile = loop._pipeline.reconcile
+
+    async def counted(body: Any) -> Any:
+        nonlocal running, peak, most_tasks
+        running += 1
+        peak = max(peak, running)
+        most_tasks = max(most_tasks, len(asyncio.all_tasks()))
+        try:
+            if body["metadata"]["name"] == "r3":
+                raise RuntimeError("a bug in one check")
+            await asyncio.sleep(0.001)
+            checked.add(body["metadata"]["name"])
+            return await reconcile(body)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(loop._pipeline, "reconcile", counted)
+    await loop.check_all()
+    assert peak == 4
+    assert most_tasks <= 4 + 1, most_tasks  # the workers and the test's own
+    assert checked == {f"r{i}" for i in range(40)} - {"r3"}  # the others after the failure
