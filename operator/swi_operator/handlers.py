@@ -34,7 +34,7 @@ from typing import Any
 import kopf
 
 from swi_operator import config as config_module
-from swi_operator import peers, readiness
+from swi_operator import heap, peers, readiness
 from swi_operator.errors import TransientError, backoff_delay
 from swi_operator.events import CLEANED_UP
 from swi_operator.kube import (
@@ -122,6 +122,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     )
     memo["sweep"] = asyncio.create_task(runtime.sweep.run(), name="swi-sweep")
     memo["pool_status"] = asyncio.create_task(runtime.pool_status.run(), name="swi-pool-status")
+    memo["heap"] = asyncio.create_task(heap.trim_periodically(), name="swi-heap")
     stop_flag: asyncio.Event | None = memo.get("stop_flag")  # given by __main__ with peering
     if stop_flag is not None and config.peering is not None:
         memo["signals"] = asyncio.create_task(_take_signals(runtime, stop_flag), name="swi-signals")
@@ -173,7 +174,15 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for key in ("drift", "policy_review", "sweep", "pool_status", "readiness_server", "signals"):
+    for key in (
+        "drift",
+        "policy_review",
+        "sweep",
+        "pool_status",
+        "heap",
+        "readiness_server",
+        "signals",
+    ):
         task: asyncio.Task[None] | None = memo.get(key)
         if task is not None:
             task.cancel()
