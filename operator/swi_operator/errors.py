@@ -128,6 +128,7 @@ class ReconcileError(Exception):
     """A failure with a condition reason and a message for people."""
 
     transient: bool = False
+    status: int | None = None  # the HTTP status of the API server's answer, where one was
 
     def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
@@ -321,9 +322,11 @@ def kubernetes_error(status: int | None, text: str, doing: str) -> ReconcileErro
         )
     # 409 (a concurrent update), 429, 5xx: retry soon.
     delay = 1.0 if status == 409 else None
-    return TransientError(
+    failed = TransientError(
         Reason.KUBERNETES_UNAVAILABLE, f"the API server failed to {doing} ({status} {text})", delay
     )
+    failed.status = status
+    return failed
 
 
 class SqlFailureInfo(Protocol):

@@ -52,6 +52,22 @@ def _same_service_account_claimed(
     return None
 
 
+async def _claims(runtime: Runtime, namespace: str) -> list[dict[str, Any]]:
+    """The namespace's resources, for the claim check; none when the API server refuses this
+    replica's own token (401: its pod was deleted, with ``--force`` its token is void at once,
+    while the Service still routes admissions to it for a moment). The claim check only spares
+    the tenant a resource that cannot work: the reconcile refuses a second claimant of a
+    service account (``ServiceAccountConflict``) whatever was admitted, and the policy decision,
+    the part that grants, was made before from the policies this replica follows."""
+    try:
+        return await runtime.kube.list_resources([namespace])
+    except ReconcileError as err:
+        if err.status != 401:
+            raise
+        log.warning("claim check skipped, this replica's token was refused: %s", err.message)
+        return []
+
+
 @kopf.on.validate(
     GROUP, VERSION, PLURAL, id=webhooks.POLICY_WEBHOOK_ID, operations=["CREATE", "UPDATE"]
 )
@@ -80,7 +96,7 @@ async def validate(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         if not decision.allowed:
             raise kopf.AdmissionError(f"NotAuthorized: {decision.message}", code=403)
         claimant = _same_service_account_claimed(
-            await runtime.kube.list_resources([namespace]), name, spec.service_account_name
+            await _claims(runtime, namespace), name, spec.service_account_name
         )
     except ReconcileError as err:
         raise kopf.AdmissionError(f"{err.reason}: {err.message}", code=500) from err

@@ -499,3 +499,36 @@ def test_the_gate_reads_namespace_labels_from_the_watch_and_live_only_when_unsee
     watch.changed({"type": "DELETED", "object": {"metadata": {"name": NS}}})
     assert allowed()  # forgotten with the namespace: read live again (still labelled there)
     assert reader.calls["namespace_labels"] == 2
+
+
+async def test_webhook_admits_without_the_claim_check_when_its_own_token_is_refused(reader):
+    """A replica whose pod was force-deleted still gets admissions for a moment, and the API
+    server refuses its token (401): the policy still decides; only the claim check, which the
+    reconcile repeats, is skipped. Any other failure of the list still refuses the request."""
+    from swi_operator import policy_webhook
+    from swi_operator.errors import kubernetes_error
+
+    failure = kubernetes_error(401, "Unauthorized", "list SqlWorkloadIdentities")
+
+    async def list_resources(_: Any) -> list[dict[str, Any]]:
+        raise failure
+
+    def validate(body: dict[str, Any]) -> Any:
+        runtime = SimpleNamespace(
+            policies=KubePolicySource(reader, True, ttl=0),
+            config=SimpleNamespace(require_policy=True),
+            kube=SimpleNamespace(list_resources=list_resources),
+        )
+        return policy_webhook.validate(
+            body=kopf.Body(body), memo=kopf.Memo(runtime=runtime), operation="CREATE"
+        )
+
+    with pytest.raises(kopf.AdmissionError) as refused:
+        await validate(resource())  # no policy: still refused
+    assert str(refused.value).startswith("NotAuthorized")
+    reader.bodies = [policy_body()]
+    await validate(resource())  # allowed, claim check skipped
+    failure = kubernetes_error(503, "Service Unavailable", "list SqlWorkloadIdentities")
+    with pytest.raises(kopf.AdmissionError) as unavailable:
+        await validate(resource())
+    assert "KubernetesUnavailable" in str(unavailable.value)
