@@ -326,10 +326,19 @@ async def test_policy_review_runs_after_a_change_without_waiting_for_the_interva
 # --- the validating webhook ---------------------------------------------------------------------
 
 
-def admission(body: dict[str, Any], reader: FakePolicyReader, others: list[dict[str, Any]] = []):  # noqa: B006
+def admission(
+    body: dict[str, Any],
+    reader: FakePolicyReader,
+    others: list[dict[str, Any]] = [],  # noqa: B006
+    failure: Exception | None = None,
+):
+    """The validating webhook on ``body``; its list of the namespace returns ``others`` or
+    raises ``failure``."""
     from swi_operator import policy_webhook
 
     async def list_resources(_: Any) -> list[dict[str, Any]]:
+        if failure is not None:
+            raise failure
         return others
 
     runtime = SimpleNamespace(
@@ -505,23 +514,12 @@ async def test_webhook_admits_without_the_claim_check_when_its_own_token_is_refu
     """A replica whose pod was force-deleted still gets admissions for a moment, and the API
     server refuses its token (401): the policy still decides; only the claim check, which the
     reconcile repeats, is skipped. Any other failure of the list still refuses the request."""
-    from swi_operator import policy_webhook
     from swi_operator.errors import kubernetes_error
 
     failure = kubernetes_error(401, "Unauthorized", "list SqlWorkloadIdentities")
 
-    async def list_resources(_: Any) -> list[dict[str, Any]]:
-        raise failure
-
     def validate(body: dict[str, Any]) -> Any:
-        runtime = SimpleNamespace(
-            policies=KubePolicySource(reader, True, ttl=0),
-            config=SimpleNamespace(require_policy=True),
-            kube=SimpleNamespace(list_resources=list_resources),
-        )
-        return policy_webhook.validate(
-            body=kopf.Body(body), memo=kopf.Memo(runtime=runtime), operation="CREATE"
-        )
+        return admission(body, reader, failure=failure)
 
     with pytest.raises(kopf.AdmissionError) as refused:
         await validate(resource())  # no policy: still refused
