@@ -77,7 +77,7 @@ $(STAMP): pyproject.toml
 # them): unixODBC is what pyodbc loads the Microsoft ODBC Driver 18 through; the node needs
 # libseccomp-dev and pkg-config (runc is built with seccomp), Debian's CNI plugins, iptables and
 # iproute2 (its network namespace); buildah and mmdebstrap build the images without a daemon.
-DEBS := unixodbc libodbc2 odbcinst libseccomp-dev pkg-config containernetworking-plugins \
+DEBS := unixodbc libodbc2 odbcinst libjemalloc2 libseccomp-dev pkg-config containernetworking-plugins \
 	iptables iproute2 buildah mmdebstrap
 system-deps:
 	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \

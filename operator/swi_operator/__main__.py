@@ -2,6 +2,10 @@
 
 Configuration is validated before anything connects; a bad setting prints one ``error:`` line
 naming it and exits 2. See ``swi-operator --help`` for every flag and its environment variable.
+
+Run from a command line (``argv`` None), the process first starts itself again on jemalloc with
+``heap.ALLOCATOR_ENV``, unless whoever started it chose an allocator (``heap.ensure_allocator``;
+the image sets them itself).
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import socket
 import sys
 
 from swi_operator import config as config_module
+from swi_operator import heap
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        heap.ensure_allocator()
     try:
         config, args = config_module.load(argv)
     except config_module.ConfigError as exc:

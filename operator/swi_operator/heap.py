@@ -11,6 +11,17 @@ about a millisecond): a burst of work (5,000 resources created at once: kopf hol
 body per object) kept what it freed resident until the next drift cycle, ten minutes later by
 default, and a trim 30 s after a cycle still returned 34 MiB the cycle's own had not (what the
 cycle's tasks and Events still held when it ended).
+
+A trim only returns what glibc's heap holds. Python's own allocator (pymalloc) keeps objects of
+up to 512 bytes in 1 MiB arenas and returns an arena only once every object in it is gone: after
+a burst (5,000 resources resumed at once) the few objects that live on (kopf's memory of each
+resource, the caches' entries) are spread over nearly every arena the burst made, and the
+operator stayed at 725 to 749 MiB at rest for about 30 MiB of live objects (tracemalloc). So the
+operator runs on jemalloc (``ALLOCATOR_ENV``, set by ``ensure_allocator`` before anything is
+imported, or by the image): Python's objects on it too (``PYTHONMALLOC=malloc``), whose freed
+pages go back to the system by themselves a few seconds after (a background thread). glibc's
+malloc for Python's objects returned as much but cost about half again the CPU of pymalloc on
+JSON work; jemalloc costs none measurable. docs/benchmarks.md ("Identity pools") has the figures.
 """
 
 from __future__ import annotations
@@ -19,9 +30,50 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
+
+
+JEMALLOC = "libjemalloc.so.2"  # Debian's libjemalloc2 (the image installs it; make system-deps)
+ALLOCATOR_ENV: Mapping[str, str] = {
+    "PYTHONMALLOC": "malloc",
+    "LD_PRELOAD": JEMALLOC,
+    # Freed pages back to the system within seconds, by jemalloc's own thread, also when idle.
+    "MALLOC_CONF": "background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:0",
+}
+
+
+def allocator_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to run the operator in (``environ`` with ``ALLOCATOR_ENV``, a setting of
+    its own kept), or None: it already runs so, or whoever started it chose an allocator
+    (PYTHONMALLOC or LD_PRELOAD set, to anything), which is respected."""
+    if "PYTHONMALLOC" in environ or "LD_PRELOAD" in environ:
+        return None
+    return {**environ, **{k: environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}}
+
+
+def ensure_allocator(environ: Mapping[str, str] = os.environ) -> None:
+    """Start the process again, the same command line, with ``allocator_env``'s environment:
+    the allocator is chosen when a process starts, not later. The process keeps its pid
+    (``exec``), so supervisors and probes see nothing of it. Without jemalloc (or off Linux) it
+    runs on as it is, and says what that costs."""
+    env = allocator_env(environ)
+    if env is None or not sys.platform.startswith("linux"):
+        return
+    if ctypes.util.find_library("jemalloc") is None:
+        print(
+            f"warning: {JEMALLOC} not found (Debian: apt-get install libjemalloc2): the operator "
+            "keeps the memory of its largest burst of work (operator/swi_operator/heap.py)",
+            file=sys.stderr,
+        )
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The same interpreter and command line this process was started with, nothing else.
+    os.execve(sys.executable, sys.orig_argv, env)  # noqa: S606
 
 
 def _find_trim() -> Callable[[int], int] | None:
