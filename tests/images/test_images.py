@@ -122,6 +122,23 @@ def test_cli_version_is_the_package_version(image: tuple[str, str]) -> None:
     assert proc.stdout.split()[-1] == images.project_version(), proc.stdout
 
 
+def test_only_the_operator_image_runs_python_on_jemalloc(image: tuple[str, str]) -> None:
+    """The operator's allocator (operator/swi_operator/heap.py) is loaded by its image itself,
+    preloaded without a word from the loader, Python's objects on it; the workload image (a
+    short-lived client) keeps Python's own."""
+    ref, container = image
+    probe = (
+        "import os; print('libjemalloc' in open('/proc/self/maps').read(),"
+        " os.environ.get('PYTHONMALLOC'))"
+    )
+    proc = run(container, "python", "-c", probe)
+    assert proc.returncode == 0, proc.stderr
+    assert "jemalloc" not in proc.stderr, proc.stderr  # e.g. ld.so: cannot be preloaded
+    operator = ref.startswith("sql-workload-identity-operator")
+    expected = ["True", "malloc"] if operator else ["False", "None"]
+    assert proc.stdout.split() == expected, proc.stdout
+
+
 def test_every_console_script_runs(image: tuple[str, str]) -> None:
     ref, container = image
     listed = run(container, "sh", "-c", "ls /opt/swi/bin | grep '^swi-'")
