@@ -76,7 +76,8 @@ $(STAMP): pyproject.toml
 # The Debian packages the sandbox needs, installed when run as root (otherwise the error names
 # them): unixODBC is what pyodbc loads the Microsoft ODBC Driver 18 through; the node needs
 # libseccomp-dev and pkg-config (runc is built with seccomp), Debian's CNI plugins, iptables and
-# iproute2 (its network namespace); buildah and mmdebstrap build the images without a daemon.
+# iproute2 (its network namespace); buildah and mmdebstrap build the images without a daemon;
+# libjemalloc2 is the operator's allocator (operator/swi_operator/heap.py).
 DEBS := unixodbc libodbc2 odbcinst libjemalloc2 libseccomp-dev pkg-config containernetworking-plugins \
 	iptables iproute2 buildah mmdebstrap
 system-deps:

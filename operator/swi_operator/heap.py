@@ -20,8 +20,9 @@ operator stayed at 725 to 749 MiB at rest for about 30 MiB of live objects (trac
 operator runs on jemalloc (``ALLOCATOR_ENV``, set by ``ensure_allocator`` before anything is
 imported, or by the image): Python's objects on it too (``PYTHONMALLOC=malloc``), whose freed
 pages go back to the system by themselves a few seconds after (a background thread). glibc's
-malloc for Python's objects returned as much but cost about half again the CPU of pymalloc on
-JSON work; jemalloc costs none measurable. docs/benchmarks.md ("Identity pools") has the figures.
+malloc for Python's objects brought that restart to 370 to 410 MiB but took about half again
+pymalloc's CPU on JSON decoding; jemalloc took about the same as pymalloc there.
+docs/benchmarks.md ("Identity pools") has the figures.
 """
 
 from __future__ import annotations
