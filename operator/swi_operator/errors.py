@@ -310,6 +310,12 @@ def operator_authentication_error(exc: Exception, doing: str) -> ReconcileError:
 
 
 def kubernetes_error(status: int | None, text: str, doing: str) -> ReconcileError:
+    failed = _kubernetes_error(status, text, doing)
+    failed.status = status
+    return failed
+
+
+def _kubernetes_error(status: int | None, text: str, doing: str) -> ReconcileError:
     if status == 403:
         return PermanentError(
             Reason.PERMISSION_DENIED,
@@ -322,11 +328,9 @@ def kubernetes_error(status: int | None, text: str, doing: str) -> ReconcileErro
         )
     # 409 (a concurrent update), 429, 5xx: retry soon.
     delay = 1.0 if status == 409 else None
-    failed = TransientError(
+    return TransientError(
         Reason.KUBERNETES_UNAVAILABLE, f"the API server failed to {doing} ({status} {text})", delay
     )
-    failed.status = status
-    return failed
 
 
 class SqlFailureInfo(Protocol):
