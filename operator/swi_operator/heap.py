@@ -53,7 +53,7 @@ def allocator_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     (PYTHONMALLOC or LD_PRELOAD set, to anything), which is respected."""
     if "PYTHONMALLOC" in environ or "LD_PRELOAD" in environ:
         return None
-    return {**environ, **{k: environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}}
+    return {**ALLOCATOR_ENV, **environ}
 
 
 def ensure_allocator(environ: Mapping[str, str] = os.environ) -> None:
