@@ -62,6 +62,12 @@ def drift_cycle() -> Iterator[Cycle]:
         _current.reset(token)
 
 
+def namespace_key(namespace: str) -> tuple[str, str]:
+    """The prefix of every read the cycle keeps for one namespace (its service accounts, workloads,
+    pods, labels): ``forget(namespace_key(ns))`` drops them all once the cycle is past it."""
+    return ("namespace", namespace)
+
+
 def in_drift_cycle() -> bool:
     """Whether the caller runs inside ``drift_cycle()``: a read may then cover more than it needs
     (a namespace's list for one of its objects), since the cycle shares it with the others."""

@@ -1,7 +1,8 @@
 """The fleet-wide drift check: one loop for all resources instead of a kopf timer per object.
 
-Every ``interval`` seconds the loop lists the SqlWorkloadIdentities it serves (one paged LIST) and
-runs the same pipeline kopf's handlers run for each settled one: created by kopf (finalizer in
+Every ``interval`` seconds the loop lists the SqlWorkloadIdentities it serves (one paged LIST, a
+page of 500 checked before the next is read, so a cycle never holds the whole fleet) and runs the
+same pipeline kopf's handlers run for each settled one: created by kopf (finalizer in
 place), not being deleted, and with nothing newer than its status (a pending spec change belongs to
 kopf's update handler). A resource whose handler is running right now is skipped: the per-resource
 lock is shared with the handlers. The pipeline reads before it writes, so a check that finds
@@ -32,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from swi_operator import heap, metrics, peers
-from swi_operator.cycle import drift_cycle
+from swi_operator.cycle import drift_cycle, namespace_key
 from swi_operator.errors import ReconcileError
 from swi_operator.events import EventRecorder
 from swi_operator.kube import KubeClient
@@ -40,6 +41,10 @@ from swi_operator.locks import KeyedLocks
 from swi_operator.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+# How many times a cycle lists the fleet when the list's continue token expires under it (410)
+# before it gives up until the next cycle; each listing checks only what the others did not reach.
+LISTINGS = 3
 
 
 class PeeringGate:
@@ -124,32 +129,70 @@ class DriftLoop:
             if not await self._gate.active(None):
                 return
             served = []  # every namespace
-        listed_at = next(self._ticks)
         started = time.monotonic()
-        with metrics.timed(metrics.DRIFT_CYCLE_DURATION):
-            resources = await self._kube.list_resources(served)
-            count = len(resources)
-            metrics.DRIFT_RESOURCES.set(count)
-            # As many workers as checks may run at once, not a task per resource: a body is
-            # dropped once checked, and a fleet's cycle holds no waiting task per resource.
-            pending = collections.deque(resources)
-            del resources
-
-            async def drain() -> None:
-                while pending:
-                    body = pending.popleft()
-                    try:
-                        await self._check(body, listed_at)
-                    except Exception:  # never one resource's failure ends the others' checks
-                        meta = body.get("metadata") or {}
-                        log.exception(
-                            "drift check of %s/%s failed", meta.get("namespace"), meta.get("name")
-                        )
-
-            with drift_cycle():  # one read per identity, namespace and database (cycle.py)
-                await asyncio.gather(*(drain() for _ in range(min(self._workers, count))))
+        checked: set[str] = set()  # the uids this cycle has reached, kept across a relist
+        with metrics.timed(metrics.DRIFT_CYCLE_DURATION), drift_cycle() as cycle:
+            # one read per identity, namespace and database (cycle.py)
+            for listing in range(1, LISTINGS + 1):
+                listed_at = next(self._ticks)  # the pages are one snapshot, taken from here on
+                held: list[str] = []  # the namespace the next page may go on with
+                try:
+                    async for page in self._kube.resource_pages(served):
+                        namespaces = await self._check_page(page, listed_at, checked)
+                        # The list comes by namespace, so the cycle is past all it met but the
+                        # page's last: what it read of them can go. (Were the order another, a
+                        # namespace met again would only be read again.)
+                        ahead = namespaces[-1:]
+                        for namespace in {*held, *namespaces}.difference(ahead):
+                            cycle.forget(namespace_key(namespace))
+                        held = ahead
+                    break
+                except ReconcileError as err:
+                    if err.status != 410 or listing == LISTINGS:
+                        raise
+                    # The continue token expired under a long cycle (etcd compacted past the
+                    # list's snapshot): list again, checking only what the cycle has not reached.
+                    log.info(
+                        "drift check: the list expired after %d resources; listing again",
+                        len(checked),
+                    )
+            metrics.DRIFT_RESOURCES.set(len(checked))
         heap.release_free_memory()  # the cycle's bodies are gone: keep the RSS of a fleet at rest
-        log.info("drift check of %d resources done in %.1f s", count, time.monotonic() - started)
+        log.info(
+            "drift check of %d resources done in %.1f s", len(checked), time.monotonic() - started
+        )
+
+    async def _check_page(
+        self, page: list[dict[str, Any]], listed_at: int, checked: set[str]
+    ) -> list[str]:
+        """Check one page of the list (500 resources) before the next is read, so a cycle holds
+        a page of bodies at a time rather than the fleet's; its namespaces, in order."""
+        # As many workers as checks may run at once, not a task per resource: a body is dropped
+        # once checked, and a page holds no waiting task per resource.
+        pending: collections.deque[dict[str, Any]] = collections.deque()
+        namespaces: dict[str, None] = {}  # in the list's order
+        for body in page:
+            meta = body.get("metadata") or {}
+            uid = str(meta.get("uid"))
+            if uid not in checked:
+                checked.add(uid)
+                pending.append(body)
+            namespaces[str(meta.get("namespace"))] = None
+        page.clear()
+
+        async def drain() -> None:
+            while pending:
+                body = pending.popleft()
+                try:
+                    await self._check(body, listed_at)
+                except Exception:  # never one resource's failure ends the others' checks
+                    meta = body.get("metadata") or {}
+                    log.exception(
+                        "drift check of %s/%s failed", meta.get("namespace"), meta.get("name")
+                    )
+
+        await asyncio.gather(*(drain() for _ in range(min(self._workers, len(pending)))))
+        return list(namespaces)
 
     def _settled(self, body: Mapping[str, Any]) -> bool:
         meta = body.get("metadata") or {}

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -23,7 +23,7 @@ from kubernetes import client as k8s
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from swi_operator.cycle import changed, in_drift_cycle, shared_read
+from swi_operator.cycle import changed, in_drift_cycle, namespace_key, shared_read
 from swi_operator.errors import ReconcileError, kubernetes_error
 from swi_operator.watch_cache import TOO_LARGE, WatchCache
 
@@ -135,6 +135,8 @@ class KubeClient(Protocol):
     async def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
     async def list_resources(self, namespaces: Sequence[str]) -> list[dict[str, Any]]: ...
+
+    def resource_pages(self, namespaces: Sequence[str]) -> AsyncIterator[list[dict[str, Any]]]: ...
 
     async def patch_resource_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
@@ -384,7 +386,8 @@ class KubernetesClient:
         if in_drift_cycle():
             # One list per namespace and cycle instead of a read per resource (bench/fleet.py)
             accounts = await shared_read(
-                ("serviceaccount", namespace), lambda: self._service_accounts(namespace)
+                (*namespace_key(namespace), "serviceaccount"),
+                lambda: self._service_accounts(namespace),
             )
             return accounts.get(name)
         obj = await self._call(
@@ -408,10 +411,20 @@ class KubernetesClient:
     async def _list_pages(
         self, doing: str, path: str, drop: Sequence[tuple[str, str]] = ()
     ) -> list[dict[str, Any]]:
-        """Every item of a LIST, 500 a page, without its ``metadata.managedFields`` (nothing here
-        reads them, and on a status-heavy kind they are the largest part of an object) and the
-        ``drop`` fields (``(parent, key)``)."""
+        """Every item of a LIST (``_pages``) at once."""
         items: list[dict[str, Any]] = []
+        async for listed in self._pages(doing, path, drop):
+            items.extend(listed)
+        return items
+
+    async def _pages(
+        self, doing: str, path: str, drop: Sequence[tuple[str, str]] = ()
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """A LIST, 500 items a page, one page at a time; every item without its
+        ``metadata.managedFields`` (nothing here reads them, and on a status-heavy kind they are
+        the largest part of an object) and the ``drop`` fields (``(parent, key)``). The pages
+        are one snapshot, the first page's; an expired continue token (a caller slower than
+        etcd's compaction) raises the API server's 410."""
         token = ""
         while True:
             query = [("limit", "500")] + ([("continue", token)] if token else [])
@@ -422,10 +435,11 @@ class KubernetesClient:
                     within = item.get(parent)
                     if isinstance(within, dict):
                         within.pop(key, None)
-            items.extend(listed)
             token = _dig(page or {}, "metadata", "continue") or ""
+            del page
+            yield listed
             if not token:
-                return items
+                return
 
     async def create_service_account(
         self, namespace: str, name: str, annotations: Mapping[str, str]
@@ -445,7 +459,9 @@ class KubernetesClient:
                 decode=False,
             )
         finally:
-            changed(("serviceaccount", namespace))  # the cycle's list of the namespace
+            changed(
+                (*namespace_key(namespace), "serviceaccount")
+            )  # the cycle's list of the namespace
 
     async def patch_service_account(
         self,
@@ -469,7 +485,9 @@ class KubernetesClient:
                 decode=False,
             )
         finally:
-            changed(("serviceaccount", namespace))  # the cycle's list of the namespace
+            changed(
+                (*namespace_key(namespace), "serviceaccount")
+            )  # the cycle's list of the namespace
 
     async def delete_service_account(self, namespace: str, name: str) -> None:
         try:
@@ -481,7 +499,9 @@ class KubernetesClient:
                 decode=False,
             )
         finally:
-            changed(("serviceaccount", namespace))  # the cycle's list of the namespace
+            changed(
+                (*namespace_key(namespace), "serviceaccount")
+            )  # the cycle's list of the namespace
 
     async def list_workloads(self, namespace: str, live: bool = False) -> list[Workload]:
         """The namespace's workloads: from the caches (milliseconds behind the API server) when
@@ -502,7 +522,7 @@ class KubernetesClient:
             lists = await asyncio.gather(*(of_kind(kind) for kind in WORKLOAD_KINDS))
             return [w for items in lists for w in items]
 
-        return list(await shared_read(("workloads", namespace), every_kind))
+        return list(await shared_read((*namespace_key(namespace), "workloads"), every_kind))
 
     async def patch_workload(
         self,
@@ -525,7 +545,7 @@ class KubernetesClient:
                 decode=False,
             )
         finally:
-            changed(("workloads", namespace))  # what a drift cycle read is stale
+            changed((*namespace_key(namespace), "workloads"))  # what a drift cycle read is stale
 
     async def list_pods(self, namespace: str) -> list[Pod]:
         cached = self.caches.pods.in_namespace(namespace) if self.caches else None
@@ -538,7 +558,7 @@ class KubernetesClient:
             )
             return [_pod(item) for item in (found or {}).get("items") or []]
 
-        return list(await shared_read(("pods", namespace), fetch))
+        return list(await shared_read((*namespace_key(namespace), "pods"), fetch))
 
     async def request_token(
         self, namespace: str, service_account: str, audience: str, expiration_seconds: int
@@ -571,17 +591,26 @@ class KubernetesClient:
         return found
 
     async def list_resources(self, namespaces: Sequence[str]) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        async for page in self.resource_pages(namespaces):
+            items.extend(page)
+        return items
+
+    async def resource_pages(
+        self, namespaces: Sequence[str]
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The SqlWorkloadIdentities of ``namespaces`` (empty: all), a page at a time
+        (``_pages``), for a caller that need not hold them all at once (the drift cycle)."""
         paths = [f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}" for ns in namespaces] or [
             f"/apis/{GROUP}/{VERSION}/{PLURAL}"
         ]
-        items: list[dict[str, Any]] = []
         for path in paths:
             # status.kopf: kopf's own progress and diff-base, which only kopf reads (from its
             # watch); a fleet's list holds every resource at once.
-            items.extend(
-                await self._list_pages("list SqlWorkloadIdentities", path, (("status", "kopf"),))
-            )
-        return items
+            async for page in self._pages(
+                "list SqlWorkloadIdentities", path, (("status", "kopf"),)
+            ):
+                yield page
 
     async def patch_resource_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
@@ -688,7 +717,7 @@ class KubernetesClient:
             items = (found or {}).get("items") or []
             return dict(_dig(items[0], "metadata", "labels") or {}) if items else {}
 
-        return dict(await shared_read(("namespace", namespace), fetch))
+        return dict(await shared_read((*namespace_key(namespace), "labels"), fetch))
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
         """A ConfigMap's data; None if it does not exist."""

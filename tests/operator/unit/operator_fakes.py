@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from swi_operator.cloud import FederatedCredential, ResolvedIdentity
@@ -115,6 +115,7 @@ class FakeKube(Faults):
         self.workloads: dict[tuple[str, str, str], dict[str, Any]] = {}  # (ns, kind, name)
         self.pods: dict[str, list[Pod]] = {}
         self.resources: dict[tuple[str, str], dict[str, Any]] = {}
+        self.page_size = 500  # the operator's LIST limit
         self.writes: Counter[str] = Counter()
         self.status_patches: list[tuple[str, str, Mapping[str, Any]]] = []
         self.events: list[tuple[str, str, str]] = []  # (object name, type, reason)
@@ -230,6 +231,14 @@ class FakeKube(Faults):
 
     async def list_resources(self, namespaces: Sequence[str]) -> list[dict[str, Any]]:
         return [r for (ns, _), r in self.resources.items() if not namespaces or ns in namespaces]
+
+    async def resource_pages(
+        self, namespaces: Sequence[str]
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """``list_resources`` in pages of ``page_size``, in the order the resources were added."""
+        listed = await self.list_resources(namespaces)
+        for start in range(0, len(listed), self.page_size):
+            yield listed[start : start + self.page_size]
 
     async def patch_resource_status(
         self, namespace: str, name: str, status: Mapping[str, Any]

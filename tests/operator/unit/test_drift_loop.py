@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -244,3 +245,121 @@ async def test_a_cycle_runs_its_checks_on_a_few_workers_and_one_failure_stops_no
     assert peak == 4
     assert most_tasks <= 4 + 1, most_tasks  # the workers and the test's own
     assert checked == {f"r{i}" for i in range(40)} - {"r3"}  # the others after the failure
+
+
+def fleet_loop(kube: FakeKube, store: FakeStore) -> DriftLoop:
+    """A loop serving every namespace (one list for the whole cluster)."""
+    return DriftLoop(
+        build_pipeline(store, kube, TENANT, None),
+        kube,
+        KeyedLocks(),
+        EventRecorder(kube, logging.INFO),
+        PeeringGate(kube, None, "me"),
+        namespaces=(),
+        interval=1,
+        finalizer=FINALIZER,
+        concurrency=4,
+    )
+
+
+async def test_a_cycle_checks_a_page_before_reading_the_next_and_forgets_namespaces_behind_it(
+    setup, monkeypatch
+):
+    """A cycle holds one page of the fleet at a time, and what it read of a namespace only until
+    the list is past it: a namespace that goes on into the next page is still shared, one the
+    list comes back to is read again."""
+    from swi_operator.cycle import namespace_key, shared_read
+
+    _, store, kube, _ = setup
+    kube.page_size = 2
+    listed = [("ns1", "a"), ("ns1", "b"), ("ns1", "c"), ("ns2", "a"), ("ns1", "d")]
+    for ns, name in listed:
+        body = settled(name)
+        body["metadata"].update(namespace=ns, uid=f"uid-{ns}-{name}")
+        kube.resources[(ns, name)] = body
+    loop = fleet_loop(kube, store)
+    reads: Counter[str] = Counter()
+    checked: list[tuple[str, str]] = []
+    checked_when_read: list[int] = []  # how many were checked as each page was read
+
+    async def check(body: dict[str, Any], listed_at: int | None) -> None:
+        ns = body["metadata"]["namespace"]
+
+        async def fetch() -> str:
+            reads[ns] += 1
+            return ns
+
+        await shared_read((*namespace_key(ns), "serviceaccount"), fetch)
+        checked.append((ns, body["metadata"]["name"]))
+
+    pages = kube.resource_pages
+
+    async def read_pages(namespaces: Any) -> Any:
+        async for page in pages(namespaces):
+            checked_when_read.append(len(checked))
+            yield page
+
+    monkeypatch.setattr(loop, "_check", check)
+    monkeypatch.setattr(kube, "resource_pages", read_pages)
+    await loop.check_all()
+
+    assert sorted(checked) == sorted(listed)
+    assert checked_when_read == [0, 2, 4]
+    assert reads == {"ns1": 2, "ns2": 1}
+
+
+async def test_an_expired_list_is_listed_again_and_checks_each_resource_once(setup, monkeypatch):
+    """The continue token of a long cycle's list can expire (410, etcd compacted past the list's
+    snapshot): the cycle lists again and checks only what it had not reached."""
+    from swi_operator.errors import kubernetes_error
+
+    loop, _, kube, _ = setup
+    kube.page_size = 2
+    for i in range(5):
+        kube.resources[(NS, f"r{i}")] = settled(f"r{i}")
+    listings = 0
+    pages = kube.resource_pages
+
+    async def expiring(namespaces: Any) -> Any:
+        nonlocal listings
+        listings += 1
+        served = 0
+        async for page in pages(namespaces):
+            if listings == 1 and served == 2:
+                raise kubernetes_error(
+                    410, "The provided continue parameter is too old", "list SqlWorkloadIdentities"
+                )
+            served += 1
+            yield page
+
+    monkeypatch.setattr(kube, "resource_pages", expiring)
+    await loop.check_all()
+
+    assert listings == 2
+    assert Counter(name for _, name, _ in kube.status_patches) == {f"r{i}": 1 for i in range(5)}
+
+
+@pytest.mark.parametrize(("status", "listings"), [(410, 3), (503, 1)])
+async def test_a_list_that_keeps_failing_ends_the_cycle(setup, monkeypatch, status, listings):
+    """A list that keeps expiring is given up after three listings until the next cycle; any other
+    failure at once (run() logs it and waits for the next cycle)."""
+    from swi_operator.drift import LISTINGS
+    from swi_operator.errors import ReconcileError, kubernetes_error
+
+    loop, _, kube, _ = setup
+    kube.resources[(NS, "a")] = settled("a")
+    tried = 0
+
+    async def failing(namespaces: Any) -> Any:
+        nonlocal tried
+        tried += 1
+        raise kubernetes_error(status, "no", "list SqlWorkloadIdentities")
+        yield []
+
+    monkeypatch.setattr(kube, "resource_pages", failing)
+    with pytest.raises(ReconcileError) as raised:
+        await loop.check_all()
+    assert raised.value.status == status
+    assert tried == listings
+    assert LISTINGS == 3
+    assert kube.status_patches == []
