@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from swi_operator.cloud import MAX_CREDENTIALS_PER_IDENTITY, CredentialStore
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class PoolKube(Protocol):
     async def list_pools(self) -> list[dict[str, Any]] | None: ...
 
-    async def list_resources(self, namespaces: Sequence[str]) -> list[dict[str, Any]]: ...
+    def resource_pages(self, namespaces: Sequence[str]) -> AsyncIterator[list[dict[str, Any]]]: ...
 
     async def patch_pool_status(self, name: str, status: Mapping[str, Any]) -> None: ...
 
@@ -78,32 +78,32 @@ class PoolStatus(DebouncedTask):
         self._pools.invalidate()  # what the watch may not have told yet, read once: here
         parsed = parse_pools(listed)
         issuer = await self._issuer.get()
-        resources = await self._kube.list_resources(served)
         on_pool: Counter[str] = Counter()
         namespaces: dict[str, set[str]] = {}
         stray: list[Mapping[str, Any]] = []
-        for body in resources:
-            try:
-                named = parse_spec(body.get("spec") or {}).identity
-            except SpecError:
-                continue
-            if not isinstance(named, PoolRef):
-                continue
-            on_pool[named.name] += 1
-            namespaces.setdefault(named.name, set()).add(
-                str(_dig(body, "metadata").get("namespace"))
-            )
-            pool = parsed.get(named.name)
-            recorded = identity_from_status(
-                str(_dig(_dig(body, "status"), "federatedCredential").get("identity") or "")
-            )
-            if (
-                isinstance(pool, Pool)
-                and recorded is not None
-                and pool.member(recorded.key) is None
-                and not _dig(body, "metadata").get("deletionTimestamp")
-            ):
-                stray.append(body)
+        async for page in self._kube.resource_pages(served):  # a page of the fleet at a time
+            for body in page:
+                try:
+                    named = parse_spec(body.get("spec") or {}).identity
+                except SpecError:
+                    continue
+                if not isinstance(named, PoolRef):
+                    continue
+                on_pool[named.name] += 1
+                namespaces.setdefault(named.name, set()).add(
+                    str(_dig(body, "metadata").get("namespace"))
+                )
+                pool = parsed.get(named.name)
+                recorded = identity_from_status(
+                    str(_dig(_dig(body, "status"), "federatedCredential").get("identity") or "")
+                )
+                if (
+                    isinstance(pool, Pool)
+                    and recorded is not None
+                    and pool.member(recorded.key) is None
+                    and not _dig(body, "metadata").get("deletionTimestamp")
+                ):
+                    stray.append(body)
         if stray:
             log.info("pool change: moving %d resource(s) off former members now", len(stray))
             await asyncio.gather(*(self._drift.check(body) for body in stray))
