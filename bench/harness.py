@@ -652,6 +652,11 @@ class OperatorProcess:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return len(re.findall(r"drift check of \d+ resources done", text))
 
+    def sweeps(self) -> int:
+        """Sweeps the operator has finished (it logs one line for each)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return len(re.findall(r"sweep done in ", text))
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return

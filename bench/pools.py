@@ -2,7 +2,7 @@
 two clusters, against Graph's write quota; then a fleet on pools at rest, and the operator's memory.
 
     python bench/pools.py [--namespaces 1000] [--clusters 1|2] [--at-rest 5000]
-                          [--steady 120] [--state-dir DIR] [--no-limits] [--name RESULTS]
+                          [--steady 330] [--state-dir DIR] [--no-limits] [--name RESULTS]
 
 One sandbox (and with ``--clusters 2`` a second cluster attached to its cloud: its own control
 plane and issuer, the same Entra and SQL emulators), in this order:
@@ -17,7 +17,8 @@ plane and issuer, the same Entra and SQL emulators), in this order:
    principal); nothing was created by hand but the first member.
 2. at rest (``--at-rest M``, 0 to skip): the cloud reset, no latency or quotas; M resources over
    M / 10 namespaces in the first cluster, onto a new pool that grows to ``ceil(M / 20)``
-   members; once all are Ready, ``--steady`` seconds at rest with a drift check every 60 s; the
+   members; once all are Ready, ``--steady`` seconds at rest with a drift check and a pool status
+   every 60 s and the sweep every 300 s (the default 330 s holds at least one of each); the
    operator's resident memory after it, the most it held at rest (sampled every second from the
    end of the first drift cycle after Ready, later cycles included: a memory limit must hold
    through them; the samples are in the results) and its peak, against 512 MiB.
@@ -289,9 +290,10 @@ def run_at_rest(sandbox: Sandbox, n: int, steady: float, timeout: float) -> dict
             ready = sum(1 for k in keys if k in tracker.ready_at)
             after_setup = operator.memory_mib()
             cycles_before = operator.drift_checks()
+            sweeps_before = operator.sweeps()
             cpu_before = operator.cpu_seconds()
-            # Sampled every second through the drift cycles (a memory limit must hold through
-            # them too): seconds since Ready, RSS MiB, drift cycles finished since Ready.
+            # Sampled every second through the drift cycles and sweeps (a memory limit must hold
+            # through them too): seconds since Ready, RSS MiB, drift cycles finished since Ready.
             series: list[tuple[float, float, int]] = []
             start = time.monotonic()
             while (now := time.monotonic()) < start + steady:
@@ -305,6 +307,7 @@ def run_at_rest(sandbox: Sandbox, n: int, steady: float, timeout: float) -> dict
                 )
             rest_cpu = operator.cpu_seconds() - cpu_before
             cycles = operator.drift_checks() - cycles_before
+            sweeps = operator.sweeps() - sweeps_before
             memory = operator.memory_mib()
             status = pool_status(sandbox, pool.name)
             not_ready = dict(tracker.not_ready(keys))
@@ -325,6 +328,7 @@ def run_at_rest(sandbox: Sandbox, n: int, steady: float, timeout: float) -> dict
         "not_ready_why": not_ready_why,
         "steady_s": steady,
         "drift_cycles": cycles,
+        "sweeps": sweeps,
         "steady_cpu_s": rest_cpu,
         "operator_rss_idle_mib": idle,
         "operator_rss_after_setup_mib": after_setup["rss"],
@@ -396,7 +400,7 @@ def summary(results: dict[str, Any]) -> str:
                     "pool members",
                     "Ready",
                     "setup s",
-                    "drift cycles",
+                    "drift cycles, sweeps",
                     "RSS MiB idle -> at rest (most at rest; peak of the run)",
                     "bound MiB",
                 ],
@@ -407,7 +411,7 @@ def summary(results: dict[str, Any]) -> str:
                         rest["pool_members"],
                         rest["ready"],
                         _fmt(rest["setup_s"]),
-                        rest["drift_cycles"],
+                        f"{rest['drift_cycles']}, {rest.get('sweeps', '-')}",
                         f"{rest['operator_rss_idle_mib']:.0f} -> "
                         f"{rest['operator_rss_mib']:.0f} "
                         f"({rest['operator_rss_at_rest_max_mib']:.0f}; "
@@ -425,7 +429,9 @@ def main() -> int:
     parser.add_argument("--namespaces", type=int, default=1000, help="onboarded onto one pool")
     parser.add_argument("--clusters", type=int, choices=(1, 2), default=2)
     parser.add_argument("--at-rest", type=int, default=5000, help="resources at rest (0: skip)")
-    parser.add_argument("--steady", type=float, default=120.0, help="seconds at rest")
+    parser.add_argument(
+        "--steady", type=float, default=330.0, help="seconds at rest (330: a sweep falls in them)"
+    )
     parser.add_argument("--state-dir", type=Path, help="a running sandbox to use")
     parser.add_argument("--no-limits", action="store_true", help="no injected latency or quotas")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for Ready")
