@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from swi_operator.backing import Grant, backed_grants, parse_subject
+from swi_operator.backing import Grant, Grants, backed_grants, parse_subject
 from swi_operator.cloud import CredentialStore, FederatedCredential, ResolvedIdentity
 from swi_operator.drift import PeeringGate
 from swi_operator.errors import PermanentError, Reason, ReconcileError
@@ -252,7 +252,7 @@ class CredentialSweep(DebouncedTask):
         self,
         candidates: Sequence[tuple[ResolvedIdentity, list[FederatedCredential]]],
         parsed: ParsedPolicies,
-        backed: set[Grant],
+        backed: Grants,
     ) -> list[Removed]:
         removed: list[Removed] = []
         for identity, credentials in candidates:
@@ -294,7 +294,7 @@ class CredentialSweep(DebouncedTask):
         entries: Sequence[UserEntry],
         resources: Sequence[Mapping[str, Any]],
         parsed: ParsedPolicies,
-        backed: set[Grant],
+        backed: Grants,
     ) -> list[Removed]:
         if not entries or self._users is None or self._ledger is None:
             return []
@@ -381,7 +381,7 @@ def _swept(body: Mapping[str, Any]) -> dict[str, Any]:
 def _backs(
     body: Mapping[str, Any] | None,
     entry: UserEntry,
-    backed: set[Grant],
+    backed: Grants,
     pools: Mapping[str, frozenset[str]],
 ) -> bool:
     """Whether live resource ``body`` (the one that made ``entry``) still wants that user: the
