@@ -652,6 +652,11 @@ class OperatorProcess:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return len(re.findall(r"drift check of \d+ resources done", text))
 
+    def resumed(self) -> int:
+        """Resources kopf has resumed since the operator started (a line each)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text.count("Handler 'reconcile-resume' succeeded")
+
     def sweeps(self) -> int:
         """Sweeps the operator has finished (it logs one line for each)."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

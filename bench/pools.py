@@ -2,7 +2,8 @@
 two clusters, against Graph's write quota; then a fleet on pools at rest, and the operator's memory.
 
     python bench/pools.py [--namespaces 1000] [--clusters 1|2] [--at-rest 5000]
-                          [--steady 330] [--state-dir DIR] [--no-limits] [--name RESULTS]
+                          [--steady 330] [--restart-steady 120]
+                          [--state-dir DIR] [--no-limits] [--name RESULTS]
 
 One sandbox (and with ``--clusters 2`` a second cluster attached to its cloud: its own control
 plane and issuer, the same Entra and SQL emulators), in this order:
@@ -21,7 +22,10 @@ plane and issuer, the same Entra and SQL emulators), in this order:
    every 60 s and the sweep every 300 s (the default 330 s holds at least one of each); the
    operator's resident memory after it, the most it held at rest (sampled every second from the
    end of the first drift cycle after Ready, later cycles included: a memory limit must hold
-   through them; the samples are in the results) and its peak, against 512 MiB.
+   through them; the samples are in the results) and its peak, against 512 MiB. Then
+   (``--restart-steady S``, 0 to skip) a new operator over the same fleet, as after an upgrade:
+   kopf resumes every resource at once; the time and CPU to resume them all, and the most it
+   holds in the S seconds from the end of the first drift cycle after the last resume.
 
 Prints tables and writes bench/results/<name>.json; nothing is asserted (tests/bench/ checks the
 driver runs).
@@ -264,7 +268,48 @@ def run_onboarding(
     }
 
 
-def run_at_rest(sandbox: Sandbox, n: int, steady: float, timeout: float) -> dict[str, Any]:
+def restart_at_rest(
+    env: dict[str, str], log: Path, n: int, steady: float, timeout: float
+) -> dict[str, Any]:
+    """A new operator over the fleet at rest (an upgrade, a rescheduled pod): kopf resumes all
+    ``n`` resources at once. Sampled every second until ``steady`` seconds after the end of the
+    first drift cycle that follows the last resume, which is where "at rest" is judged from."""
+    series: list[tuple[float, float, int, int]] = []  # s since start, RSS MiB, resumed, cycles
+    resumed_s = resume_cpu_s = rest_from = None
+    with OperatorProcess(env, log) as operator:
+        cycles_then = operator.drift_checks()
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < timeout:
+            time.sleep(1)
+            resumed, cycles = operator.resumed(), operator.drift_checks() - cycles_then
+            series.append(
+                (round(elapsed, 1), round(operator.memory_mib()["rss"], 1), resumed, cycles)
+            )
+            if resumed_s is None and resumed >= n:
+                resumed_s, resume_cpu_s, cycles_resumed = elapsed, operator.cpu_seconds(), cycles
+            if rest_from is None and resumed_s is not None and cycles > cycles_resumed:
+                rest_from = elapsed
+            if rest_from is not None and elapsed >= rest_from + steady:
+                break
+        memory = operator.memory_mib()
+    return {
+        "resumed_s": resumed_s,
+        "resume_cpu_s": resume_cpu_s,
+        "resumed": series[-1][2] if series else 0,
+        "rest_from_s": rest_from,
+        "rss_at_rest_max_mib": max(
+            (rss for t, rss, _, _ in series if rest_from is not None and t >= rest_from),
+            default=None,
+        ),
+        "rss_mib": memory["rss"],
+        "peak_rss_mib": memory["peak"],
+        "rss_series": series,
+    }
+
+
+def run_at_rest(
+    sandbox: Sandbox, n: int, steady: float, timeout: float, restart_steady: float = 0
+) -> dict[str, Any]:
     tag = f"r{int(time.time()) % 100000}"
     pool = Identity.pool(f"bench-rest-{tag}")
     needed = math.ceil(n / CREDENTIALS_PER_MEMBER)
@@ -312,6 +357,11 @@ def run_at_rest(sandbox: Sandbox, n: int, steady: float, timeout: float) -> dict
             status = pool_status(sandbox, pool.name)
             not_ready = dict(tracker.not_ready(keys))
             not_ready_why = why_not_ready(tracker, keys)
+        restart = None
+        if restart_steady:
+            env = sandbox.operator_env(drift_interval=STEADY_DRIFT_S)
+            again = log.with_name(f"operator-{tag}-restart.log")
+            restart = restart_at_rest(env, again, n, restart_steady, timeout)
     finally:
         sandbox.retire(tag)
         delete_pool(sandbox, pool.name)
@@ -340,6 +390,7 @@ def run_at_rest(sandbox: Sandbox, n: int, steady: float, timeout: float) -> dict
         "operator_rss_series": series,
         "operator_peak_rss_mib": memory["peak"],
         "memory_bound_mib": MEMORY_BOUND_MIB,
+        "restart": restart,
     }
 
 
@@ -421,6 +472,28 @@ def summary(results: dict[str, Any]) -> str:
                 ],
             )
         )
+    again = (rest or {}).get("restart")
+    if again:
+        out.append(
+            table(
+                [
+                    "after a restart: resumed",
+                    "in s (operator CPU s)",
+                    "RSS MiB most at rest (from the first drift cycle after the resume)",
+                    "peak",
+                    "bound MiB",
+                ],
+                [
+                    [
+                        again["resumed"],
+                        f"{_fmt(again['resumed_s'])} ({_fmt(again['resume_cpu_s'])})",
+                        _fmt(again["rss_at_rest_max_mib"], 0),
+                        _fmt(again["peak_rss_mib"], 0),
+                        MEMORY_BOUND_MIB,
+                    ]
+                ],
+            )
+        )
     return "\n\n".join(out)
 
 
@@ -431,6 +504,12 @@ def main() -> int:
     parser.add_argument("--at-rest", type=int, default=5000, help="resources at rest (0: skip)")
     parser.add_argument(
         "--steady", type=float, default=330.0, help="seconds at rest (330: a sweep falls in them)"
+    )
+    parser.add_argument(
+        "--restart-steady",
+        type=float,
+        default=120.0,
+        help="then restart the operator: seconds at rest after its resume (0: no restart)",
     )
     parser.add_argument("--state-dir", type=Path, help="a running sandbox to use")
     parser.add_argument("--no-limits", action="store_true", help="no injected latency or quotas")
@@ -448,7 +527,9 @@ def main() -> int:
             results["onboarding"] = run_onboarding(clusters, args.namespaces, profile, args.timeout)
         if args.at_rest:
             print(f"{args.at_rest} resources at rest ...", file=sys.stderr, flush=True)
-            results["at_rest"] = run_at_rest(sandbox, args.at_rest, args.steady, args.timeout)
+            results["at_rest"] = run_at_rest(
+                sandbox, args.at_rest, args.steady, args.timeout, args.restart_steady
+            )
     path = save(args.name, results)
     print(summary(results))
     print(f"\nresults: {path}")

@@ -194,10 +194,12 @@ def test_injection_latency_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> 
     assert result["service_account_reads"] == {"cache": pods, "api": 0}
 
 
+@pytest.mark.timeout(600)  # the restart at the end waits for a drift cycle (every 60 s)
 def test_pools_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
     """bench/pools.py on two clusters with a pool of one member that must grow: every namespace
     Ready, the pool grew by exactly the members needed (one app per name, however the clusters
-    raced), no member past 20 credentials; then a small fleet at rest on a grown pool."""
+    raced), no member past 20 credentials; then a small fleet at rest on a grown pool, and a new
+    operator resuming it."""
     out = tmp_path / "pools.json"
     namespaces = 30  # two members: one grown
     done = subprocess.run(
@@ -212,6 +214,8 @@ def test_pools_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
             "25",
             "--steady",
             "2",
+            "--restart-steady",
+            "1",
             "--no-limits",
             "--state-dir",
             str(state_dir),
@@ -220,7 +224,7 @@ def test_pools_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=420,
+        timeout=540,  # the restart waits for a drift cycle (every 60 s)
         check=False,
     )
     stopped = subprocess.run(
@@ -241,4 +245,6 @@ def test_pools_driver_at_tiny_n(tmp_path: Path, state_dir: Path) -> None:
     rest = results["at_rest"]
     assert rest["ready"] == 25 and rest["not_ready"] == {}
     assert rest["operator_rss_mib"] > 0 and rest["memory_bound_mib"] == 512
+    again = rest["restart"]  # a new operator resumed all 25, then a drift cycle ran
+    assert again["resumed"] == 25 and again["rss_at_rest_max_mib"] > 0, again
     assert "| namespaces | clusters |" in done.stdout
