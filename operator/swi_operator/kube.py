@@ -459,9 +459,8 @@ class KubernetesClient:
                 decode=False,
             )
         finally:
-            changed(
-                (*namespace_key(namespace), "serviceaccount")
-            )  # the cycle's list of the namespace
+            # the cycle's list of the namespace
+            changed((*namespace_key(namespace), "serviceaccount"))
 
     async def patch_service_account(
         self,
@@ -485,9 +484,8 @@ class KubernetesClient:
                 decode=False,
             )
         finally:
-            changed(
-                (*namespace_key(namespace), "serviceaccount")
-            )  # the cycle's list of the namespace
+            # the cycle's list of the namespace
+            changed((*namespace_key(namespace), "serviceaccount"))
 
     async def delete_service_account(self, namespace: str, name: str) -> None:
         try:
@@ -499,9 +497,8 @@ class KubernetesClient:
                 decode=False,
             )
         finally:
-            changed(
-                (*namespace_key(namespace), "serviceaccount")
-            )  # the cycle's list of the namespace
+            # the cycle's list of the namespace
+            changed((*namespace_key(namespace), "serviceaccount"))
 
     async def list_workloads(self, namespace: str, live: bool = False) -> list[Workload]:
         """The namespace's workloads: from the caches (milliseconds behind the API server) when
@@ -606,7 +603,7 @@ class KubernetesClient:
         ]
         for path in paths:
             # status.kopf: kopf's own progress and diff-base, which only kopf reads (from its
-            # watch); a fleet's list holds every resource at once.
+            # watch); a fleet's list is thousands of these.
             async for page in self._pages(
                 "list SqlWorkloadIdentities", path, (("status", "kopf"),)
             ):
