@@ -27,7 +27,7 @@ format: $(STAMP)
 # The recorded run of docs/benchmarks.md: onboarding at N = 100, 500, 1000 against the one-shot
 # way (and at N = 100 on managed identities), the fleet of 1000 at rest, restarted and churned,
 # the workload's latency, a pool onboarding 1000 namespaces over two clusters and 5000 resources
-# on pools at rest; then the PNG. About 70 minutes on 2 cores. Writes
+# on pools at rest and restarted; then the PNG. About 80 minutes on 2 cores. Writes
 # bench/results/full-*.json and docs/benchmarks.png.
 bench: system-deps $(STAMP) sandbox-build
 	$(PY) bench/controlplane.py --runs 1
