@@ -1,10 +1,11 @@
 """The Kubernetes side of the operator behind one narrow interface, ``KubeClient``.
 
-``KubernetesClient`` implements it with the official client's ``ApiClient`` (one per process, built
-from the kubeconfig or the in-cluster service account) and plain JSON: the steps need a handful of
-fields, not the typed models. The client is synchronous, so calls run in worker threads; each call
-is one short request. Failures leave as ``errors.ReconcileError`` (``errors.kubernetes_error``),
-except "not found", which each method turns into the answer it means (None, or nothing to do).
+``KubernetesClient`` implements it with plain JSON over aiohttp on the event loop
+(``kube_http.ApiServerSession``), configured from the official client's ``ApiClient`` (the
+kubeconfig or the in-cluster service account): the steps need a handful of fields, not the typed
+models. Each call is one short request. Failures leave as ``errors.ReconcileError``
+(``errors.kubernetes_error``), except "not found", which each method turns into the answer it
+means (None, or nothing to do).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import dataclasses
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from swi_operator.cycle import changed, in_drift_cycle, namespace_key, shared_read
 from swi_operator.errors import ReconcileError, kubernetes_error
+from swi_operator.kube_http import ApiServerSession
 from swi_operator.watch_cache import TOO_LARGE, WatchCache
 
 GROUP = "sqlidentity.io"
@@ -33,7 +34,7 @@ PLURAL = "sqlworkloadidentities"
 POLICY_PLURAL = "sqlidentitypolicies"  # cluster-scoped: swi_operator.policy
 POOL_PLURAL = "sqlidentitypools"  # cluster-scoped: swi_operator.pool
 REQUEST_TIMEOUT_S = 30.0
-KUBE_THREADS = 16  # API requests in flight at most
+KUBE_CONNECTIONS = 16  # API requests in flight at most
 MERGE_PATCH = "application/merge-patch+json"
 CRD_ESTABLISH_TIMEOUT_S = 30.0
 
@@ -302,45 +303,18 @@ def _service_account(obj: Mapping[str, Any]) -> ServiceAccount:
 
 class KubernetesClient:
     def __init__(
-        self, api: ApiClient, threads: int = KUBE_THREADS, caches: WorkloadCaches | None = None
-    ) -> None:
-        self._api = api
-        self.caches = caches
-        # Threads of its own, and as many pooled connections: asyncio's default executor has
-        # min(32, CPUs + 4) threads, 6 on two cores, and every reconcile's calls queued there
-        # (bench/onboarding.py: ~20 calls per resource, 1000 resources at once).
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="swi-kube")
-        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = threads
-
-    def _send(
         self,
-        method: str,
-        path: str,
-        query: Sequence[tuple[str, str]] = (),
-        body: Any = None,
-        content_type: str | None = None,
-        decode: bool = True,
-    ) -> Any:
-        headers = {"Accept": "application/json"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        request = self._api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list(query),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self._api.call_api(*request, _request_timeout=REQUEST_TIMEOUT_S)
-        response.read()  # type: ignore[no-untyped-call]
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        if not decode:
-            # A write whose answer (the whole object, a ConfigMap shard, an Event) nobody reads:
-            # decoding those was an eighth of the operator's CPU while onboarding.
-            return True
-        return json.loads(response.data) if response.data else None
+        api: ApiClient,
+        connections: int = KUBE_CONNECTIONS,
+        caches: WorkloadCaches | None = None,
+    ) -> None:
+        self.caches = caches
+        # On the event loop (kube_http.py), at most this many requests in flight: a thousand
+        # reconciles at once queue for a connection instead of each opening one.
+        self._http = ApiServerSession(api.configuration, connections, REQUEST_TIMEOUT_S)
+
+    async def close(self) -> None:
+        await self._http.close()
 
     async def _call(
         self,
@@ -357,9 +331,7 @@ class KubernetesClient:
         """The decoded answer; with ``decode=False`` just True (or None: missing and
         ``missing_ok``)."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._send, method, path, query, body, content_type, decode
-            )
+            return await self._http.send(method, path, query, body, content_type, decode)
         except ApiException as exc:
             if missing_ok and exc.status == 404:
                 return None

@@ -361,6 +361,8 @@ class Runtime:
             await self._exchange.close()
         with contextlib.suppress(Exception):
             await self._credential.close()
+        with contextlib.suppress(Exception):
+            await self.kube.close()
         if self.kube.caches is not None:
             await asyncio.to_thread(self.kube.caches.stop)
         self._kube_api.close()  # type: ignore[no-untyped-call]
