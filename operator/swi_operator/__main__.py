@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     identity = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
     # With peering, SIGTERM drains before kopf stops and leaves the peering (handlers.start).
     stop_flag = asyncio.Event()
+    if argv is None:  # a process of its own: everything above is loaded, out of the way for good
+        heap.tune_collector()
     kopf.run(
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,

@@ -4,6 +4,7 @@ burst's freed memory is not kept until the next drift cycle; and Python's object
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -94,3 +95,23 @@ def test_the_image_sets_the_same_allocator() -> None:
     )
     assert env == heap.ALLOCATOR_ENV
     assert re.search(r"apt-get install [^\n]*\blibjemalloc2\b", text)
+
+
+def test_the_collector_leaves_start_up_objects_alone_and_runs_less_often() -> None:
+    """In a process of its own: freezing the test runner's objects would change every test."""
+    script = (
+        "import gc, json\n"
+        "import swi_operator.handlers\n"  # what the operator loads before kopf runs
+        "from swi_operator import heap\n"
+        "before = gc.get_threshold()\n"
+        "heap.tune_collector()\n"
+        "print(json.dumps([before, gc.get_threshold(), gc.get_freeze_count(), gc.get_count()]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    before, after, frozen, counts = json.loads(done.stdout.splitlines()[-1])
+    assert before == [700, 10, 10]
+    assert tuple(after) == heap.GC_THRESHOLDS
+    assert frozen > 50_000  # kopf, the SDKs and the Kubernetes models (about 90,000)
+    assert counts[0] < heap.GC_THRESHOLDS[0]
