@@ -264,6 +264,7 @@ def classify(exc: BaseException, doing: str) -> ReconcileError:
     if isinstance(exc, ReconcileError):
         return exc
     # Imported here: the SDKs are heavy, and errors.py is imported by the pure-logic tests.
+    import aiohttp
     import httpx
     from azure.core import exceptions as azure_exc
     from msgraph.generated.models.o_data_errors.o_data_error import ODataError
@@ -288,7 +289,8 @@ def classify(exc: BaseException, doing: str) -> ReconcileError:
         return from_http(exc.status_code, code, text, headers, doing, ARM)
     if isinstance(exc, (azure_exc.ServiceRequestError, azure_exc.ServiceResponseError)):
         return TransientError(Reason.CLOUD_UNAVAILABLE, f"cannot reach Azure to {doing}: {exc}")
-    if isinstance(exc, httpx.TransportError | OSError | TimeoutError):
+    # aiohttp's own errors: under httpx (httpx-aiohttp) those it does not map to httpx's.
+    if isinstance(exc, httpx.TransportError | aiohttp.ClientError | OSError | TimeoutError):
         return TransientError(
             Reason.CLOUD_UNAVAILABLE, f"network error while trying to {doing}: {exc}"
         )

@@ -14,7 +14,9 @@ import ssl
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
+from httpx_aiohttp import HttpxAiohttpClient
 
 from swi_operator import metrics
 from swi_operator.errors import Reason, TransientError, retry_after_seconds
@@ -57,7 +59,7 @@ class EntraTokenExchange:
             ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
         )
         # trust_env: HTTPS_PROXY as for the operator's other Azure calls.
-        self._http = httpx.AsyncClient(
+        self._http = HttpxAiohttpClient(
             timeout=HTTP_TIMEOUT_S,
             verify=verify,
             trust_env=True,
@@ -76,7 +78,7 @@ class EntraTokenExchange:
         doing = f"exchange a service-account token for application {client_id}"
         try:
             response = await self._http.post(url, data=form)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
             raise TransientError(
                 Reason.CLOUD_UNAVAILABLE, f"cannot reach Entra ({url}) to {doing}: {exc}"
             ) from exc

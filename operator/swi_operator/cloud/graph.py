@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from azure.core.credentials_async import AsyncTokenCredential
+from httpx_aiohttp import HttpxAiohttpClient
 from kiota_abstractions.base_request_configuration import RequestConfiguration
 from kiota_abstractions.default_query_parameters import QueryParameters
 from kiota_abstractions.request_information import RequestInformation
@@ -64,7 +65,7 @@ def build_graph_client(
         ssl.create_default_context(cafile=str(ca_bundle)) if ca_bundle else True
     )
     http = GraphClientFactory.create_with_default_middleware(
-        client=httpx.AsyncClient(
+        client=HttpxAiohttpClient(
             base_url=base_url,
             timeout=HTTP_TIMEOUT_S,
             verify=verify,
