@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     import kopf
+    import uvloop
 
     from swi_operator import handlers  # noqa: F401  (registers the handlers)
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_flag = asyncio.Event()
     if argv is None:  # a process of its own: everything above is loaded, out of the way for good
         heap.tune_collector()
+        # libuv's event loop (uvloop, which kopf's own CLI picks when installed): its transports
+        # and TLS are compiled, not asyncio's Python; kopf.run() makes its loop from the policy.
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     kopf.run(
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
