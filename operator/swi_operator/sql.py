@@ -105,6 +105,20 @@ class SqlFailed(Exception):
         self.during = during
 
 
+# A first probe of a resource may run its queries on a session another probe of the same
+# identity logged in to this recently (``Database.probe``'s ``share``).
+PROBE_SESSION_SHARED_S = 30.0
+
+
+@dataclass(frozen=True)
+class Probed:
+    """What a probe found: the user its session runs as, and, when its queries ran on a session
+    another probe of the identity logged in to, how many seconds ago that login was."""
+
+    user: str
+    login_age: float | None = None
+
+
 class Database(Protocol):
     async def role_names(self, target: SqlTarget) -> set[str]: ...
 
@@ -129,10 +143,15 @@ class Database(Protocol):
         self, target: SqlTarget, role: str, name: str, member: bool
     ) -> None: ...
 
-    async def probe(self, target: SqlTarget, access_token: str, read_table: bool) -> str:
+    async def probe(
+        self, target: SqlTarget, access_token: str, read_table: bool, share: bool = False
+    ) -> Probed:
         """Log in with ``access_token``, ``SELECT USER_NAME()``, and with ``read_table`` the column
         metadata of a dbo table (a SELECT permission check that reads no row). The user's name, or
-        ``SqlFailed``; transient failures leave as ``TransientError``."""
+        ``SqlFailed``; transient failures leave as ``TransientError``. With ``share``, the queries
+        may run on a session of the same identity (the token's tenant and object id) that another
+        probe logged in to at most ``PROBE_SESSION_SHARED_S`` ago, instead of a login of its
+        own; a failure there is answered by a login of its own."""
         ...
 
 
@@ -282,6 +301,21 @@ class _GivenToken:
         return self._token
 
 
+def _probe_queries(client: SqlClient, read_table: bool) -> str:
+    """The probe's queries on a logged-in session: the user's name (and, with ``read_table``, a
+    dbo table's columns: a SELECT permission check that reads no row)."""
+    try:
+        # One round trip for the name and the table to read (issue 23: four queries per probe
+        # were a sixth of the operator's SQL calls while onboarding).
+        row = client.query(PROBE_READ_SQL if read_table else PROBE_SQL).rows[0]
+        user = str(row[0])
+        if read_table and row[1] is not None:
+            client.query(f"SELECT TOP (0) * FROM [dbo].{quote_name(str(row[1]))}")
+    except WorkloadError as exc:
+        raise SqlFailed(failure_of(exc), "query") from exc
+    return user
+
+
 # -- the ODBC implementation -----------------------------------------------------------------------
 
 
@@ -311,6 +345,8 @@ class OdbcDatabase:
         self._statement_timeout = max(1, int(statement_timeout))
         self._clients: dict[SqlTarget, list[SqlClient]] = {}  # every session opened
         self._idle: dict[SqlTarget, list[SqlClient]] = {}  # those no query is using
+        # Probe sessions no probe is using, by identity and database, with their login time.
+        self._probe_sessions: dict[tuple[str, SqlTarget], list[tuple[float, SqlClient]]] = {}
         self._clock = clock
 
     @staticmethod
@@ -431,42 +467,78 @@ class OdbcDatabase:
         finally:
             changed(("principals", target))
 
-    async def probe(self, target: SqlTarget, access_token: str, read_table: bool) -> str:
+    async def probe(
+        self, target: SqlTarget, access_token: str, read_table: bool, share: bool = False
+    ) -> Probed:
         self._check_server(target)
+        claims = unverified_claims(access_token)
+        identity = (f"{claims.get('tid')}/{claims.get('oid') or claims.get('appid')}", target)
+        shared = self._shared_session(identity) if share else None
+        if shared is not None:
+            logged_in, client = shared
+            try:
+                user = await self._in_thread(target, lambda: _probe_queries(client, read_table))
+            except SqlFailed:
+                # Whatever it was (the session dropped, a permission gone), a login of its own
+                # gives the verdict.
+                await self._in_thread(target, client.close)
+            else:
+                self._keep_session(identity, logged_in, client)
+                return Probed(user, max(0.0, self._clock() - logged_in))
 
-        def run() -> str:
+        def run() -> tuple[str, SqlClient]:
             settings = _settings(target, None)
             # Its real expiry, or the client would recycle the connection before each query.
-            expires = unverified_claims(access_token).get("exp")
+            expires = claims.get("exp")
             if not isinstance(expires, int):
                 expires = int(self._clock() + PROBE_TOKEN_LIFETIME_S)
             tokens = TokenSource(settings, credential=_GivenToken(access_token, expires))
-            with SqlClient(settings, tokens=tokens) as client:
+            client = SqlClient(settings, tokens=tokens)
+            try:
                 try:
                     client.connection()
                 except WorkloadError as exc:
                     raise SqlFailed(failure_of(exc), "login") from exc
-                try:
-                    # One round trip for the name and the table to read (issue 23: four queries
-                    # per probe were a sixth of the operator's SQL calls while onboarding).
-                    row = client.query(PROBE_READ_SQL if read_table else PROBE_SQL).rows[0]
-                    user = str(row[0])
-                    if read_table and row[1] is not None:
-                        client.query(f"SELECT TOP (0) * FROM [dbo].{quote_name(str(row[1]))}")
-                except WorkloadError as exc:
-                    raise SqlFailed(failure_of(exc), "query") from exc
-                return user
+                return _probe_queries(client, read_table), client
+            except BaseException:
+                client.close()
+                raise
 
+        logged_in = self._clock()
         try:
-            return await self._in_thread(target, run)
+            user, client = await self._in_thread(target, run)
         except SqlFailed as exc:
             if exc.failure.transient or exc.failure.unreachable:
                 raise sql_error(exc.failure, target.display, "verify", "the identity") from exc
             raise
+        self._keep_session(identity, logged_in, client)
+        return Probed(user)
+
+    def _shared_session(self, identity: tuple[str, SqlTarget]) -> tuple[float, SqlClient] | None:
+        """An idle probe session of ``identity`` logged in to recently enough, if there is one;
+        the others are closed (off the loop)."""
+        idle = self._probe_sessions.get(identity, [])
+        fresh_after = self._clock() - PROBE_SESSION_SHARED_S
+        while idle:
+            logged_in, client = idle.pop()
+            if logged_in >= fresh_after:
+                return logged_in, client
+            self._executor.submit(client.close)
+        self._probe_sessions.pop(identity, None)
+        return None
+
+    def _keep_session(
+        self, identity: tuple[str, SqlTarget], logged_in: float, client: SqlClient
+    ) -> None:
+        if self._clock() - logged_in < PROBE_SESSION_SHARED_S:
+            self._probe_sessions.setdefault(identity, []).append((logged_in, client))
+        else:
+            self._executor.submit(client.close)
 
     async def close(self) -> None:
         clients = [client for opened in self._clients.values() for client in opened]
-        self._clients, self._idle = {}, {}
+        clients += [client for idle in self._probe_sessions.values() for _, client in idle]
+        self._clients, self._idle, self._probe_sessions = {}, {}, {}
 
         def close_all() -> None:
             for client in clients:

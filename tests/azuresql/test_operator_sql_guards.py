@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +18,14 @@ from swi_operator.errors import PermanentError, Reason, TransientError
 from swi_operator.locks import KeyedLocks
 from swi_operator.pipeline import resource_ref
 from swi_operator.spec import parse_spec
-from swi_operator.sql import OdbcDatabase, SqlTarget, server_host, sid_of
+from swi_operator.sql import (
+    PROBE_SESSION_SHARED_S,
+    OdbcDatabase,
+    Probed,
+    SqlTarget,
+    server_host,
+    sid_of,
+)
 from swi_operator.steps import Context
 from swi_operator.steps.database import DatabaseAccessStep
 
@@ -44,7 +51,9 @@ def _target(sqlbox: SqlBox) -> SqlTarget:
     return SqlTarget(sqlbox.env["AZ_SERVER"], sqlbox.env["AZ_DATABASE"])
 
 
-async def _with_operator(sqlbox: SqlBox, work: Any, *, lock_timeout: float) -> Any:
+async def _with_operator(
+    sqlbox: SqlBox, work: Any, *, lock_timeout: float, clock: Callable[[], float] = time.time
+) -> Any:
     credential = ClientSecretCredential(
         TENANT,
         OPERATOR.app_id,
@@ -58,6 +67,7 @@ async def _with_operator(sqlbox: SqlBox, work: Any, *, lock_timeout: float) -> A
         OPERATOR.app_id,
         4,
         (server_host(sqlbox.env["AZ_SERVER"]),),
+        clock,
         lock_timeout=lock_timeout,
         statement_timeout=20,
     )
@@ -171,3 +181,34 @@ def test_a_user_created_by_another_session_meanwhile_is_user_exists(
 
     with pytest.raises(UserExists, match=r"15023"):
         asyncio.run(_with_operator(sqlbox, create_again, lock_timeout=5))
+
+
+def test_a_first_probe_queries_on_a_recent_login_of_its_identity_and_no_other(
+    sqlbox: SqlBox, tenant: str
+) -> None:
+    """Issue 23: onboarding a fleet, a resource's first probe may run its queries on a session
+    another probe of the same identity logged in to less than PROBE_SESSION_SHARED_S ago; never
+    on another identity's session, nor on an older one, nor when not asked to share."""
+    target = _target(sqlbox)
+    now = [1_800_000_000.0]
+
+    async def probes(database: OdbcDatabase) -> list[Probed]:
+        tenant_token = sqlbox.token(ADMIN)
+        done = [
+            await database.probe(target, tenant_token, read_table=False, share=True),
+            await database.probe(target, tenant_token, read_table=False, share=True),
+            await database.probe(target, tenant_token, read_table=False, share=False),
+            # The operator's own identity (the server's admin): another identity's session.
+            await database.probe(target, sqlbox.token(OPERATOR), read_table=False, share=True),
+        ]
+        now[0] += PROBE_SESSION_SHARED_S + 1  # every session kept is now too old to share
+        done.append(await database.probe(target, tenant_token, read_table=False, share=True))
+        return done
+
+    found = asyncio.run(_with_operator(sqlbox, probes, lock_timeout=1.0, clock=lambda: now[0]))
+    assert [p.user for p in found] == [tenant, tenant, tenant, "dbo", tenant]
+    assert found[0].login_age is None  # nothing to share yet: its own login
+    assert found[1].login_age == 0.0  # the first one's session, logged in "just now"
+    assert found[2].login_age is None  # not asked to share
+    assert found[3].login_age is None  # another identity
+    assert found[4].login_age is None  # too old: a login of its own

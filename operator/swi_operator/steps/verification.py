@@ -137,14 +137,16 @@ class VerificationStep:
             kept = conditions.parse(previous)
             return StepResult(kept.status, kept.reason, kept.message, _fields(ctx, record))
         try:
-            result = await self._probe(ctx, record, now)
+            result = await self._probe(ctx, record, now, first=previous is None)
         except ReconcileError as err:  # the probe could not finish (an outage): no verdict
             metrics.VERIFIED_PROBES.labels("Unknown", str(err.reason)).inc()
             raise
         metrics.VERIFIED_PROBES.labels(result.status, result.reason).inc()
         return result
 
-    async def _probe(self, ctx: Context, record: dict[str, Any], now: float) -> StepResult:
+    async def _probe(
+        self, ctx: Context, record: dict[str, Any], now: float, first: bool
+    ) -> StepResult:
         record["lastProbeTime"] = _rfc3339(now)
         identity = ctx.require_identity()
         sa, namespace = ctx.spec.service_account_name, ctx.resource.namespace
@@ -168,17 +170,23 @@ class VerificationStep:
         target = SqlTarget(sql.server, sql.database)
         read_table = any(role.lower() == "db_datareader" for role in sql.roles)
         try:
-            user = await self._db.probe(target, access_token, read_table)
+            # A resource's first probe (a fleet onboarding: many resources of one identity at
+            # once) may query on a session of the identity another probe logged in to moments
+            # ago; every later probe, which looks for what changed, logs in itself.
+            probed = await self._db.probe(target, access_token, read_table, share=first)
         except SqlFailed as err:
             reason, message = self._sql_failure(err, target, unverified_claims(access_token))
             return StepResult("False", reason, message, _fields(ctx, record))
         read = " and read a table's columns" if read_table else ""
-        return StepResult(
-            "True",
-            VERIFIED,
-            f"{exchanged}, which logged in to {target.display} as {user}, ran a query{read}",
-            _fields(ctx, record),
-        )
+        if probed.login_age is None:
+            done = f"which logged in to {target.display} as {probed.user}, ran a query{read}"
+        else:
+            done = (
+                f"and a session of that identity in {target.display}, logged in "
+                f"{probed.login_age:.0f}s ago by another of its resources' probes, ran a query"
+                f"{read} as {probed.user}"
+            )
+        return StepResult("True", VERIFIED, f"{exchanged}, {done}", _fields(ctx, record))
 
     def _rejected(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 
 from swi_operator.cloud.exchange import ExchangeRejected
 from swi_operator.errors import ReconcileError
-from swi_operator.sql import Principal, SqlFailed, SqlTarget
+from swi_operator.sql import Principal, Probed, SqlFailed, SqlTarget
 from swi_workload.errors import SqlFailure
 
 FIXED_ROLES = {"public", "db_owner", "db_datareader", "db_datawriter", "db_ddladmin"}
@@ -36,6 +36,8 @@ class FakeDatabase:
         self.fail: dict[str, Exception] = {}  # method -> error raised by its next call
         self.probe_failure: SqlFailed | None = None
         self.probes: list[tuple[SqlTarget, str, bool]] = []
+        self.shared: list[bool] = []  # each probe's ``share``
+        self.login_age: float | None = None  # a shared probe's answer (None: it logged in)
         self.triggers: dict[SqlTarget, list[str]] = {}  # DDL triggers (sys.triggers, class 0)
 
     def _check(self, method: str) -> None:
@@ -89,12 +91,15 @@ class FakeDatabase:
         self.writes.append(f"{'ADD' if member else 'DROP'} {role} {name}")
         (user.roles.add if member else user.roles.discard)(role)
 
-    async def probe(self, target: SqlTarget, access_token: str, read_table: bool) -> str:
+    async def probe(
+        self, target: SqlTarget, access_token: str, read_table: bool, share: bool = False
+    ) -> Probed:
         self._check("probe")
         self.probes.append((target, access_token, read_table))
+        self.shared.append(share)
         if self.probe_failure is not None:
             raise self.probe_failure
-        return "app-name"
+        return Probed("app-name", self.login_age if share else None)
 
 
 def failed(number: int, message: str, during: str = "login") -> SqlFailed:

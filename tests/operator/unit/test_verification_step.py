@@ -115,6 +115,28 @@ async def test_reprobed_after_the_interval_or_a_change_not_before(rig):
     assert len(rig.exchange.calls) == 4
 
 
+async def test_only_a_first_probe_may_query_on_a_session_of_the_identity(rig):
+    """Onboarding many resources of one identity at once, a first probe may run its queries on
+    a session another probe of the identity logged in to moments ago (the token exchange is its
+    own); a re-probe, which looks for what changed, always logs in itself."""
+    rig.db.login_age = 4.2
+    outcome, body = await rig.run(resource(sql=SQL))
+    cond = verified(outcome)
+    assert rig.db.shared == [True] and cond.is_true
+    assert "exchanged at Entra" in cond.message
+    assert "a session of that identity in database 'mydb' on" in cond.message
+    assert "logged in 4s ago by another of its resources' probes" in cond.message
+    assert "read a table's columns as app-name" in cond.message
+
+    rig.clock.now += 110  # past the interval: probed again
+    outcome, body = await rig.run(body)
+    assert rig.db.shared == [True, False]
+    assert "which logged in to database 'mydb' on" in verified(outcome).message
+
+    _, body = await rig.run({**body, "metadata": {**body["metadata"], "generation": 2}})
+    assert rig.db.shared == [True, False, False]  # a new generation: its own login too
+
+
 async def test_propagating_then_verified(rig):
     rig.exchange.reject(70021, "No matching federated identity record found", times=2)
 
