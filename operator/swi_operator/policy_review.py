@@ -77,9 +77,9 @@ def policy_conditions(
 
 class PolicyReview(DebouncedTask):
     """``changed()`` runs it soon (a policy's spec, a namespace's labels: revocation must be
-    prompt); ``recount()`` (a resource admitted or gone) at most every
-    ``periodic.RECOUNT_MIN_S``, since each run lists the fleet and only the policies' counts
-    wait for it."""
+    prompt); ``recount()`` (a resource admitted or gone) after a burst of them, as
+    ``periodic.DebouncedTask.recount`` says, since each run lists the fleet and only the
+    policies' counts wait for it."""
 
     what = "policy review"
 

@@ -446,6 +446,8 @@ async def test_recounts_run_at_most_every_recount_interval(monkeypatch: pytest.M
     from swi_operator import periodic
 
     monkeypatch.setattr(periodic, "RECOUNT_MIN_S", 0.3)
+    monkeypatch.setattr(periodic, "RECOUNT_QUIET_S", 0.1)
+    monkeypatch.setattr(periodic, "RECOUNT_MAX_S", 0.3)
     runs: list[float] = []
     review = idle_review()
     loop = asyncio.get_running_loop()
@@ -466,6 +468,47 @@ async def test_recounts_run_at_most_every_recount_interval(monkeypatch: pytest.M
         task.cancel()
     assert 2 <= len(runs) <= 4, runs  # not one per resource
     assert all(b - a >= 0.29 for a, b in itertools.pairwise(runs)), runs
+
+
+async def test_a_recount_waits_for_a_burst_to_pause_but_not_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A single change is counted once changes pause (not at once, not after the limit); a
+    burst that does not pause is counted every RECOUNT_MAX_S, not after each change."""
+    from swi_operator import periodic
+
+    monkeypatch.setattr(periodic, "DEBOUNCE_S", 0.0)
+    monkeypatch.setattr(periodic, "RECOUNT_QUIET_S", 0.3)
+    monkeypatch.setattr(periodic, "RECOUNT_MIN_S", 0.1)
+    monkeypatch.setattr(periodic, "RECOUNT_MAX_S", 0.6)
+    runs: list[float] = []
+    review = idle_review()
+    loop = asyncio.get_running_loop()
+
+    async def fake_review() -> None:
+        runs.append(loop.time())
+
+    review.review = fake_review  # type: ignore[method-assign]
+    task = asyncio.create_task(review.run())
+    try:
+        asked = loop.time()
+        review.recount()
+        await asyncio.sleep(1.0)
+        assert len(runs) == 1 and 0.29 <= runs[0] - asked <= 0.9, runs
+
+        runs.clear()
+        burst = loop.time()
+        while loop.time() - burst < 1.5:  # a change every 30 ms, never pausing 0.3 s
+            review.recount()
+            ended = loop.time()
+            await asyncio.sleep(0.03)
+        await asyncio.sleep(0.8)
+    finally:
+        task.cancel()
+    during = [t for t in runs if t < ended]
+    assert 2 <= len(during) <= 3, runs  # every 0.6 s, not every 50 ms
+    assert all(b - a >= 0.55 for a, b in itertools.pairwise(during)), runs
+    assert runs[-1] - ended >= 0.29, runs  # and once more after the burst paused
 
 
 def test_the_gate_reads_namespace_labels_from_the_watch_and_live_only_when_unseen(
