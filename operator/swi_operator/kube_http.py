@@ -64,6 +64,7 @@ class ApiServerSession:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl),
                 timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets none
                 skip_auto_headers=("User-Agent",),
             )
         return self._session
