@@ -482,6 +482,11 @@ class OdbcDatabase:
                 # Whatever it was (the session dropped, a permission gone), a login of its own
                 # gives the verdict.
                 await self._in_thread(target, client.close)
+            except BaseException:
+                # Cancelled (or a bug): the session is nobody's now. Closed off the loop, after
+                # the query a thread may still run on it (the client's lock orders them).
+                self._executor.submit(client.close)
+                raise
             else:
                 self._keep_session(identity, logged_in, client)
                 return Probed(user, max(0.0, self._clock() - logged_in))
