@@ -442,22 +442,30 @@ def test_admission_changed_only_when_authorized_flips() -> None:
     assert not admission_changed(allowed, {"conditions": []})  # not decided in this pass
 
 
-async def test_recounts_run_at_most_every_recount_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+def recording_review(
+    monkeypatch: pytest.MonkeyPatch, **timings: float
+) -> tuple[PolicyReview, list[float]]:
+    """An idle review whose runs only record when they happen, with no debounce and the
+    ``periodic`` recount timings given (``RECOUNT_MIN_S=...``)."""
     from swi_operator import periodic
 
-    monkeypatch.setattr(periodic, "RECOUNT_MIN_S", 0.3)
-    monkeypatch.setattr(periodic, "RECOUNT_QUIET_S", 0.1)
-    monkeypatch.setattr(periodic, "RECOUNT_MAX_S", 0.3)
+    monkeypatch.setattr(periodic, "DEBOUNCE_S", 0.0)
+    for name, value in timings.items():
+        monkeypatch.setattr(periodic, name, value)
     runs: list[float] = []
     review = idle_review()
-    loop = asyncio.get_running_loop()
 
-    async def fake_review() -> None:
-        review._last_run = loop.time()
-        runs.append(loop.time())
+    async def record() -> None:
+        runs.append(asyncio.get_running_loop().time())
 
-    review.review = fake_review  # type: ignore[method-assign]
-    monkeypatch.setattr(periodic, "DEBOUNCE_S", 0.0)
+    review.review = record  # type: ignore[method-assign]
+    return review, runs
+
+
+async def test_recounts_run_at_most_every_recount_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    review, runs = recording_review(
+        monkeypatch, RECOUNT_MIN_S=0.3, RECOUNT_QUIET_S=0.1, RECOUNT_MAX_S=0.3
+    )
     task = asyncio.create_task(review.run())
     try:
         for _ in range(20):  # a burst of resources admitted over 0.6 s
@@ -475,20 +483,10 @@ async def test_a_recount_waits_for_a_burst_to_pause_but_not_forever(
 ) -> None:
     """A single change is counted once changes pause (not at once, not after the limit); a
     burst that does not pause is counted every RECOUNT_MAX_S, not after each change."""
-    from swi_operator import periodic
-
-    monkeypatch.setattr(periodic, "DEBOUNCE_S", 0.0)
-    monkeypatch.setattr(periodic, "RECOUNT_QUIET_S", 0.3)
-    monkeypatch.setattr(periodic, "RECOUNT_MIN_S", 0.1)
-    monkeypatch.setattr(periodic, "RECOUNT_MAX_S", 0.6)
-    runs: list[float] = []
-    review = idle_review()
+    review, runs = recording_review(
+        monkeypatch, RECOUNT_QUIET_S=0.3, RECOUNT_MIN_S=0.1, RECOUNT_MAX_S=0.6
+    )
     loop = asyncio.get_running_loop()
-
-    async def fake_review() -> None:
-        runs.append(loop.time())
-
-    review.review = fake_review  # type: ignore[method-assign]
     task = asyncio.create_task(review.run())
     try:
         asked = loop.time()
@@ -506,7 +504,7 @@ async def test_a_recount_waits_for_a_burst_to_pause_but_not_forever(
     finally:
         task.cancel()
     during = [t for t in runs if t < ended]
-    assert 2 <= len(during) <= 3, runs  # every 0.6 s, not every 50 ms
+    assert 2 <= len(during) <= 3, runs  # every 0.6 s, not every 30 ms
     assert all(b - a >= 0.55 for a, b in itertools.pairwise(during)), runs
     assert runs[-1] - ended >= 0.29, runs  # and once more after the burst paused
 
